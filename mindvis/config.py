@@ -1,0 +1,136 @@
+"""Experiment configuration: one YAML per experiment, validated by one schema.
+
+The schema is ``workflow/schemas/config.schema.yaml`` (the package carries it as
+``mindvis/config.schema.yaml``, a link to the same file). Snakemake validates
+with it in ``workflow/rules/common.smk``; the command line validates with it
+here. Defaults come from the schema, so a config only states what differs.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from mindvis.errors import MindvisError
+
+SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
+
+
+def load_schema():
+    """The config JSON Schema as a dict."""
+    with open(SCHEMA_PATH) as handle:
+        return yaml.safe_load(handle)
+
+
+def fill_defaults(config, schema):
+    """Return a copy of ``config`` with every missing key set to its schema default."""
+    config = copy.deepcopy(config)
+    for key, sub_schema in schema.get("properties", {}).items():
+        if key not in config and "default" in sub_schema:
+            config[key] = copy.deepcopy(sub_schema["default"])
+        if sub_schema.get("type") == "object" and isinstance(config.get(key), dict):
+            config[key] = fill_defaults(config[key], sub_schema)
+    return config
+
+
+def _describe(error):
+    """One line for a jsonschema error: the key path and what is allowed."""
+    path = ".".join(str(part) for part in error.absolute_path) or "<top level>"
+    validator = error.validator
+    if validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = [k for k in error.instance if k not in error.schema.get("properties", {})]
+        where = f"{path}." if path != "<top level>" else ""
+        return f"{where}{extra[0] if extra else '?'}", f"unknown key; allowed keys here: {', '.join(allowed)}"
+    if validator == "enum":
+        allowed = ", ".join(repr(v) for v in error.validator_value)
+        return path, f"{error.instance!r} is not allowed; allowed values: {allowed}"
+    if validator == "type":
+        return path, f"{error.instance!r} is not of type {error.validator_value}"
+    description = error.schema.get("description", "")
+    return path, f"{error.message}" + (f" ({description.strip()})" if description else "")
+
+
+def validate(config, path="<config>"):
+    """Validate a config dict and fill defaults.
+
+    Parameters
+    ----------
+    config : dict
+        The parsed YAML.
+    path : str or Path
+        The file it came from, named in errors.
+
+    Returns
+    -------
+    dict
+        The config with all defaults filled in.
+
+    Raises
+    ------
+    MindvisError
+        On the first invalid key, naming the key, the file and what is allowed.
+    """
+    if config is None:
+        config = {}
+    if not isinstance(config, dict):
+        raise MindvisError("the config must be a YAML mapping of keys to values", path=path)
+    schema = load_schema()
+    config = fill_defaults(config, schema)
+    errors = sorted(
+        jsonschema.Draft7Validator(schema).iter_errors(config),
+        key=lambda err: (len(list(err.absolute_path)), list(map(str, err.absolute_path))),
+    )
+    if errors:
+        key, what = _describe(errors[0])
+        raise MindvisError(what, path=path, key=key,
+                           fix=f"see {SCHEMA_PATH.name} (workflow/schemas/) for every key, its type and default.")
+    _check_consistency(config, path)
+    return config
+
+
+def _check_consistency(config, path):
+    sim = config["simulate"]
+    if sim["isi_max"] < sim["isi_min"]:
+        raise MindvisError(f"isi_max ({sim['isi_max']}) is below isi_min ({sim['isi_min']})",
+                           path=path, key="simulate.isi_max", fix="make isi_max >= isi_min.")
+    start, end = config["preprocess"]["lag_window"]
+    if end <= start:
+        raise MindvisError(f"the window end ({end}) must come after its start ({start})",
+                           path=path, key="preprocess.lag_window", fix="give [start, end] with end > start.")
+
+
+def load_config(path):
+    """Read, validate and default-fill an experiment YAML."""
+    path = Path(path)
+    if not path.exists():
+        raise MindvisError("config file not found", path=path,
+                           fix="pass an existing YAML, e.g. configs/default.yaml.")
+    try:
+        with open(path) as handle:
+            raw = yaml.safe_load(handle)
+    except yaml.YAMLError as err:
+        raise MindvisError(f"not valid YAML ({err})", path=path) from None
+    return validate(raw, path)
+
+
+def subjects(config):
+    """The subjects decoded in this experiment (``sub-XX`` labels)."""
+    if config.get("subjects"):
+        return list(config["subjects"])
+    return [f"sub-{i:02d}" for i in range(1, config["simulate"]["n_subjects"] + 1)]
+
+
+def rest_subjects(config):
+    """The simulated resting-state subjects used only for SC-MBM pretraining."""
+    return [f"sub-rest{i:02d}" for i in range(1, config["simulate"]["n_rest_subjects"] + 1)]
+
+
+def dump_config(config, path):
+    """Write a resolved config as YAML (atomically)."""
+    from mindvis.utils.io import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(config, sort_keys=False))

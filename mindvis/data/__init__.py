@@ -1,0 +1,1 @@
+"""File contracts (stimulus set, responses) and data sources."""

@@ -1,0 +1,313 @@
+"""The stimulus set: images, class labels, class names and ids, in one HDF5 file.
+
+Layout of ``stimuli.h5``
+------------------------
+Groups ``train``, ``test`` and ``pool``, each holding
+
+=================  ================================  ==========================================
+dataset            dtype / shape                     meaning
+=================  ================================  ==========================================
+``images``         uint8 [N, H, W, C]                the images as shown (C = 1 grey or 3 RGB)
+``label``          int64 [N]                         class index into ``class_names``; -1 in ``pool``
+``stimulus_id``    UTF-8 str [N]                     unique id, e.g. ``train-0007``, ``test-0003``
+``source_index``   int64 [N]                         index of the image in its source file
+=================  ================================  ==========================================
+
+File attributes: ``class_names`` (JSON list), ``image_size``, ``channels``,
+``source``, ``license``, ``attribution``, ``seed``, ``config`` (JSON of the
+``stimuli`` section), ``versions`` (JSON).
+
+The split mirrors Kamitani's Generic Object Decoding: ``train`` holds distinct
+images each shown once, ``test`` holds few images shown many times, and
+``pool`` holds further images from the same source (never a train or test
+image) for pretraining the image generator. Training and pool images come from
+the source's training file, test images from its test file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from mindvis.errors import MindvisError
+from mindvis.utils.io import atomic_path, derive_seed, software_versions
+
+SPLITS = ("train", "test", "pool")
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+FASHION_MNIST_LICENSE = "MIT (Expat), Copyright (c) 2017 Zalando SE"
+FASHION_MNIST_ATTRIBUTION = (
+    "Fashion-MNIST by Han Xiao, Kashif Rasul and Roland Vollgraf, Zalando Research "
+    "(arXiv:1708.07747), https://github.com/zalandoresearch/fashion-mnist"
+)
+#: The subset committed with mindvis, used when Debian's dataset-fashion-mnist is missing.
+BUNDLED_FASHION_MNIST = Path(__file__).with_name("assets") / "fashion-mnist"
+
+
+@dataclass
+class StimulusSplit:
+    """One split of a stimulus set. ``images``: uint8 [N, H, W, C]."""
+
+    images: np.ndarray
+    label: np.ndarray
+    stimulus_id: np.ndarray
+    source_index: np.ndarray
+
+    def __len__(self):
+        return len(self.label)
+
+
+@dataclass
+class StimulusSet:
+    """Images with labels and ids, split as in Generic Object Decoding."""
+
+    splits: dict
+    class_names: list
+    attrs: dict
+
+    def __getitem__(self, split):
+        return self.splits[split]
+
+    @property
+    def n_classes(self):
+        return len(self.class_names)
+
+    def lookup(self, stimulus_ids):
+        """Images and labels for a sequence of stimulus ids from any split.
+
+        Returns
+        -------
+        images : uint8 [N, H, W, C]
+        labels : int64 [N]
+        """
+        index = {}
+        for name, split in self.splits.items():
+            for row, sid in enumerate(split.stimulus_id):
+                index[sid] = (name, row)
+        missing = [sid for sid in stimulus_ids if sid not in index]
+        if missing:
+            raise MindvisError(f"{len(missing)} stimulus ids are not in the stimulus set, e.g. {missing[:3]}",
+                               key="stimulus_id", fix="use the stimulus HDF5 the fMRI data were made with.")
+        rows = [index[sid] for sid in stimulus_ids]
+        images = np.stack([self.splits[name].images[row] for name, row in rows])
+        labels = np.array([self.splits[name].label[row] for name, row in rows], dtype=np.int64)
+        return images, labels
+
+
+# -- Fashion-MNIST ------------------------------------------------------------
+
+def read_idx(path):
+    """Read an IDX file (gzipped or not) as a NumPy array."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            raw = handle.read()
+    except (OSError, EOFError) as err:
+        raise MindvisError(f"cannot read IDX file ({err})", path=path,
+                           fix="reinstall the data set or point stimuli.fashion_mnist_dir elsewhere.") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise MindvisError("not an unsigned-byte IDX file (bad magic number)", path=path)
+    n_dims = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(n_dims))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * n_dims)
+    if data.size != int(np.prod(shape)):
+        raise MindvisError(f"IDX header says {shape} but the file holds {data.size} values (truncated?)", path=path)
+    return data.reshape(shape)
+
+
+def fashion_mnist_dir(config_dir):
+    """The Fashion-MNIST folder to read: the configured one if complete, else the bundled subset."""
+    config_dir = Path(config_dir)
+    needed = [name for pair in FASHION_MNIST_FILES.values() for name in pair]
+    if all((config_dir / name).exists() for name in needed):
+        return config_dir
+    if all((BUNDLED_FASHION_MNIST / name).exists() for name in needed):
+        return BUNDLED_FASHION_MNIST
+    raise MindvisError("Fashion-MNIST files not found here nor in the bundled subset", path=config_dir,
+                       key="stimuli.fashion_mnist_dir",
+                       fix="apt-get install dataset-fashion-mnist, or set stimuli.fashion_mnist_dir to a folder "
+                           f"with {', '.join(needed)}.")
+
+
+def load_fashion_mnist(folder):
+    """Images uint8 [N, 28, 28] and labels int64 [N] of both source files."""
+    folder = Path(folder)
+    out = {}
+    for part, (image_file, label_file) in FASHION_MNIST_FILES.items():
+        images = read_idx(folder / image_file)
+        labels = read_idx(folder / label_file).astype(np.int64)
+        if len(images) != len(labels):
+            raise MindvisError(f"{len(images)} images but {len(labels)} labels", path=folder / label_file)
+        out[part] = (images, labels)
+    return out
+
+
+# -- image geometry -----------------------------------------------------------
+
+def fit_image(image, image_size, channels, pad_fraction=2 / 28):
+    """Pad a grey uint8 [h, w] image with a border, resize it to ``image_size``.
+
+    The border (``pad_fraction`` of the side on each edge: 28 -> 32 px for
+    Fashion-MNIST) keeps objects off the image edge, like a fixation display.
+
+    Returns
+    -------
+    uint8 [image_size, image_size, channels]
+    """
+    from PIL import Image
+
+    height, width = image.shape
+    side = max(height, width)
+    pad = int(round(side * pad_fraction))
+    canvas = np.zeros((side + 2 * pad, side + 2 * pad), dtype=np.uint8)
+    top = pad + (side - height) // 2
+    left = pad + (side - width) // 2
+    canvas[top: top + height, left: left + width] = image
+    if canvas.shape[0] != image_size:
+        canvas = np.asarray(Image.fromarray(canvas).resize((image_size, image_size), Image.BICUBIC))
+    return np.repeat(canvas[:, :, None], channels, axis=2)
+
+
+# -- building and reading -----------------------------------------------------
+
+def _pick_per_class(labels, n_per_class, n_classes, rng, exclude=()):
+    excluded = np.zeros(len(labels), dtype=bool)
+    excluded[list(exclude)] = True
+    chosen = []
+    for cls in range(n_classes):
+        candidates = np.flatnonzero((labels == cls) & ~excluded)
+        if len(candidates) < n_per_class:
+            raise MindvisError(f"class {cls} has {len(candidates)} images, {n_per_class} asked for",
+                               key="stimuli.n_train_per_class / n_test_per_class",
+                               fix="ask for fewer images per class, or use the full data set.")
+        chosen.append(np.sort(rng.choice(candidates, n_per_class, replace=False)))
+    # Interleave classes so any prefix of the split is class-balanced.
+    return np.stack(chosen, axis=1).reshape(-1)
+
+
+def build_stimulus_set(config, out_path):
+    """Build the stimulus HDF5 from the config's ``stimuli`` section.
+
+    Parameters
+    ----------
+    config : dict
+        A validated experiment config.
+    out_path : str or Path
+        Where to write ``stimuli.h5`` (written atomically).
+    """
+    section = config["stimuli"]
+    rng = np.random.default_rng(derive_seed(config["seed"], "stimuli"))
+    folder = fashion_mnist_dir(section["fashion_mnist_dir"])
+    source = load_fashion_mnist(folder)
+    n_classes = len(FASHION_MNIST_CLASSES)
+
+    train_images, train_labels = source["train"]
+    test_images, test_labels = source["test"]
+    train_rows = _pick_per_class(train_labels, section["n_train_per_class"], n_classes, rng)
+    test_rows = _pick_per_class(test_labels, section["n_test_per_class"], n_classes, rng)
+    remaining = np.setdiff1d(np.arange(len(train_labels)), train_rows)
+    if section["n_pool"] > len(remaining):
+        raise MindvisError(f"n_pool is {section['n_pool']} but only {len(remaining)} further images exist in {folder}",
+                           key="stimuli.n_pool", fix="lower stimuli.n_pool or install dataset-fashion-mnist.")
+    pool_rows = np.sort(rng.choice(remaining, section["n_pool"], replace=False))
+
+    def make(images, labels, rows, prefix, keep_labels=True):
+        fitted = np.stack([fit_image(images[r], section["image_size"], section["channels"]) for r in rows]) \
+            if len(rows) else np.zeros((0, section["image_size"], section["image_size"], section["channels"]), np.uint8)
+        return StimulusSplit(
+            images=fitted,
+            label=labels[rows] if keep_labels else np.full(len(rows), -1, dtype=np.int64),
+            stimulus_id=np.array([f"{prefix}-{i:04d}" for i in range(len(rows))], dtype=object),
+            source_index=rows.astype(np.int64),
+        )
+
+    splits = {
+        "train": make(train_images, train_labels, train_rows, "train"),
+        "test": make(test_images, test_labels, test_rows, "test"),
+        "pool": make(train_images, train_labels, pool_rows, "pool", keep_labels=False),
+    }
+    attrs = {
+        "source": f"fashion_mnist:{folder}",
+        "image_size": section["image_size"],
+        "channels": section["channels"],
+        "license": FASHION_MNIST_LICENSE,
+        "attribution": FASHION_MNIST_ATTRIBUTION,
+        "seed": config["seed"],
+        "config": json.dumps(section),
+        "versions": json.dumps(software_versions()),
+    }
+    save_stimulus_set(StimulusSet(splits, list(FASHION_MNIST_CLASSES), attrs), out_path)
+
+
+def save_stimulus_set(stimulus_set, out_path):
+    """Write a :class:`StimulusSet` to HDF5 atomically (layout in the module docstring)."""
+    string_dtype = h5py.string_dtype("utf-8")
+    with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as handle:
+        for key, value in stimulus_set.attrs.items():
+            handle.attrs[key] = value
+        handle.attrs["class_names"] = json.dumps(list(stimulus_set.class_names))
+        for name, split in stimulus_set.splits.items():
+            group = handle.create_group(name)
+            group.create_dataset("images", data=split.images, compression="gzip", compression_opts=4)
+            group.create_dataset("label", data=np.asarray(split.label, dtype=np.int64))
+            group.create_dataset("stimulus_id", data=np.asarray(split.stimulus_id, dtype=object), dtype=string_dtype)
+            group.create_dataset("source_index", data=np.asarray(split.source_index, dtype=np.int64))
+
+
+def load_stimulus_set(path, splits=SPLITS):
+    """Read and check a stimulus HDF5.
+
+    Raises
+    ------
+    MindvisError
+        Naming the file and the missing or malformed dataset.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise MindvisError("stimulus file not found", path=path, fix="run the 'stimuli' stage first.")
+    out = {}
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as err:
+        raise MindvisError(f"not a readable HDF5 file ({err})", path=path) from None
+    with handle:
+        if "class_names" not in handle.attrs:
+            raise MindvisError("attribute missing", path=path, key="class_names")
+        class_names = json.loads(handle.attrs["class_names"])
+        attrs = {key: handle.attrs[key] for key in handle.attrs if key != "class_names"}
+        for name in splits:
+            if name not in handle:
+                raise MindvisError("group missing", path=path, key=name)
+            group = handle[name]
+            for key in ("images", "label", "stimulus_id", "source_index"):
+                if key not in group:
+                    raise MindvisError("dataset missing", path=path, key=f"{name}/{key}")
+            images = group["images"][()]
+            if images.dtype != np.uint8 or images.ndim != 4:
+                raise MindvisError(f"images must be uint8 [N, H, W, C], found {images.dtype} {images.shape}",
+                                   path=path, key=f"{name}/images")
+            split = StimulusSplit(
+                images=images,
+                label=group["label"][()].astype(np.int64),
+                stimulus_id=np.array([s.decode() if isinstance(s, bytes) else s for s in group["stimulus_id"][()]],
+                                     dtype=object),
+                source_index=group["source_index"][()],
+            )
+            lengths = {len(split.images), len(split.label), len(split.stimulus_id), len(split.source_index)}
+            if len(lengths) != 1:
+                raise MindvisError(f"datasets of split '{name}' differ in length: {sorted(lengths)}", path=path, key=name)
+            out[name] = split
+    return StimulusSet(out, class_names, attrs)

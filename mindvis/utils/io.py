@@ -1,0 +1,137 @@
+"""Atomic writes, file hashes, software versions, seeding and thread control."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import random
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+_VERSIONED_PACKAGES = (
+    "mindvis", "numpy", "scipy", "torch", "diffusers", "transformers", "accelerate",
+    "safetensors", "nibabel", "nilearn", "scikit-learn", "h5py", "pandas",
+)
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
+
+    Nothing is left at ``path`` (and an older file there is kept) when the body
+    raises, so a failed stage never leaves a half-written output.
+
+    Examples
+    --------
+    >>> with atomic_path("out.h5") as tmp:          # doctest: +SKIP
+    ...     write_hdf5(tmp)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Keep the real suffix(es) so libraries that dispatch on it (nibabel: .nii.gz) still work.
+    suffix = "".join(path.suffixes)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        # mkstemp creates 0600; give the file the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text_atomic(path, text):
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)
+
+
+def write_json_atomic(path, obj):
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def sha256_file(path, chunk_size=1 << 20):
+    """SHA-256 hex digest of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk_size), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def software_versions():
+    """Versions of Python, the platform and the packages that shape results."""
+    versions = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in _VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def seed_everything(seed):
+    """Seed Python, NumPy and (when imported) torch; return a NumPy Generator."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        pass
+    else:
+        torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+def derive_seed(seed, *names):
+    """A stable child seed for a named part of a run (a subject, a stage).
+
+    ``derive_seed(1, "simulate", "sub-01")`` is the same on every machine and
+    differs between names, so stages and subjects draw independent streams.
+    """
+    digest = hashlib.sha256("/".join([str(seed), *map(str, names)]).encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**63)
+
+
+def set_threads(n_threads):
+    """Cap BLAS and torch threads to the Snakemake rule's ``threads``."""
+    if not n_threads:
+        return
+    n_threads = int(n_threads)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(n_threads)
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(n_threads)
+    except ImportError:
+        pass
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return
+    torch.set_num_threads(n_threads)

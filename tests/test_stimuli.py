@@ -1,0 +1,108 @@
+"""The stimulus set: Fashion-MNIST reading, GOD-style split, HDF5 round trip."""
+
+import gzip
+
+import h5py
+import numpy as np
+import pytest
+
+from mindvis.config import validate
+from mindvis.data.stimuli import (
+    BUNDLED_FASHION_MNIST, build_stimulus_set, fit_image, load_stimulus_set, read_idx,
+)
+from mindvis.errors import MindvisError
+
+
+def _config(tmp_path, **stimuli):
+    section = {"n_train_per_class": 3, "n_test_per_class": 2, "n_pool": 40, **stimuli}
+    return validate({"seed": 3, "stimuli": section})
+
+
+@pytest.fixture
+def stimulus_file(tmp_path):
+    path = tmp_path / "stimuli.h5"
+    build_stimulus_set(_config(tmp_path), path)
+    return path
+
+
+def test_split_sizes_balance_and_disjointness(stimulus_file):
+    stim = load_stimulus_set(stimulus_file)
+    assert len(stim["train"]) == 30 and len(stim["test"]) == 20 and len(stim["pool"]) == 40
+    assert np.bincount(stim["train"].label, minlength=10).tolist() == [3] * 10
+    assert np.bincount(stim["test"].label, minlength=10).tolist() == [2] * 10
+    assert (stim["pool"].label == -1).all()
+    # Train and pool both come from the source's training file: never the same image.
+    assert not set(stim["train"].source_index) & set(stim["pool"].source_index)
+    ids = np.concatenate([stim[s].stimulus_id for s in ("train", "test", "pool")])
+    assert len(set(ids)) == len(ids)
+    assert stim["train"].images.shape[1:] == (32, 32, 1)
+    assert stim.n_classes == 10 and stim.class_names[9] == "Ankle boot"
+
+
+def test_same_seed_same_set_other_seed_differs(tmp_path, stimulus_file):
+    again = tmp_path / "again.h5"
+    build_stimulus_set(_config(tmp_path), again)
+    np.testing.assert_array_equal(load_stimulus_set(again)["train"].images,
+                                  load_stimulus_set(stimulus_file)["train"].images)
+    other = tmp_path / "other.h5"
+    config = _config(tmp_path)
+    config["seed"] = 4
+    build_stimulus_set(config, other)
+    assert not np.array_equal(load_stimulus_set(other)["train"].source_index,
+                              load_stimulus_set(stimulus_file)["train"].source_index)
+
+
+def test_images_are_the_source_images_padded(stimulus_file):
+    stim = load_stimulus_set(stimulus_file)
+    folder = stim.attrs["source"].split(":", 1)[1]
+    source = read_idx(f"{folder}/train-images-idx3-ubyte.gz")
+    row = stim["train"].source_index[0]
+    np.testing.assert_array_equal(stim["train"].images[0, 2:30, 2:30, 0], source[row])
+    assert stim["train"].images[0, :2].max() == 0  # the border is blank
+
+
+def test_rgb_and_resize():
+    image = np.arange(28 * 28, dtype=np.uint8).reshape(28, 28)
+    out = fit_image(image, 64, 3)
+    assert out.shape == (64, 64, 3)
+    np.testing.assert_array_equal(out[..., 0], out[..., 2])
+    assert out.std() > 0
+
+
+def test_lookup_returns_images_in_order(stimulus_file):
+    stim = load_stimulus_set(stimulus_file)
+    ids = [stim["test"].stimulus_id[1], stim["train"].stimulus_id[0]]
+    images, labels = stim.lookup(ids)
+    np.testing.assert_array_equal(images[0], stim["test"].images[1])
+    assert labels.tolist() == [stim["test"].label[1], stim["train"].label[0]]
+    with pytest.raises(MindvisError, match="not in the stimulus set"):
+        stim.lookup(["test-9999"])
+
+
+def test_bundled_subset_is_used_when_debian_files_missing(tmp_path):
+    config = _config(tmp_path, fashion_mnist_dir=str(tmp_path / "absent"))
+    build_stimulus_set(config, tmp_path / "s.h5")
+    assert str(BUNDLED_FASHION_MNIST) in load_stimulus_set(tmp_path / "s.h5").attrs["source"]
+
+
+def test_truncated_idx_file_is_a_clear_error(tmp_path):
+    raw = gzip.open(BUNDLED_FASHION_MNIST / "t10k-images-idx3-ubyte.gz").read()
+    bad = tmp_path / "bad.gz"
+    with gzip.open(bad, "wb") as handle:
+        handle.write(raw[:5000])
+    with pytest.raises(MindvisError, match="truncated"):
+        read_idx(bad)
+
+
+def test_too_many_pool_images_is_a_clear_error(tmp_path):
+    config = _config(tmp_path, n_pool=10**6)
+    with pytest.raises(MindvisError, match="stimuli.n_pool"):
+        build_stimulus_set(config, tmp_path / "s.h5")
+    assert not (tmp_path / "s.h5").exists()
+
+
+def test_reader_names_missing_dataset(tmp_path, stimulus_file):
+    with h5py.File(stimulus_file, "a") as handle:
+        del handle["test/label"]
+    with pytest.raises(MindvisError, match="test/label"):
+        load_stimulus_set(stimulus_file)

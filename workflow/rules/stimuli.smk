@@ -1,0 +1,12 @@
+rule stimuli:
+    """Stimulus images (train shown once, test shown many times, unlabelled pool) as HDF5."""
+    output:
+        STIMULI,
+    params:
+        config=RESOLVED_CONFIG,
+        digest=config_digest("stimuli"),
+    log:
+        "logs/stimuli.log",
+    threads: 1
+    shell:
+        "mindvis stimuli --config {params.config} --out {output} --threads {threads} > {log} 2>&1"
