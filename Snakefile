@@ -7,7 +7,11 @@ from snakemake.utils import min_version
 min_version("8.0")
 
 
-configfile: "configs/default.yaml"
+# The embedded default, unless the command line names a config of its own
+# (configs are standalone: they never inherit each other's values).
+if not workflow.configfiles:
+
+    configfile: "configs/default.yaml"
 
 
 include: "workflow/rules/common.smk"

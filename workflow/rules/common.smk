@@ -3,10 +3,20 @@
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir)))
+
+
+envvars:
+    "PATH",
+
+
+# Jobs call the `mindvis` of the environment running Snakemake, so a virtualenv
+# works without being activated.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
 
 from mindvis.config import dump_config, rest_subjects, subjects, validate as validate_config
 from mindvis.errors import MindvisError
@@ -51,6 +61,12 @@ def config_digest(*sections):
     reruns when (and only when) the science it depends on changes."""
     chosen = {name: config[name] for name in ("seed",) + sections}
     return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def bids_root(wildcards, output):
+    """The BIDS root a simulation job writes into, derived from its declared output."""
+    first = Path(output[0])
+    return str(first.parent if first.name == "dataset_description.json" else first.parents[3])
 
 
 def simulation_manifest(subject):

@@ -4,9 +4,11 @@ rule simulate:
         stimuli=STIMULI,
     output:
         manifest=f"{BIDS}/derivatives/simulation/{{subject}}/{{subject}}_desc-simulation_manifest.json",
+    conda:
+        "../envs/mindvis.yaml"
     params:
         config=RESOLVED_CONFIG,
-        bids=BIDS,
+        bids=bids_root,
         digest=config_digest("stimuli", "simulate"),
     log:
         "logs/simulate/{subject}.log",
@@ -24,9 +26,11 @@ rule simulate_rest:
     """One simulated resting-state subject (the stand-in for HCP in SC-MBM pretraining)."""
     output:
         manifest=f"{BIDS}/derivatives/simulation/{{subject}}/{{subject}}_desc-simulation_manifest.json",
+    conda:
+        "../envs/mindvis.yaml"
     params:
         config=RESOLVED_CONFIG,
-        bids=BIDS,
+        bids=bids_root,
         digest=config_digest("simulate"),
     log:
         "logs/simulate_rest/{subject}.log",
@@ -45,9 +49,11 @@ rule bids_metadata:
     output:
         description=f"{BIDS}/dataset_description.json",
         participants=f"{BIDS}/participants.tsv",
+    conda:
+        "../envs/mindvis.yaml"
     params:
         config=RESOLVED_CONFIG,
-        bids=BIDS,
+        bids=bids_root,
         digest=config_digest("simulate"),
     log:
         "logs/bids_metadata.log",

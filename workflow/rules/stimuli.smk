@@ -2,6 +2,8 @@ rule stimuli:
     """Stimulus images (train shown once, test shown many times, unlabelled pool) as HDF5."""
     output:
         STIMULI,
+    conda:
+        "../envs/mindvis.yaml"
     params:
         config=RESOLVED_CONFIG,
         digest=config_digest("stimuli"),
