@@ -17,6 +17,12 @@ if not workflow.configfiles:
 include: "workflow/rules/common.smk"
 include: "workflow/rules/stimuli.smk"
 include: "workflow/rules/simulate.smk"
+include: "workflow/rules/sources.smk"
+include: "workflow/rules/preprocess.smk"
+include: "workflow/rules/pretrain_mbm.smk"
+include: "workflow/rules/pretrain_ldm.smk"
+include: "workflow/rules/finetune.smk"
+include: "workflow/rules/generate.smk"
 
 
 rule decode:

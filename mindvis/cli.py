@@ -76,6 +76,44 @@ def cmd_pretrain_mbm(args):
           rest=args.rest, out_dir=args.out_dir, resume=args.resume)
 
 
+def cmd_convert(args):
+    _call("mindvis.data.sources:convert_subject", _config(args), args.subject, out_responses=args.out,
+          out_stimuli=args.stimuli_out)
+
+
+def cmd_convert_rest(args):
+    _call("mindvis.data.sources.hcp:convert_hcp_rest", _config(args), hcp_subject=args.hcp_subject,
+          subject=args.subject, out_path=args.out)
+
+
+def cmd_import_checkpoint(args):
+    _call("mindvis.data.sources.mindvis_checkpoint:import_mindvis_checkpoint", args.checkpoint, args.out_dir,
+          num_heads=args.num_heads, decoder_num_heads=args.decoder_num_heads, strict=args.strict)
+
+
+# -- DC-LDM (issue 5): domain classifier, base generator, fine-tuning, sampling --
+
+def cmd_train_classifier(args):
+    _call("mindvis.evaluate.classifier:train_classifier", _config(args), stimuli_path=args.stimuli,
+          out_dir=args.out_dir, resume=args.resume)
+
+
+def cmd_pretrain_ldm(args):
+    _call("mindvis.train.pretrain_ldm:pretrain_ldm", _config(args), stimuli=args.stimuli, out_dir=args.out_dir,
+          classifier_dir=args.classifier, resume=args.resume)
+
+
+def cmd_finetune(args):
+    _call("mindvis.train.finetune:finetune", _config(args), subject=args.subject, responses=args.responses,
+          stimuli=args.stimuli, base=args.base, out_dir=args.out_dir, mbm_dir=args.mbm,
+          classifier_dir=args.classifier, baseline=args.baseline, resume=args.resume)
+
+
+def cmd_generate(args):
+    _call("mindvis.generate.run:generate_subject", _config(args), subject=args.subject, model_dir=args.model_dir,
+          responses=args.responses, stimuli=args.stimuli, out_dir=args.out_dir, classifier_dir=args.classifier)
+
+
 def cmd_where(args):
     from mindvis.config import subjects
 
@@ -135,6 +173,55 @@ def build_parser():
     sub.add_argument("--rest", nargs="*", default=[], help="resting-state HDF5 files")
     sub.add_argument("--out-dir", required=True)
     sub.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out-dir")
+
+    sub = add("convert", cmd_convert, "a real data set (data.source) to responses.h5 and a stimulus HDF5")
+    sub.add_argument("--subject", required=True, help="mindvis subject label, e.g. sub-01")
+    sub.add_argument("--out", required=True, help="responses.h5 to write")
+    sub.add_argument("--stimuli-out", required=True, help="stimulus HDF5 to write")
+
+    sub = add("convert-rest", cmd_convert_rest, "HCP resting-state CIFTI runs (data.hcp) to a resting-state file")
+    sub.add_argument("--hcp-subject", required=True, help="HCP subject id, e.g. 100307")
+    sub.add_argument("--subject", default=None, help="label written in the file (default sub-<hcp id>)")
+    sub.add_argument("--out", required=True)
+
+    sub = add("import-checkpoint", cmd_import_checkpoint,
+              "MinD-Vis's SC-MBM checkpoint (fmri_encoder.pth) to a mindvis SC-MBM folder")
+    sub.add_argument("--checkpoint", required=True, help="MinD-Vis .pth file (state dict under 'model')")
+    sub.add_argument("--out-dir", required=True, help="folder for config.json + safetensors + import_report.json")
+    sub.add_argument("--num-heads", type=int, default=None,
+                     help="encoder heads when the checkpoint does not record them (MinD-Vis: 16)")
+    sub.add_argument("--decoder-num-heads", type=int, default=None, help="decoder heads (MinD-Vis: 16)")
+    sub.add_argument("--strict", action="store_true", help="fail if any tensor cannot be mapped")
+
+    sub = add("train-classifier", cmd_train_classifier, "train the domain classifier on the training images")
+    sub.add_argument("--stimuli", required=True)
+    sub.add_argument("--out-dir", required=True)
+    sub.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out-dir/train")
+
+    sub = add("pretrain-ldm", cmd_pretrain_ldm, "train the embedded base generator (VAE, then class-conditioned UNet)")
+    sub.add_argument("--stimuli", required=True, help="stimulus HDF5 (pool + train images are used, never test)")
+    sub.add_argument("--out-dir", required=True)
+    sub.add_argument("--classifier", default=None, help="domain classifier folder, to score class samples")
+    sub.add_argument("--resume", action="store_true")
+
+    sub = add("finetune", cmd_finetune, "fine-tune the DC-LDM decoder for one subject")
+    sub.add_argument("--subject", required=True)
+    sub.add_argument("--responses", required=True)
+    sub.add_argument("--stimuli", required=True)
+    sub.add_argument("--base", required=True, help="base generator folder (results/pretrain/ldm or Stable Diffusion)")
+    sub.add_argument("--out-dir", required=True)
+    sub.add_argument("--mbm", default=None, help="pretrained SC-MBM folder (not used with --baseline)")
+    sub.add_argument("--classifier", default=None, help="domain classifier folder (enables val/accuracy)")
+    sub.add_argument("--baseline", action="store_true", help="random encoder: no SC-MBM pretraining (ablation)")
+    sub.add_argument("--resume", action="store_true")
+
+    sub = add("generate", cmd_generate, "decode a subject's test fMRI into k images per stimulus")
+    sub.add_argument("--subject", required=True)
+    sub.add_argument("--model-dir", required=True, help="the subject's finetune output folder")
+    sub.add_argument("--responses", required=True)
+    sub.add_argument("--stimuli", required=True)
+    sub.add_argument("--out-dir", required=True)
+    sub.add_argument("--classifier", default=None, help="domain classifier folder, to score the samples")
 
     sub = add("where", cmd_where, "print where a run's outputs are")
     sub.add_argument("--results", default="results")

@@ -101,6 +101,17 @@ def _check_consistency(config, path):
     if end <= start:
         raise MindvisError(f"the window end ({end}) must come after its start ({start})",
                            path=path, key="preprocess.lag_window", fix="give [start, end] with end > start.")
+    data = config["data"]
+    if data["source"] != "simulated" and not config["subjects"]:
+        raise MindvisError(f"data.source is {data['source']} but no subjects are listed", path=path, key="subjects",
+                           fix="list the subjects to decode, e.g. subjects: [sub-01, sub-02].")
+    if data["source"] == "bids":
+        if not data["bids_dir"]:
+            raise MindvisError("data.source is bids but no BIDS folder is given", path=path, key="data.bids_dir",
+                               fix="set data.bids_dir to the root of your BIDS data set.")
+        if config["preprocess"]["roi"] == "simulation":
+            raise MindvisError("the 'simulation' ROI exists only for simulated data", path=path, key="preprocess.roi",
+                               fix="set preprocess.roi to a NIfTI mask on your BOLD grid.")
 
 
 def load_config(path):
@@ -119,13 +130,15 @@ def load_config(path):
 
 def subjects(config):
     """The subjects decoded in this experiment (``sub-XX`` labels)."""
-    if config.get("subjects"):
+    if config.get("subjects") or config["data"]["source"] != "simulated":
         return list(config["subjects"])
     return [f"sub-{i:02d}" for i in range(1, config["simulate"]["n_subjects"] + 1)]
 
 
 def rest_subjects(config):
-    """The simulated resting-state subjects used only for SC-MBM pretraining."""
+    """The simulated resting-state subjects used only for SC-MBM pretraining (none for real data)."""
+    if config["data"]["source"] != "simulated":
+        return []
     return [f"sub-rest{i:02d}" for i in range(1, config["simulate"]["n_rest_subjects"] + 1)]
 
 

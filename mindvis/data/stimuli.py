@@ -261,7 +261,11 @@ def save_stimulus_set(stimulus_set, out_path):
         handle.attrs["class_names"] = json.dumps(list(stimulus_set.class_names))
         for name, split in stimulus_set.splits.items():
             group = handle.create_group(name)
-            group.create_dataset("images", data=split.images, compression="gzip", compression_opts=4)
+            # Chunks of whole images and light compression: large natural-image sets
+            # (GOD's 256 x 256 RGB) write in seconds and any one image reads alone.
+            chunks = (max(1, min(len(split.images), 16)),) + split.images.shape[1:] if len(split.images) else None
+            group.create_dataset("images", data=split.images, chunks=chunks,
+                                 compression="gzip" if chunks else None, compression_opts=1 if chunks else None)
             group.create_dataset("label", data=np.asarray(split.label, dtype=np.int64))
             group.create_dataset("stimulus_id", data=np.asarray(split.stimulus_id, dtype=object), dtype=string_dtype)
             group.create_dataset("source_index", data=np.asarray(split.source_index, dtype=np.int64))

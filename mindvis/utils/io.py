@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import random
+import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -130,8 +131,8 @@ def set_threads(n_threads):
         threadpool_limits(n_threads)
     except ImportError:
         pass
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        return
-    torch.set_num_threads(n_threads)
+    # torch reads OMP_NUM_THREADS when it is first imported; only a torch that is
+    # already loaded needs telling (importing it here would cost seconds per job).
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(n_threads)

@@ -73,8 +73,83 @@ def simulation_manifest(subject):
     return f"{BIDS}/derivatives/simulation/{subject}/{subject}_desc-simulation_manifest.json"
 
 
+def subject_manifest(wildcards):
+    """Input function: the simulation manifest of the rule's subject (written last, so the BIDS data are complete)."""
+    return simulation_manifest(wildcards.subject)
+
+
+def manifest_bids_root(wildcards, input):
+    """The BIDS root a preprocessing job reads, derived from its manifest input."""
+    return str(Path(input.manifest).parents[3])
+
+
 def decode_targets():
     """Files the `decode` target asks for (extended as stages are added)."""
     targets = [STIMULI, f"{BIDS}/dataset_description.json"]
     targets += [simulation_manifest(subject) for subject in SUBJECTS + REST_SUBJECTS]
+    targets += [f"results/{subject}/responses.h5" for subject in SUBJECTS]
+    targets += [f"results/pretrain/rest/{subject}.h5" for subject in REST_SUBJECTS]
+    targets += ["results/pretrain/mbm/summary.json"]
+    targets += dcldm_targets()
+    return targets
+
+
+# -- real data sets (workflow/rules/sources.smk) --
+from mindvis.data.sources import is_adapter_source
+
+# True when data.source is read by an adapter (convert rule) rather than preprocessed from BIDS.
+USES_ADAPTER = is_adapter_source(config)
+
+
+def subject_stimuli(wildcards):
+    """The stimulus HDF5 a subject's responses refer to: its own for real data, the shared one otherwise."""
+    return f"results/{wildcards.subject}/stimuli.h5" if USES_ADAPTER else STIMULI
+
+
+# -- DC-LDM (workflow/rules/pretrain_ldm.smk, finetune.smk, generate.smk) --
+CLASSIFIER = "results/classifier"
+# 'embedded': the base generator is trained by pretrain_ldm; otherwise ldm.base is a Stable Diffusion folder.
+LDM_EMBEDDED = config["ldm"]["base"] == "embedded"
+LDM_BASE = "results/pretrain/ldm" if LDM_EMBEDDED else config["ldm"]["base"]
+# Fine-tuned decoders per subject: with SC-MBM pretraining, and the no-pretraining ablation if asked.
+DCLDM_VARIANTS = {"dcldm": "samples"}
+if config["finetune"]["baseline"]:
+    DCLDM_VARIANTS["dcldm-baseline"] = "samples-baseline"
+
+
+def ldm_base_input(wildcards):
+    """Input function: the base generator a fine-tuning job needs (none to build for an external SD folder)."""
+    return f"{LDM_BASE}/generator.json" if LDM_EMBEDDED else []
+
+
+def output_dir(wildcards, output):
+    """Params function: the folder of the first output (for stages that write a whole folder)."""
+    return str(Path(output[0]).parent)
+
+
+def input_dir(key):
+    """Params function factory: the folder of the named input (a model folder read as a whole)."""
+
+    def folder(wildcards, input):
+        return str(Path(input[key]).parent)
+
+    return folder
+
+
+def ldm_base_dir(wildcards, input):
+    """Params function: the base generator folder (pretrain_ldm's output, or the configured SD folder)."""
+    return str(Path(input.base).parent) if LDM_EMBEDDED else LDM_BASE
+
+
+def encoder_flag(wildcards, input):
+    """Params function: the pretrained SC-MBM folder, or --baseline (random encoder) when it is not an input."""
+    return f"--mbm {Path(input.mbm).parent}" if "mbm" in input.keys() else "--baseline"
+
+
+def dcldm_targets():
+    """Fine-tuned decoders and their samples, for every subject and variant."""
+    targets = []
+    for subject in SUBJECTS:
+        for model, samples in DCLDM_VARIANTS.items():
+            targets += [f"results/{subject}/{model}/dcldm.json", f"results/{subject}/{samples}/samples.h5"]
     return targets

@@ -16,7 +16,8 @@ rule simulate:
         subject=r"sub-(?!rest)[A-Za-z0-9]+",
     threads: 1
     resources:
-        mem_mb=4000,
+        # Measured peak 660 MiB on configs/default.yaml (benchmarks/results/simulate.md); runs stream one at a time.
+        mem_mb=1500,
     shell:
         "mindvis simulate --config {params.config} --stimuli {input.stimuli} --bids-dir {params.bids}"
         " --subject {wildcards.subject} --threads {threads} > {log} 2>&1"
@@ -38,7 +39,8 @@ rule simulate_rest:
         subject=r"sub-rest[0-9]+",
     threads: 1
     resources:
-        mem_mb=2000,
+        # Measured peak 540 MiB on configs/default.yaml.
+        mem_mb=1000,
     shell:
         "mindvis simulate-rest --config {params.config} --bids-dir {params.bids}"
         " --subject {wildcards.subject} --threads {threads} > {log} 2>&1"

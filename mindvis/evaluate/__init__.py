@@ -1,0 +1,1 @@
+"""Evaluation of decoded images: the domain classifier (:mod:`.classifier`) and the metrics built on it."""

@@ -1,0 +1,203 @@
+"""The ``generate`` stage: k decoded images per test stimulus from a subject's fine-tuned DC-LDM.
+
+For every stimulus of ``generate.split`` (default ``test_avg``, the test fMRI
+averaged over repeats) it samples ``generate.n_samples`` images with the
+configured sampler and guidance scale. Sample ``j`` of stimulus ``s`` is drawn
+from the seed ``derive_seed(seed, "generate", subject, s, j)``: a rerun, or a
+run with another batch size, gives the same images (up to float rounding of
+batched convolutions), and the pretrained and baseline decoders of a subject
+start from the same noise.
+
+Outputs in ``out_dir`` (``results/{subject}/samples/``): ``png/{stimulus}_{j}.png``,
+``grid.png`` (each true image beside its samples), ``samples.h5``
+(:mod:`mindvis.generate.writing`) and ``summary.json`` (the classifier's top-1
+when a classifier is given, timings, settings).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mindvis.utils.io import derive_seed, software_versions, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+def sample_seeds(seed, subject, stimulus_ids, n_samples):
+    """int64 [N, k]: the seed of sample ``j`` of each stimulus."""
+    return np.array([[derive_seed(seed, "generate", subject, sid, j) for j in range(n_samples)]
+                     for sid in stimulus_ids], dtype=np.int64)
+
+
+@torch.no_grad()
+def decode_stimuli(decoder, generator, fmri, seeds, settings, batch_size):
+    """Decode ``k`` images per fMRI row.
+
+    Parameters
+    ----------
+    decoder : mindvis.models.ldm.DCLDM
+    generator : mindvis.models.ldm.Generator
+    fmri : float32 [N, V]
+    seeds : int64 [N, k]
+    settings : dict
+        The ``generate`` config section.
+    batch_size : int
+        Images per sampler call (conditioned and null branches together make twice that).
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8 [N, k, H, W, C].
+    """
+    from mindvis.generate.sampling import sample_images
+    from mindvis.models.ldm import tensor_to_images
+
+    n_stimuli, n_samples = seeds.shape
+    device = next(decoder.parameters()).device
+    condition = decoder.condition(torch.as_tensor(fmri, dtype=torch.float32, device=device))
+    flat_rows = np.repeat(np.arange(n_stimuli), n_samples)
+    flat_seeds = seeds.reshape(-1)
+    out = []
+    for start in range(0, len(flat_rows), batch_size):
+        rows = torch.as_tensor(flat_rows[start:start + batch_size], device=device)
+        chosen = condition.select(rows)
+        images = sample_images(generator, chosen, null_condition=decoder.conditioner.null(len(rows)),
+                               sampler=settings["sampler"], num_steps=settings["steps"],
+                               guidance_scale=settings["guidance_scale"],
+                               seeds=flat_seeds[start:start + batch_size].tolist(), eta=settings["eta"])
+        out.append(tensor_to_images(images))
+    images = np.concatenate(out)
+    return images.reshape(n_stimuli, n_samples, *images.shape[1:])
+
+
+@torch.no_grad()
+def capture_attention(decoder, generator, fmri, seeds, settings):
+    """Cross-attention maps of sample 0 of each given stimulus, per denoising step.
+
+    Returns
+    -------
+    maps : float32 [S, A, h, w, T]
+        At latent resolution (at most 32 x 32).
+    timesteps : int64 [S]
+    """
+    from mindvis.generate.attention import CrossAttentionRecorder
+    from mindvis.generate.sampling import make_scheduler, sample_latents, sampler_steps, seeded_generators
+
+    device = next(decoder.parameters()).device
+    condition = decoder.condition(torch.as_tensor(fmri, dtype=torch.float32, device=device))
+    scheduler = make_scheduler(settings["sampler"], generator.scheduler_config, eta=settings["eta"])
+    steps = sampler_steps(settings["sampler"], settings["steps"], generator.scheduler_config)
+    with CrossAttentionRecorder(generator.unet) as recorder:
+        sample_latents(generator.unet, scheduler, condition, null_condition=decoder.conditioner.null(len(seeds)),
+                       guidance_scale=settings["guidance_scale"], num_steps=steps,
+                       generators=seeded_generators(seeds), latent_shape=generator.latent_shape(len(seeds)),
+                       eta=settings["eta"], recorder=recorder)
+    # At most 32 x 32 per map: SD's 64 x 64 latents x 77 tokens x 50 steps would otherwise take ~100 MB per stimulus.
+    size = min(generator.latent_size, 32)
+    return recorder.aggregate(size).numpy(), scheduler.timesteps.cpu().numpy().astype(np.int64)
+
+
+def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, classifier_dir=None, base=None,
+                     batch_size=None):
+    """Decode the subject's test fMRI and write PNGs, a grid, ``samples.h5`` and ``summary.json``.
+
+    Parameters
+    ----------
+    config : dict
+        Resolved experiment config (``generate`` section, ``seed``).
+    subject : str
+    model_dir : path
+        The subject's ``finetune`` output.
+    responses, stimuli : path
+        ``responses.h5`` (only ``generate.split`` is read) and ``stimuli.h5``.
+    out_dir : path
+    classifier_dir : path, optional
+        Domain classifier to score the samples.
+    base : path, optional
+        Override the base generator folder recorded by ``finetune``.
+    batch_size : int, optional
+        Default ``generate.batch_size``.
+
+    Returns
+    -------
+    dict
+        The summary written to ``summary.json``.
+    """
+    from mindvis.data.responses import load_responses
+    from mindvis.data.stimuli import load_stimulus_set
+    from mindvis.generate.writing import save_grid, save_png, write_samples_h5
+    from mindvis.train.finetune import load_dcldm
+
+    started = time.perf_counter()
+    settings = config["generate"]
+    out_dir = Path(out_dir)
+    generator, decoder, meta = load_dcldm(model_dir, base=base)
+    split = load_responses(responses, splits=(settings["split"],))[settings["split"]]
+    stimulus_set = load_stimulus_set(stimuli)
+    stimulus_ids = [str(s) for s in split.stimulus_id]
+    true_images, labels = stimulus_set.lookup(stimulus_ids) if stimulus_ids else (
+        np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int64))
+    seeds = sample_seeds(config["seed"], subject, stimulus_ids, settings["n_samples"])
+    log.info("%s: %d stimuli x %d samples, %s %d steps, guidance %.2f", subject, len(stimulus_ids),
+             settings["n_samples"], settings["sampler"], settings["steps"], settings["guidance_scale"])
+    tick = time.perf_counter()
+    samples = decode_stimuli(decoder, generator, split.fmri, seeds, settings, batch_size or settings["batch_size"])
+    sampling_s = time.perf_counter() - tick
+
+    summary = {"stage": "generate", "subject": subject, "model_dir": str(model_dir), "baseline": meta.get("baseline"),
+               "n_stimuli": len(stimulus_ids), "n_samples": int(settings["n_samples"]), "split": settings["split"],
+               **{k: settings[k] for k in ("sampler", "steps", "guidance_scale", "eta")},
+               "sampling_s": round(sampling_s, 2),
+               "samples_per_s": round(samples.shape[0] * samples.shape[1] / max(sampling_s, 1e-9), 3)}
+    predicted = None
+    if classifier_dir is not None and len(stimulus_ids):
+        from mindvis.evaluate.classifier import load_classifier
+
+        classifier = load_classifier(classifier_dir)
+        flat = samples.reshape(-1, *samples.shape[2:])
+        predicted = classifier.predict_proba(flat).argmax(axis=1).reshape(samples.shape[:2])
+        correct = predicted == labels[:, None]
+        summary["classifier_top1_mean"] = float(correct.mean())
+        summary["classifier_top1_best_of_k"] = float(correct.any(axis=1).mean())
+        summary["chance"] = 1.0 / stimulus_set.n_classes
+        log.info("%s: classifier top-1 of samples %.3f (best of %d: %.3f; chance %.3f)", subject,
+                 summary["classifier_top1_mean"], samples.shape[1], summary["classifier_top1_best_of_k"],
+                 summary["chance"])
+
+    attention = None
+    n_attention = min(int(settings["attention_stimuli"]), len(stimulus_ids))
+    if n_attention:
+        # One stimulus per class first, so the maps cover different objects.
+        _, first_of_class = np.unique(labels, return_index=True)
+        order = list(first_of_class) + [i for i in range(len(labels)) if i not in set(first_of_class)]
+        chosen = sorted(order[:n_attention])
+        maps, timesteps = capture_attention(decoder, generator, split.fmri[chosen], seeds[chosen, 0].tolist(),
+                                            settings)
+        attention = {"maps": maps, "stimulus_id": [stimulus_ids[i] for i in chosen], "timesteps": timesteps,
+                     "token_weights": decoder.conditioner.token_weights().cpu().numpy()}
+
+    # test_avg has one row per stimulus; per-trial splits repeat ids, so their file names carry the row too.
+    unique = len(set(stimulus_ids)) == len(stimulus_ids)
+    for row, sid in enumerate(stimulus_ids):
+        stem = sid if unique else f"{row:04d}-{sid}"
+        for j in range(samples.shape[1]):
+            save_png(out_dir / "png" / f"{stem}_{j}.png", samples[row, j])
+    if len(stimulus_ids):
+        save_grid(out_dir / "grid.png", samples, truth=true_images)
+    attrs = {"subject": subject, "model_dir": str(model_dir), "n_samples": int(settings["n_samples"]),
+             "split": settings["split"], "class_names": list(stimulus_set.class_names),
+             "patch_size": int(decoder.encoder.config.patch_size), "n_voxels": int(split.fmri.shape[1]),
+             **{k: settings[k] for k in ("sampler", "steps", "guidance_scale", "eta")},
+             "config": config, "versions": software_versions()}
+    attrs.update({k: summary[k] for k in ("classifier_top1_mean", "classifier_top1_best_of_k") if k in summary})
+    write_samples_h5(out_dir / "samples.h5", samples=samples, true_images=true_images, stimulus_id=stimulus_ids,
+                     label=labels, seeds=seeds, attrs=attrs, predicted_label=predicted, attention=attention)
+    summary.update({"wall_time_s": round(time.perf_counter() - started, 2), "config": config,
+                    "versions": software_versions()})
+    write_json_atomic(out_dir / "summary.json", summary)
+    return summary

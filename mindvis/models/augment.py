@@ -1,0 +1,100 @@
+"""Augmentations of voxel vectors for SC-MBM pretraining (and fine-tuning).
+
+Both act on real voxels only (``voxel_mask``), draw from torch's generator (so
+the training engine's per-step seeding makes them reproducible) and are tested
+to change their input. Training applies them to the model's input and keeps
+the clean vector as the reconstruction target, so the encoder learns to see
+through missing voxels and noise.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _uniform(shape, like, generator):
+    device = generator.device if generator is not None else like.device
+    return torch.rand(shape, generator=generator, device=device).to(like.device)
+
+
+def voxel_dropout(fmri, rate, voxel_mask=None, generator=None):
+    """Set a random ``rate`` of each vector's voxels to zero (their z-scored mean).
+
+    The drop pattern is independent per voxel and per sample (sparse), not per
+    patch or per feature column. Kept values are not rescaled: a z-scored voxel
+    set to 0 reads as "no response", and the rescaling of inverted dropout
+    would inflate the kept responses.
+
+    Parameters
+    ----------
+    fmri : [B, V] float
+    rate : float in [0, 1)
+    voxel_mask : [B, V] bool, optional
+        Only True entries may be dropped.
+    generator : torch.Generator, optional
+
+    Returns
+    -------
+    Tensor
+        [B, V], a new tensor.
+    """
+    if rate <= 0:
+        return fmri.clone()
+    drop = _uniform(fmri.shape, fmri, generator) < rate
+    if voxel_mask is not None:
+        drop &= voxel_mask.bool()
+    return fmri.masked_fill(drop, 0.0)
+
+
+def gaussian_noise(fmri, std, voxel_mask=None, generator=None):
+    """Add independent N(0, std^2) noise to every real voxel.
+
+    Parameters
+    ----------
+    fmri : [B, V] float
+    std : float
+        In units of the (z-scored) data.
+    voxel_mask : [B, V] bool, optional
+        Padding (False) stays untouched.
+    generator : torch.Generator, optional
+
+    Returns
+    -------
+    Tensor
+        [B, V], a new tensor.
+    """
+    if std <= 0:
+        return fmri.clone()
+    device = generator.device if generator is not None else fmri.device
+    noise = torch.randn(fmri.shape, generator=generator, device=device).to(fmri.device, fmri.dtype) * std
+    if voxel_mask is not None:
+        noise = noise * voxel_mask.to(noise.dtype)
+    return fmri + noise
+
+
+class FmriAugment(nn.Module):
+    """Voxel dropout then Gaussian noise, in training mode only (identity in eval mode).
+
+    Parameters
+    ----------
+    dropout_rate : float
+        See :func:`voxel_dropout`.
+    noise_std : float
+        See :func:`gaussian_noise`.
+    """
+
+    def __init__(self, dropout_rate=0.0, noise_std=0.0):
+        super().__init__()
+        self.dropout_rate = float(dropout_rate)
+        self.noise_std = float(noise_std)
+
+    def forward(self, fmri, voxel_mask=None, generator=None):
+        """fmri: [B, V] float -> [B, V] float (unchanged in eval mode)."""
+        if not self.training:
+            return fmri
+        fmri = voxel_dropout(fmri, self.dropout_rate, voxel_mask, generator)
+        return gaussian_noise(fmri, self.noise_std, voxel_mask, generator)
+
+    def extra_repr(self):
+        return f"dropout_rate={self.dropout_rate}, noise_std={self.noise_std}"

@@ -1,0 +1,387 @@
+"""The latent diffusion generator: diffusers' AutoencoderKL + UNet2DConditionModel + a scheduler.
+
+The same :class:`Generator` drives the embedded model (pretrained by the
+``pretrain_ldm`` stage on the stimulus images) and a real Stable Diffusion
+folder: both are diffusers-format folders with ``vae/``, ``unet/`` and
+``scheduler/`` sub-folders, loaded by :func:`load_generator` with
+``from_pretrained(..., local_files_only=True)``.
+
+Double conditioning (DC-LDM) reaches the UNet two ways:
+
+* ``encoder_hidden_states`` ``[B, context_tokens, cross_attention_dim]`` feed
+  every cross-attention (``attn2``) layer, in place of CLIP text;
+* a pooled vector ``[B, time_embed_dim]`` is added to the timestep embedding.
+  It enters through diffusers' ``class_embed_type="identity"``, which adds
+  ``class_labels`` unchanged to the timestep embedding; a Stable Diffusion UNet
+  is loaded with that option, which adds no weights, so its checkpoint loads
+  exactly.
+
+Only modules live here; training lives in :mod:`mindvis.train.pretrain_ldm`
+and :mod:`mindvis.train.finetune`, sampling in :mod:`mindvis.generate`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mindvis.errors import MindvisError
+
+log = logging.getLogger(__name__)
+
+#: Context length of CLIP text encoders (Stable Diffusion 1.x and 2.x).
+SD_CONTEXT_TOKENS = 77
+#: File written beside the generator's sub-folders: image size, channels, context length.
+GENERATOR_FILE = "generator.json"
+
+
+@dataclass
+class Generator:
+    """An image generator in a VAE's latent space.
+
+    Attributes
+    ----------
+    vae : diffusers.AutoencoderKL
+    unet : diffusers.UNet2DConditionModel
+        Its ``class_embed_type`` is ``"identity"`` (pooled condition added to
+        the timestep embedding).
+    scheduler_config : dict
+        The training noise schedule (betas, prediction type); samplers are built
+        from it with ``from_config``.
+    image_size : int
+        Side of the generated square images in pixels.
+    context_tokens : int
+        Number of cross-attention context tokens the UNet was trained with.
+    class_conditioner : mindvis.models.conditioning.ClassConditioner or None
+        The learned class-or-null embedding of an embedded base; None for SD.
+    source : str
+        Where it was loaded from.
+    """
+
+    vae: object
+    unet: object
+    scheduler_config: dict
+    image_size: int
+    context_tokens: int
+    class_conditioner: object = None
+    source: str = ""
+
+    @property
+    def image_channels(self):
+        return int(self.vae.config.in_channels)
+
+    @property
+    def latent_channels(self):
+        return int(self.vae.config.latent_channels)
+
+    @property
+    def latent_size(self):
+        return self.image_size // self.vae_scale
+
+    @property
+    def vae_scale(self):
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def cross_attention_dim(self):
+        dim = self.unet.config.cross_attention_dim
+        return int(dim[0] if isinstance(dim, (list, tuple)) else dim)
+
+    @property
+    def pooled_dim(self):
+        """Width of the timestep embedding the pooled condition is added to."""
+        return int(self.unet.time_embedding.linear_2.out_features)
+
+    @property
+    def scaling_factor(self):
+        return float(self.vae.config.scaling_factor)
+
+    def latent_shape(self, batch_size):
+        return (batch_size, int(self.unet.config.in_channels), self.latent_size, self.latent_size)
+
+    def encode(self, images, sample=True, generator=None):
+        """Images ``[B, C, H, W]`` in [-1, 1] -> scaled latents ``[B, 4, H/f, W/f]``."""
+        posterior = self.vae.encode(images).latent_dist
+        latents = posterior.sample(generator) if sample else posterior.mode()
+        # The VAE returns channels-last strides on CPU; a UNet backward pass through such an input
+        # segfaults in torch 2.13 CPU, so hand on a standard-layout tensor.
+        return (latents * self.scaling_factor).contiguous()
+
+    def decode(self, latents):
+        """Scaled latents -> images ``[B, C, H, W]`` in [-1, 1] (not clamped)."""
+        return self.vae.decode(latents / self.scaling_factor).sample.contiguous()
+
+    def to(self, device=None, dtype=None):
+        for module in (self.vae, self.unet, self.class_conditioner):
+            if module is not None:
+                module.to(device=device, dtype=dtype)
+        return self
+
+
+# -- embedded architecture ----------------------------------------------------
+
+def embedded_vae(image_size, image_channels, ldm_config):
+    """A small AutoencoderKL: ``image_size`` -> ``image_size / 2**(len(blocks)-1)``, 4 latent channels.
+
+    Parameters
+    ----------
+    image_size : int
+    image_channels : int
+        1 (grey) or 3 (RGB).
+    ldm_config : dict
+        The ``ldm`` config section (``vae_block_out_channels``, ``vae_layers_per_block``,
+        ``latent_channels``, ``norm_num_groups``).
+    """
+    from diffusers import AutoencoderKL
+
+    blocks = tuple(ldm_config["vae_block_out_channels"])
+    return AutoencoderKL(
+        in_channels=image_channels, out_channels=image_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(blocks),
+        up_block_types=("UpDecoderBlock2D",) * len(blocks),
+        block_out_channels=blocks, layers_per_block=ldm_config["vae_layers_per_block"],
+        latent_channels=ldm_config["latent_channels"], norm_num_groups=ldm_config["norm_num_groups"],
+        sample_size=image_size,
+    )
+
+
+def embedded_unet(latent_size, ldm_config):
+    """A small UNet2DConditionModel with cross-attention at every level.
+
+    ``ldm.attention_heads`` is passed as diffusers' ``attention_head_dim``,
+    which UNet2DConditionModel uses as the number of heads (a naming quirk).
+    """
+    from diffusers import UNet2DConditionModel
+
+    blocks = tuple(ldm_config["unet_block_out_channels"])
+    return UNet2DConditionModel(
+        sample_size=latent_size, in_channels=ldm_config["latent_channels"],
+        out_channels=ldm_config["latent_channels"],
+        down_block_types=("CrossAttnDownBlock2D",) * len(blocks),
+        up_block_types=("CrossAttnUpBlock2D",) * len(blocks),
+        block_out_channels=blocks, layers_per_block=ldm_config["unet_layers_per_block"],
+        cross_attention_dim=ldm_config["cross_attention_dim"], attention_head_dim=ldm_config["attention_heads"],
+        norm_num_groups=ldm_config["norm_num_groups"], class_embed_type="identity",
+    )
+
+
+def embedded_scheduler_config(ldm_config):
+    """The training noise schedule of the embedded generator, as a DDPMScheduler config dict."""
+    from diffusers import DDPMScheduler
+
+    return dict(DDPMScheduler(num_train_timesteps=ldm_config["num_train_timesteps"],
+                              beta_schedule=ldm_config["beta_schedule"],
+                              prediction_type=ldm_config["prediction_type"], clip_sample=False).config)
+
+
+def build_embedded_generator(image_size, image_channels, n_classes, ldm_config):
+    """A freshly initialised embedded generator (VAE, UNet, class conditioner)."""
+    from mindvis.models.conditioning import ClassConditioner
+
+    vae = embedded_vae(image_size, image_channels, ldm_config)
+    scale = 2 ** (len(ldm_config["vae_block_out_channels"]) - 1)
+    if image_size % scale:
+        raise MindvisError(f"image size {image_size} is not divisible by the VAE's downsampling factor {scale}",
+                           key="ldm.vae_block_out_channels", fix="use fewer VAE blocks or another image size.")
+    unet = embedded_unet(image_size // scale, ldm_config)
+    generator = Generator(vae=vae, unet=unet, scheduler_config=embedded_scheduler_config(ldm_config),
+                          image_size=image_size, context_tokens=ldm_config["context_tokens"], source="embedded")
+    generator.class_conditioner = ClassConditioner(
+        n_classes=n_classes, context_tokens=generator.context_tokens,
+        cross_attention_dim=generator.cross_attention_dim, pooled_dim=generator.pooled_dim)
+    return generator
+
+
+# -- saving and loading -------------------------------------------------------
+
+def save_generator(generator, out_dir, extra=None):
+    """Write a generator as a diffusers-format folder (``vae/``, ``unet/``, ``scheduler/``).
+
+    The class conditioner (if any) goes to ``class_conditioner/``; image size
+    and context length to ``generator.json`` (with ``extra`` merged in).
+    """
+    from diffusers import DDPMScheduler
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    generator.vae.save_pretrained(out_dir / "vae")
+    generator.unet.save_pretrained(out_dir / "unet")
+    DDPMScheduler.from_config(generator.scheduler_config).save_pretrained(out_dir / "scheduler")
+    if generator.class_conditioner is not None:
+        generator.class_conditioner.save_pretrained(out_dir / "class_conditioner")
+    meta = {"image_size": generator.image_size, "context_tokens": generator.context_tokens, **(extra or {})}
+    (out_dir / GENERATOR_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+
+
+def _sd_context_tokens(folder):
+    """Context length of an SD folder: its tokenizer's or text encoder's, else 77."""
+    for sub, name, key in (("tokenizer", "tokenizer_config.json", "model_max_length"),
+                           ("text_encoder", "config.json", "max_position_embeddings")):
+        path = Path(folder) / sub / name
+        if path.exists():
+            value = json.loads(path.read_text()).get(key)
+            if isinstance(value, int) and 0 < value < 100_000:
+                return value
+    return SD_CONTEXT_TOKENS
+
+
+def load_generator(folder, image_size=None, dtype=None):
+    """Load a generator from a diffusers-format folder: an embedded base or a Stable Diffusion.
+
+    Parameters
+    ----------
+    folder : str or Path
+        Holds ``vae/``, ``unet/`` and ``scheduler/`` (as written by
+        ``save_pretrained`` or distributed with Stable Diffusion 1.x / 2.x).
+    image_size : int, optional
+        Side of generated images; default: the folder's ``generator.json``,
+        else the UNet's ``sample_size`` times the VAE factor (512 for SD 1.5).
+    dtype : torch.dtype, optional
+
+    Raises
+    ------
+    MindvisError
+        When a sub-folder is missing or the UNet cannot take a pooled condition.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    folder = Path(folder)
+    for sub in ("vae", "unet", "scheduler"):
+        if not (folder / sub).is_dir():
+            raise MindvisError(f"not a diffusers-format generator: '{sub}/' is missing", path=folder,
+                               key="ldm.base",
+                               fix="point ldm.base at a Stable Diffusion folder in diffusers format "
+                                   "(vae/, unet/, scheduler/), or use 'embedded'.")
+    unet_config = json.loads((folder / "unet" / "config.json").read_text())
+    if unet_config.get("class_embed_type") not in (None, "identity") or unet_config.get("num_class_embeds"):
+        raise MindvisError("this UNet already has a class embedding of another kind, so the pooled fMRI "
+                           "condition cannot be added to its timestep embedding", path=folder / "unet",
+                           key="class_embed_type", fix="use a text-to-image Stable Diffusion 1.x or 2.x folder.")
+    kwargs = dict(local_files_only=True)
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    try:
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kwargs)
+        # 'identity' adds class_labels (our pooled condition) to the timestep embedding; it has no weights.
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", class_embed_type="identity", **kwargs)
+        scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise MindvisError(f"cannot load the generator ({err})", path=folder, key="ldm.base",
+                           fix="check that the folder is a complete diffusers-format model.") from None
+    meta_path = folder / GENERATOR_FILE
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    size = image_size or meta.get("image_size") or int(unet.config.sample_size) * scale
+    if size % scale:
+        raise MindvisError(f"image size {size} is not divisible by the VAE factor {scale}", key="ldm.image_size",
+                           fix=f"use a multiple of {scale}.")
+    context = meta.get("context_tokens") or _sd_context_tokens(folder)
+    generator = Generator(vae=vae, unet=unet, scheduler_config=dict(scheduler.config), image_size=int(size),
+                          context_tokens=int(context), source=str(folder))
+    if (folder / "class_conditioner").is_dir():
+        from mindvis.models.conditioning import ClassConditioner
+
+        generator.class_conditioner = ClassConditioner.from_pretrained(folder / "class_conditioner", **kwargs)
+    log.info("loaded generator from %s: %d px, latents %s, context %d x %d, pooled %d", folder, size,
+             generator.latent_shape(1)[1:], generator.context_tokens, generator.cross_attention_dim,
+             generator.pooled_dim)
+    return generator
+
+
+# -- images <-> tensors -------------------------------------------------------
+
+def images_to_tensor(images, image_size, image_channels):
+    """uint8 images ``[N, H, W, C]`` -> float32 ``[N, image_channels, image_size, image_size]`` in [-1, 1].
+
+    Grey images are repeated to RGB (and RGB averaged to grey) to match the
+    generator; sizes are changed with antialiased bilinear resampling.
+    """
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[..., None]
+    tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    if tensor.shape[1] != image_channels:
+        if tensor.shape[1] == 1:
+            tensor = tensor.repeat(1, image_channels, 1, 1)
+        elif image_channels == 1:
+            tensor = tensor.mean(dim=1, keepdim=True)
+        else:
+            raise MindvisError(f"cannot convert {tensor.shape[1]}-channel images to {image_channels} channels")
+    if tensor.shape[-1] != image_size or tensor.shape[-2] != image_size:
+        tensor = F.interpolate(tensor, size=(image_size, image_size), mode="bilinear", antialias=True,
+                               align_corners=False)
+    return tensor
+
+
+def tensor_to_images(tensor):
+    """float ``[N, C, H, W]`` in [-1, 1] -> uint8 ``[N, H, W, C]`` (clamped, rounded)."""
+    tensor = ((tensor.detach().float().clamp(-1, 1) + 1) * 127.5).round()
+    return tensor.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def cross_attention_modules(unet):
+    """Names of the UNet's cross-attention layers (``...attn2``), in module order."""
+    return [name for name, _ in unet.named_modules() if name.endswith("attn2")]
+
+
+class DCLDM(torch.nn.Module):
+    """The fMRI decoder: SC-MBM encoder -> FmriConditioner -> the generator's UNet.
+
+    The VAE is not part of it (always frozen; training encodes images outside).
+
+    Parameters
+    ----------
+    encoder : mindvis.models.mbm.MBMAutoencoder
+        Only its encoder (``encode``) is used.
+    conditioner : mindvis.models.conditioning.FmriConditioner
+    unet : diffusers.UNet2DConditionModel
+    """
+
+    def __init__(self, encoder, conditioner, unet):
+        super().__init__()
+        self.encoder = encoder
+        self.conditioner = conditioner
+        self.unet = unet
+
+    def token_mask(self, fmri):
+        """``[B, 1 + n_tokens]`` bool: the class token and every token holding a real voxel."""
+        _, voxel_mask = self.encoder.pad(fmri)
+        real = self.encoder.token_padding_mask(voxel_mask)
+        return torch.cat([torch.ones_like(real[:, :1]), real], dim=1)
+
+    def condition(self, fmri):
+        """fmri: float32 [B, V] -> :class:`~mindvis.models.conditioning.Condition`."""
+        return self.conditioner(self.encoder.encode(fmri), self.token_mask(fmri))
+
+    def forward(self, noisy_latents, timesteps, fmri, drop=None):
+        """Predict the noise (or v) of noisy latents given fMRI.
+
+        Parameters
+        ----------
+        noisy_latents : [B, 4, h, w] float
+        timesteps : [B] int64
+        fmri : [B, V] float32
+        drop : [B] bool, optional
+            Samples whose condition is replaced by the learned null condition
+            (condition dropout, for classifier-free guidance).
+
+        Returns
+        -------
+        Tensor
+            [B, 4, h, w], the UNet's prediction.
+        """
+        noisy_latents = noisy_latents.contiguous()  # see Generator.encode
+        condition = self.condition(fmri)
+        if drop is not None:
+            null = self.conditioner.null(len(condition))
+            condition = type(condition)(
+                torch.where(drop[:, None, None], null.context.to(condition.context.dtype), condition.context),
+                torch.where(drop[:, None], null.pooled.to(condition.pooled.dtype), condition.pooled))
+        return self.unet(noisy_latents, timesteps, encoder_hidden_states=condition.context,
+                         class_labels=condition.pooled).sample

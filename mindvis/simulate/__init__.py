@@ -1,0 +1,16 @@
+"""The embedded default: simulated subjects who watch the stimuli in a scanner.
+
+A ground-truth encoding model placed in nilearn's MNI152 brain, and a scanner
+simulation that writes a BIDS dataset a real pipeline would accept.
+
+Modules
+-------
+geometry    the acquisition grid, the brain, and each subject's visual ROIs (V1-V3, LOC, VOT)
+encoding    voxel tuning: pRFs over a Gabor energy pyramid; category and shape tuning
+design      event-related runs (training images once, test images repeated)
+timeseries  HRF, AR(1) / physiological / drift noise, head motion, raw intensities
+traits      per-subject demographics and scale factors (participants.tsv)
+bids        the file layout (documented there) and its writers
+run         ``simulate_subject`` and ``simulate_rest_subject``: one subject end to end
+validate    read a simulated subject back: lag-average trials, noise ceiling
+"""

@@ -1,0 +1,484 @@
+"""The ground-truth encoding model: how each simulated voxel responds to an image.
+
+Early visual voxels (V1-V3) are population receptive fields over a Gabor energy
+pyramid, in the spirit of compressive spatial summation models: the image's
+luminance is filtered by quadrature Gabor pairs at ``n_orientations``
+orientations and a few wavelengths; the energy (the quadrature amplitude) is
+weighted by the voxel's preference for spatial frequency and orientation,
+pooled under its Gaussian receptive field, and compressed by a power below one.
+Receptive fields grow with eccentricity and from V1 to V3, and preferred
+wavelength grows with receptive field size.
+
+Higher visual voxels (LOC, VOT) are tuned to object category and to global
+shape features of the silhouette (occupancy of coarse image blocks, area,
+elongation, extent, symmetry). Tuning comes from spatially smooth random fields
+sampled at the voxels, so neighbouring voxels prefer similar categories and
+shapes (category- and shape-selective patches). LOC leans to shape, VOT to
+category.
+
+Visual-field coordinates are in image half-widths: the image spans [-1, 1] in
+x (left to right) and y (bottom to top).
+
+Responses are in percent signal change: the peak BOLD change that one
+presentation of the image evokes, before noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: Receptive-field size (image half-widths) = intercept + slope * eccentricity, per early area.
+PRF_SIZE = {"V1": (0.05, 0.12), "V2": (0.07, 0.20), "V3": (0.09, 0.30)}
+#: Compressive exponent of spatial summation per early area (stronger compression up the hierarchy).
+PRF_EXPONENT = {"V1": 0.6, "V2": 0.5, "V3": 0.4}
+#: Scatter of receptive-field centres around the retinotopic map (image half-widths).
+PRF_SCATTER = 0.04
+#: Preferred wavelength relative to receptive-field size.
+WAVELENGTH_PER_SIZE = 2.5
+#: Width of spatial-frequency tuning in octaves (standard deviation).
+SF_BANDWIDTH_OCTAVES = 1.0
+#: Largest orientation bias of a voxel (modulation depth of its orientation weights).
+MAX_ORIENTATION_BIAS = 0.5
+#: Weights of category and shape tuning in the higher areas.
+HIGHER_WEIGHTS = {"LOC": {"category": 0.3, "shape": 0.8}, "VOT": {"category": 0.5, "shape": 0.5}}
+#: Smoothness of the tuning maps across cortex (Gaussian sd, mm).
+TUNING_SMOOTHNESS_MM = 5.0
+#: Spread of voxel gains (sd of the log gain).
+GAIN_SPREAD = 0.25
+#: Pixels brighter than this fraction of the image maximum belong to the object's silhouette.
+SILHOUETTE_THRESHOLD = 0.1
+#: Side of the block grid whose occupancy describes the silhouette.
+SHAPE_BLOCKS = 4
+
+SHAPE_FEATURE_NAMES = tuple(
+    [f"occupancy_{row}_{col}" for row in range(SHAPE_BLOCKS) for col in range(SHAPE_BLOCKS)]
+    + ["area", "centroid_x", "centroid_y", "major_axis", "minor_axis", "elongation",
+       "orientation_cos", "orientation_sin", "width", "height", "symmetry_lr", "top_heaviness"]
+)
+
+
+# -- image features -------------------------------------------------------------
+
+def luminance(images):
+    """Luminance in [0, 1].
+
+    Parameters
+    ----------
+    images : uint8 [S, H, W, C] or [S, H, W]
+
+    Returns
+    -------
+    float32 [S, H, W]
+    """
+    images = np.asarray(images)
+    if images.ndim == 4:
+        images = images.mean(axis=3)
+    return (images / 255.0).astype(np.float32)
+
+
+def gabor_transfer(height, width, orientation, wavelength_px):
+    """Frequency response of a complex (quadrature) Gabor filter.
+
+    Only one lobe of the spectrum is kept, so the filtered image is analytic
+    and its magnitude is the quadrature energy. The envelope's spatial sd is
+    half the wavelength (about one octave of bandwidth). A full-contrast
+    grating at the preferred frequency and orientation gives energy 0.5
+    (half its peak-to-peak amplitude of 1).
+
+    Returns
+    -------
+    float64 [height, width]
+    """
+    fy = np.fft.fftfreq(height)[:, None]
+    fx = np.fft.fftfreq(width)[None, :]
+    centre = 1.0 / wavelength_px
+    sd = 1.0 / (2 * np.pi * 0.5 * wavelength_px)
+    # Image rows run downwards; orientation is measured counter-clockwise from the x axis.
+    cx, cy = centre * np.cos(orientation), -centre * np.sin(orientation)
+    transfer = np.exp(-((fx - cx) ** 2 + (fy - cy) ** 2) / (2 * sd ** 2))
+    transfer[0, 0] = 0.0  # no response to mean luminance
+    return transfer
+
+
+def gabor_energy(lum, n_orientations, wavelengths, chunk=256):
+    """Gabor energy pyramid of luminance images.
+
+    Parameters
+    ----------
+    lum : float32 [S, H, W]
+    n_orientations : int
+    wavelengths : sequence of float
+        Wavelengths as fractions of the image side.
+    chunk : int
+        Images filtered at once (bounds memory).
+
+    Returns
+    -------
+    float32 [S, F, H, W]
+        Feature ``f = sf_index * n_orientations + orientation_index``.
+    """
+    from scipy import fft
+
+    n_images, height, width = lum.shape
+    pad_h, pad_w = height // 2, width // 2
+    size = (height + 2 * pad_h, width + 2 * pad_w)
+    orientations = np.arange(n_orientations) * np.pi / n_orientations
+    transfers = np.stack([
+        gabor_transfer(size[0], size[1], theta, frac * height)
+        for frac in wavelengths for theta in orientations
+    ]).astype(np.complex64)
+    out = np.empty((n_images, len(transfers), height, width), dtype=np.float32)
+    for start in range(0, n_images, chunk):
+        block = lum[start:start + chunk]
+        # Pad with each image's border mean, so the frame edge is not an edge.
+        border = np.concatenate([block[:, 0], block[:, -1], block[:, :, 0], block[:, :, -1]], axis=1).mean(axis=1)
+        padded = np.empty((len(block),) + size, dtype=np.float32)
+        padded[:] = border[:, None, None]
+        padded[:, pad_h:pad_h + height, pad_w:pad_w + width] = block
+        spectrum = fft.fft2(padded, workers=1)
+        # Factor 2: one spectral lobe carries half a real grating's amplitude.
+        filtered = fft.ifft2(spectrum[:, None] * transfers[None], workers=1)
+        out[start:start + chunk] = 2 * np.abs(filtered[:, :, pad_h:pad_h + height, pad_w:pad_w + width])
+    return out
+
+
+def pixel_coordinates(height, width):
+    """Visual-field x and y (image half-widths) of pixel centres, each float [H * W]."""
+    y = 1 - (np.arange(height) + 0.5) * 2 / height
+    x = (np.arange(width) + 0.5) * 2 / width - 1
+    yy, xx = np.meshgrid(y, x, indexing="ij")
+    return xx.ravel(), yy.ravel()
+
+
+def prf_weights(prf_x, prf_y, prf_sigma, height, width):
+    """Gaussian receptive fields sampled on the pixel grid.
+
+    Each field integrates to one over the whole visual field, so a field that
+    hangs off the image collects less drive.
+
+    Parameters
+    ----------
+    prf_x, prf_y, prf_sigma : float [V]
+    height, width : int
+
+    Returns
+    -------
+    float32 [V, H * W]
+    """
+    px, py = pixel_coordinates(height, width)
+    prf_x, prf_y, prf_sigma = (np.asarray(a, dtype=np.float64)[:, None] for a in (prf_x, prf_y, prf_sigma))
+    squared = (px[None] - prf_x) ** 2 + (py[None] - prf_y) ** 2
+    pixel_area = (2.0 / height) * (2.0 / width)
+    return (np.exp(-squared / (2 * prf_sigma ** 2)) * pixel_area / (2 * np.pi * prf_sigma ** 2)).astype(np.float32)
+
+
+def shape_features(lum):
+    """Global shape descriptors of the object silhouette.
+
+    Parameters
+    ----------
+    lum : float32 [S, H, W]
+
+    Returns
+    -------
+    float32 [S, K]
+        Columns named by ``SHAPE_FEATURE_NAMES``.
+    """
+    n_images, height, width = lum.shape
+    peak = lum.reshape(n_images, -1).max(axis=1)
+    silhouette = (lum > SILHOUETTE_THRESHOLD * np.maximum(peak, 1e-6)[:, None, None]).astype(np.float64)
+    block_h, block_w = height // SHAPE_BLOCKS, width // SHAPE_BLOCKS
+    cropped = silhouette[:, :block_h * SHAPE_BLOCKS, :block_w * SHAPE_BLOCKS]
+    occupancy = cropped.reshape(n_images, SHAPE_BLOCKS, block_h, SHAPE_BLOCKS, block_w).mean(axis=(2, 4))
+
+    px, py = pixel_coordinates(height, width)
+    flat = silhouette.reshape(n_images, -1)
+    mass = np.maximum(flat.sum(axis=1), 1.0)
+    area = flat.mean(axis=1)
+    cx = flat @ px / mass
+    cy = flat @ py / mass
+    dx, dy = px[None] - cx[:, None], py[None] - cy[:, None]
+    cxx, cyy, cxy = ((flat * dx * dx).sum(1) / mass, (flat * dy * dy).sum(1) / mass,
+                     (flat * dx * dy).sum(1) / mass)
+    spread = np.sqrt(((cxx - cyy) / 2) ** 2 + cxy ** 2)
+    major = np.sqrt(np.maximum((cxx + cyy) / 2 + spread, 0))
+    minor = np.sqrt(np.maximum((cxx + cyy) / 2 - spread, 0))
+    elongation = (major - minor) / np.maximum(major + minor, 1e-6)
+    angle2 = np.arctan2(2 * cxy, cxx - cyy)  # twice the axis orientation
+    rows_any, cols_any = silhouette.any(axis=2), silhouette.any(axis=1)
+    height_frac = rows_any.sum(axis=1) / height
+    width_frac = cols_any.sum(axis=1) / width
+    mirrored = silhouette[:, :, ::-1].reshape(n_images, -1)
+    symmetry = (flat * mirrored).sum(axis=1) / mass
+    top = silhouette[:, : height // 2].reshape(n_images, -1).sum(axis=1) / mass
+    features = np.column_stack([
+        occupancy.reshape(n_images, -1), area, cx, cy, major, minor, elongation,
+        np.cos(angle2), np.sin(angle2), width_frac, height_frac, symmetry, top,
+    ])
+    return features.astype(np.float32)
+
+
+# -- the model --------------------------------------------------------------------
+
+@dataclass
+class EncodingModel:
+    """Per-voxel tuning of one simulated subject.
+
+    Arrays have one row per voxel (``V``); parameters that do not apply to a
+    voxel (a receptive field for a higher voxel, category tuning for an early
+    one) are NaN there.
+
+    Attributes
+    ----------
+    is_early : bool [V]
+    prf_x, prf_y, prf_sigma : float32 [V]
+        Receptive-field centre and size (image half-widths).
+    exponent : float32 [V]
+        Compressive exponent of spatial summation.
+    feature_weights : float32 [V, F]
+        Weights over the Gabor pyramid (``F = n_sf * n_orientations``; sum to 1).
+    category_tuning : float32 [V, C]
+        Preference for each object category (z-scored over higher voxels).
+    shape_weights : float32 [V, K]
+        Weights on the z-scored shape features.
+    category_weight, shape_weight : float32 [V]
+    gain : float32 [V]
+        Voxel gain (vascular density, partial voluming).
+    n_orientations : int
+    wavelengths : tuple of float
+        Fractions of the image side.
+    percent_signal_change : float
+        Mean evoked response over voxels and calibration images.
+    early_scale_, higher_scale_ : float
+    shape_mean_, shape_std_ : float32 [K]
+        Set by :meth:`calibrate` on the experiment's stimulus set.
+    """
+
+    is_early: np.ndarray
+    prf_x: np.ndarray
+    prf_y: np.ndarray
+    prf_sigma: np.ndarray
+    exponent: np.ndarray
+    feature_weights: np.ndarray
+    category_tuning: np.ndarray
+    shape_weights: np.ndarray
+    category_weight: np.ndarray
+    shape_weight: np.ndarray
+    gain: np.ndarray
+    n_orientations: int
+    wavelengths: tuple
+    percent_signal_change: float
+    early_scale_: float = 1.0
+    higher_scale_: float = 1.0
+    shape_mean_: np.ndarray = field(default=None)
+    shape_std_: np.ndarray = field(default=None)
+
+    @property
+    def n_voxels(self):
+        return len(self.is_early)
+
+    def _check_labels(self, labels, n_images):
+        labels = np.asarray(labels, dtype=np.int64)
+        n_classes = self.category_tuning.shape[1]
+        if labels.shape != (n_images,) or (n_images and (labels.min() < 0 or labels.max() >= n_classes)):
+            raise ValueError(f"need one label in [0, {n_classes}) per image, got {labels.shape} "
+                             f"in [{labels.min() if n_images else '-'}, {labels.max() if n_images else '-'}]")
+        return labels
+
+    # The raw drives, before the calibrated scaling --------------------------
+    def _early_drive(self, lum):
+        """Compressed, receptive-field pooled Gabor energy, float32 [S, V_early]."""
+        early = np.flatnonzero(self.is_early)
+        energy = gabor_energy(lum, self.n_orientations, self.wavelengths)
+        n_images, n_features, height, width = energy.shape
+        fields = prf_weights(self.prf_x[early], self.prf_y[early], self.prf_sigma[early], height, width)
+        pooled = np.zeros((n_images, len(early)), dtype=np.float32)
+        for feature in range(n_features):
+            pooled += (energy[:, feature].reshape(n_images, -1) @ fields.T) * self.feature_weights[early, feature]
+        return np.power(np.maximum(pooled, 0), self.exponent[early])
+
+    def _higher_drive(self, lum, labels, shape_mean, shape_std):
+        """Category and shape drive through a soft rectifier, float32 [S, V_higher]."""
+        higher = np.flatnonzero(~self.is_early)
+        shapes = (shape_features(lum) - shape_mean) / shape_std
+        n_shape = shapes.shape[1]
+        category = self.category_tuning[higher][:, labels].T
+        shape = shapes @ self.shape_weights[higher].T / np.sqrt(n_shape)
+        drive = 1.0 + self.category_weight[higher] * category + self.shape_weight[higher] * shape
+        return np.logaddexp(0, drive).astype(np.float32)  # softplus: responses stay positive
+
+    def calibrate(self, images, labels):
+        """Fix the response scale and shape-feature normalisation on a stimulus set.
+
+        After calibration the mean response over the set and over voxels of a
+        kind (early or higher) is ``percent_signal_change``.
+
+        Parameters
+        ----------
+        images : uint8 [S, H, W, C]
+        labels : int [S]
+
+        Returns
+        -------
+        self
+        """
+        self.calibrate_predict(images, labels)
+        return self
+
+    def calibrate_predict(self, images, labels):
+        """:meth:`calibrate` on a stimulus set and return :meth:`predict` of it, computing the drives once.
+
+        Returns
+        -------
+        float32 [S, V]
+        """
+        labels = self._check_labels(labels, len(images))
+        lum = luminance(images)
+        shapes = shape_features(lum)
+        self.shape_mean_ = shapes.mean(axis=0)
+        self.shape_std_ = np.maximum(shapes.std(axis=0), 1e-3)
+        out = np.zeros((len(lum), self.n_voxels), dtype=np.float32)
+        early = self.is_early
+        if early.any():
+            drive = np.concatenate([self._early_drive(lum[start:start + 256]) for start in range(0, len(lum), 256)])
+            self.early_scale_ = float(drive.mean())
+            out[:, early] = drive / self.early_scale_
+        if (~early).any():
+            drive = self._higher_drive(lum, labels, self.shape_mean_, self.shape_std_)
+            self.higher_scale_ = float(drive.mean())
+            out[:, ~early] = drive / self.higher_scale_
+        return out * self.gain * self.percent_signal_change
+
+    def predict(self, images, labels, chunk=256):
+        """Noise-free evoked response to each image.
+
+        Parameters
+        ----------
+        images : uint8 [S, H, W, C]
+        labels : int [S]
+            Category of each image (drives the category tuning).
+        chunk : int
+            Images processed at once (bounds memory).
+
+        Returns
+        -------
+        float32 [S, V]
+            Peak percent signal change per image and voxel.
+        """
+        if self.shape_mean_ is None:
+            raise RuntimeError("call calibrate() on the stimulus set before predict()")
+        labels = self._check_labels(labels, len(images))
+        out = np.zeros((len(images), self.n_voxels), dtype=np.float32)
+        early = self.is_early
+        for start in range(0, len(images), chunk):
+            lum = luminance(images[start:start + chunk])
+            rows = slice(start, start + len(lum))
+            if early.any():
+                out[rows, early] = self._early_drive(lum) / self.early_scale_
+            if (~early).any():
+                out[rows, ~early] = self._higher_drive(lum, labels[rows], self.shape_mean_,
+                                                       self.shape_std_) / self.higher_scale_
+        return out * self.gain * self.percent_signal_change
+
+
+def smooth_fields(grid_shape, n_fields, smoothness_vox, rng):
+    """Spatially smooth Gaussian random fields on the grid.
+
+    Returns
+    -------
+    float32 [n_fields, X, Y, Z]
+    """
+    from scipy import ndimage
+
+    fields = np.empty((n_fields,) + tuple(grid_shape), dtype=np.float32)
+    for index in range(n_fields):
+        # Periodic boundaries keep the variance even up to the box edge; the visual ROIs sit far
+        # enough from the edges that no patch wraps onto the other side.
+        fields[index] = ndimage.gaussian_filter(rng.standard_normal(grid_shape), smoothness_vox, mode="wrap")
+    return fields
+
+
+def _zscore_columns(values):
+    return (values - values.mean(axis=0)) / np.maximum(values.std(axis=0), 1e-9)
+
+
+def make_encoding_model(layout, n_classes, section, rng):
+    """Draw one subject's voxel tuning.
+
+    Parameters
+    ----------
+    layout : mindvis.simulate.geometry.VoxelLayout
+    n_classes : int
+        Object categories the higher voxels are tuned to.
+    section : dict
+        The ``simulate`` config section (``n_orientations``, ``gabor_wavelengths``,
+        ``percent_signal_change``).
+    rng : numpy.random.Generator
+
+    Returns
+    -------
+    EncodingModel
+        Uncalibrated: call :meth:`EncodingModel.calibrate` before predicting.
+    """
+    n_voxels = layout.n_voxels
+    names = layout.roi_names
+    early = layout.is_early
+    n_orientations = int(section["n_orientations"])
+    wavelengths = tuple(float(w) for w in section["gabor_wavelengths"])
+    n_features = n_orientations * len(wavelengths)
+    n_shape = len(SHAPE_FEATURE_NAMES)
+
+    nan = np.full(n_voxels, np.nan, dtype=np.float32)
+    prf_x, prf_y, prf_sigma, exponent = nan.copy(), nan.copy(), nan.copy(), nan.copy()
+    feature_weights = np.full((n_voxels, n_features), np.nan, dtype=np.float32)
+    category_tuning = np.full((n_voxels, n_classes), np.nan, dtype=np.float32)
+    shape_weights = np.full((n_voxels, n_shape), np.nan, dtype=np.float32)
+    category_weight, shape_weight = nan.copy(), nan.copy()
+
+    # Early: receptive fields on the retinotopic map.
+    ecc = layout.eccentricity[early].astype(np.float64)
+    angle = layout.polar_angle[early].astype(np.float64)
+    # Each hemisphere sees the opposite half of the visual field.
+    prf_x[early] = -layout.hemisphere[early] * ecc * np.cos(angle) + rng.normal(0, PRF_SCATTER, early.sum())
+    prf_y[early] = ecc * np.sin(angle) + rng.normal(0, PRF_SCATTER, early.sum())
+    intercept = np.array([PRF_SIZE[n][0] for n in names[early]])
+    slope = np.array([PRF_SIZE[n][1] for n in names[early]])
+    sigma = (intercept + slope * ecc) * np.exp(rng.normal(0, 0.15, early.sum()))
+    prf_sigma[early] = sigma
+    exponent[early] = [PRF_EXPONENT[n] for n in names[early]]
+    # Spatial-frequency preference follows receptive-field size; orientation bias is weak and random.
+    wavelength_hw = 2 * np.asarray(wavelengths)  # fraction of the side -> image half-widths
+    preferred = WAVELENGTH_PER_SIZE * sigma
+    sf_weights = np.exp(-np.log2(wavelength_hw[None] / preferred[:, None]) ** 2 / (2 * SF_BANDWIDTH_OCTAVES ** 2))
+    orientations = np.arange(n_orientations) * np.pi / n_orientations
+    bias = rng.uniform(0, MAX_ORIENTATION_BIAS, early.sum())
+    preferred_orientation = rng.uniform(0, np.pi, early.sum())
+    ori_weights = 1 + bias[:, None] * np.cos(2 * (orientations[None] - preferred_orientation[:, None]))
+    weights = (sf_weights[:, :, None] * ori_weights[:, None, :]).reshape(early.sum(), n_features)
+    feature_weights[early] = weights / weights.sum(axis=1, keepdims=True)
+
+    # Higher: tuning read from smooth maps across cortex, so selectivity comes in patches.
+    higher = ~early
+    if higher.any():
+        smoothness_vox = TUNING_SMOOTHNESS_MM / layout.grid.resolution_mm
+        maps = smooth_fields(layout.grid.shape, n_classes + n_shape, smoothness_vox, rng)
+        sampled = maps[:, layout.ijk[higher, 0], layout.ijk[higher, 1], layout.ijk[higher, 2]].T
+        sampled = _zscore_columns(sampled)
+        category_tuning[higher] = sampled[:, :n_classes]
+        shape_weights[higher] = sampled[:, n_classes:]
+        category_weight[higher] = [HIGHER_WEIGHTS[n]["category"] for n in names[higher]]
+        shape_weight[higher] = [HIGHER_WEIGHTS[n]["shape"] for n in names[higher]]
+
+    gain = np.exp(rng.normal(0, GAIN_SPREAD, n_voxels))
+    return EncodingModel(
+        is_early=early.copy(),
+        prf_x=prf_x, prf_y=prf_y, prf_sigma=prf_sigma, exponent=exponent,
+        feature_weights=feature_weights,
+        category_tuning=category_tuning, shape_weights=shape_weights,
+        category_weight=category_weight, shape_weight=shape_weight,
+        gain=(gain / gain.mean()).astype(np.float32),
+        n_orientations=n_orientations, wavelengths=wavelengths,
+        percent_signal_change=float(section["percent_signal_change"]),
+    )

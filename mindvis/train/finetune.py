@@ -1,0 +1,443 @@
+"""Per-subject DC-LDM fine-tuning (the ``finetune`` stage).
+
+Loads the pretrained SC-MBM encoder (or, in ``baseline`` mode, a randomly
+initialised encoder of the same size: MinD-Vis's no-pretraining ablation) and
+the base generator, joins them with a fresh :class:`FmriConditioner`, and
+trains on the subject's training trials (fMRI -> the image seen) with the
+diffusion loss, through the shared engine (:mod:`mindvis.train.engine`).
+
+Trained: the parts named in ``finetune.train`` (default: the encoder, the
+conditioner, the UNet's cross-attention ``attn2`` layers and its norms);
+everything else has ``requires_grad_(False)`` (no gradient memory) and stays
+bit-identical. The VAE is always frozen. Conditions are dropped with
+probability ``finetune.cond_dropout`` (replaced by the learned null
+condition) so that classifier-free guidance works at sampling time.
+
+Model selection uses the ``val`` split only: the validation diffusion loss
+(fixed noise and timesteps every time) and, with the domain classifier, a
+quick top-1 accuracy of few-step DDIM samples of validation trials.
+
+Outputs in ``out_dir`` (``results/{subject}/dcldm/``)
+----------------------------------------------------
+``dcldm.safetensors``
+    The trained tensors (and buffers) of the decoder, keyed ``encoder.*``,
+    ``conditioner.*``, ``unet.*``; frozen UNet weights stay in the base generator.
+``encoder/config.json``, ``conditioner/config.json``
+    The architectures (diffusers configs) to rebuild them.
+``dcldm.json``
+    Base generator folder, trained groups, subject, voxel count, best epoch and
+    metric, final validation metrics, input hashes, resolved config, versions.
+``train/``
+    The engine's ``metrics.jsonl``, checkpoints (``--resume``) and ``best/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mindvis.errors import MindvisError
+from mindvis.utils.io import derive_seed, seed_everything, sha256_file, software_versions, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+TRAINABLE_GROUPS = ("encoder", "conditioner", "attn2", "norms", "unet")
+MODEL_FILE = "dcldm.safetensors"
+META_FILE = "dcldm.json"
+
+
+# -- what is trained ------------------------------------------------------------
+
+def trainable_parameter_names(model, groups):
+    """Names of the decoder's parameters that the ``finetune.train`` groups train.
+
+    Parameters
+    ----------
+    model : mindvis.models.ldm.DCLDM
+    groups : sequence of str
+        From :data:`TRAINABLE_GROUPS`: ``encoder`` (the SC-MBM encoder, not its
+        unused reconstruction decoder), ``conditioner``, ``attn2`` (every UNet
+        cross-attention layer), ``norms`` (every UNet GroupNorm / LayerNorm),
+        ``unet`` (the whole UNet).
+    """
+    unknown = sorted(set(groups) - set(TRAINABLE_GROUPS))
+    if unknown:
+        raise MindvisError(f"unknown trainable groups {unknown}", key="finetune.train",
+                           fix=f"choose from {', '.join(TRAINABLE_GROUPS)}.")
+    names = set()
+    if "encoder" in groups:
+        names |= {f"encoder.{name}" for name, _ in model.encoder.named_parameters()
+                  if not name.startswith(("decoder", "mask_token"))}
+    if "conditioner" in groups:
+        names |= {f"conditioner.{name}" for name, _ in model.conditioner.named_parameters()}
+    for module_name, module in model.unet.named_modules():
+        is_attn2 = "attn2" in groups and module_name.endswith("attn2")
+        is_norm = "norms" in groups and isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm))
+        if "unet" in groups or is_attn2 or is_norm:
+            names |= {f"unet.{module_name}.{name}" for name, _ in module.named_parameters()}
+    return names
+
+
+def freeze_for_finetuning(model, groups):
+    """Set ``requires_grad`` so that only the named groups train; return the trained names (sorted)."""
+    names = trainable_parameter_names(model, groups)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in names)
+    return sorted(names)
+
+
+# -- building and loading -------------------------------------------------------
+
+def build_decoder(config, generator, n_voxels, mbm_dir=None, baseline=False):
+    """The decoder for a subject: encoder (pretrained or, if ``baseline``, random) + new conditioner + UNet.
+
+    Parameters
+    ----------
+    config : dict
+        Resolved experiment config (``mbm``, ``finetune`` sections, ``seed``).
+    generator : mindvis.models.ldm.Generator
+    n_voxels : int
+        The subject's voxel count.
+    mbm_dir : path, optional
+        The pretrained SC-MBM folder (required unless ``baseline``).
+    baseline : bool
+        Random encoder of the configured preset instead of the pretrained one.
+    """
+    from mindvis.models.conditioning import FmriConditioner
+    from mindvis.models.ldm import DCLDM
+    from mindvis.models.mbm import MBMAutoencoder
+
+    if baseline:
+        from mindvis.train.pretrain_mbm import build_model
+
+        encoder = build_model(config["mbm"], n_voxels=n_voxels)
+    else:
+        if mbm_dir is None or not (Path(mbm_dir) / "config.json").exists():
+            raise MindvisError("no pretrained SC-MBM encoder here", path=mbm_dir, key="config.json",
+                               fix="run pretrain_mbm first, or fine-tune in baseline mode.")
+        encoder = MBMAutoencoder.from_pretrained(mbm_dir, local_files_only=True)
+    if n_voxels > encoder.capacity:
+        # More voxels than the pretrained table covers: interpolate positions (logged by the encoder).
+        encoder.resize_positions(n_voxels)
+    conditioner = FmriConditioner(input_tokens=1 + encoder.n_tokens, input_dim=encoder.config.embed_dim,
+                                  context_tokens=generator.context_tokens,
+                                  cross_attention_dim=generator.cross_attention_dim,
+                                  pooled_dim=generator.pooled_dim, dropout=config["finetune"]["mapper_dropout"])
+    # The base was trained with its own null condition: starting from it keeps the unconditional branch intact.
+    if generator.class_conditioner is not None:
+        conditioner.init_null_from(generator.class_conditioner)
+    return DCLDM(encoder, conditioner, generator.unet)
+
+
+def load_dcldm(folder, base=None, dtype=None):
+    """Load a fine-tuned decoder and its generator.
+
+    Parameters
+    ----------
+    folder : path
+        A ``finetune`` output folder.
+    base : path, optional
+        The base generator folder; default: the one recorded in ``dcldm.json``.
+
+    Returns
+    -------
+    generator : mindvis.models.ldm.Generator
+        Its ``unet`` is the fine-tuned one (shared with ``decoder.unet``).
+    decoder : mindvis.models.ldm.DCLDM
+        In eval mode.
+    meta : dict
+        The contents of ``dcldm.json``.
+    """
+    from safetensors.torch import load_file
+
+    from mindvis.models.conditioning import FmriConditioner
+    from mindvis.models.ldm import DCLDM, load_generator
+    from mindvis.models.mbm import MBMAutoencoder
+
+    folder = Path(folder)
+    meta_path = folder / META_FILE
+    if not meta_path.exists():
+        raise MindvisError("not a fine-tuned DC-LDM folder (dcldm.json missing)", path=folder,
+                           fix="run the finetune stage for this subject first.")
+    meta = json.loads(meta_path.read_text())
+    generator = load_generator(base or meta["base"], image_size=meta.get("image_size"), dtype=dtype)
+    encoder = MBMAutoencoder.from_config(MBMAutoencoder.load_config(folder / "encoder"))
+    conditioner = FmriConditioner.from_config(FmriConditioner.load_config(folder / "conditioner"))
+    decoder = DCLDM(encoder, conditioner, generator.unet)
+    tensors = load_file(str(folder / MODEL_FILE))
+    if "encoder.pos_embed" in tensors:
+        # The stored table may have been interpolated to the subject's token count.
+        encoder.pos_embed = torch.empty_like(tensors["encoder.pos_embed"])
+        encoder.decoder_pos_embed = torch.empty_like(tensors["encoder.decoder_pos_embed"])
+        encoder.n_tokens = tensors["encoder.pos_embed"].shape[1] - 1
+    result = decoder.load_state_dict(tensors, strict=False)
+    if result.unexpected_keys:
+        raise MindvisError(f"weights do not fit the decoder (unexpected {result.unexpected_keys[:5]})",
+                           path=folder / MODEL_FILE, fix="rerun finetune; the folder mixes two versions.")
+    if dtype is not None:
+        decoder.to(dtype)
+    return generator, decoder.eval(), meta
+
+
+# -- data -----------------------------------------------------------------------
+
+class PairedTrials:
+    """fMRI trials with the image each one showed, for the engine's ``get_batch`` fast path.
+
+    ``fmri`` float32 [N, V]; ``images`` float32 [N, C, S, S] in [-1, 1].
+    """
+
+    def __init__(self, fmri, images, labels):
+        self.fmri = torch.as_tensor(fmri, dtype=torch.float32)
+        self.images = images
+        self.labels = torch.as_tensor(labels, dtype=torch.int64)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def get_batch(self, indices):
+        return {"fmri": self.fmri[indices], "images": self.images[indices], "labels": self.labels[indices]}
+
+
+def paired_trials(responses_split, stimuli, generator):
+    """Pair a responses split with its stimulus images at the generator's size and channels."""
+    from mindvis.models.ldm import images_to_tensor
+
+    if len(responses_split) == 0:
+        return PairedTrials(np.zeros((0, responses_split.fmri.shape[1]), np.float32),
+                            torch.zeros(0, generator.image_channels, generator.image_size, generator.image_size),
+                            np.zeros(0, np.int64))
+    images, labels = stimuli.lookup(list(responses_split.stimulus_id))
+    return PairedTrials(responses_split.fmri, images_to_tensor(images, generator.image_size,
+                                                               generator.image_channels), labels)
+
+
+def augment_images(images, crop_pixels, hflip):
+    """Random shift-crop (reflect padding) and optional horizontal flip of ``[B, C, H, W]`` images."""
+    from mindvis.evaluate.classifier import augment_images as _augment
+
+    return _augment(images, crop_pixels, hflip)
+
+
+# -- losses and validation -----------------------------------------------------
+
+def diffusion_target(scheduler, latents, noise, timesteps):
+    """What the UNet predicts: the noise (``epsilon``) or the velocity (``v_prediction``)."""
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    return noise
+
+
+def make_loss_fn(generator, scheduler, settings):
+    """The fine-tuning loss: encode (augmented) images with the frozen VAE, noise them, predict."""
+
+    def loss_fn(model, batch):
+        images = augment_images(batch["images"], settings["crop_pixels"], settings["hflip"])
+        with torch.no_grad():
+            latents = generator.encode(images.to(generator.vae.dtype)).float()
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), device=latents.device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        drop = torch.rand(len(latents), device=latents.device) < settings["cond_dropout"]
+        prediction = model(noisy, timesteps, batch["fmri"], drop=drop)
+        loss = F.mse_loss(prediction.float(), diffusion_target(scheduler, latents, noise, timesteps))
+        return loss, {}
+
+    return loss_fn
+
+
+@torch.no_grad()
+def validation_loss(model, generator, scheduler, trials, batch_size=64):
+    """Mean diffusion loss on ``trials`` (conditioned); noise and timesteps come from torch's generator,
+    which the engine reseeds identically before every evaluation."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(trials), batch_size):
+        batch = trials.get_batch(list(range(start, min(start + batch_size, len(trials)))))
+        latents = generator.encode(batch["images"].to(device, generator.vae.dtype), sample=False).float()
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), device=device)
+        prediction = model(scheduler.add_noise(latents, noise, timesteps), timesteps, batch["fmri"].to(device))
+        total += F.mse_loss(prediction.float(), diffusion_target(scheduler, latents, noise, timesteps),
+                            reduction="sum").item() / latents[0].numel()
+        count += len(latents)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def decode_fmri(model, generator, fmri, seeds, generate_settings, num_steps=None, recorder=None):
+    """Sample one image per fMRI row with classifier-free guidance.
+
+    Parameters
+    ----------
+    model : mindvis.models.ldm.DCLDM
+    generator : mindvis.models.ldm.Generator
+    fmri : float32 [B, V] tensor
+    seeds : sequence of int, length B
+    generate_settings : dict
+        The ``generate`` config section (sampler, steps, guidance_scale, eta).
+    num_steps : int, optional
+        Overrides ``generate_settings['steps']``.
+
+    Returns
+    -------
+    torch.Tensor
+        Images [B, C, H, W] in [-1, 1].
+    """
+    from mindvis.generate.sampling import sample_images
+
+    device = next(model.parameters()).device
+    condition = model.condition(fmri.to(device))
+    return sample_images(generator, condition, null_condition=model.conditioner.null(len(seeds)),
+                         sampler=generate_settings["sampler"], num_steps=num_steps or generate_settings["steps"],
+                         guidance_scale=generate_settings["guidance_scale"], seeds=seeds,
+                         eta=generate_settings["eta"], recorder=recorder)
+
+
+def make_eval_fn(generator, scheduler, val_trials, settings, generate_settings, classifier, seed):
+    """Validation metrics: ``val/loss`` and, with a classifier, ``val/accuracy`` of quick DDIM samples."""
+    from mindvis.models.ldm import tensor_to_images
+
+    n_quick = min(len(val_trials), settings["val_max_trials"])
+    quick = {**generate_settings, "sampler": "ddim"}
+    seeds = [derive_seed(seed, "val-sample", i) for i in range(n_quick)]
+
+    def eval_fn(model, epoch):
+        metrics = {"val/loss": validation_loss(model, generator, scheduler, val_trials)}
+        if classifier is not None and n_quick:
+            images = decode_fmri(model, generator, val_trials.fmri[:n_quick], seeds, quick,
+                                 num_steps=settings["val_sample_steps"])
+            predicted = classifier.predict_proba(tensor_to_images(images)).argmax(axis=1)
+            metrics["val/accuracy"] = float(np.mean(predicted == val_trials.labels[:n_quick].numpy()))
+        return metrics
+
+    return eval_fn
+
+
+# -- the stage -----------------------------------------------------------------
+
+def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, classifier_dir=None,
+             baseline=False, resume=False):
+    """Fine-tune the DC-LDM decoder for one subject and write ``out_dir`` (see the module docstring).
+
+    Parameters
+    ----------
+    config : dict
+        The resolved experiment config.
+    subject : str
+        ``sub-XX``.
+    responses : path
+        The subject's ``responses.h5`` (train and val splits are read; never test).
+    stimuli : path
+        ``stimuli.h5``.
+    base : path
+        The base generator folder (``results/pretrain/ldm`` or a Stable Diffusion folder).
+    out_dir : path
+    mbm_dir : path, optional
+        The pretrained SC-MBM folder (unused in baseline mode).
+    classifier_dir : path, optional
+        The domain classifier; enables ``val/accuracy``.
+    baseline : bool
+        Fine-tune from a random encoder (no SC-MBM pretraining).
+    resume : bool
+        Continue from the last checkpoint in ``out_dir/train``.
+
+    Returns
+    -------
+    dict
+        The contents of ``dcldm.json``.
+    """
+    from mindvis.data.responses import load_responses
+    from mindvis.data.stimuli import load_stimulus_set
+    from mindvis.models.ldm import load_generator
+    from mindvis.train.engine import Trainer, TrainConfig, save_weights
+
+    started = time.perf_counter()
+    settings, generate_settings = config["finetune"], config["generate"]
+    out_dir = Path(out_dir)
+    seed = derive_seed(config["seed"], "finetune", subject, "baseline" if baseline else "pretrained")
+    seed_everything(seed)
+    data = load_responses(responses, splits=("train", "val"))
+    stimulus_set = load_stimulus_set(stimuli)
+    generator = load_generator(base, image_size=config["ldm"]["image_size"])
+    generator.vae.requires_grad_(False).eval()
+    if generator.class_conditioner is not None:
+        generator.class_conditioner.requires_grad_(False)
+    model = build_decoder(config, generator, data.n_voxels, mbm_dir=mbm_dir, baseline=baseline)
+    trained = freeze_for_finetuning(model, settings["train"])
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    log.info("%s%s: training %d of %d decoder parameters (%s); %d training, %d validation trials",
+             subject, " (baseline, random encoder)" if baseline else "", n_trained, n_total,
+             ", ".join(settings["train"]), len(data["train"]), len(data["val"]))
+    train_trials = paired_trials(data["train"], stimulus_set, generator)
+    val_trials = paired_trials(data["val"], stimulus_set, generator)
+    if len(train_trials) == 0:
+        raise MindvisError("no training trials", path=responses, key="train", fix="check the preprocessing output.")
+
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(generator.scheduler_config)
+    classifier = None
+    if classifier_dir is not None:
+        from mindvis.evaluate.classifier import load_classifier
+
+        classifier = load_classifier(classifier_dir)
+    eval_fn = None
+    select = settings["select_metric"]
+    if len(val_trials):
+        eval_fn = make_eval_fn(generator, scheduler, val_trials, settings, generate_settings, classifier, seed)
+        if select == "val/accuracy" and classifier is None:
+            log.warning("no classifier given: selecting the checkpoint on val/loss instead of val/accuracy")
+            select = "val/loss"
+    else:
+        log.warning("the val split is empty: no checkpoint selection, the last epoch's model is kept")
+        select = None
+    # Encoder parameters may learn more slowly than the new conditioner (they start pretrained).
+    encoder_params = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("encoder.")]
+    other_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.")]
+    param_groups = [{"params": other_params, "lr_scale": 1.0, "weight_decay": settings["weight_decay"]}]
+    if encoder_params:
+        param_groups.append({"params": encoder_params, "lr_scale": settings["encoder_lr_scale"],
+                             "weight_decay": settings["weight_decay"]})
+    train_config = TrainConfig(
+        epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"],
+        weight_decay=settings["weight_decay"], warmup_epochs=settings["warmup_epochs"], betas=(0.9, 0.999),
+        clip_grad_norm=settings["clip_grad_norm"] or None, mixed_precision=settings["mixed_precision"], seed=seed,
+        eval_every=settings["eval_every"], select_metric=select,
+        select_mode="max" if select == "val/accuracy" else "min")
+    trainer = Trainer(model, train_trials, make_loss_fn(generator, scheduler, settings), train_config,
+                      out_dir / "train", eval_fn=eval_fn, run_config=config, param_groups=param_groups,
+                      checkpoint_params="trainable")
+    generator.vae.to(trainer.device)  # outside the trained model, so the engine does not place it
+    result = trainer.fit(resume=resume)
+    if result["stopped_early"]:
+        return result
+    model = trainer.load_best().eval()
+    meta = {
+        "stage": "finetune", "subject": subject, "baseline": bool(baseline), "base": str(base),
+        "image_size": generator.image_size, "n_voxels": int(data.n_voxels), "trained_groups": list(settings["train"]),
+        "n_trained_parameters": int(n_trained), "n_parameters": int(n_total), "trained_parameter_names": trained,
+        "select_metric": select, "best": result["best"], "final_metrics": result["last_metrics"],
+        "step": result["step"], "epochs": result["epochs_done"],
+        "training": {"peak_lr": result["peak_lr"], "effective_batch": result["effective_batch"],
+                     "mixed_precision": result["mixed_precision"], "device": str(trainer.device),
+                     "torch_threads": torch.get_num_threads()},
+        "inputs": {"responses": str(responses), "responses_sha256": sha256_file(responses),
+                   "stimuli": str(stimuli), "mbm": None if baseline else str(mbm_dir)},
+        "n_train": len(train_trials), "n_val": len(val_trials),
+        "wall_time_s": round(time.perf_counter() - started, 2), "config": config, "versions": software_versions(),
+    }
+    if trainer.accelerator.is_main_process:
+        model.encoder.save_config(out_dir / "encoder")
+        model.conditioner.save_config(out_dir / "conditioner")
+        save_weights(model, out_dir / MODEL_FILE, which="trainable", metadata={"subject": subject})
+        write_json_atomic(out_dir / META_FILE, meta)
+    log.info("wrote %s (best %s)", out_dir, result["best"])
+    return meta

@@ -1,0 +1,343 @@
+"""Pretraining the embedded base generator on the stimulus image corpus (the ``pretrain_ldm`` stage).
+
+The stand-in for a pretrained text-to-image model when no Stable Diffusion is
+used. Trained on the unlabelled ``pool`` plus the ``train`` images of
+``stimuli.h5`` (never ``test``), in two steps through the shared engine:
+
+1. the ``AutoencoderKL`` (32 x 32 -> 8 x 8 x 4 by default): reconstruction
+   (mean squared error) plus ``ldm.kl_weight`` x the KL divergence to N(0, I);
+   its ``scaling_factor`` is then set to 1 / std of the training latents, as
+   Stable Diffusion's is, so the diffusion sees unit-variance latents;
+2. the ``UNet2DConditionModel`` in that latent space, conditioned on a learned
+   class-or-null embedding (:class:`~mindvis.models.conditioning.ClassConditioner`)
+   through the same two paths the fMRI condition uses later (cross-attention
+   context and pooled timestep addition). Pool images are unlabelled and train
+   with the null condition; labelled images are repeated ``ldm.labelled_repeats``
+   times per epoch (they are a minority) and drop to null with probability
+   ``ldm.class_dropout`` (classifier-free guidance).
+
+A part of the pool (``ldm.val_images``) is held out: it picks the best epoch of
+each step and measures the reconstruction error.
+
+Outputs in ``out_dir`` (``results/pretrain/ldm/``)
+-------------------------------------------------
+``vae/``, ``unet/``, ``scheduler/``, ``class_conditioner/``
+    diffusers ``save_pretrained`` folders; :func:`mindvis.models.ldm.load_generator`
+    loads them like a Stable Diffusion folder.
+``generator.json``
+    Image size and context length.
+``metrics.json``
+    Reconstruction MSE and PSNR on held-out pool images, the validation
+    diffusion loss, the domain classifier's top-1 on class-conditioned samples
+    (with the sampler settings of the ``generate`` section), timings, the
+    resolved config and versions.
+``class_samples.png``
+    One row per class of class-conditioned samples.
+``train_vae/``, ``train_unet/``
+    The engine's metrics and checkpoints of each step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mindvis.errors import MindvisError
+from mindvis.utils.io import derive_seed, seed_everything, software_versions, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+class _VAEObjective(torch.nn.Module):
+    """Wraps the VAE so the engine calls one ``forward``: images -> (reconstruction, KL per sample)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images):
+        posterior = self.vae.encode(images).latent_dist
+        reconstruction = self.vae.decode(posterior.sample()).sample
+        return reconstruction, posterior.kl()
+
+
+class _ClassDiffusionObjective(torch.nn.Module):
+    """UNet + class conditioner: (noisy latents, timesteps, labels with -1 = null) -> prediction."""
+
+    def __init__(self, unet, class_conditioner):
+        super().__init__()
+        self.unet = unet
+        self.class_conditioner = class_conditioner
+
+    def forward(self, noisy_latents, timesteps, labels):
+        condition = self.class_conditioner(labels)
+        return self.unet(noisy_latents.contiguous(), timesteps, encoder_hidden_states=condition.context,
+                         class_labels=condition.pooled).sample
+
+
+class _Tensors:
+    """In-memory tensors for the engine's ``get_batch`` path."""
+
+    def __init__(self, **tensors):
+        self.tensors = tensors
+
+    def __len__(self):
+        return len(next(iter(self.tensors.values())))
+
+    def get_batch(self, indices):
+        return {name: tensor[indices] for name, tensor in self.tensors.items()}
+
+
+def _random_flip(images, enabled):
+    if not enabled:
+        return images
+    flip = torch.rand(images.shape[0], device=images.device) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+def image_corpus(stimulus_set, val_images, seed):
+    """Training images (pool + train) and held-out pool images, as uint8 arrays with labels (-1 in pool)."""
+    pool, train = stimulus_set.splits["pool"], stimulus_set.splits["train"]
+    n_val = min(int(val_images), len(pool) // 5)
+    order = np.random.default_rng(seed).permutation(len(pool))
+    val_rows, pool_rows = np.sort(order[:n_val]), np.sort(order[n_val:])
+    images = np.concatenate([pool.images[pool_rows], train.images])
+    labels = np.concatenate([np.full(len(pool_rows), -1, np.int64), train.label.astype(np.int64)])
+    return images, labels, pool.images[val_rows]
+
+
+@torch.no_grad()
+def reconstruction_metrics(generator, images, batch_size=128):
+    """MSE (in [-1, 1] units) and PSNR (dB, peak-to-peak 2) of VAE reconstructions of ``images`` [N, C, S, S]."""
+    errors = []
+    device = next(generator.vae.parameters()).device
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size].to(device)
+        reconstruction = generator.decode(generator.encode(batch, sample=False)).clamp(-1, 1)
+        errors.append(((reconstruction - batch) ** 2).flatten(1).mean(1).cpu())
+    if not errors:
+        return {"recon_mse": float("nan"), "recon_psnr_db": float("nan")}
+    mse = torch.cat(errors)
+    return {"recon_mse": float(mse.mean()), "recon_psnr_db": float((10 * torch.log10(4.0 / mse)).mean())}
+
+
+@torch.no_grad()
+def class_conditioned_samples(generator, n_classes, per_class, generate_settings, seed):
+    """``per_class`` samples of every class from the class-conditioned base, as uint8 [n_classes, per_class, H, W, C]."""
+    from mindvis.generate.sampling import sample_images
+    from mindvis.models.ldm import tensor_to_images
+
+    labels = np.repeat(np.arange(n_classes), per_class)
+    seeds = [derive_seed(seed, "class-sample", i) for i in range(len(labels))]
+    out = []
+    batch = max(1, int(generate_settings["batch_size"]))
+    for start in range(0, len(labels), batch):
+        rows = slice(start, start + batch)
+        condition = generator.class_conditioner(torch.as_tensor(labels[rows]))
+        images = sample_images(generator, condition, null_condition=generator.class_conditioner.null(len(condition)),
+                               sampler=generate_settings["sampler"], num_steps=generate_settings["steps"],
+                               guidance_scale=generate_settings["guidance_scale"], seeds=seeds[rows],
+                               eta=generate_settings["eta"])
+        out.append(tensor_to_images(images))
+    images = np.concatenate(out)
+    return images.reshape(n_classes, per_class, *images.shape[1:]), labels
+
+
+def train_vae(generator, images, val_images, ldm, seed, out_dir, config, resume=False):
+    """Step 1: train the VAE; set its scaling factor from the training latents. Returns the engine summary."""
+    from mindvis.train.engine import Trainer, TrainConfig
+
+    objective = _VAEObjective(generator.vae)
+    kl_weight, hflip = float(ldm["kl_weight"]), bool(ldm["hflip"])
+
+    def loss_fn(model, batch):
+        target = _random_flip(batch["images"], hflip)
+        reconstruction, kl = model(target)
+        mse = F.mse_loss(reconstruction, target)
+        kl = kl.mean() / target[0].numel()  # per pixel, like the MSE
+        return mse + kl_weight * kl, {"mse": mse, "kl": kl}
+
+    def eval_fn(model, epoch):
+        return {f"val/{k}": v for k, v in reconstruction_metrics(generator, val_images).items()}
+
+    train_config = TrainConfig(epochs=ldm["vae_epochs"], batch_size=ldm["batch_size"], lr=ldm["vae_lr"],
+                               weight_decay=0.0, warmup_epochs=min(1.0, ldm["vae_epochs"] / 4),
+                               betas=(0.9, 0.999), seed=derive_seed(seed, "vae"),
+                               mixed_precision=ldm["mixed_precision"],
+                               select_metric="val/recon_mse" if len(val_images) else None, select_mode="min")
+    trainer = Trainer(objective, _Tensors(images=images), loss_fn, train_config, Path(out_dir) / "train_vae",
+                      eval_fn=eval_fn if len(val_images) else None, run_config=config)
+    result = trainer.fit(resume=resume)
+    trainer.load_best()
+    generator.vae.eval().requires_grad_(False)
+    # Unit-variance latents for the diffusion, as Stable Diffusion's 0.18215 does for its VAE.
+    with torch.no_grad():
+        generator.vae.register_to_config(scaling_factor=1.0)
+        device = next(generator.vae.parameters()).device
+        sample = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:1024]].to(device)
+        latents = torch.cat([generator.encode(sample[i:i + 256], sample=False) for i in range(0, len(sample), 256)])
+        generator.vae.register_to_config(scaling_factor=float(1.0 / latents.std().clamp_min(1e-6)))
+    log.info("VAE trained; latent scaling factor %.4f", generator.scaling_factor)
+    return result
+
+
+def train_unet(generator, images, labels, val_images, ldm, seed, out_dir, config, resume=False):
+    """Step 2: train the UNet and class conditioner on frozen-VAE latents. Returns the engine summary."""
+    from diffusers import DDPMScheduler
+
+    from mindvis.train.engine import Trainer, TrainConfig
+    from mindvis.train.finetune import diffusion_target
+
+    scheduler = DDPMScheduler.from_config(generator.scheduler_config)
+    objective = _ClassDiffusionObjective(generator.unet, generator.class_conditioner)
+
+    # Posterior means and standard deviations, once (the VAE is frozen now); flips are encoded too.
+    device = next(generator.vae.parameters()).device
+
+    @torch.no_grad()
+    def posterior(batch_images):
+        out_mean, out_std = [], []
+        for start in range(0, len(batch_images), 256):
+            dist = generator.vae.encode(batch_images[start:start + 256].to(device)).latent_dist
+            # contiguous: channels-last latents crash the UNet backward on CPU (see Generator.encode).
+            out_mean.append(dist.mean.cpu().contiguous())
+            out_std.append(dist.std.cpu().contiguous())
+        return torch.cat(out_mean), torch.cat(out_std)
+
+    mean, std = posterior(images)
+    tensors = {"mean": mean, "std": std, "labels": torch.as_tensor(labels)}
+    if ldm["hflip"]:
+        tensors["mean_flip"], tensors["std_flip"] = posterior(images.flip(-1))
+    # Labelled images are a minority of the corpus: repeat them so the class embedding learns enough.
+    labelled = torch.nonzero(tensors["labels"] >= 0).flatten()
+    rows = torch.cat([torch.arange(len(labels))] + [labelled] * (int(ldm["labelled_repeats"]) - 1))
+    tensors = {name: tensor[rows] for name, tensor in tensors.items()}
+    val_mean, _ = posterior(val_images) if len(val_images) else (torch.zeros(0, *mean.shape[1:]), None)
+    scale, dropout, n_train_t = generator.scaling_factor, float(ldm["class_dropout"]), scheduler.config.num_train_timesteps
+
+    def loss_fn(model, batch):
+        mean, std = batch["mean"], batch["std"]
+        if "mean_flip" in batch:
+            flip = (torch.rand(len(mean), device=mean.device) < 0.5)[:, None, None, None]
+            mean, std = torch.where(flip, batch["mean_flip"], mean), torch.where(flip, batch["std_flip"], std)
+        latents = (mean + std * torch.randn_like(mean)) * scale
+        labels = torch.where(torch.rand(len(mean), device=mean.device) < dropout, -1, batch["labels"])
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, n_train_t, (len(latents),), device=latents.device)
+        prediction = model(scheduler.add_noise(latents, noise, timesteps), timesteps, labels)
+        return F.mse_loss(prediction.float(), diffusion_target(scheduler, latents, noise, timesteps)), {}
+
+    def eval_fn(model, epoch):
+        device = next(model.parameters()).device
+        latents = val_mean.to(device) * scale
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, n_train_t, (len(latents),), device=device)
+        labels = torch.full((len(latents),), -1, device=device)
+        prediction = model(scheduler.add_noise(latents, noise, timesteps), timesteps, labels)
+        return {"val/loss": F.mse_loss(prediction.float(), diffusion_target(scheduler, latents, noise, timesteps))}
+
+    train_config = TrainConfig(epochs=ldm["unet_epochs"], batch_size=ldm["batch_size"], lr=ldm["unet_lr"],
+                               weight_decay=0.0, warmup_epochs=min(1.0, ldm["unet_epochs"] / 4),
+                               betas=(0.9, 0.999), seed=derive_seed(seed, "unet"),
+                               mixed_precision=ldm["mixed_precision"],
+                               select_metric="val/loss" if len(val_images) else None, select_mode="min")
+    trainer = Trainer(objective, _Tensors(**tensors), loss_fn, train_config, Path(out_dir) / "train_unet",
+                      eval_fn=eval_fn if len(val_images) else None, run_config=config)
+    result = trainer.fit(resume=resume)
+    trainer.load_best()
+    generator.unet.eval()
+    generator.class_conditioner.eval()
+    return result
+
+
+def pretrain_ldm(config, stimuli, out_dir, classifier_dir=None, resume=False):
+    """Train the embedded base generator and write ``out_dir`` (see the module docstring).
+
+    Parameters
+    ----------
+    config : dict
+        Resolved experiment config (``ldm``, ``generate`` sections, ``seed``).
+    stimuli : path
+        ``stimuli.h5``; its ``pool`` and ``train`` images are used, never ``test``.
+    out_dir : path
+    classifier_dir : path, optional
+        The domain classifier, to score class-conditioned samples.
+    resume : bool
+        Continue each step from its last checkpoint.
+
+    Returns
+    -------
+    dict
+        The contents of ``metrics.json``.
+    """
+    from mindvis.data.stimuli import load_stimulus_set
+    from mindvis.models.ldm import build_embedded_generator, images_to_tensor, save_generator
+
+    ldm = config["ldm"]
+    if ldm["base"] != "embedded":
+        raise MindvisError("pretrain_ldm trains the embedded generator, but ldm.base names a folder",
+                           key="ldm.base", fix="use the folder directly (no pretraining), or set ldm.base: embedded.")
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    seed = derive_seed(config["seed"], "pretrain_ldm")
+    seed_everything(seed)
+    stimulus_set = load_stimulus_set(stimuli)
+    image_size = ldm["image_size"] or int(stimulus_set.splits["train"].images.shape[1])
+    channels = int(stimulus_set.splits["train"].images.shape[3])
+    raw_images, labels, raw_val = image_corpus(stimulus_set, ldm["val_images"], seed)
+    images = images_to_tensor(raw_images, image_size, channels)
+    val_images = images_to_tensor(raw_val, image_size, channels) if len(raw_val) else images[:0]
+    log.info("pretrain_ldm: %d training images (%d labelled), %d held out, %d px, %d channel(s)", len(images),
+             int((labels >= 0).sum()), len(val_images), image_size, channels)
+
+    generator = build_embedded_generator(image_size, channels, stimulus_set.n_classes, ldm)
+    n_params = {name: sum(p.numel() for p in module.parameters())
+                for name, module in (("vae", generator.vae), ("unet", generator.unet),
+                                     ("class_conditioner", generator.class_conditioner))}
+    timings = {}
+    tick = time.perf_counter()
+    vae_result = train_vae(generator, images, val_images, ldm, seed, out_dir, config, resume)
+    timings["vae_s"] = round(time.perf_counter() - tick, 2)
+    tick = time.perf_counter()
+    unet_result = train_unet(generator, images, labels, val_images, ldm, seed, out_dir, config, resume)
+    timings["unet_s"] = round(time.perf_counter() - tick, 2)
+
+    metrics = {"stage": "pretrain_ldm", "n_train_images": len(images), "n_labelled": int((labels >= 0).sum()),
+               "n_val_images": len(val_images), "image_size": image_size, "latent_shape": generator.latent_shape(1)[1:],
+               "scaling_factor": generator.scaling_factor, "n_parameters": n_params,
+               "vae": {"best": vae_result["best"], "steps": vae_result["step"]},
+               "unet": {"best": unet_result["best"], "steps": unet_result["step"],
+                        "final": unet_result["last_metrics"]}}
+    metrics.update({f"val_{k}": v for k, v in reconstruction_metrics(generator, val_images).items()})
+    tick = time.perf_counter()
+    samples, sample_labels = class_conditioned_samples(generator, stimulus_set.n_classes, ldm["eval_samples_per_class"],
+                                                       config["generate"], seed)
+    timings["class_samples_s"] = round(time.perf_counter() - tick, 2)
+    sampler = {k: config["generate"][k] for k in ("sampler", "steps", "guidance_scale", "eta")}
+    metrics["class_samples"] = {"per_class": int(ldm["eval_samples_per_class"]), **sampler}
+    if classifier_dir is not None:
+        from mindvis.evaluate.classifier import load_classifier
+
+        classifier = load_classifier(classifier_dir)
+        flat = samples.reshape(-1, *samples.shape[2:])
+        predicted = classifier.predict_proba(flat).argmax(axis=1)
+        metrics["class_samples"]["classifier_top1"] = float(np.mean(predicted == sample_labels))
+        metrics["class_samples"]["per_class_top1"] = [
+            float(np.mean(predicted[sample_labels == c] == c)) for c in range(stimulus_set.n_classes)]
+        log.info("class-conditioned base samples: classifier top-1 %.3f (chance %.3f)",
+                 metrics["class_samples"]["classifier_top1"], 1 / stimulus_set.n_classes)
+    metrics.update({"timings": timings, "wall_time_s": round(time.perf_counter() - started, 2),
+                    "class_names": list(stimulus_set.class_names), "config": config, "versions": software_versions()})
+    save_generator(generator, out_dir, extra={"stage": "pretrain_ldm", "class_names": list(stimulus_set.class_names)})
+    from mindvis.generate.writing import save_grid
+
+    save_grid(out_dir / "class_samples.png", samples)
+    write_json_atomic(out_dir / "metrics.json", metrics)
+    log.info("wrote %s: held-out reconstruction MSE %.4f (PSNR %.1f dB)", out_dir, metrics["val_recon_mse"],
+             metrics["val_recon_psnr_db"])
+    return metrics

@@ -1,0 +1,265 @@
+"""The shared training engine: schedule, optimisation, checkpoints, exact resume, best-checkpoint selection."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from mindvis.errors import MindvisError
+from mindvis.train.engine import TrainConfig, Trainer, lr_factor, read_checkpoint_state, scaled_lr
+
+
+class Regression:
+    """y = x @ w + noise, served through the engine's get_batch fast path."""
+
+    def __init__(self, n_samples=48, n_features=5, seed=0):
+        generator = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n_samples, n_features, generator=generator)
+        self.y = self.x @ torch.linspace(-1, 2, n_features) + 0.1 * torch.randn(n_samples, generator=generator)
+
+    def __len__(self):
+        return len(self.y)
+
+    def get_batch(self, indices):
+        return {"x": self.x[indices], "y": self.y[indices]}
+
+
+class ItemData:
+    """The same data through the map-style path (__getitem__ + collate, no get_batch)."""
+
+    def __init__(self):
+        self.data = Regression()
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        return {"x": self.data.x[index], "y": self.data.y[index]}
+
+
+class NoisyNet(nn.Module):
+    """A small MLP with dropout, so that training draws random numbers every step."""
+
+    def __init__(self, n_features=5):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(n_features, 16), nn.GELU(), nn.Dropout(0.2), nn.Linear(16, 1))
+
+    def forward(self, x):
+        return self.net(x).squeeze(-1)
+
+
+def mse_loss(model, batch):
+    error = model(batch["x"]) - batch["y"]
+    return (error ** 2).mean(), {"abs_error": error.abs().mean()}
+
+
+def make_trainer(out_dir, seed=0, eval_fn=None, **overrides):
+    torch.manual_seed(seed)
+    settings = dict(epochs=4, batch_size=8, lr=0.02, warmup_epochs=1, progress=False, seed=3)
+    settings.update(overrides)
+    return Trainer(NoisyNet(), Regression(), mse_loss, TrainConfig(**settings), out_dir, eval_fn=eval_fn,
+                   run_config={"experiment": "engine-test"})
+
+
+def test_lr_schedule_warms_up_then_decays_to_min():
+    assert scaled_lr(1e-3, 512) == pytest.approx(2e-3)
+    factors = [lr_factor(step, warmup_steps=4, total_steps=20, min_ratio=0.1) for step in range(21)]
+    assert factors[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert all(a >= b for a, b in zip(factors[3:], factors[4:]))  # monotone decay after warmup
+    assert factors[20] == pytest.approx(0.1)
+    assert factors[12] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_effective_lr_uses_batch_rule(tmp_path):
+    trainer = make_trainer(tmp_path, lr=None, base_lr=0.064, batch_size=4, grad_accum_steps=2)
+    assert trainer.effective_batch == 8
+    assert trainer.peak_lr == pytest.approx(0.064 * 8 / 256)
+    assert trainer.steps_per_epoch == 48 // 8
+
+
+def test_training_reduces_loss_and_logs_every_epoch(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=6, clip_grad_norm=5.0)
+    result = trainer.fit()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == list(range(6))
+    assert lines[-1]["train/loss"] < 0.5 * lines[0]["train/loss"]
+    assert {"lr", "train/grad_norm", "train/abs_error", "samples_per_s"} <= set(lines[0])
+    assert result["step"] == 6 * 6 and not result["stopped_early"]
+
+
+def test_checkpoint_is_pickle_free_and_complete(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=2)
+    trainer.fit()
+    latest = json.loads((tmp_path / "checkpoints" / "latest.json").read_text())
+    folder = tmp_path / "checkpoints" / latest["path"]
+    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "optimizer.safetensors", "state.json"]
+    state = read_checkpoint_state(folder)
+    assert state["step"] == 12 and state["config"] == {"experiment": "engine-test"}
+    assert "torch" in state["versions"] and state["train_config"]["batch_size"] == 8
+    weights = load_file(str(folder / "model.safetensors"))
+    for name, tensor in trainer.model.state_dict().items():
+        torch.testing.assert_close(weights[name], tensor, rtol=0, atol=0)
+    moments = load_file(str(folder / "optimizer.safetensors"))
+    assert any(key.endswith("exp_avg_sq") for key in moments)
+
+
+def _final_state(trainer):
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    optimizer = trainer.optimizer.state_dict()["state"]
+    return weights, optimizer
+
+
+@pytest.mark.parametrize("stop_at", [12, 9])  # at an epoch boundary and in the middle of an epoch
+def test_resume_is_exact(tmp_path, stop_at):
+    straight = make_trainer(tmp_path / "straight")
+    straight.fit()
+    first = make_trainer(tmp_path / "split", stop_at_step=stop_at)
+    partial = first.fit()
+    assert partial["stopped_early"] and partial["step"] == stop_at
+    # A fresh process would rebuild everything from scratch: use another init seed to prove
+    # the weights come from the checkpoint.
+    second = make_trainer(tmp_path / "split", seed=123)
+    result = second.fit(resume=True)
+    assert result["step"] == straight.step == 24
+    weights_a, optim_a = _final_state(straight)
+    weights_b, optim_b = _final_state(second)
+    for name in weights_a:
+        torch.testing.assert_close(weights_b[name], weights_a[name], rtol=1e-6, atol=1e-7)
+    for index in optim_a:
+        for slot in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(optim_b[index][slot], optim_a[index][slot], rtol=1e-6, atol=1e-9)
+    lines_a = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    lines_b = [json.loads(l) for l in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda line: {k: v for k, v in line.items() if k not in ("time_s", "samples_per_s")}  # noqa: E731
+    assert len(lines_b) == len(lines_a)
+    for line_b, line_a in zip(lines_b, lines_a):
+        assert strip(line_b) == pytest.approx(strip(line_a))
+
+
+def test_resume_refuses_a_changed_schedule(tmp_path):
+    make_trainer(tmp_path, stop_at_step=6).fit()
+    with pytest.raises(MindvisError, match="resume with the same"):
+        make_trainer(tmp_path, epochs=5).fit(resume=True)
+
+
+def test_gradient_accumulation_matches_a_larger_batch(tmp_path):
+    class Linear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(5, 1)
+
+        def forward(self, x):
+            return self.layer(x).squeeze(-1)
+
+    results = []
+    for batch_size, accum in ((8, 1), (4, 2)):
+        torch.manual_seed(0)
+        config = TrainConfig(epochs=2, batch_size=batch_size, grad_accum_steps=accum, lr=0.05, progress=False,
+                             clip_grad_norm=None)
+        trainer = Trainer(Linear(), Regression(), mse_loss, config, tmp_path / f"b{batch_size}")
+        trainer.fit()
+        results.append(trainer.model.layer.weight.detach().clone())
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+
+
+def test_best_checkpoint_follows_the_validation_metric(tmp_path):
+    scores = {0: 0.2, 1: 0.9, 2: 0.5, 3: 0.1}
+    snapshots = {}
+
+    def eval_fn(model, epoch):
+        snapshots[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+        return {"val/score": scores[epoch]}
+
+    trainer = make_trainer(tmp_path, eval_fn=eval_fn, select_metric="val/score", select_mode="max")
+    result = trainer.fit()
+    assert result["best"]["epoch"] == 1 and result["best"]["value"] == pytest.approx(0.9)
+    assert read_checkpoint_state(tmp_path / "best")["best"]["epoch"] == 1
+    model = trainer.load_best()
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, snapshots[1][name])
+
+
+def test_a_fresh_run_drops_the_previous_runs_checkpoints(tmp_path):
+    make_trainer(tmp_path, eval_fn=lambda model, epoch: {"val/score": 1.0}, select_metric="val/score").fit()
+    assert (tmp_path / "best").exists()
+    make_trainer(tmp_path, epochs=1).fit()  # no eval: must not inherit the old best/
+    assert not (tmp_path / "best").exists()
+    assert json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["step"] == 6
+
+
+def test_map_style_data_and_bf16_autocast_train(tmp_path):
+    config = TrainConfig(epochs=3, batch_size=8, lr=0.02, mixed_precision="bf16", progress=False)
+    torch.manual_seed(0)
+    trainer = Trainer(NoisyNet(), ItemData(), mse_loss, config, tmp_path)
+    result = trainer.fit()
+    assert trainer.mixed_precision == "bf16"
+    assert math.isfinite(result["last_metrics"]["train/loss"])
+    assert next(trainer.model.parameters()).dtype == torch.float32  # master weights stay float32
+
+
+def test_oversized_batch_is_clamped_and_diverging_loss_is_reported(tmp_path):
+    trainer = make_trainer(tmp_path / "a", batch_size=1000, epochs=1)
+    assert trainer.batch_size == 48 and trainer.steps_per_epoch == 1
+
+    def nan_loss(model, batch):
+        return model(batch["x"]).sum() * float("nan"), {}
+
+    config = TrainConfig(epochs=1, batch_size=8, lr=0.01, progress=False)
+    with pytest.raises(MindvisError, match="base_lr"):
+        Trainer(NoisyNet(), Regression(), nan_loss, config, tmp_path / "b").fit()
+
+
+DDP_WORKER = '''
+import sys
+import torch
+from torch import nn
+from mindvis.train.engine import TrainConfig, Trainer
+
+class Data:
+    def __init__(self):
+        generator = torch.Generator().manual_seed(0)
+        self.x = torch.randn(48, 5, generator=generator)
+        self.y = self.x @ torch.linspace(-1, 2, 5)
+    def __len__(self):
+        return 48
+    def get_batch(self, indices):
+        return {"x": self.x[indices], "y": self.y[indices]}
+
+def loss_fn(model, batch):
+    return ((model(batch["x"]).squeeze(-1) - batch["y"]) ** 2).mean(), {}
+
+out, batch_size = sys.argv[1], int(sys.argv[2])
+torch.manual_seed(0)
+config = TrainConfig(epochs=2, batch_size=batch_size, lr=0.05, progress=False, clip_grad_norm=None)
+trainer = Trainer(nn.Linear(5, 1), Data(), loss_fn, config, out)
+result = trainer.fit()
+if trainer.accelerator.is_main_process:
+    torch.save({k: v.cpu() for k, v in trainer.model.state_dict().items()}, out + "/final.pt")
+    print("world", trainer.world_size, "steps", result["step"])
+'''
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_matches_one_process(tmp_path):
+    """2 CPU processes (gloo) x batch 4 take the same steps as 1 process x batch 8."""
+    import os
+    import subprocess
+    import sys
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(DDP_WORKER)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    single = subprocess.run([sys.executable, str(worker), str(tmp_path / "one"), "8"], env=env,
+                            capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(worker), str(tmp_path / "two"), "4"], env=env, capture_output=True, text=True)
+    assert double.returncode == 0, double.stderr[-2000:]
+    assert "world 2 steps 12" in double.stdout and "world 1 steps 12" in single.stdout
+    one = torch.load(tmp_path / "one" / "final.pt", weights_only=True)
+    two = torch.load(tmp_path / "two" / "final.pt", weights_only=True)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6)

@@ -1,0 +1,162 @@
+"""pretrain_ldm -> finetune -> generate on synthetic stimuli and responses, at tiny sizes."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from ldm_fixtures import (
+    save_tiny_mbm,
+    tiny_config,
+    write_synthetic_responses,
+    write_synthetic_stimuli,
+)
+from safetensors.torch import load_file
+
+from mindvis.errors import MindvisError
+from mindvis.models.ldm import load_generator
+from mindvis.train.finetune import (
+    build_decoder,
+    finetune,
+    freeze_for_finetuning,
+    load_dcldm,
+    trainable_parameter_names,
+)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Stimuli, one subject's responses, a tiny SC-MBM, a classifier and a pretrained tiny base generator."""
+    from mindvis.evaluate.classifier import train_classifier
+    from mindvis.train.pretrain_ldm import pretrain_ldm
+
+    root = tmp_path_factory.mktemp("dcldm")
+    stimuli = write_synthetic_stimuli(root / "stimuli.h5")
+    write_synthetic_responses(root / "responses.h5", stimuli)
+    save_tiny_mbm(root / "mbm")
+    config = tiny_config()
+    train_classifier({**config, "classifier": {"epochs": 3, "widths": [4, 8]}}, root / "stimuli.h5",
+                     root / "classifier")
+    metrics = pretrain_ldm(config, root / "stimuli.h5", root / "ldm", classifier_dir=root / "classifier")
+    return {"root": root, "config": config, "stimuli": stimuli, "ldm_metrics": metrics}
+
+
+def test_pretrain_ldm_writes_a_loadable_base_from_pool_and_train_images_only(workspace):
+    from mindvis.data.stimuli import load_stimulus_set
+    from mindvis.train.pretrain_ldm import image_corpus
+
+    root, metrics = workspace["root"], workspace["ldm_metrics"]
+    generator = load_generator(root / "ldm")
+    assert generator.latent_shape(1) == (1, 4, 8, 8) and generator.class_conditioner is not None
+    assert generator.scaling_factor == pytest.approx(metrics["scaling_factor"])
+    assert np.isfinite(metrics["val_recon_mse"]) and 0 <= metrics["class_samples"]["classifier_top1"] <= 1
+    assert metrics["config"]["ldm"]["context_tokens"] == 5 and "torch" in metrics["versions"]
+    assert (root / "ldm" / "class_samples.png").exists()
+    stimuli = load_stimulus_set(root / "stimuli.h5")
+    images, labels, val = image_corpus(stimuli, 4, seed=0)
+    assert len(images) == len(stimuli["pool"]) - 4 + len(stimuli["train"]) and len(val) == 4
+    test_images = {image.tobytes() for image in stimuli["test"].images}
+    assert not any(image.tobytes() in test_images for image in np.concatenate([images, val]))
+    assert (labels[: len(stimuli["pool"]) - 4] == -1).all()
+
+
+def test_trainable_groups_select_the_intended_parameters(workspace):
+    root, config = workspace["root"], workspace["config"]
+    decoder = build_decoder(config, load_generator(root / "ldm"), 37, mbm_dir=root / "mbm")
+    attn2 = trainable_parameter_names(decoder, ["attn2"])
+    assert attn2 and all(".attn2." in name for name in attn2)
+    norms = trainable_parameter_names(decoder, ["norms"])
+    assert norms and all("norm" in name.split(".")[-2] or "norm" in name for name in norms)
+    encoder = trainable_parameter_names(decoder, ["encoder"])
+    assert not any(name.startswith("encoder.decoder") for name in encoder)  # the MAE decoder is unused
+    trained = freeze_for_finetuning(decoder, ["conditioner", "attn2"])
+    assert {n for n, p in decoder.named_parameters() if p.requires_grad} == set(trained)
+    with pytest.raises(MindvisError, match="unknown trainable groups"):
+        trainable_parameter_names(decoder, ["everything"])
+
+
+#: The MAE's reconstruction half: unused by ``encode``, never trained, not stored with the decoder.
+UNUSED_ENCODER_PARTS = ("encoder.decoder", "encoder.mask_token")
+
+
+@pytest.fixture(scope="module")
+def finetuned(workspace):
+    root, config = workspace["root"], workspace["config"]
+    meta = finetune(config, "sub-01", root / "responses.h5", root / "stimuli.h5", root / "ldm", root / "dcldm",
+                    mbm_dir=root / "mbm", classifier_dir=root / "classifier")
+    return meta
+
+
+def test_finetune_changes_trained_parameters_and_keeps_frozen_ones_bit_identical(workspace, finetuned):
+    root, config = workspace["root"], workspace["config"]
+    base = load_generator(root / "ldm")
+    initial = build_decoder(config, base, 37, mbm_dir=root / "mbm")
+    _, decoder, meta = load_dcldm(root / "dcldm")
+    before = dict(initial.named_parameters())
+    trained = set(meta["trained_parameter_names"])
+    assert trained == trainable_parameter_names(initial, config["finetune"]["train"])
+    stored = load_file(str(root / "dcldm" / "dcldm.safetensors"))
+    assert trained <= set(stored) and not any(k.startswith("unet.") and k not in trained for k in stored)
+    changed_unet, changed_encoder = 0, 0
+    for name, param in decoder.named_parameters():
+        if name in trained:
+            if name.startswith("conditioner.null"):
+                continue  # the null condition only learns from dropped trials, maybe none in 2 tiny epochs
+            differs = not torch.equal(param, before[name])
+            changed_unet += differs and name.startswith("unet.")
+            changed_encoder += differs and name.startswith("encoder.")
+        elif name.startswith(("unet.", "encoder.")) and not name.startswith(UNUSED_ENCODER_PARTS):
+            assert torch.equal(param, before[name]), f"frozen {name} changed"
+    assert changed_unet > 0 and changed_encoder > 0
+    assert meta["n_trained_parameters"] < meta["n_parameters"]
+
+
+def test_finetune_selects_on_validation_and_records_its_provenance(workspace, finetuned):
+    root = workspace["root"]
+    meta = json.loads((root / "dcldm" / "dcldm.json").read_text())
+    assert meta["select_metric"] == "val/accuracy" and meta["baseline"] is False
+    history = [json.loads(line) for line in (root / "dcldm" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert all("val/loss" in line and "val/accuracy" in line for line in history)
+    assert not any(key.startswith("test") for line in history for key in line)
+    best = max(history, key=lambda line: line["val/accuracy"])  # first of ties, as the engine keeps
+    assert meta["best"]["epoch"] == best["epoch"]
+    assert meta["config"]["finetune"]["epochs"] == 2 and meta["inputs"]["responses_sha256"]
+    assert meta["n_val"] == 6 and meta["n_train"] == 18
+
+
+def test_baseline_mode_trains_from_a_random_encoder(workspace, finetuned):
+    root, config = workspace["root"], workspace["config"]
+    config = {**config, "finetune": {**config["finetune"], "epochs": 1, "select_metric": "val/loss"}}
+    meta = finetune(config, "sub-01", root / "responses.h5", root / "stimuli.h5", root / "ldm",
+                    root / "dcldm-baseline", baseline=True)
+    assert meta["baseline"] is True and meta["inputs"]["mbm"] is None and meta["select_metric"] == "val/loss"
+    _, decoder, _ = load_dcldm(root / "dcldm-baseline")
+    _, pretrained, _ = load_dcldm(root / "dcldm")
+    # The baseline encoder is the configured preset, not the pretrained one.
+    assert decoder.encoder.config.embed_dim != pretrained.encoder.config.embed_dim
+
+
+def test_generate_writes_seeded_samples_attention_and_scores(workspace, finetuned):
+    from mindvis.generate.run import generate_subject
+    from mindvis.generate.writing import read_samples_h5
+
+    root, config = workspace["root"], workspace["config"]
+    summary = generate_subject(config, "sub-01", root / "dcldm", root / "responses.h5", root / "stimuli.h5",
+                               root / "samples", classifier_dir=root / "classifier")
+    data = read_samples_h5(root / "samples" / "samples.h5")
+    assert data["samples"].shape == (3, 2, 16, 16, 1) and data["true_images"].shape == (3, 16, 16, 1)
+    assert list(data["stimulus_id"]) == ["test-0000", "test-0001", "test-0002"]
+    assert len(set(data["seeds"].ravel())) == 6
+    assert data["attention"]["maps"].shape == (3, 2, 8, 8, 5)  # steps, stimuli, h, w, tokens
+    assert data["attention"]["token_weights"].shape == (5, 1 + 10)  # class token + ceil(37 / 4) patches
+    assert 0 <= summary["classifier_top1_mean"] <= summary["classifier_top1_best_of_k"] <= 1
+    assert len(list((root / "samples" / "png").glob("*.png"))) == 6 and (root / "samples" / "grid.png").exists()
+    # A rerun with another batch size gives the same images.
+    again = generate_subject(config, "sub-01", root / "dcldm", root / "responses.h5", root / "stimuli.h5",
+                             root / "samples-again", batch_size=3)
+    rerun = read_samples_h5(root / "samples-again" / "samples.h5")
+    difference = np.abs(rerun["samples"].astype(int) - data["samples"].astype(int))
+    assert difference.max() <= 1 and again["n_stimuli"] == 3
+    with h5py.File(root / "samples" / "samples.h5") as handle:
+        assert json.loads(handle.attrs["config"])["generate"]["steps"] == 3

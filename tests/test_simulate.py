@@ -1,0 +1,392 @@
+"""The simulated subjects: encoding model, time series, BIDS output, and scientific checks that can fail.
+
+Two simulated data sets are made once per module: a tiny one (configs/test.yaml
+sizes, for file-format and reproducibility checks) and a small "science" one
+(300 training images, 30 test images x 6 repeats, ~500 voxels) on which
+decoding and noise-ceiling checks are reliable.
+"""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from mindvis.config import validate
+from mindvis.data.stimuli import build_stimulus_set, load_stimulus_set
+from mindvis.errors import MindvisError
+from mindvis.simulate import bids, design, encoding, geometry, timeseries
+from mindvis.simulate.run import simulate_rest_subject, simulate_subject
+from mindvis.simulate.validate import average_repeats, lag_average_trials, noise_ceiling
+
+TINY = {
+    "seed": 7,
+    "stimuli": {"n_train_per_class": 8, "n_test_per_class": 1, "n_pool": 0},
+    "simulate": {"n_subjects": 2, "n_rest_subjects": 1, "n_rest_runs": 1, "rest_run_volumes": 40,
+                 "n_early_voxels": 120, "n_higher_voxels": 80, "test_repeats": 3, "trials_per_run": 20},
+}
+FOV = validate({})["simulate"]["field_of_view"]
+SCIENCE = {
+    "seed": 3,
+    "stimuli": {"n_train_per_class": 30, "n_test_per_class": 3, "n_pool": 0},
+    # Twice the default single-trial SNR: this subject has a fifth of the default's training trials
+    # and a third of its voxels. Default-size accuracies are in benchmarks/results/simulate.md.
+    "simulate": {"n_early_voxels": 300, "n_higher_voxels": 200, "test_repeats": 6, "trials_per_run": 60,
+                 "single_trial_snr": 1.0},
+}
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="module")
+def tiny_config():
+    return validate(TINY)
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tiny_config, tmp_path_factory):
+    """sub-01 (twice, for reproducibility), sub-02 and sub-rest01 on the tiny config."""
+    root = tmp_path_factory.mktemp("tiny")
+    stimuli = root / "bids" / "stimuli" / "stimuli.h5"
+    build_stimulus_set(tiny_config, stimuli)
+    simulate_subject(tiny_config, stimuli, root / "bids", "sub-01")
+    simulate_subject(tiny_config, stimuli, root / "again", "sub-01")
+    simulate_subject(tiny_config, stimuli, root / "bids", "sub-02")
+    simulate_rest_subject(tiny_config, root / "bids", "sub-rest01")
+    bids.write_dataset_metadata(tiny_config, root / "bids")
+    return root
+
+
+@pytest.fixture(scope="module")
+def science(tmp_path_factory):
+    """One subject at a size where decoding checks are reliable, with its lag-average trial estimates."""
+    config = validate(SCIENCE)
+    root = tmp_path_factory.mktemp("science")
+    stimuli = root / "stimuli.h5"
+    build_stimulus_set(config, stimuli)
+    simulate_subject(config, stimuli, root / "bids", "sub-01")
+    responses, events = lag_average_trials(root / "bids", "sub-01", window=(4.0, 8.0))
+    truth = bids.read_ground_truth(bids.derivative_paths(root / "bids", "sub-01")["groundtruth"])
+    return {"config": config, "stimuli": stimuli, "bids": root / "bids", "responses": responses,
+            "events": events, "truth": truth}
+
+
+def _classifier():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=500))
+
+
+# -- encoding model ---------------------------------------------------------------
+
+def _grating_patch(size, centre, radius, contrast, wavelength_px=4.0, orientation=0.0):
+    """A grey image with a circular grating patch; centre in image half-widths (x right, y up)."""
+    px, py = encoding.pixel_coordinates(size, size)
+    px, py = px.reshape(size, size), py.reshape(size, size)
+    phase = 2 * np.pi * (np.cos(orientation) * px + np.sin(orientation) * py) * size / 2 / wavelength_px
+    inside = (px - centre[0]) ** 2 + (py - centre[1]) ** 2 < radius ** 2
+    image = 0.5 + 0.5 * contrast * np.sin(phase) * inside
+    return np.round(255 * image).astype(np.uint8)[:, :, None]
+
+
+def _one_prf_model(x, y, sigma):
+    return encoding.EncodingModel(
+        is_early=np.array([True]), prf_x=np.array([x], np.float32), prf_y=np.array([y], np.float32),
+        prf_sigma=np.array([sigma], np.float32), exponent=np.array([0.5], np.float32),
+        # A small receptive field pools the finest band (wavelength 4 px), as make_encoding_model prefers.
+        feature_weights=np.r_[np.full(4, 0.25), np.zeros(8)].astype(np.float32)[None],
+        category_tuning=np.full((1, 2), np.nan, np.float32), shape_weights=np.full((1, 28), np.nan, np.float32),
+        category_weight=np.array([np.nan], np.float32), shape_weight=np.array([np.nan], np.float32),
+        gain=np.ones(1, np.float32), n_orientations=4, wavelengths=(0.125, 0.25, 0.5), percent_signal_change=1.0)
+
+
+def test_gabor_energy_is_tuned_to_orientation_and_matches_grating_amplitude():
+    size = 32
+    grating = _grating_patch(size, (0, 0), 10.0, 1.0, wavelength_px=8.0, orientation=0.0)  # full-field
+    energy = encoding.gabor_energy(encoding.luminance(grating[None]), 4, (0.25,))[0]  # wavelength 8 px
+    centre = energy[:, 12:20, 12:20].mean(axis=(1, 2))
+    # A full-contrast grating has amplitude 0.5 in luminance; the matched filter reports it.
+    assert centre[0] == pytest.approx(0.5, rel=0.15)
+    assert centre[2] < 0.1 * centre[0]  # orthogonal orientation barely responds
+    blank = encoding.gabor_energy(np.full((1, size, size), 0.7, np.float32), 4, (0.25,))
+    assert np.abs(blank).max() < 1e-4  # mean luminance alone drives nothing
+
+
+def test_prf_response_grows_with_contrast_inside_and_ignores_contrast_outside():
+    size = 32
+    model = _one_prf_model(0.4, 0.4, 0.12)
+    contrasts = [0.1, 0.3, 0.6, 1.0]
+    inside = np.stack([_grating_patch(size, (0.4, 0.4), 0.3, c) for c in contrasts])
+    outside = np.stack([_grating_patch(size, (-0.55, -0.55), 0.3, c) for c in (0.0, 1.0)])
+    model.calibrate(inside, np.zeros(len(inside), int))
+    response_inside = model.predict(inside, np.zeros(len(inside), int))[:, 0]
+    response_outside = model.predict(outside, np.zeros(2, int))[:, 0]
+    assert np.all(np.diff(response_inside) > 0)
+    assert abs(response_outside[1] - response_outside[0]) < 0.02 * response_inside[-1]
+
+
+def test_retinotopy_and_receptive_field_sizes(rng):
+    layout = geometry.place_rois(3.0, FOV, 600, 300, rng)
+    model = encoding.make_encoding_model(layout, 10, validate({})["simulate"], rng)
+    early = layout.is_early
+    # Each hemisphere sees the opposite half of the visual field.
+    assert np.mean(model.prf_x[early & (layout.hemisphere < 0)] > 0) > 0.9
+    assert np.mean(model.prf_x[early & (layout.hemisphere > 0)] < 0) > 0.9
+    # Eccentricity grows from the occipital pole forward; receptive fields grow with it.
+    ecc = np.hypot(model.prf_x[early], model.prf_y[early])
+    assert np.corrcoef(layout.mni[early, 1], layout.eccentricity[early])[0, 1] > 0.7
+    assert np.corrcoef(ecc, model.prf_sigma[early])[0, 1] > 0.6
+    names = layout.roi_names
+    ratio = model.prf_sigma / np.maximum(layout.eccentricity + 0.3, 1e-6)
+    assert np.median(ratio[names == "V1"]) < np.median(ratio[names == "V3"])
+    # ROIs: every name present, early voxels at the back, higher ones further forward.
+    assert set(names) == set(geometry.ROI_NAMES)
+    assert layout.mni[early, 1].mean() < layout.mni[~early, 1].mean()
+
+
+def test_category_tuning_is_spatially_clustered(rng):
+    layout = geometry.place_rois(3.0, FOV, 200, 600, rng)
+    model = encoding.make_encoding_model(layout, 10, validate({})["simulate"], rng)
+    higher = np.flatnonzero(~layout.is_early)
+    tuning = model.category_tuning[higher]
+    distance = np.linalg.norm(layout.mni[higher, None] - layout.mni[None, higher], axis=2)
+    similarity = np.corrcoef(tuning)
+    near = similarity[(distance > 0) & (distance <= 3.1)].mean()
+    far = similarity[distance > 30].mean()
+    assert near > 0.5 and far < 0.2
+
+
+# -- time series ------------------------------------------------------------------
+
+def test_hrf_regressor_peaks_about_five_seconds_after_onset():
+    tr, onset = 0.5, 10.0
+    regressor = timeseries.event_regressors([onset], [2.0], 80, tr, reference_duration=2.0)[:, 0]
+    peak_time = np.argmax(regressor) * tr - onset
+    assert 4.0 <= peak_time <= 7.0
+    assert regressor.max() == pytest.approx(1.0, abs=0.02)
+    assert np.abs(regressor[: int(onset / tr)]).max() < 1e-6  # nothing before the event
+
+
+def test_ar1_noise_has_the_configured_autocorrelation(rng):
+    noise = timeseries.ar1_noise(rng, 3000, 40, 0.4)
+    lag1 = np.mean([np.corrcoef(noise[:-1, v], noise[1:, v])[0, 1] for v in range(40)])
+    assert lag1 == pytest.approx(0.4, abs=0.03)
+    assert noise.var(axis=0).mean() == pytest.approx(1.0, abs=0.05)
+
+
+def test_smooth_noise_keeps_unit_variance_and_correlates_neighbours(rng):
+    shape = (7, 8, 9)
+    noise = timeseries.smooth_ar1_noise(rng, 400, shape, 0.3, fwhm_vox=2.0).reshape((400,) + shape)
+    assert noise.var() == pytest.approx(1.0, abs=0.1)
+    neighbour = np.corrcoef(noise[:, 3, 4, 4], noise[:, 4, 4, 4])[0, 1]
+    assert neighbour > 0.3
+
+
+def test_framewise_displacement_of_known_motion():
+    motion = np.zeros((3, 6))
+    motion[1, 0] = 0.2            # 0.2 mm along x
+    motion[2, 0] = 0.2
+    motion[2, 5] = 0.002          # plus 0.002 rad about z = 0.1 mm at 50 mm
+    fd = timeseries.framewise_displacement(motion)
+    assert np.isnan(fd[0])
+    assert fd[1:] == pytest.approx([0.2, 0.1])
+
+
+def test_design_shows_training_images_once_and_test_images_repeatedly(rng):
+    section = validate({})["simulate"] | {"trials_per_run": 7, "test_repeats": 4}
+    train_ids = [f"train-{i:04d}" for i in range(30)]
+    test_ids = [f"test-{i:04d}" for i in range(5)]
+    runs = design.task_runs(train_ids, ["a"] * 30, test_ids, ["b"] * 5, section, rng)
+    types = [run.events["trial_type"].unique().tolist() for run in runs]
+    assert types == sorted(types, key=lambda t: t != ["train"])  # training runs first
+    assert all(len(t) == 1 for t in types)
+    train = pd.concat([r.events for r in runs if r.events["trial_type"].iloc[0] == "train"])
+    test = pd.concat([r.events for r in runs if r.events["trial_type"].iloc[0] == "test"])
+    assert sorted(train["stimulus_id"]) == train_ids
+    assert test["stimulus_id"].value_counts().eq(4).all() and set(test["stimulus_id"]) == set(test_ids)
+    for run in runs:
+        onsets = run.events["onset"].to_numpy()
+        gaps = np.diff(onsets) - section["stimulus_duration"]
+        assert np.all(gaps >= section["isi_min"] - 1e-3) and np.all(gaps <= section["isi_max"] + 1e-3)
+        assert onsets[-1] + section["stimulus_duration"] <= run.n_volumes * section["tr"]
+        assert len(run.events) <= 7
+
+
+# -- BIDS output ------------------------------------------------------------------
+
+
+def test_bids_files_are_complete_and_consistent(tiny_dataset, tiny_config):
+    root = tiny_dataset / "bids"
+    section = tiny_config["simulate"]
+    stimuli = load_stimulus_set(root / "stimuli" / "stimuli.h5", splits=("train", "test"))
+    derivatives = bids.derivative_paths(root, "sub-01")
+    mask_img = nib.load(derivatives["mask"])
+    mask = np.asarray(mask_img.dataobj)
+    dseg = np.asarray(nib.load(derivatives["dseg"]).dataobj)
+    assert set(np.unique(dseg)) == {0, 1, 2, 3, 4, 5}
+    assert np.array_equal(mask > 0, dseg > 0)
+    table = pd.read_csv(derivatives["dseg_tsv"], sep="\t")
+    assert list(table.columns) == ["index", "name"] and list(table["name"]) == list(geometry.ROI_NAMES)
+
+    bold_files = sorted((root / "sub-01" / "func").glob("*_bold.nii.gz"))
+    assert [f.name.split("_")[2] for f in bold_files] == [f"run-{i:02d}" for i in range(1, 7)]  # 4 train + 2 test
+    trial_types = []
+    for bold_file in bold_files:
+        image = nib.load(bold_file)
+        assert image.get_data_dtype() == np.int16
+        assert np.allclose(image.affine, mask_img.affine) and image.shape[:3] == mask.shape
+        assert image.header.get_zooms()[:3] == pytest.approx((3.0, 3.0, 3.0))
+        sidecar = json.loads(bold_file.with_name(bold_file.name.replace(".nii.gz", ".json")).read_text())
+        assert sidecar["RepetitionTime"] == section["tr"] and sidecar["TaskName"] == "objects"
+        events = pd.read_csv(str(bold_file).replace("_bold.nii.gz", "_events.tsv"), sep="\t")
+        assert list(events.columns) == ["onset", "duration", "trial_type", "stimulus_id", "class"]
+        assert events["onset"].ge(0).all()
+        assert (events["onset"] + events["duration"]).le(image.shape[3] * section["tr"]).all()
+        _, labels = stimuli.lookup(list(events["stimulus_id"]))
+        assert list(events["class"]) == [stimuli.class_names[label] for label in labels]
+        trial_types.append(events["trial_type"].iloc[0])
+        confounds = pd.read_csv(str(bold_file).replace("_bold.nii.gz", "_desc-confounds_timeseries.tsv"),
+                                sep="\t")
+        assert list(confounds.columns) == list(bids.CONFOUND_COLUMNS) and len(confounds) == image.shape[3]
+        assert confounds["framewise_displacement"].isna().sum() == 1
+        assert confounds[["trans_x", "trans_y", "trans_z"]].abs().max().max() < 5.0
+    assert trial_types == ["train"] * 4 + ["test"] * 2
+
+    # Raw-looking data: brain voxels at the configured baseline, not z-scores.
+    data = np.asarray(nib.load(bold_files[0]).dataobj)
+    roi_mean = data[mask > 0].mean()
+    assert 0.5 * section["baseline_intensity"] < roi_mean < 1.5 * section["baseline_intensity"]
+
+    truth = bids.read_ground_truth(derivatives["groundtruth"])
+    assert np.array_equal(truth["voxel_ijk"], np.argwhere(mask > 0))
+    assert truth["response"].shape == (len(stimuli["train"]) + len(stimuli["test"]), len(truth["voxel_ijk"]))
+    assert set(truth["stimulus_id"]) == set(stimuli["train"].stimulus_id) | set(stimuli["test"].stimulus_id)
+    assert list(truth["voxel_roi"]) == [geometry.ROI_NAMES[i - 1] for i in dseg[mask > 0]]
+    early = truth["encoding"]["is_early"]
+    assert np.isfinite(truth["encoding"]["prf_sigma"][early]).all()
+    assert np.isnan(truth["encoding"]["prf_sigma"][~early]).all()
+    assert json.loads(truth["attrs"]["config"])["tr"] == section["tr"]
+
+    manifest = json.loads(derivatives["manifest"].read_text())
+    listed = {entry["path"] for entry in manifest["files"]}
+    assert "sub-01/func/sub-01_task-objects_run-01_bold.nii.gz" in listed
+    assert all((root / path).exists() for path in listed)
+    assert manifest["config"]["simulate"] == section and "numpy" in manifest["versions"]
+
+    participants = pd.read_csv(root / "participants.tsv", sep="\t")
+    assert list(participants["participant_id"]) == ["sub-01", "sub-02", "sub-rest01"]
+    assert list(participants["group"]) == ["task", "task", "rest"]
+    assert json.loads((root / "dataset_description.json").read_text())["BIDSVersion"]
+
+
+def test_same_seed_gives_identical_data_and_subjects_differ(tiny_dataset):
+    first, again = tiny_dataset / "bids", tiny_dataset / "again"
+    name = "sub-01/func/sub-01_task-objects_run-02_bold.nii.gz"
+    assert np.array_equal(np.asarray(nib.load(first / name).dataobj), np.asarray(nib.load(again / name).dataobj))
+    truth_1 = bids.read_ground_truth(bids.derivative_paths(first, "sub-01")["groundtruth"])
+    truth_1b = bids.read_ground_truth(bids.derivative_paths(again, "sub-01")["groundtruth"])
+    truth_2 = bids.read_ground_truth(bids.derivative_paths(first, "sub-02")["groundtruth"])
+    assert np.array_equal(truth_1["response"], truth_1b["response"])
+    assert not np.array_equal(truth_1["voxel_ijk"], truth_2["voxel_ijk"])
+    events_1 = pd.read_csv(first / "sub-01/func/sub-01_task-objects_run-01_events.tsv", sep="\t")
+    events_2 = pd.read_csv(first / "sub-02/func/sub-02_task-objects_run-01_events.tsv", sep="\t")
+    assert not events_1["stimulus_id"].equals(events_2["stimulus_id"])
+
+
+def test_rerun_with_fewer_runs_leaves_no_stale_runs(tiny_dataset, tiny_config, tmp_path):
+    import copy
+    import shutil
+
+    root = tmp_path / "bids"
+    shutil.copytree(tiny_dataset / "again", root)
+    config = copy.deepcopy(tiny_config)
+    config["simulate"]["trials_per_run"] = 40  # 80 training + 30 test trials: 2 + 1 runs instead of 4 + 2
+    simulate_subject(config, tiny_dataset / "bids" / "stimuli" / "stimuli.h5", root, "sub-01")
+    runs = sorted(p.name.split("_")[2] for p in (root / "sub-01" / "func").glob("*_bold.nii.gz"))
+    assert runs == ["run-01", "run-02", "run-03"]
+    assert len(list((root / "sub-01" / "func").iterdir())) == 3 * 4  # bold, sidecar, events, confounds
+
+
+def test_rest_subject_has_runs_without_events_and_roi_structured_fluctuations(tiny_dataset, tiny_config):
+    root = tiny_dataset / "bids"
+    func = root / "sub-rest01" / "func"
+    assert not list(func.glob("*_events.tsv"))
+    image = nib.load(func / "sub-rest01_task-rest_run-01_bold.nii.gz")
+    assert image.shape[3] == tiny_config["simulate"]["rest_run_volumes"]
+    assert (func / "sub-rest01_task-rest_run-01_desc-confounds_timeseries.tsv").exists()
+    dseg = np.asarray(nib.load(bids.derivative_paths(root, "sub-rest01")["dseg"]).dataobj)
+    data = np.asarray(image.dataobj, dtype=np.float64)
+    series = data[(dseg == 1) | (dseg == 5)]
+    series = series - series.mean(axis=1, keepdims=True)
+    labels = dseg[(dseg == 1) | (dseg == 5)]
+    corr = np.corrcoef(series)
+    same = corr[np.equal.outer(labels, labels) & ~np.eye(len(labels), dtype=bool)].mean()
+    different = corr[~np.equal.outer(labels, labels)].mean()
+    assert same > different + 0.05
+
+
+def test_bad_subject_label_and_missing_stimuli_are_clear_errors(tiny_config, tmp_path):
+    with pytest.raises(MindvisError, match="subject"):
+        simulate_subject(tiny_config, tmp_path / "stimuli.h5", tmp_path, "sub-rest01")
+    with pytest.raises(MindvisError, match="stimulus file not found"):
+        simulate_subject(tiny_config, tmp_path / "stimuli.h5", tmp_path, "sub-01")
+    assert not (tmp_path / "derivatives").exists()
+    with pytest.raises(MindvisError, match="n_early_voxels"):
+        geometry.place_rois(3.0, FOV, 100_000, 10, np.random.default_rng(0))
+
+
+# -- scientific checks that can fail ---------------------------------------------
+
+def test_ground_truth_decodes_object_class(science):
+    from sklearn.model_selection import cross_val_score
+
+    truth = science["truth"]
+    accuracy = cross_val_score(_classifier(), truth["response"], truth["label"], cv=5).mean()
+    assert accuracy > 0.6  # chance is 0.1
+
+
+def test_noisy_bold_decodes_object_class_and_averaging_repeats_helps(science):
+    responses, events = science["responses"], science["events"]
+    train = (events["trial_type"] == "train").to_numpy()
+    classifier = _classifier().fit(responses[train], events["class"][train])
+    single = classifier.score(responses[~train], events["class"][~train])
+    averaged, _, classes = average_repeats(responses[~train], events[~train])
+    accuracy = classifier.score(averaged, classes)
+    assert accuracy > 0.3  # 30 test images, chance 0.1
+    assert accuracy > single
+    assert single < 0.9  # single trials are noisy: far from perfect
+
+
+def test_early_voxels_follow_local_contrast_in_their_receptive_field(science):
+    truth = science["truth"]
+    stimuli = load_stimulus_set(science["stimuli"], splits=("train", "test"))
+    images, _ = stimuli.lookup(list(truth["stimulus_id"]))
+    lum = encoding.luminance(images).reshape(len(images), -1)
+    early = truth["encoding"]["is_early"]
+    size = images.shape[1]
+    fields = encoding.prf_weights(truth["encoding"]["prf_x"][early], truth["encoding"]["prf_y"][early],
+                                  truth["encoding"]["prf_sigma"][early], size, size)
+    fields /= fields.sum(axis=1, keepdims=True)
+    mean = lum @ fields.T
+    contrast = np.sqrt(np.maximum((lum ** 2) @ fields.T - mean ** 2, 0))  # RMS contrast under the RF
+    response = truth["response"][:, early]
+    correlation = [np.corrcoef(contrast[:, v], response[:, v])[0, 1] for v in range(early.sum())]
+    assert np.nanmedian(correlation) > 0.5
+
+
+def test_noise_ceiling_is_in_a_realistic_range(science):
+    responses, events = science["responses"], science["events"]
+    test = (events["trial_type"] == "test").to_numpy()
+    repeats = science["config"]["simulate"]["test_repeats"]
+    ceiling = noise_ceiling(responses[test], events["stimulus_id"][test].to_numpy(), n_average=repeats)
+    snr = science["truth"]["snr"]
+    with_signal = snr > np.median(snr)
+    assert 0.1 < np.median(ceiling[with_signal]) < 0.8
+    # Voxels with more ground-truth signal are more reliable.
+    assert np.median(ceiling[with_signal]) > np.median(ceiling[~with_signal])

@@ -1,0 +1,46 @@
+# Per-subject DC-LDM fine-tuning on the training trials (model selection on the val split only),
+# with SC-MBM pretraining (dcldm/) and, if finetune.baseline, without it (dcldm-baseline/).
+
+
+rule finetune:
+    """One subject's decoder: SC-MBM encoder + mapper + UNet cross-attention and norms."""
+    input:
+        responses="results/{subject}/responses.h5",
+        stimuli=subject_stimuli,
+        base=ldm_base_input,
+        mbm="results/pretrain/mbm/config.json",
+        classifier=f"{CLASSIFIER}/config.json",
+    output:
+        weights="results/{subject}/dcldm/dcldm.safetensors",
+        meta="results/{subject}/dcldm/dcldm.json",
+    conda:
+        "../envs/mindvis.yaml"
+    params:
+        config=RESOLVED_CONFIG,
+        base=ldm_base_dir,
+        classifier=input_dir("classifier"),
+        out_dir=output_dir,
+        encoder=encoder_flag,
+        digest=config_digest("ldm", "mbm", "finetune"),
+    log:
+        "logs/finetune/{subject}.log",
+    threads: 2
+    resources:
+        mem_mb=4000,
+    shell:
+        "mindvis finetune --config {params.config} --subject {wildcards.subject} --responses {input.responses}"
+        " --stimuli {input.stimuli} --base {params.base} --out-dir {params.out_dir} {params.encoder}"
+        " --classifier {params.classifier} --threads {threads} > {log} 2>&1"
+
+
+use rule finetune as finetune_baseline with:
+    input:
+        responses="results/{subject}/responses.h5",
+        stimuli=subject_stimuli,
+        base=ldm_base_input,
+        classifier=f"{CLASSIFIER}/config.json",
+    output:
+        weights="results/{subject}/dcldm-baseline/dcldm.safetensors",
+        meta="results/{subject}/dcldm-baseline/dcldm.json",
+    log:
+        "logs/finetune/{subject}-baseline.log",

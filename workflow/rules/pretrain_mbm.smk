@@ -1,0 +1,28 @@
+# SC-MBM pretraining: one job over every subject's training trials and every
+# resting-state subject (test trials are never read; see mindvis.train.pretrain_mbm).
+
+
+rule pretrain_mbm:
+    """Pretrain the masked brain model (the fMRI encoder) on all subjects; writes results/pretrain/mbm/."""
+    input:
+        responses=expand("results/{subject}/responses.h5", subject=SUBJECTS),
+        rest=expand("results/pretrain/rest/{subject}.h5", subject=REST_SUBJECTS),
+    output:
+        config="results/pretrain/mbm/config.json",
+        weights="results/pretrain/mbm/diffusion_pytorch_model.safetensors",
+        metrics="results/pretrain/mbm/metrics.jsonl",
+        summary="results/pretrain/mbm/summary.json",
+    conda:
+        "../envs/mindvis.yaml"
+    params:
+        config=RESOLVED_CONFIG,
+        out_dir=output_dir,
+        digest=config_digest("mbm"),
+    log:
+        "logs/pretrain_mbm.log",
+    threads: 2
+    resources:
+        mem_mb=4000,
+    shell:
+        "mindvis pretrain-mbm --config {params.config} --responses {input.responses} --rest {input.rest}"
+        " --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
