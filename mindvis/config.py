@@ -102,9 +102,6 @@ def _check_consistency(config, path):
         raise MindvisError(f"the window end ({end}) must come after its start ({start})",
                            path=path, key="preprocess.lag_window", fix="give [start, end] with end > start.")
     data = config["data"]
-    if data["source"] != "simulated" and not config["subjects"]:
-        raise MindvisError(f"data.source is {data['source']} but no subjects are listed", path=path, key="subjects",
-                           fix="list the subjects to decode, e.g. subjects: [sub-01, sub-02].")
     if data["source"] == "bids":
         if not data["bids_dir"]:
             raise MindvisError("data.source is bids but no BIDS folder is given", path=path, key="data.bids_dir",
@@ -130,8 +127,11 @@ def load_config(path):
 
 def subjects(config):
     """The subjects decoded in this experiment (``sub-XX`` labels)."""
-    if config.get("subjects") or config["data"]["source"] != "simulated":
+    if config.get("subjects"):
         return list(config["subjects"])
+    if config["data"]["source"] != "simulated":
+        raise MindvisError(f"data.source is {config['data']['source']} but no subjects are listed", key="subjects",
+                           fix="list the subjects to decode in the config, e.g. subjects: [sub-01, sub-02].")
     return [f"sub-{i:02d}" for i in range(1, config["simulate"]["n_subjects"] + 1)]
 
 

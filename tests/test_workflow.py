@@ -42,6 +42,22 @@ def test_decode_produces_every_stage_output(finished_run):
     assert runs, "no BOLD runs written"
     assert (finished_run / "logs/stimuli.log").exists()
 
+    from mindvis.data.responses import load_responses
+
+    for subject in ["sub-01", "sub-02"]:
+        responses = load_responses(results / subject / "responses.h5")
+        assert responses.split("train").fmri.shape[0] > 0 and responses.split("test_avg").fmri.shape[0] == 10
+        for model, samples in [("dcldm", "samples"), ("dcldm-baseline", "samples-baseline")]:
+            assert (results / subject / model / "dcldm.safetensors").exists()
+            summary = json.loads((results / subject / samples / "summary.json").read_text())
+            assert summary["n_stimuli"] == 10 and summary["n_samples"] == 2
+            assert 0.0 <= summary["classifier_top1_mean"] <= 1.0
+            assert (results / subject / samples / "grid.png").stat().st_size > 0
+    assert (results / "pretrain/rest/sub-rest01.h5").exists()
+    mbm = json.loads((results / "pretrain/mbm/summary.json").read_text())
+    assert mbm["stage"] and mbm["versions"]["torch"]
+    assert (results / "pretrain/ldm/generator.json").exists()
+
 
 @pytest.mark.slow
 def test_rerun_is_a_no_op(finished_run):

@@ -27,11 +27,20 @@ try:
 except MindvisError as error:
     raise WorkflowError(f"invalid configuration: {error}")
 
-SUBJECTS = subjects(config)
+from mindvis.data.sources import is_adapter_source
+
+try:
+    SUBJECTS = subjects(config)
+except MindvisError as error:
+    raise WorkflowError(f"invalid configuration: {_CONFIG_SOURCES}: {error}")
 REST_SUBJECTS = rest_subjects(config)
 RESOLVED_CONFIG = "results/config.yaml"
-BIDS = "results/bids"
-STIMULI = f"{BIDS}/stimuli/stimuli.h5"
+# Where fMRI comes from: the embedded simulation, a lab's own BIDS data set (both
+# through the preprocess stage), or a real-data adapter (the convert stage).
+SIMULATED = config["data"]["source"] == "simulated"
+USES_ADAPTER = is_adapter_source(config)
+BIDS = config["data"]["bids_dir"] if config["data"]["source"] == "bids" else "results/bids"
+STIMULI = config["data"]["bids_stimuli"] or f"{BIDS}/stimuli/stimuli.h5"
 
 
 wildcard_constraints:
@@ -74,19 +83,33 @@ def simulation_manifest(subject):
 
 
 def subject_manifest(wildcards):
-    """Input function: the simulation manifest of the rule's subject (written last, so the BIDS data are complete)."""
-    return simulation_manifest(wildcards.subject)
+    """Input function: the files that say a subject's BIDS data are complete.
+
+    Simulated data: the simulation manifest (written last). A lab's BIDS data set:
+    the subject's BOLD runs of the task.
+    """
+    subject = wildcards.subject
+    if SIMULATED:
+        return simulation_manifest(subject)
+    task = "rest" if subject.startswith("sub-rest") else config["preprocess"]["task"]
+    runs = sorted(Path(BIDS, subject, "func").glob(f"{subject}_task-{task}_*bold.nii.gz"))
+    if not runs:
+        raise WorkflowError(f"{BIDS}/{subject}/func: no {subject}_task-{task}_*bold.nii.gz runs. "
+                            "Fix: check data.bids_dir, subjects and preprocess.task.")
+    return [str(run) for run in runs]
 
 
 def manifest_bids_root(wildcards, input):
-    """The BIDS root a preprocessing job reads, derived from its manifest input."""
-    return str(Path(input.manifest).parents[3])
+    """The BIDS root a preprocessing job reads."""
+    return str(Path(input.manifest).parents[3]) if SIMULATED else BIDS
 
 
 def decode_targets():
-    """Files the `decode` target asks for (extended as stages are added)."""
-    targets = [STIMULI, f"{BIDS}/dataset_description.json"]
-    targets += [simulation_manifest(subject) for subject in SUBJECTS + REST_SUBJECTS]
+    """Files the `decode` target asks for."""
+    targets = []
+    if SIMULATED:
+        targets += [STIMULI, f"{BIDS}/dataset_description.json"]
+        targets += [simulation_manifest(subject) for subject in SUBJECTS + REST_SUBJECTS]
     targets += [f"results/{subject}/responses.h5" for subject in SUBJECTS]
     targets += [f"results/pretrain/rest/{subject}.h5" for subject in REST_SUBJECTS]
     targets += ["results/pretrain/mbm/summary.json"]
@@ -95,10 +118,6 @@ def decode_targets():
 
 
 # -- real data sets (workflow/rules/sources.smk) --
-from mindvis.data.sources import is_adapter_source
-
-# True when data.source is read by an adapter (convert rule) rather than preprocessed from BIDS.
-USES_ADAPTER = is_adapter_source(config)
 
 
 def subject_stimuli(wildcards):

@@ -24,7 +24,7 @@ rule finetune:
         digest=config_digest("ldm", "mbm", "finetune"),
     log:
         "logs/finetune/{subject}.log",
-    threads: 2
+    threads: 1
     resources:
         mem_mb=4000,
     shell:

@@ -22,7 +22,7 @@ rule generate:
         digest=config_digest("generate"),
     log:
         "logs/generate/{subject}.log",
-    threads: 2
+    threads: 1
     resources:
         mem_mb=4000,
     shell:

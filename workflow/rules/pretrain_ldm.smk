@@ -18,7 +18,7 @@ rule train_classifier:
         digest=config_digest("stimuli"),
     log:
         "logs/train_classifier.log",
-    threads: 2
+    threads: 1
     resources:
         mem_mb=2000,
     shell:
@@ -44,7 +44,7 @@ rule pretrain_ldm:
         digest=config_digest("stimuli", "ldm"),
     log:
         "logs/pretrain_ldm.log",
-    threads: 2
+    threads: 1
     resources:
         mem_mb=4000,
     shell:

@@ -20,7 +20,7 @@ rule pretrain_mbm:
         digest=config_digest("mbm"),
     log:
         "logs/pretrain_mbm.log",
-    threads: 2
+    threads: 1
     resources:
         mem_mb=4000,
     shell:

@@ -1,64 +1,68 @@
-rule simulate:
-    """One simulated subject's task fMRI written as BIDS (runs, events, confounds, ROI, ground truth)."""
-    input:
-        stimuli=STIMULI,
-    output:
-        manifest=f"{BIDS}/derivatives/simulation/{{subject}}/{{subject}}_desc-simulation_manifest.json",
-    conda:
-        "../envs/mindvis.yaml"
-    params:
-        config=RESOLVED_CONFIG,
-        bids=bids_root,
-        digest=config_digest("stimuli", "simulate"),
-    log:
-        "logs/simulate/{subject}.log",
-    wildcard_constraints:
-        subject=r"sub-(?!rest)[A-Za-z0-9]+",
-    threads: 1
-    resources:
-        # Measured peak 660 MiB on configs/default.yaml (benchmarks/results/simulate.md); runs stream one at a time.
-        mem_mb=1500,
-    shell:
-        "mindvis simulate --config {params.config} --stimuli {input.stimuli} --bids-dir {params.bids}"
-        " --subject {wildcards.subject} --threads {threads} > {log} 2>&1"
+# The embedded default's simulated subjects.
+
+if SIMULATED:
+
+    rule simulate:
+        """One simulated subject's task fMRI written as BIDS (runs, events, confounds, ROI, ground truth)."""
+        input:
+            stimuli=STIMULI,
+        output:
+            manifest=f"{BIDS}/derivatives/simulation/{{subject}}/{{subject}}_desc-simulation_manifest.json",
+        conda:
+            "../envs/mindvis.yaml"
+        params:
+            config=RESOLVED_CONFIG,
+            bids=bids_root,
+            digest=config_digest("stimuli", "simulate"),
+        log:
+            "logs/simulate/{subject}.log",
+        wildcard_constraints:
+            subject=r"sub-(?!rest)[A-Za-z0-9]+",
+        threads: 1
+        resources:
+            # Measured peak 660 MiB on configs/default.yaml (benchmarks/results/simulate.md); runs stream one at a time.
+            mem_mb=1500,
+        shell:
+            "mindvis simulate --config {params.config} --stimuli {input.stimuli} --bids-dir {params.bids}"
+            " --subject {wildcards.subject} --threads {threads} > {log} 2>&1"
 
 
-rule simulate_rest:
-    """One simulated resting-state subject (the stand-in for HCP in SC-MBM pretraining)."""
-    output:
-        manifest=f"{BIDS}/derivatives/simulation/{{subject}}/{{subject}}_desc-simulation_manifest.json",
-    conda:
-        "../envs/mindvis.yaml"
-    params:
-        config=RESOLVED_CONFIG,
-        bids=bids_root,
-        digest=config_digest("simulate"),
-    log:
-        "logs/simulate_rest/{subject}.log",
-    wildcard_constraints:
-        subject=r"sub-rest[0-9]+",
-    threads: 1
-    resources:
-        # Measured peak 540 MiB on configs/default.yaml.
-        mem_mb=1000,
-    shell:
-        "mindvis simulate-rest --config {params.config} --bids-dir {params.bids}"
-        " --subject {wildcards.subject} --threads {threads} > {log} 2>&1"
+    rule simulate_rest:
+        """One simulated resting-state subject (the stand-in for HCP in SC-MBM pretraining)."""
+        output:
+            manifest=f"{BIDS}/derivatives/simulation/{{subject}}/{{subject}}_desc-simulation_manifest.json",
+        conda:
+            "../envs/mindvis.yaml"
+        params:
+            config=RESOLVED_CONFIG,
+            bids=bids_root,
+            digest=config_digest("simulate"),
+        log:
+            "logs/simulate_rest/{subject}.log",
+        wildcard_constraints:
+            subject=r"sub-rest[0-9]+",
+        threads: 1
+        resources:
+            # Measured peak 540 MiB on configs/default.yaml.
+            mem_mb=1000,
+        shell:
+            "mindvis simulate-rest --config {params.config} --bids-dir {params.bids}"
+            " --subject {wildcards.subject} --threads {threads} > {log} 2>&1"
 
 
-rule bids_metadata:
-    """dataset_description.json and participants.tsv of the simulated BIDS dataset."""
-    output:
-        description=f"{BIDS}/dataset_description.json",
-        participants=f"{BIDS}/participants.tsv",
-    conda:
-        "../envs/mindvis.yaml"
-    params:
-        config=RESOLVED_CONFIG,
-        bids=bids_root,
-        digest=config_digest("simulate"),
-    log:
-        "logs/bids_metadata.log",
-    threads: 1
-    shell:
-        "mindvis bids-metadata --config {params.config} --bids-dir {params.bids} > {log} 2>&1"
+    rule bids_metadata:
+        """dataset_description.json and participants.tsv of the simulated BIDS dataset."""
+        output:
+            description=f"{BIDS}/dataset_description.json",
+            participants=f"{BIDS}/participants.tsv",
+        conda:
+            "../envs/mindvis.yaml"
+        params:
+            config=RESOLVED_CONFIG,
+            bids=bids_root,
+            digest=config_digest("simulate"),
+        log:
+            "logs/bids_metadata.log",
+        threads: 1
+        shell:
+            "mindvis bids-metadata --config {params.config} --bids-dir {params.bids} > {log} 2>&1"

@@ -1,14 +1,18 @@
-rule stimuli:
-    """Stimulus images (train shown once, test shown many times, unlabelled pool) as HDF5."""
-    output:
-        STIMULI,
-    conda:
-        "../envs/mindvis.yaml"
-    params:
-        config=RESOLVED_CONFIG,
-        digest=config_digest("stimuli"),
-    log:
-        "logs/stimuli.log",
-    threads: 1
-    shell:
-        "mindvis stimuli --config {params.config} --out {output} --threads {threads} > {log} 2>&1"
+# The embedded default's stimulus set (real data bring their own stimuli).
+
+if SIMULATED:
+
+    rule stimuli:
+        """Stimulus images (train shown once, test shown many times, unlabelled pool) as HDF5."""
+        output:
+            STIMULI,
+        conda:
+            "../envs/mindvis.yaml"
+        params:
+            config=RESOLVED_CONFIG,
+            digest=config_digest("stimuli"),
+        log:
+            "logs/stimuli.log",
+        threads: 1
+        shell:
+            "mindvis stimuli --config {params.config} --out {output} --threads {threads} > {log} 2>&1"
