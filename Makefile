@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 decode: $(STAMP)
-	$(BIN)/snakemake --cores $(CORES) --configfile $(CONFIG) decode
+	$(BIN)/snakemake decode --cores $(CORES) --configfile $(CONFIG)
 	@$(BIN)/mindvis where --config $(CONFIG)
 
 test: $(STAMP)
