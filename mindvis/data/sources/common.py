@@ -385,14 +385,13 @@ def average_repeats(fmri, stimulus_id):
 
 
 def noise_ceiling(fmri, stimulus_id):
-    """Per-voxel noise ceiling from repeated test trials (the NSD definition).
+    """Per-voxel NCSNR and noise ceiling from repeated test trials.
 
-    Each voxel is z-scored over the test trials; the noise variance is the mean
-    over stimuli of the variance across their repeats (ddof 1), the signal
-    variance is what remains of the unit total, ``ncsnr = sd_signal / sd_noise``
-    and the noise ceiling of an average of ``n`` repeats is
-    ``100 * ncsnr**2 / (ncsnr**2 + 1 / n)`` percent of explainable variance
-    (Allen et al. 2022, Nature Neuroscience).
+    The definition is the preprocessing stage's
+    (:func:`mindvis.preprocess.quality.noise_ceiling`, Allen et al. 2022), so
+    adapters and BIDS preprocessing report the same quantity; here it is
+    applied a block of voxels at a time, so float64 copies of the test trials
+    stay small (NSD: 3,000 x 15,000).
 
     Parameters
     ----------
@@ -405,30 +404,18 @@ def noise_ceiling(fmri, stimulus_id):
     noise_ceiling : float32 [V] or None
         None when no stimulus was shown at least twice.
     """
+    from mindvis.preprocess.quality import noise_ceiling as ncsnr_and_ceiling
+
     stimulus_id = np.asarray(stimulus_id).astype(str)
-    ids, inverse, counts = np.unique(stimulus_id, return_inverse=True, return_counts=True)
-    repeated = counts >= 2
-    if not repeated.any():
+    _, counts = np.unique(stimulus_id, return_counts=True)
+    if not (counts >= 2).any():
         return None, None
-    keep = np.flatnonzero(repeated[inverse])
-    groups = inverse[keep]
-    n = counts[:, None].astype(np.float64)
-    noise_var = np.empty(fmri.shape[1])
-    # A block of voxels at a time: float64 copies of the test trials stay small (NSD: 3,000 x 15,000).
+    ncsnr = np.empty(fmri.shape[1], dtype=np.float32)
+    ceiling = np.empty(fmri.shape[1], dtype=np.float32)
     for start in range(0, fmri.shape[1], COLUMN_BLOCK):
         columns = slice(start, start + COLUMN_BLOCK)
-        data = fmri[keep, columns].astype(np.float64)
-        std = data.std(axis=0)
-        data = (data - data.mean(axis=0)) / np.where(std > 0, std, 1.0)
-        sums = group_sums(data, groups, len(ids))
-        sums_sq = group_sums(data ** 2, groups, len(ids))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            within = (sums_sq - sums ** 2 / n) / (n - 1)
-        noise_var[columns] = np.nanmean(within[repeated], axis=0)
-    ncsnr = np.sqrt(np.maximum(0.0, 1.0 - noise_var)) / np.sqrt(np.maximum(noise_var, 1e-12))
-    n_avg = float(np.mean(counts[repeated]))
-    ceiling = 100.0 * ncsnr ** 2 / (ncsnr ** 2 + 1.0 / n_avg)
-    return ncsnr.astype(np.float32), ceiling.astype(np.float32)
+        ncsnr[columns], ceiling[columns] = ncsnr_and_ceiling(fmri[:, columns], stimulus_id)
+    return ncsnr, ceiling
 
 
 def _stimulus_split(source, ids, config, split_name):
