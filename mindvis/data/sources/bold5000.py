@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mindvis.data.sources.common import SourceData, line_geometry, require_file, source_subject, subject_number
+from mindvis.data.sources.common import (SourceData, line_geometry, load_rgb_image, require_file, source_subject,
+                                         subject_number)
 from mindvis.errors import MindvisError
 
 BOLD5000_TR = 2.0
@@ -81,13 +82,6 @@ def _image_index(stimuli_dir):
     return index
 
 
-def _load_image(path):
-    from PIL import Image
-
-    with Image.open(path) as picture:
-        return np.asarray(picture.convert("RGB"))
-
-
 def read_bold5000(config, subject):
     """Read one BOLD5000 subject (``CSI1`` ..) into a :class:`SourceData`."""
     section = config["data"]["bold5000"]
@@ -132,7 +126,7 @@ def read_bold5000(config, subject):
         part=part, stimulus_id=np.asarray(names, dtype=object), run=runs, read_trials=read_trials,
         n_voxels=n_voxels, voxel_ijk=voxel_ijk, affine=affine, volume_shape=volume_shape,
         voxel_roi=np.asarray(rois, dtype=object),
-        images={n: (lambda p=index[n][1]: _load_image(p)) for n in set(names)}, stimulus_label=labels,
+        images={n: (lambda p=index[n][1]: load_rgb_image(p)) for n in set(names)}, stimulus_label=labels,
         class_names=list(COLLECTIONS), tr=BOLD5000_TR,
         input_files=beta_files + list_files + [repeated_path] + sorted(index[n][1] for n in set(names)),
         notes={"attribution": BOLD5000_ATTRIBUTION, "source_subject": name, "rois": list(section["rois"]),

@@ -182,6 +182,14 @@ def require_file(path, key, fix=None):
     return path
 
 
+def load_rgb_image(path):
+    """An image file (JPEG, PNG, ..) as uint8 [H, W, 3]; stimulus images are read lazily through this."""
+    from PIL import Image
+
+    with Image.open(path) as picture:
+        return np.asarray(picture.convert("RGB"))
+
+
 def prepare_image(image, image_size, channels, fit="crop", path=None, key=None):
     """Bring one stimulus image to the model's square size and channel count.
 

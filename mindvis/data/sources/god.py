@@ -54,8 +54,8 @@ from pathlib import Path
 import numpy as np
 
 from mindvis.data.sources.arrays import ArrayFile
-from mindvis.data.sources.common import (SourceData, coordinates_geometry, line_geometry, require_file,
-                                         source_subject, subject_number)
+from mindvis.data.sources.common import (SourceData, coordinates_geometry, line_geometry, load_rgb_image,
+                                         require_file, source_subject, subject_number)
 from mindvis.errors import MindvisError
 
 log = logging.getLogger(__name__)
@@ -323,13 +323,6 @@ def _index_images(folder, extensions=(".jpeg", ".jpg", ".png", ".bmp", ".tif", "
     return index
 
 
-def _load_image(path):
-    from PIL import Image
-
-    with Image.open(path) as picture:
-        return np.asarray(picture.convert("RGB"))
-
-
 def read_god_bdata(config, subject):
     """Read one subject's GOD BData HDF5 into a :class:`SourceData`."""
     section = config["data"]["god_bdata"]
@@ -395,7 +388,7 @@ def read_god_bdata(config, subject):
         part=np.where(is_train[rows], "train", "test").astype(object), stimulus_id=names,
         run=run[rows].astype(np.int64), read_trials=read_trials, n_voxels=len(voxels), voxel_ijk=voxel_ijk,
         affine=affine, volume_shape=volume_shape, voxel_roi=voxel_roi,
-        images={n: (lambda p=index[n]: _load_image(p)) for n in set(names)}, stimulus_label=labels,
+        images={n: (lambda p=index[n]: load_rgb_image(p)) for n in set(names)}, stimulus_label=labels,
         class_names=class_names, tr=GOD_TR, input_files=[path] + sorted(index[n] for n in set(names)),
         close=bdata.close,
         notes={"attribution": GOD_ATTRIBUTION, "source_subject": name, "roi": roi_key, "voxel_grid": grid,
