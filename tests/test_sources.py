@@ -676,3 +676,39 @@ def test_cli_convert(tmp_path, rng):
     args[4] = "sub-08"  # no sub-08.npz: a clear error, exit status 2, nothing written
     assert main(args[:5] + ["--out", str(tmp_path / "x.h5"), "--stimuli-out", str(tmp_path / "s.h5")]) == 2
     assert not (tmp_path / "x.h5").exists()
+
+
+# -- the image corpus of a real data set (subjects' stimulus files merged) ------------------------------------
+
+def write_stimulus_file(path, rng, train_ids, test_ids, class_names=("a", "b")):
+    from mindvis.data.stimuli import StimulusSet, StimulusSplit, save_stimulus_set
+
+    def split(ids):
+        ids = list(ids)
+        images = np.stack([np.full((6, 6, 3), int(sid[1:]), np.uint8) for sid in ids]) if ids else \
+            np.zeros((0, 6, 6, 3), np.uint8)
+        return StimulusSplit(images, np.arange(len(ids)) % 2, np.array(ids, dtype=object), np.arange(len(ids)))
+
+    save_stimulus_set(StimulusSet({"train": split(train_ids), "test": split(test_ids), "pool": split([])},
+                                  list(class_names), {"source": f"test:{path.name}"}), path)
+
+
+def test_merge_stimulus_files_keeps_every_training_image_once_and_no_test_image(tmp_path, rng):
+    from mindvis.data.sources.corpus import merge_stimulus_files
+
+    # subject 2 trains on s3, which subject 1 is tested on (NSD: a shared image seen by one subject only so far)
+    write_stimulus_file(tmp_path / "a.h5", rng, ["s1", "s2", "s5"], ["s3", "s4"])
+    write_stimulus_file(tmp_path / "b.h5", rng, ["s2", "s3", "s6"], ["s4"])
+    summary = merge_stimulus_files([tmp_path / "a.h5", tmp_path / "b.h5"], tmp_path / "merged.h5")
+    merged = load_stimulus_set(tmp_path / "merged.h5")
+    assert list(merged["train"].stimulus_id) == ["s1", "s2", "s5", "s6"]
+    assert list(merged["test"].stimulus_id) == ["s3", "s4"] and len(merged["pool"]) == 0
+    assert summary == {"files": 2, "train": 4, "test": 2, "train_dropped_as_test": 1}
+    # each image travels with its id (pixel value = id number) and its label
+    assert [int(image[0, 0, 0]) for image in merged["train"].images] == [1, 2, 5, 6]
+    assert list(merged["train"].label) == [0, 1, 0, 0] and merged.class_names == ["a", "b"]
+
+    write_stimulus_file(tmp_path / "c.h5", rng, ["s7"], ["s8"], class_names=("a", "c"))
+    with pytest.raises(MindvisError, match=r"c\.h5.*class_names.*class names differ from those of .*a\.h5"):
+        merge_stimulus_files([tmp_path / "a.h5", tmp_path / "c.h5"], tmp_path / "bad.h5")
+    assert not (tmp_path / "bad.h5").exists()

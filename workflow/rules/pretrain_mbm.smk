@@ -1,12 +1,13 @@
-# SC-MBM pretraining: one job over every subject's training trials and every
-# resting-state subject (test trials are never read; see mindvis.train.pretrain_mbm).
+# SC-MBM pretraining: one job over every subject's training trials and the resting-state
+# corpus: the simulated rest subjects for the embedded default, HCP subjects (data.hcp.subjects)
+# when listed. Test trials are never read; see mindvis.train.pretrain_mbm.
 
 
 rule pretrain_mbm:
     """Pretrain the masked brain model (the fMRI encoder) on all subjects; writes results/pretrain/mbm/."""
     input:
         responses=expand("results/{subject}/responses.h5", subject=SUBJECTS),
-        rest=expand("results/pretrain/rest/{subject}.h5", subject=REST_SUBJECTS),
+        rest=mbm_rest_inputs(),
     output:
         config="results/pretrain/mbm/config.json",
         weights="results/pretrain/mbm/diffusion_pytorch_model.safetensors",

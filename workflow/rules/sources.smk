@@ -2,6 +2,7 @@
 # (mindvis/data/sources/) into the same files the preprocess stage writes for
 # BIDS. The convert rule exists only for adapter sources, and the preprocess
 # rule only for BIDS sources, so exactly one rule can make responses.h5.
+# HCP resting state (data.hcp.subjects) joins the SC-MBM corpus through convert_rest.
 
 if USES_ADAPTER:
 
@@ -23,3 +24,47 @@ if USES_ADAPTER:
         shell:
             "mindvis convert --config {params.config} --subject {wildcards.subject}"
             " --out {output.responses} --stimuli-out {output.stimuli} --threads {threads} > {log} 2>&1"
+
+
+    rule merge_stimuli:
+        """The subjects' stimulus files as one image corpus for pretrain_ldm (no test image of any subject trains)."""
+        input:
+            stimuli=subject_stimuli_all(),
+        output:
+            stimuli=LDM_STIMULI,
+        conda:
+            "../envs/mindvis.yaml"
+        params:
+            config=RESOLVED_CONFIG,
+        log:
+            "logs/merge_stimuli.log",
+        threads: 1
+        resources:
+            mem_mb=2000,
+        shell:
+            "mindvis merge-stimuli --config {params.config} --stimuli {input.stimuli} --out {output.stimuli}"
+            " > {log} 2>&1"
+
+
+rule convert_rest:
+    """One HCP subject's resting-state CIFTI runs (data.hcp) to a resting-state file for SC-MBM pretraining."""
+    input:
+        unpack(hcp_inputs),
+    output:
+        rest="results/pretrain/rest/hcp-{hcp_id}.h5",
+    conda:
+        "../envs/mindvis.yaml"
+    params:
+        config=RESOLVED_CONFIG,
+        digest=config_digest("data"),
+    log:
+        "logs/convert_rest/hcp-{hcp_id}.log",
+    wildcard_constraints:
+        hcp_id=r"[0-9]+",
+    threads: 1
+    resources:
+        # One run's visual grayordinates in float64 plus a 100-TR read chunk: well under 1 GB.
+        mem_mb=2000,
+    shell:
+        "mindvis convert-rest --config {params.config} --hcp-subject {wildcards.hcp_id}"
+        " --subject sub-hcp{wildcards.hcp_id} --out {output.rest} --threads {threads} > {log} 2>&1"

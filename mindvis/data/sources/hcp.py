@@ -26,6 +26,10 @@ What it does
    contract), dropping grayordinates that are constant or not finite in any run;
 4. writes the resting-state HDF5 with :func:`mindvis.data.responses.write_rest`.
 
+In the workflow, the ``convert_rest`` rule runs this for every id in
+``data.hcp.subjects`` (``results/pretrain/rest/hcp-<id>.h5``, labelled
+``sub-hcp<id>``), and ``pretrain_mbm`` adds those files to its corpus.
+
 Surface vertices have no voxel grid: grayordinates are laid on a 1-D grid
 (``voxel_ijk[:, 0]`` = grayordinate index, ``volume_shape`` = (91282, 1, 1))
 and ``voxel_roi`` holds each one's label name.
