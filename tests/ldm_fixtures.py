@@ -95,7 +95,10 @@ def write_synthetic_stimuli(path, size=16, n_train_per_class=8, n_test_per_class
                          ("test", np.repeat(np.arange(3), n_test_per_class)),
                          ("pool", rng.integers(0, 3, n_pool))):
         images = np.stack([class_image(label, size, rng) for label in labels])
-        splits[name] = StimulusSplit(images=images, label=labels if name != "pool" else np.full(len(labels), -1),
+        # Half the pool is unlabelled (-1), as in a source without pool labels: both paths are exercised.
+        if name == "pool":
+            labels = np.where(np.arange(len(labels)) % 2 == 0, labels, -1)
+        splits[name] = StimulusSplit(images=images, label=labels,
                                      stimulus_id=np.array([f"{name}-{i:04d}" for i in range(len(labels))], object),
                                      source_index=np.arange(len(labels)))
     stimulus_set = StimulusSet(splits=splits, class_names=list(CLASS_NAMES),

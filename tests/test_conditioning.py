@@ -69,3 +69,39 @@ def test_condition_select_and_cat():
     torch.testing.assert_close(picked.pooled, torch.tensor([[4.0, 5.0], [0.0, 1.0]]))
     both = Condition.cat([picked, condition])
     assert both.context.shape == (5, 4, 2)
+
+
+def test_class_conditioner_without_classes_is_unconditional():
+    """A stimulus set without classes (NSD) gives a conditioner that only knows the null condition."""
+    import pytest
+
+    conditioner = ClassConditioner(n_classes=0, context_tokens=3, cross_attention_dim=4, pooled_dim=5)
+    condition = conditioner(torch.tensor([-1, -1]))
+    assert condition.context.shape == (2, 3, 4) and condition.pooled.shape == (2, 5)
+    torch.testing.assert_close(condition.context, conditioner.null(2).context)
+    with pytest.raises(ValueError, match="no classes"):
+        conditioner(torch.tensor([0]))
+
+
+def test_voxel_path_starts_the_condition_from_its_linear_map_alone():
+    """With a voxel path, the encoder path is exactly zero at the start: the condition is W @ fmri + b."""
+    conditioner = _conditioner(n_voxels=9)
+    tokens, fmri = torch.randn(3, 7, 6), torch.randn(3, 9)
+    start = conditioner(tokens, fmri=fmri)
+    assert torch.count_nonzero(start.context) == 0 and torch.count_nonzero(start.pooled) == 0
+    weight, bias = torch.randn(5 * 8 + 12, 9), torch.randn(5 * 8 + 12)
+    conditioner.set_voxel_map(weight, bias)
+    condition = conditioner(tokens, fmri=fmri)
+    expected = fmri @ weight.T + bias
+    torch.testing.assert_close(condition.context.flatten(1), expected[:, :40])
+    torch.testing.assert_close(condition.pooled, expected[:, 40:])
+    # The encoder path still learns: its zeroed first layer gets a gradient.
+    conditioner.train()
+    conditioner(tokens, fmri=fmri).context.pow(2).sum().backward()
+    assert conditioner.width_map.weight.grad.abs().sum() > 0
+    import pytest
+
+    with pytest.raises(ValueError, match="voxel path takes 9 voxels"):
+        conditioner(tokens)
+    with pytest.raises(ValueError, match="no voxel path"):
+        _conditioner().set_voxel_map(weight, bias)

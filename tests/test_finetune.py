@@ -58,7 +58,9 @@ def test_pretrain_ldm_writes_a_loadable_base_from_pool_and_train_images_only(wor
     assert len(images) == len(stimuli["pool"]) - 4 + len(stimuli["train"]) and len(val) == 4
     test_images = {image.tobytes() for image in stimuli["test"].images}
     assert not any(image.tobytes() in test_images for image in np.concatenate([images, val]))
-    assert (labels[: len(stimuli["pool"]) - 4] == -1).all()
+    # Pool labels are kept where the source has them (-1 where it has not); training labels always.
+    assert set(np.unique(labels[: len(stimuli["pool"]) - 4])) <= {-1, 0, 1, 2}
+    assert (labels[len(stimuli["pool"]) - 4:] == stimuli["train"].label).all()
 
 
 def test_trainable_groups_select_the_intended_parameters(workspace):
@@ -160,3 +162,70 @@ def test_generate_writes_seeded_samples_attention_and_scores(workspace, finetune
     assert difference.max() <= 1 and again["n_stimuli"] == 3
     with h5py.File(root / "samples" / "samples.h5") as handle:
         assert json.loads(handle.attrs["config"])["generate"]["steps"] == 3
+
+
+def test_alignment_loss_is_relative_and_ignores_unknown_classes():
+    from mindvis.models.conditioning import Condition
+    from mindvis.train.finetune import alignment_loss
+
+    generator = torch.Generator().manual_seed(0)
+    target = Condition(torch.randn(4, 3, 5, generator=generator), torch.randn(4, 7, generator=generator))
+    known = torch.tensor([True, True, False, True])
+    assert alignment_loss(target, target, known).item() == 0.0
+    # Only known rows count: changing an unknown row changes nothing.
+    moved = Condition(target.context.clone(), target.pooled.clone())
+    moved.context[2] += 100.0
+    assert alignment_loss(moved, target, known).item() == 0.0
+    # Relative: the null prediction scores 1 at any scale of the target.
+    zero = Condition(torch.zeros_like(target.context), torch.zeros_like(target.pooled))
+    scaled = Condition(target.context * 10, target.pooled * 10)
+    assert alignment_loss(zero, target, known).item() == pytest.approx(1.0)
+    assert alignment_loss(zero, scaled, known).item() == pytest.approx(1.0)
+    assert alignment_loss(zero, target, torch.zeros(4, dtype=torch.bool)).item() == 0.0
+
+
+def test_alignment_needs_a_base_with_class_conditions(workspace, tmp_path):
+    from ldm_fixtures import save_tiny_sd
+
+    root, config = workspace["root"], workspace["config"]
+    sd = save_tiny_sd(tmp_path / "sd")
+    with pytest.raises(MindvisError, match="class conditions") as info:
+        finetune({**config, "finetune": {**config["finetune"], "align_weight": 1.0}}, "sub-01",
+                 root / "responses.h5", root / "stimuli.h5", sd, tmp_path / "out", mbm_dir=root / "mbm")
+    assert info.value.key == "finetune.align_weight" and not (tmp_path / "out" / "dcldm.json").exists()
+
+
+def test_ridge_voxel_map_picks_alpha_on_val_and_refits_on_train_and_val():
+    from sklearn.linear_model import Ridge
+
+    from mindvis.models.conditioning import ClassConditioner
+    from mindvis.train.finetune import class_condition_targets, fit_ridge_voxel_map
+
+    torch.manual_seed(0)
+    classes = ClassConditioner(n_classes=3, context_tokens=2, cross_attention_dim=4, pooled_dim=5)
+    rng = np.random.default_rng(0)
+    patterns = rng.normal(size=(3, 20))
+
+    def trials(n):
+        labels = rng.integers(0, 3, n)
+        return patterns[labels] + rng.normal(scale=2.0, size=(n, 20)), labels
+
+    (x_train, y_train), (x_val, y_val) = trials(60), trials(30)
+    y_val[0] = -1  # unknown classes are left out
+    alphas = [0.1, 10.0, 1000.0]
+    weight, bias, report = fit_ridge_voxel_map(x_train, y_train, x_val, y_val, classes, alphas)
+    known = y_val >= 0
+    targets_val = class_condition_targets(classes, y_val[known])
+
+    def val_error(alpha):
+        prediction = Ridge(alpha=alpha).fit(x_train, class_condition_targets(classes, y_train)).predict(x_val[known])
+        return np.mean(((prediction - targets_val) ** 2).sum(1) / (targets_val ** 2).sum(1))
+
+    brute = {alpha: val_error(alpha) for alpha in alphas}
+    assert report["alpha"] == min(brute, key=brute.get) and report["n_val"] == known.sum()
+    for alpha in alphas:
+        assert report["val_relative_error"][alpha] == pytest.approx(brute[alpha], rel=1e-6)
+    refit = Ridge(alpha=report["alpha"]).fit(np.concatenate([x_train, x_val[known]]),
+                                             class_condition_targets(classes, np.concatenate([y_train, y_val[known]])))
+    np.testing.assert_allclose(weight, refit.coef_, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(bias, refit.intercept_, rtol=1e-4, atol=1e-5)

@@ -8,7 +8,7 @@ Groups ``train``, ``test`` and ``pool``, each holding
 dataset            dtype / shape                     meaning
 =================  ================================  ==========================================
 ``images``         uint8 [N, H, W, C]                the images as shown (C = 1 grey or 3 RGB)
-``label``          int64 [N]                         class index into ``class_names``; -1 in ``pool``
+``label``          int64 [N]                         class index into ``class_names``; -1 when unknown
 ``stimulus_id``    UTF-8 str [N]                     unique id, e.g. ``train-0007``, ``test-0003``
 ``source_index``   int64 [N]                         index of the image in its source file
 =================  ================================  ==========================================
@@ -21,7 +21,11 @@ The split mirrors Kamitani's Generic Object Decoding: ``train`` holds distinct
 images each shown once, ``test`` holds few images shown many times, and
 ``pool`` holds further images from the same source (never a train or test
 image) for pretraining the image generator. Training and pool images come from
-the source's training file, test images from its test file.
+the source's training file, test images from its test file. Pool images keep
+their class labels: they are the generator's "captions", the stand-in for the
+text that a pretrained text-to-image model learned from. They are never paired
+with fMRI, so no decoder sees a pool label; a source without labels for its
+pool writes -1.
 """
 
 from __future__ import annotations
@@ -224,12 +228,12 @@ def build_stimulus_set(config, out_path):
                            key="stimuli.n_pool", fix="lower stimuli.n_pool or install dataset-fashion-mnist.")
     pool_rows = np.sort(rng.choice(remaining, section["n_pool"], replace=False))
 
-    def make(images, labels, rows, prefix, keep_labels=True):
+    def make(images, labels, rows, prefix):
         fitted = np.stack([fit_image(images[r], section["image_size"], section["channels"]) for r in rows]) \
             if len(rows) else np.zeros((0, section["image_size"], section["image_size"], section["channels"]), np.uint8)
         return StimulusSplit(
             images=fitted,
-            label=labels[rows] if keep_labels else np.full(len(rows), -1, dtype=np.int64),
+            label=labels[rows].astype(np.int64),
             stimulus_id=np.array([f"{prefix}-{i:04d}" for i in range(len(rows))], dtype=object),
             source_index=rows.astype(np.int64),
         )
@@ -237,7 +241,7 @@ def build_stimulus_set(config, out_path):
     splits = {
         "train": make(train_images, train_labels, train_rows, "train"),
         "test": make(test_images, test_labels, test_rows, "test"),
-        "pool": make(train_images, train_labels, pool_rows, "pool", keep_labels=False),
+        "pool": make(train_images, train_labels, pool_rows, "pool"),
     }
     attrs = {
         "source": f"fashion_mnist:{folder}",

@@ -10,7 +10,11 @@ during training and as the unconditional branch of classifier-free guidance.
 * :class:`FmriConditioner` maps the SC-MBM encoder's tokens: a width mapping
   (encoder width -> cross-attention width) and a token-count mapping (a 1x1
   convolution over the token axis, as MinD-Vis's channel mapper), then a pooled
-  projection of the mean mapped token.
+  projection of the mean mapped token. Optionally (``n_voxels`` > 0) a linear
+  *voxel path* from the fMRI itself adds to both, around the encoder: the
+  fine-tuning stage can start it from a closed-form ridge fit
+  (:meth:`FmriConditioner.set_voxel_map`), and the encoder path then starts at
+  zero and learns what the linear map misses.
 * :class:`ClassConditioner` is the embedded base generator's stand-in for a
   text encoder: one learned context and pooled vector per class, plus null.
 
@@ -69,11 +73,14 @@ class FmriConditioner(_NullMixin, ModelMixin, ConfigMixin):
         Width of the UNet's timestep embedding.
     dropout : float
         Dropout on the mapped tokens during training.
+    n_voxels : int
+        Width of the fMRI vectors for the linear voxel path; 0 (MinD-Vis's
+        mapper) leaves it out.
     """
 
     @register_to_config
     def __init__(self, input_tokens: int, input_dim: int, context_tokens: int, cross_attention_dim: int,
-                 pooled_dim: int, dropout: float = 0.0):
+                 pooled_dim: int, dropout: float = 0.0, n_voxels: int = 0):
         super().__init__()
         self.norm = nn.LayerNorm(input_dim)
         self.width_map = nn.Linear(input_dim, cross_attention_dim)
@@ -82,17 +89,31 @@ class FmriConditioner(_NullMixin, ModelMixin, ConfigMixin):
         self.token_dropout = nn.Dropout(dropout)
         self.pooled_proj = nn.Sequential(nn.Linear(cross_attention_dim, pooled_dim), nn.SiLU(),
                                          nn.Linear(pooled_dim, pooled_dim))
+        self.voxel_map = None
+        if n_voxels:
+            # The encoder path starts at exactly zero beside the voxel path (as ControlNet's zero convolutions
+            # do), so a ridge-initialised voxel map alone sets the starting condition; gradients still reach
+            # every layer once the zeroed ones move.
+            for layer in (self.width_map, self.pooled_proj[-1]):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+            nn.init.zeros_(self.token_map.bias)
+            self.voxel_map = nn.Linear(n_voxels, context_tokens * cross_attention_dim + pooled_dim)
+            nn.init.zeros_(self.voxel_map.weight)
+            nn.init.zeros_(self.voxel_map.bias)
         self.null_context = nn.Parameter(torch.zeros(context_tokens, cross_attention_dim))
         self.null_pooled = nn.Parameter(torch.zeros(pooled_dim))
 
-    def forward(self, tokens, token_mask=None):
-        """Map encoder tokens to a condition.
+    def forward(self, tokens, token_mask=None, fmri=None):
+        """Map encoder tokens (and, with a voxel path, the fMRI itself) to a condition.
 
         Parameters
         ----------
         tokens : [B, input_tokens, input_dim] float
         token_mask : [B, input_tokens] bool, optional
             False at padded tokens; they are zeroed so they cannot carry information.
+        fmri : [B, n_voxels] float, optional
+            The voxel vectors; required when the conditioner has a voxel path.
 
         Returns
         -------
@@ -106,7 +127,29 @@ class FmriConditioner(_NullMixin, ModelMixin, ConfigMixin):
             hidden = hidden * token_mask[..., None].to(hidden.dtype)
         context = self.token_dropout(self.token_map(hidden))
         pooled = self.pooled_proj(context.mean(dim=1))
+        if self.voxel_map is not None:
+            if fmri is None or fmri.shape[-1] != self.config.n_voxels:
+                got = None if fmri is None else fmri.shape[-1]
+                raise ValueError(f"this conditioner's voxel path takes {self.config.n_voxels} voxels, got {got}")
+            direct = self.voxel_map(fmri.to(self.voxel_map.weight.dtype))
+            n_context = context.shape[1] * context.shape[2]
+            context = context + direct[:, :n_context].reshape(context.shape)
+            pooled = pooled + direct[:, n_context:]
         return Condition(context, pooled)
+
+    @torch.no_grad()
+    def set_voxel_map(self, weight, bias):
+        """Set the voxel path: ``condition = weight @ fmri + bias`` (flattened context, then pooled).
+
+        Parameters
+        ----------
+        weight : [context_tokens * cross_attention_dim + pooled_dim, n_voxels] tensor
+        bias : [context_tokens * cross_attention_dim + pooled_dim] tensor
+        """
+        if self.voxel_map is None:
+            raise ValueError("this conditioner has no voxel path (n_voxels = 0)")
+        self.voxel_map.weight.copy_(torch.as_tensor(weight, dtype=self.voxel_map.weight.dtype))
+        self.voxel_map.bias.copy_(torch.as_tensor(bias, dtype=self.voxel_map.bias.dtype))
 
     def token_weights(self):
         """``[context_tokens, input_tokens]``: how strongly each context token draws on each encoder token.
@@ -151,6 +194,10 @@ class ClassConditioner(_NullMixin, ModelMixin, ConfigMixin):
     def forward(self, labels):
         """labels: int64 [B], class index or -1 for null -> Condition."""
         labels = torch.as_tensor(labels, device=self.context.device)
+        if self.config.n_classes == 0:  # a stimulus set without classes (NSD): an unconditional generator
+            if bool((labels >= 0).any()):
+                raise ValueError("this class conditioner has no classes; only -1 (null) is valid")
+            return self.null(len(labels))
         unknown = labels < 0
         safe = labels.clamp_min(0)
         context = torch.where(unknown[:, None, None], self.null_context[None], self.context[safe])

@@ -357,9 +357,9 @@ class DCLDM(torch.nn.Module):
 
     def condition(self, fmri):
         """fmri: float32 [B, V] -> :class:`~mindvis.models.conditioning.Condition`."""
-        return self.conditioner(self.encoder.encode(fmri), self.token_mask(fmri))
+        return self.conditioner(self.encoder.encode(fmri), self.token_mask(fmri), fmri=fmri)
 
-    def forward(self, noisy_latents, timesteps, fmri, drop=None):
+    def forward(self, noisy_latents, timesteps, fmri, drop=None, return_condition=False):
         """Predict the noise (or v) of noisy latents given fMRI.
 
         Parameters
@@ -370,18 +370,21 @@ class DCLDM(torch.nn.Module):
         drop : [B] bool, optional
             Samples whose condition is replaced by the learned null condition
             (condition dropout, for classifier-free guidance).
+        return_condition : bool
+            Also return the fMRI condition (before dropout), for the alignment loss.
 
         Returns
         -------
-        Tensor
-            [B, 4, h, w], the UNet's prediction.
+        Tensor or (Tensor, Condition)
+            [B, 4, h, w], the UNet's prediction (and the condition).
         """
         noisy_latents = noisy_latents.contiguous()  # see Generator.encode
-        condition = self.condition(fmri)
+        condition = used = self.condition(fmri)
         if drop is not None:
             null = self.conditioner.null(len(condition))
-            condition = type(condition)(
+            used = type(condition)(
                 torch.where(drop[:, None, None], null.context.to(condition.context.dtype), condition.context),
                 torch.where(drop[:, None], null.pooled.to(condition.pooled.dtype), condition.pooled))
-        return self.unet(noisy_latents, timesteps, encoder_hidden_states=condition.context,
-                         class_labels=condition.pooled).sample
+        prediction = self.unet(noisy_latents, timesteps, encoder_hidden_states=used.context,
+                               class_labels=used.pooled).sample
+        return (prediction, condition) if return_condition else prediction

@@ -128,7 +128,8 @@ def build_decoder(config, generator, n_voxels, mbm_dir=None, baseline=False):
     conditioner = FmriConditioner(input_tokens=1 + encoder.n_tokens, input_dim=encoder.config.embed_dim,
                                   context_tokens=generator.context_tokens,
                                   cross_attention_dim=generator.cross_attention_dim,
-                                  pooled_dim=generator.pooled_dim, dropout=config["finetune"]["mapper_dropout"])
+                                  pooled_dim=generator.pooled_dim, dropout=config["finetune"]["mapper_dropout"],
+                                  n_voxels=int(n_voxels) if config["finetune"]["voxel_path"] else 0)
     # The base was trained with its own null condition: starting from it keeps the unconditional branch intact.
     if generator.class_conditioner is not None:
         conditioner.init_null_from(generator.class_conditioner)
@@ -185,6 +186,66 @@ def load_dcldm(folder, base=None, dtype=None):
     return generator, decoder.eval(), meta
 
 
+# -- ridge start of the voxel path -----------------------------------------------
+
+def class_condition_targets(class_conditioner, labels):
+    """Flattened base conditions (context, then pooled) of ``labels``: float64 [N, T * D + P]."""
+    with torch.no_grad():
+        condition = class_conditioner(torch.as_tensor(labels, dtype=torch.int64).clamp_min(0))
+    return torch.cat([condition.context.flatten(1), condition.pooled], dim=1).double().numpy()
+
+
+def fit_ridge_voxel_map(train_fmri, train_labels, val_fmri, val_labels, class_conditioner, alphas):
+    """Closed-form ridge from fMRI to the base's class conditions, alpha chosen on the validation split.
+
+    Solves ``min ||Y - X W - b||^2 + alpha ||W||^2`` for every alpha through one
+    SVD of the centred training fMRI, where ``Y`` holds each training trial's
+    target condition (:func:`class_condition_targets`); picks the alpha with
+    the lowest relative squared error on the validation trials (the alignment
+    loss's measure), then refits on training + validation trials with it.
+    Trials of unknown class (-1) are left out.
+
+    Returns
+    -------
+    weight : float32 [T * D + P, V]
+    bias : float32 [T * D + P]
+    report : dict
+        ``alpha``, ``val_relative_error`` per alpha, ``n_train``, ``n_val``.
+    """
+    def fit(x, y, alpha_list):
+        mean_x, mean_y = x.mean(0), y.mean(0)
+        u, singular, vt = np.linalg.svd(x - mean_x, full_matrices=False)
+        projected = u.T @ (y - mean_y)
+        for alpha in alpha_list:
+            weight = vt.T @ ((singular / (singular ** 2 + alpha))[:, None] * projected)
+            yield alpha, weight, mean_y - mean_x @ weight
+
+    def relative_error(x, y, weight, bias):
+        prediction = x @ weight + bias
+        return float(np.mean(((prediction - y) ** 2).sum(1) / np.maximum((y ** 2).sum(1), 1e-12)))
+
+    train_known, val_known = np.asarray(train_labels) >= 0, np.asarray(val_labels) >= 0
+    x_train = np.asarray(train_fmri, np.float64)[train_known]
+    y_train = class_condition_targets(class_conditioner, np.asarray(train_labels)[train_known])
+    x_val = np.asarray(val_fmri, np.float64)[val_known]
+    y_val = class_condition_targets(class_conditioner, np.asarray(val_labels)[val_known])
+    if len(x_train) < 2:
+        raise MindvisError("too few training trials of known class to fit the voxel path", key="finetune.ridge_init",
+                           fix="set finetune.ridge_init: false, or check the labels in responses.h5.")
+    errors = {}
+    if len(x_val):
+        errors = {float(alpha): relative_error(x_val, y_val, weight, bias)
+                  for alpha, weight, bias in fit(x_train, y_train, alphas)}
+        alpha = min(errors, key=errors.get)
+        x_all, y_all = np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val])
+    else:
+        alpha, x_all, y_all = float(np.median(alphas)), x_train, y_train
+        log.warning("no validation trials: the voxel path's ridge uses the median alpha %g", alpha)
+    _, weight, bias = next(fit(x_all, y_all, [alpha]))
+    report = {"alpha": alpha, "val_relative_error": errors, "n_train": int(len(x_train)), "n_val": int(len(x_val))}
+    return weight.T.astype(np.float32), bias.astype(np.float32), report
+
+
 # -- data -----------------------------------------------------------------------
 
 class PairedTrials:
@@ -234,8 +295,32 @@ def diffusion_target(scheduler, latents, noise, timesteps):
     return noise
 
 
+def alignment_loss(condition, target, known):
+    """Relative squared error between the fMRI condition and the base's condition for the seen image's class.
+
+    ``||c - t||^2 / ||t||^2`` per sample, for the context and the pooled vector,
+    averaged over the samples whose class is known (``known``); 0 when none is.
+    The base's own conditions set the target, so the mapper learns to speak the
+    generator's language (as Brain-Diffuser and Takagi & Nishimoto regress fMRI
+    onto the text embeddings their generator reads).
+    """
+    if not bool(known.any()):
+        return condition.context.sum() * 0.0
+    total = 0.0
+    for ours, theirs in ((condition.context, target.context), (condition.pooled, target.pooled)):
+        ours, theirs = ours[known].flatten(1).float(), theirs[known].flatten(1).float()
+        total = total + ((ours - theirs) ** 2).sum(1).div(theirs.pow(2).sum(1).clamp_min(1e-8)).mean()
+    return total / 2
+
+
 def make_loss_fn(generator, scheduler, settings):
-    """The fine-tuning loss: encode (augmented) images with the frozen VAE, noise them, predict."""
+    """The fine-tuning loss: encode (augmented) images with the frozen VAE, noise them, predict.
+
+    With ``finetune.align_weight`` > 0, adds that weight x :func:`alignment_loss`
+    against the base generator's class condition of each trial's image.
+    """
+    align_weight = float(settings["align_weight"])
+    class_conditioner = generator.class_conditioner if align_weight > 0 else None
 
     def loss_fn(model, batch):
         images = augment_images(batch["images"], settings["crop_pixels"], settings["hflip"])
@@ -245,9 +330,15 @@ def make_loss_fn(generator, scheduler, settings):
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), device=latents.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         drop = torch.rand(len(latents), device=latents.device) < settings["cond_dropout"]
-        prediction = model(noisy, timesteps, batch["fmri"], drop=drop)
-        loss = F.mse_loss(prediction.float(), diffusion_target(scheduler, latents, noise, timesteps))
-        return loss, {}
+        prediction, condition = model(noisy, timesteps, batch["fmri"], drop=drop, return_condition=True)
+        diffusion = F.mse_loss(prediction.float(), diffusion_target(scheduler, latents, noise, timesteps))
+        if class_conditioner is None:
+            return diffusion, {}
+        labels = batch["labels"].to(latents.device)
+        with torch.no_grad():
+            target = class_conditioner(labels.clamp_min(0))
+        align = alignment_loss(condition, target, labels >= 0)
+        return diffusion + align_weight * align, {"diffusion": diffusion.detach(), "align": align.detach()}
 
     return loss_fn
 
@@ -368,7 +459,11 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, c
     generator = load_generator(base, image_size=config["ldm"]["image_size"])
     generator.vae.requires_grad_(False).eval()
     if generator.class_conditioner is not None:
-        generator.class_conditioner.requires_grad_(False)
+        generator.class_conditioner.requires_grad_(False).eval()
+    elif settings["align_weight"] > 0:
+        raise MindvisError("finetune.align_weight needs the base generator's class conditions, and this base has "
+                           "none (a Stable Diffusion folder)", path=base, key="finetune.align_weight",
+                           fix="set finetune.align_weight: 0 for a Stable Diffusion base (MinD-Vis's own loss).")
     model = build_decoder(config, generator, data.n_voxels, mbm_dir=mbm_dir, baseline=baseline)
     trained = freeze_for_finetuning(model, settings["train"])
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -380,6 +475,14 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, c
     val_trials = paired_trials(data["val"], stimulus_set, generator)
     if len(train_trials) == 0:
         raise MindvisError("no training trials", path=responses, key="train", fix="check the preprocessing output.")
+    ridge_report = None
+    if model.conditioner.voxel_map is not None and settings["ridge_init"] and generator.class_conditioner is not None:
+        weight, bias, ridge_report = fit_ridge_voxel_map(
+            train_trials.fmri.numpy(), train_trials.labels.numpy(), val_trials.fmri.numpy(),
+            val_trials.labels.numpy(), generator.class_conditioner, settings["ridge_alphas"])
+        model.conditioner.set_voxel_map(torch.from_numpy(weight), torch.from_numpy(bias))
+        log.info("voxel path starts from ridge (alpha %g chosen on val; val relative error %s)", ridge_report["alpha"],
+                 {a: round(e, 3) for a, e in ridge_report["val_relative_error"].items()})
 
     from diffusers import DDPMScheduler
 
@@ -416,6 +519,8 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, c
                       out_dir / "train", eval_fn=eval_fn, run_config=config, param_groups=param_groups,
                       checkpoint_params="trainable")
     generator.vae.to(trainer.device)  # outside the trained model, so the engine does not place it
+    if generator.class_conditioner is not None:
+        generator.class_conditioner.to(trainer.device)
     result = trainer.fit(resume=resume)
     if result["stopped_early"]:
         return result
@@ -425,6 +530,7 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, c
         "image_size": generator.image_size, "n_voxels": int(data.n_voxels), "trained_groups": list(settings["train"]),
         "n_trained_parameters": int(n_trained), "n_parameters": int(n_total), "trained_parameter_names": trained,
         "select_metric": select, "best": result["best"], "final_metrics": result["last_metrics"],
+        "voxel_path_ridge": ridge_report,
         "step": result["step"], "epochs": result["epochs_done"],
         "training": {"peak_lr": result["peak_lr"], "effective_batch": result["effective_batch"],
                      "mixed_precision": result["mixed_precision"], "device": str(trainer.device),

@@ -1,8 +1,8 @@
 """Pretraining the embedded base generator on the stimulus image corpus (the ``pretrain_ldm`` stage).
 
 The stand-in for a pretrained text-to-image model when no Stable Diffusion is
-used. Trained on the unlabelled ``pool`` plus the ``train`` images of
-``stimuli.h5`` (never ``test``), in two steps through the shared engine:
+used. Trained on the ``pool`` plus the ``train`` images of ``stimuli.h5``
+(never ``test``), in two steps through the shared engine:
 
 1. the ``AutoencoderKL`` (32 x 32 -> 8 x 8 x 4 by default): reconstruction
    (mean squared error) plus ``ldm.kl_weight`` x the KL divergence to N(0, I);
@@ -11,10 +11,12 @@ used. Trained on the unlabelled ``pool`` plus the ``train`` images of
 2. the ``UNet2DConditionModel`` in that latent space, conditioned on a learned
    class-or-null embedding (:class:`~mindvis.models.conditioning.ClassConditioner`)
    through the same two paths the fMRI condition uses later (cross-attention
-   context and pooled timestep addition). Pool images are unlabelled and train
-   with the null condition; labelled images are repeated ``ldm.labelled_repeats``
-   times per epoch (they are a minority) and drop to null with probability
-   ``ldm.class_dropout`` (classifier-free guidance).
+   context and pooled timestep addition). The images' class labels play the
+   part of the captions a text-to-image model learns from (pool labels are
+   never paired with fMRI); images without a label (-1) train with the null
+   condition, labelled ones are repeated ``ldm.labelled_repeats`` times per
+   epoch and drop to null with probability ``ldm.class_dropout``
+   (classifier-free guidance).
 
 A part of the pool (``ldm.val_images``) is held out: it picks the best epoch of
 each step and measures the reconstruction error.
@@ -101,13 +103,19 @@ def _random_flip(images, enabled):
 
 
 def image_corpus(stimulus_set, val_images, seed):
-    """Training images (pool + train) and held-out pool images, as uint8 arrays with labels (-1 in pool)."""
+    """Training images (pool + train) and held-out pool images, as uint8 arrays with labels (-1 where unknown)."""
     pool, train = stimulus_set.splits["pool"], stimulus_set.splits["train"]
+    if not len(pool):
+        # Real data sets (GOD, NSD, ...) have no pool: the held-out images come from the training images.
+        n_val = min(int(val_images), len(train) // 5)
+        order = np.random.default_rng(seed).permutation(len(train))
+        val_rows, train_rows = np.sort(order[:n_val]), np.sort(order[n_val:])
+        return train.images[train_rows], train.label[train_rows].astype(np.int64), train.images[val_rows]
     n_val = min(int(val_images), len(pool) // 5)
     order = np.random.default_rng(seed).permutation(len(pool))
     val_rows, pool_rows = np.sort(order[:n_val]), np.sort(order[n_val:])
     images = np.concatenate([pool.images[pool_rows], train.images])
-    labels = np.concatenate([np.full(len(pool_rows), -1, np.int64), train.label.astype(np.int64)])
+    labels = np.concatenate([pool.label[pool_rows].astype(np.int64), train.label.astype(np.int64)])
     return images, labels, pool.images[val_rows]
 
 
@@ -133,6 +141,9 @@ def class_conditioned_samples(generator, n_classes, per_class, generate_settings
     from mindvis.models.ldm import tensor_to_images
 
     labels = np.repeat(np.arange(n_classes), per_class)
+    if len(labels) == 0:  # no classes (e.g. NSD) or no samples asked for
+        return np.zeros((n_classes, per_class, generator.image_size, generator.image_size,
+                         generator.image_channels), np.uint8), labels
     seeds = [derive_seed(seed, "class-sample", i) for i in range(len(labels))]
     out = []
     batch = max(1, int(generate_settings["batch_size"]))
@@ -320,7 +331,7 @@ def pretrain_ldm(config, stimuli, out_dir, classifier_dir=None, resume=False):
     timings["class_samples_s"] = round(time.perf_counter() - tick, 2)
     sampler = {k: config["generate"][k] for k in ("sampler", "steps", "guidance_scale", "eta")}
     metrics["class_samples"] = {"per_class": int(ldm["eval_samples_per_class"]), **sampler}
-    if classifier_dir is not None:
+    if classifier_dir is not None and len(sample_labels):
         from mindvis.evaluate.classifier import load_classifier
 
         classifier = load_classifier(classifier_dir)
@@ -336,7 +347,8 @@ def pretrain_ldm(config, stimuli, out_dir, classifier_dir=None, resume=False):
     save_generator(generator, out_dir, extra={"stage": "pretrain_ldm", "class_names": list(stimulus_set.class_names)})
     from mindvis.generate.writing import save_grid
 
-    save_grid(out_dir / "class_samples.png", samples)
+    if samples.size:
+        save_grid(out_dir / "class_samples.png", samples)
     write_json_atomic(out_dir / "metrics.json", metrics)
     log.info("wrote %s: held-out reconstruction MSE %.4f (PSNR %.1f dB)", out_dir, metrics["val_recon_mse"],
              metrics["val_recon_psnr_db"])

@@ -3,7 +3,7 @@
 if SIMULATED:
 
     rule stimuli:
-        """Stimulus images (train shown once, test shown many times, unlabelled pool) as HDF5."""
+        """Stimulus images (train shown once, test shown many times, generator pool) as HDF5."""
         output:
             STIMULI,
         conda:
