@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.mindvis-installed
 
-.PHONY: decode test lint bench clean-results
+.PHONY: decode test lint bench clean-results browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,9 +28,16 @@ $(STAMP): pyproject.toml
 decode: $(STAMP)
 	$(BIN)/snakemake decode --cores $(CORES) --configfile $(CONFIG)
 	@$(BIN)/mindvis where --config $(CONFIG)
+	@$(BIN)/mindvis summary --config $(CONFIG) --csv results/summary.csv
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Debian's chromium for the headless-browser report test (tests/test_report.py; Playwright drives it
+# through executable_path, so `playwright install` is never needed). Needs root or sudo.
+browser:
+	test -x /usr/bin/chromium || { $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq chromium; }
 
 lint: $(STAMP)
 	$(BIN)/snakemake --lint --configfile $(CONFIG)

@@ -23,10 +23,12 @@ include: "workflow/rules/pretrain_mbm.smk"
 include: "workflow/rules/pretrain_ldm.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/generate.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
 
 
 rule decode:
-    """Every stage built so far, for every subject of the config."""
+    """Every stage for every subject of the config, ending with each report.html and results/summary.{csv,html}."""
     input:
         decode_targets(),
     default_target: True

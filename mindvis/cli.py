@@ -86,6 +86,11 @@ def cmd_convert_rest(args):
           subject=args.subject, out_path=args.out)
 
 
+def cmd_merge_stimuli(args):
+    _config(args)  # validated like every stage's, though merging reads no setting
+    _call("mindvis.data.sources.corpus:merge_stimulus_files", args.stimuli, args.out)
+
+
 def cmd_import_checkpoint(args):
     _call("mindvis.data.sources.mindvis_checkpoint:import_mindvis_checkpoint", args.checkpoint, args.out_dir,
           num_heads=args.num_heads, decoder_num_heads=args.decoder_num_heads, strict=args.strict)
@@ -112,6 +117,46 @@ def cmd_finetune(args):
 def cmd_generate(args):
     _call("mindvis.generate.run:generate_subject", _config(args), subject=args.subject, model_dir=args.model_dir,
           responses=args.responses, stimuli=args.stimuli, out_dir=args.out_dir, classifier_dir=args.classifier)
+
+
+# -- reports (issue 6) --
+
+# Display names of the fine-tuning runs (their folder names) in the report's training curves.
+_FINETUNE_RUNS = {"dcldm": "SC-MBM pretrained", "dcldm-baseline": "no SC-MBM pretraining"}
+
+
+def cmd_report(args):
+    # The evaluate stage writes ridge/ and base-true-class/ samples beside metrics.json when those rows exist.
+    evaluation = Path(args.metrics).parent
+    samples = {"dcldm": args.samples, **{"dcldm-baseline": path for path in args.baseline_samples}}
+    samples.update({row: evaluation / row / "samples.h5" for row in ("ridge", "base-true-class")})
+    curves = {"SC-MBM: pretraining": args.mbm_curve} if args.mbm_curve else {}
+    for model_json in args.finetune_models:
+        run = Path(model_json).parent
+        curves[f"DC-LDM: {_FINETUNE_RUNS.get(run.name, run.name)}"] = run / "train" / "metrics.jsonl"
+    _call("mindvis.report.html:build_report", args.metrics, args.out, config=_config(args), samples=samples,
+          responses=args.responses, curves=curves, figures_dir=args.figures_dir)
+
+
+def cmd_summary(args):
+    from mindvis.report import summary
+
+    config = _config(args)
+    if args.metrics:
+        if not args.html:
+            raise MindvisError("--metrics needs --html too", key="--html", fix="add --html results/summary.html.")
+        frame = summary.write_summary(args.metrics, args.csv, args.html,
+                                      title=f"mindvis summary: {config['experiment']}")
+    else:
+        frame = summary.read_summary(args.csv)
+    print(f"mindvis: summary of '{config['experiment']}' ({args.csv})")
+    print(summary.summary_text(frame))
+
+
+def cmd_evaluate(args):
+    _call("mindvis.evaluate.run:evaluate_subject", _config(args), subject=args.subject, responses=args.responses,
+          stimuli=args.stimuli, samples=args.samples, base=args.base, out_dir=args.out_dir,
+          baseline_samples=args.baseline_samples, classifier_dir=args.classifier)
 
 
 def cmd_where(args):
@@ -184,6 +229,11 @@ def build_parser():
     sub.add_argument("--subject", default=None, help="label written in the file (default sub-<hcp id>)")
     sub.add_argument("--out", required=True)
 
+    sub = add("merge-stimuli", cmd_merge_stimuli,
+              "subjects' stimulus HDF5 files to one image corpus (train minus every test image; no pool)")
+    sub.add_argument("--stimuli", nargs="+", required=True, help="the subjects' stimulus HDF5 files")
+    sub.add_argument("--out", required=True, help="merged stimulus HDF5 to write")
+
     sub = add("import-checkpoint", cmd_import_checkpoint,
               "MinD-Vis's SC-MBM checkpoint (fmri_encoder.pth) to a mindvis SC-MBM folder")
     sub.add_argument("--checkpoint", required=True, help="MinD-Vis .pth file (state dict under 'model')")
@@ -193,7 +243,8 @@ def build_parser():
     sub.add_argument("--decoder-num-heads", type=int, default=None, help="decoder heads (MinD-Vis: 16)")
     sub.add_argument("--strict", action="store_true", help="fail if any tensor cannot be mapped")
 
-    sub = add("train-classifier", cmd_train_classifier, "train the domain classifier on the training images")
+    sub = add("train-classifier", cmd_train_classifier,
+              "train the domain classifier on the training images (settings: the config's classifier section)")
     sub.add_argument("--stimuli", required=True)
     sub.add_argument("--out-dir", required=True)
     sub.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out-dir/train")
@@ -222,6 +273,33 @@ def build_parser():
     sub.add_argument("--stimuli", required=True)
     sub.add_argument("--out-dir", required=True)
     sub.add_argument("--classifier", default=None, help="domain classifier folder, to score the samples")
+
+    sub = add("report", cmd_report, "write a subject's self-contained HTML report")
+    sub.add_argument("--metrics", required=True, help="the subject's evaluation/metrics.json")
+    sub.add_argument("--out", required=True, help="report.html to write")
+    sub.add_argument("--samples", required=True, help="the model's samples.h5 (generate stage)")
+    sub.add_argument("--baseline-samples", nargs="*", default=[],
+                     help="samples.h5 of the decoder without SC-MBM pretraining, if any")
+    sub.add_argument("--responses", default=None, help="the subject's responses.h5 (voxel grid of the brain map)")
+    sub.add_argument("--mbm-curve", default=None, help="SC-MBM pretraining metrics.jsonl")
+    sub.add_argument("--finetune-models", nargs="*", default=[],
+                     help="dcldm.json of each fine-tuned decoder (curves from train/metrics.jsonl beside it)")
+    sub.add_argument("--figures-dir", default=None, help="also write the figures there as PNG files")
+
+    sub = add("summary", cmd_summary, "write (with --metrics) and print the summary table over subjects")
+    sub.add_argument("--metrics", nargs="*", default=[], help="every subject's metrics.json (omit: print --csv)")
+    sub.add_argument("--csv", required=True, help="summary.csv to write, or to print when no --metrics")
+    sub.add_argument("--html", default=None, help="summary.html to write")
+
+    sub = add("evaluate", cmd_evaluate, "score a subject's decoded images beside the baselines and ceilings")
+    sub.add_argument("--subject", required=True)
+    sub.add_argument("--responses", required=True, help="train/val fit the baselines; the samples' split is decoded")
+    sub.add_argument("--stimuli", required=True)
+    sub.add_argument("--samples", required=True, help="the DC-LDM's samples.h5")
+    sub.add_argument("--baseline-samples", default=None, help="samples.h5 of the decoder without SC-MBM pretraining")
+    sub.add_argument("--base", required=True, help="base generator folder (its VAE and class conditioner)")
+    sub.add_argument("--classifier", default=None, help="domain classifier folder (evaluate.classifier auto/domain)")
+    sub.add_argument("--out-dir", required=True)
 
     sub = add("where", cmd_where, "print where a run's outputs are")
     sub.add_argument("--results", default="results")

@@ -6,8 +6,10 @@ This guards the main job, so it runs in CI although it is the slowest test.
 import json
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -57,6 +59,60 @@ def test_decode_produces_every_stage_output(finished_run):
     mbm = json.loads((results / "pretrain/mbm/summary.json").read_text())
     assert mbm["stage"] and mbm["versions"]["torch"]
     assert (results / "pretrain/ldm/generator.json").exists()
+    for subject in ["sub-01", "sub-02"]:
+        page = (results / subject / "report.html").read_text()
+        assert "<script" not in page and 'src="http' not in page and "DC-LDM (SC-MBM pretrained)" in page
+        for figure in ["grid", "per_class", "confusion", "curves", "attention", "brain_map"]:
+            assert (results / subject / "report" / f"{figure}.png").stat().st_size > 0
+    table = pd.read_csv(results / "summary.csv", index_col="subject")
+    assert list(table.index) == ["sub-01", "sub-02", "mean"]
+    assert table.loc["mean", "dcldm/n_way_top1_mean"] == pytest.approx(
+        table.loc[["sub-01", "sub-02"], "dcldm/n_way_top1_mean"].mean(), abs=1e-5)
+    assert "summary" in (results / "summary.html").read_text()
+
+
+@pytest.mark.slow
+def test_report_opens_in_a_browser_with_the_metrics_numbers(finished_run):
+    from test_report import check_report_in_browser
+
+    subject = finished_run / "results/sub-01"
+    metrics = json.loads((subject / "evaluation/metrics.json").read_text())
+    n_images, n_cells = check_report_in_browser(subject / "report.html", metrics)
+    assert n_images >= 6 and n_cells >= 10
+
+
+@pytest.mark.slow
+def test_snakemake_report_collects_the_figures(finished_run):
+    command = [sys.executable, "-m", "snakemake", "decode", "--snakefile", str(ROOT / "Snakefile"),
+               "--directory", str(finished_run), "--configfile", str(ROOT / "configs/test.yaml"),
+               "--report", "report.zip"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with zipfile.ZipFile(finished_run / "report.zip") as archive:
+        files = [Path(name).name for name in archive.namelist() if "/data/raw/" in name]
+        index = archive.read("report/report.html").decode()
+    # Snakemake stores each file under a hashed folder by its name: 8 per subject, and the two summary files.
+    figures = ["report.html", "grid.png", "per_class.png", "confusion.png", "curves.png", "attention.png",
+               "brain_map.png", "brain_map_voxel_path.png"]
+    assert sorted(files) == sorted(figures * 2 + ["summary.csv", "summary.html"])
+    assert '"sub-01"' in index and '"sub-02"' in index and "brain map (attention-based)" in index
+
+
+@pytest.mark.slow
+def test_quickstart_notebook_runs_on_the_finished_run(finished_run):
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(ROOT / "notebooks/quickstart.ipynb", as_version=4)
+    parameters = next(cell for cell in notebook.cells if "parameters" in cell.metadata.get("tags", []))
+    parameters.source = f"RESULTS = {str(finished_run / 'results')!r}\nSUBJECT = 'sub-02'"
+    NotebookClient(notebook, timeout=60, kernel_name="python3",
+                   resources={"metadata": {"path": str(finished_run)}}).execute()
+    outputs = "".join(output.get("text", "") for cell in notebook.cells for output in cell.get("outputs", []))
+    assert "decoded 2 images" in outputs and "sub-02: n = 10 stimuli" in outputs
+    images = [output for cell in notebook.cells for output in cell.get("outputs", [])
+              if "image/png" in output.get("data", {})]
+    assert len(images) >= 3
 
 
 @pytest.mark.slow

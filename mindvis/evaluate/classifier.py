@@ -1,6 +1,13 @@
-"""A small object classifier for the stimulus domain (Fashion-MNIST at 32 x 32 by default).
+"""Image classifiers that score decoded images: the domain classifier and the common interface.
 
-It scores generated images: the top-1 class of a decoded sample (and of a
+:class:`ImageClassifier` is the one interface the evaluation stage sees:
+``predict_proba`` and ``features`` of uint8 images, whatever the network
+(:func:`load_image_classifier` picks it from ``evaluate.classifier``). Behind
+it: the small domain classifier below, or an ImageNet classifier
+(:mod:`mindvis.evaluate.imagenet`: EfficientNet-Lite0, ViT-H/14).
+
+The domain classifier is a small object classifier for the stimulus domain
+(Fashion-MNIST at 32 x 32 by default). It scores generated images: the top-1 class of a decoded sample (and of a
 class-conditioned base sample) against the class of the image that was seen.
 It is trained on the *training* images only (a stratified part of them held
 out for selecting the epoch and reporting accuracy), never on test images.
@@ -18,6 +25,7 @@ Files in its folder (``results/classifier/``)
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -28,22 +36,101 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from mindvis.config import fill_defaults, load_schema
 from mindvis.errors import MindvisError
 from mindvis.utils.io import derive_seed, seed_everything, software_versions, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-#: Training settings; a ``classifier`` config section, when the schema has one, overrides them.
-CLASSIFIER_DEFAULTS = {
-    "widths": [16, 32, 64],
-    "epochs": 25,
-    "batch_size": 64,
-    "lr": 2e-3,
-    "weight_decay": 1e-4,
-    "val_fraction": 0.15,
-    "shift_pixels": 2,
-    "hflip": True,
-}
+
+def section_settings(config, name):
+    """A config section with the schema's defaults filled in (``config`` may hold only part of it).
+
+    Parameters
+    ----------
+    config : dict
+        An experiment config, resolved or not.
+    name : str
+        Top-level section, e.g. ``"classifier"`` or ``"evaluate"``.
+
+    Returns
+    -------
+    dict
+    """
+    return fill_defaults(dict(config.get(name) or {}), load_schema()["properties"][name])
+
+
+class ImageClassifier:
+    """A trained image classifier behind the interface the evaluation stage uses.
+
+    Both methods take uint8 images ``[N, H, W, C]`` (C = 1 or 3, any size),
+    prepare them as the network expects (resizing, channels, normalisation),
+    and run in eval mode without gradients, in batches.
+
+    Parameters
+    ----------
+    name : str
+        ``domain``, ``efficientnet_lite0`` or ``vit_h_14``.
+    class_names : list of str
+    network : torch.nn.Module
+    prepare : callable
+        uint8 ``[B, H, W, C]`` -> float tensor, the network's input.
+    features_fn : callable
+        input tensor -> ``[B, F]`` pooled penultimate features.
+    head_fn : callable
+        ``[B, F]`` features -> ``[B, n_classes]`` logits.
+    n_features : int
+        F.
+    batch_size : int
+    info : dict, optional
+        Provenance recorded with results (weights file, packages).
+    """
+
+    def __init__(self, name, class_names, network, prepare, features_fn, head_fn, n_features, batch_size=64,
+                 info=None):
+        self.name = name
+        self.class_names = list(class_names)
+        self.n_classes = len(self.class_names)
+        self.network = network.eval()
+        self.prepare, self.features_fn, self.head_fn = prepare, features_fn, head_fn
+        self.n_features = int(n_features)
+        self.batch_size = int(batch_size)
+        self.info = {"name": name, "n_classes": self.n_classes, "n_features": self.n_features, **(info or {})}
+
+    def __repr__(self):
+        return f"ImageClassifier({self.name!r}, n_classes={self.n_classes}, n_features={self.n_features})"
+
+    def to(self, device):
+        """Move the network to ``device``; returns self."""
+        self.network.to(device)
+        return self
+
+    def predict_proba(self, images):
+        """Class probabilities: float32 ``[N, n_classes]`` of uint8 images ``[N, H, W, C]``."""
+        return self.predict_proba_and_features(images)[0]
+
+    def features(self, images):
+        """Pooled penultimate features: float32 ``[N, n_features]`` (two-way identification, FID)."""
+        return self.predict_proba_and_features(images)[1]
+
+    @torch.no_grad()
+    def predict_proba_and_features(self, images):
+        """Both outputs of one forward pass: (float32 ``[N, n_classes]``, float32 ``[N, n_features]``)."""
+        images = np.asarray(images)
+        if images.ndim == 3:
+            images = images[..., None]
+        if images.ndim != 4 or images.shape[-1] not in (1, 3):
+            raise MindvisError(f"images must be uint8 [N, H, W, C] with C = 1 or 3, got shape {images.shape}",
+                               key="images")
+        self.network.eval()
+        device = next(self.network.parameters()).device
+        probs, features = [np.zeros((0, self.n_classes), np.float32)], [np.zeros((0, self.n_features), np.float32)]
+        for start in range(0, len(images), self.batch_size):
+            batch = self.prepare(images[start:start + self.batch_size]).to(device)
+            pooled = self.features_fn(batch).float()
+            probs.append(F.softmax(self.head_fn(pooled).float(), dim=1).cpu().numpy())
+            features.append(pooled.cpu().numpy())
+        return np.concatenate(probs), np.concatenate(features)
 
 
 class DomainClassifier(ModelMixin, ConfigMixin):
@@ -124,6 +211,72 @@ def load_classifier(folder):
     return DomainClassifier.from_pretrained(folder, local_files_only=True).eval()
 
 
+def domain_image_classifier(folder, batch_size=256):
+    """The trained domain classifier in ``folder`` as an :class:`ImageClassifier` (name ``domain``).
+
+    Class names come from the folder's ``metrics.json`` (written by
+    :func:`train_classifier`); without it they are the class indices.
+    """
+    folder = Path(folder)
+    model = load_classifier(folder)
+    n_classes = model.config.n_classes
+    names = [str(index) for index in range(n_classes)]
+    metrics_path = folder / "metrics.json"
+    info = {"folder": str(folder)}
+    if metrics_path.exists():
+        metrics = json.loads(metrics_path.read_text())
+        names = metrics.get("class_names") or names
+        info.update({key: metrics[key] for key in ("val_accuracy", "test_accuracy") if key in metrics})
+    if len(names) != n_classes:
+        raise MindvisError(f"{len(names)} class names for a {n_classes}-class classifier", path=metrics_path,
+                           key="class_names", fix="retrain the classifier (mindvis train-classifier).")
+    return ImageClassifier("domain", names, model, model.prepare, model.features, model.head,
+                           n_features=model.config.widths[-1], batch_size=batch_size, info=info)
+
+
+def load_image_classifier(config, classifier_dir=None):
+    """The image classifier named by ``evaluate.classifier``, ready to score images.
+
+    Parameters
+    ----------
+    config : dict
+        Experiment config; reads ``evaluate.classifier`` (``auto``: the domain
+        classifier for the simulated data set, else EfficientNet-Lite0),
+        ``evaluate.classifier_weights`` (ViT-H/14) and ``data.source``.
+    classifier_dir : str or Path, optional
+        The trained domain classifier's folder (``results/classifier``);
+        needed for ``domain``.
+
+    Returns
+    -------
+    ImageClassifier
+
+    Raises
+    ------
+    MindvisError
+        When the chosen classifier cannot be loaded, with the key and the fix.
+    """
+    settings = section_settings(config, "evaluate")
+    choice = settings["classifier"]
+    if choice == "auto":
+        source = (config.get("data") or {}).get("source", "simulated")
+        choice = "domain" if source == "simulated" else "efficientnet_lite0"
+    if choice == "domain":
+        if classifier_dir is None:
+            raise MindvisError("the domain classifier needs its folder (classifier_dir)", key="evaluate.classifier",
+                               fix="pass the train_classifier output (results/classifier), or choose "
+                                   "efficientnet_lite0.")
+        return domain_image_classifier(classifier_dir)
+    from mindvis.evaluate import imagenet
+
+    if choice == "efficientnet_lite0":
+        return imagenet.load_efficientnet_lite0()
+    if choice == "vit_h_14":
+        return imagenet.load_vit_h_14(settings["classifier_weights"])
+    raise MindvisError(f"unknown classifier {choice!r}", key="evaluate.classifier",
+                       fix="use auto, domain, efficientnet_lite0 or vit_h_14.")
+
+
 def top1_accuracy(classifier, images, labels):
     """Fraction of images whose most probable class is ``labels`` (int [N])."""
     if len(images) == 0:
@@ -178,8 +331,8 @@ def train_classifier(config, stimuli_path, out_dir, resume=False):
     Parameters
     ----------
     config : dict
-        The resolved experiment config (its ``classifier`` section, if any,
-        overrides :data:`CLASSIFIER_DEFAULTS`).
+        The experiment config; its ``classifier`` section holds the
+        training settings (schema defaults fill what it leaves out).
     stimuli_path : str or Path
         ``stimuli.h5``; only its ``train`` split is read for training.
     out_dir : str or Path
@@ -192,7 +345,7 @@ def train_classifier(config, stimuli_path, out_dir, resume=False):
     from mindvis.data.stimuli import load_stimulus_set
     from mindvis.train.engine import Trainer, TrainConfig
 
-    settings = {**CLASSIFIER_DEFAULTS, **(config.get("classifier") or {})}
+    settings = section_settings(config, "classifier")
     out_dir = Path(out_dir)
     seed = derive_seed(config["seed"], "classifier")
     seed_everything(seed)

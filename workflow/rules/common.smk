@@ -1,6 +1,7 @@
 # Configuration, validation and input functions shared by all rules.
 # All of the workflow's Python lives here; rules stay declarative.
 
+import glob
 import hashlib
 import json
 import os
@@ -114,6 +115,9 @@ def decode_targets():
     targets += [f"results/pretrain/rest/{subject}.h5" for subject in REST_SUBJECTS]
     targets += ["results/pretrain/mbm/summary.json"]
     targets += dcldm_targets()
+    # Reports (workflow/rules/report.smk): each subject's report.html, then the table over subjects.
+    targets += [f"results/{subject}/report.html" for subject in SUBJECTS]
+    targets += ["results/summary.csv", "results/summary.html"]
     return targets
 
 
@@ -125,8 +129,59 @@ def subject_stimuli(wildcards):
     return f"results/{wildcards.subject}/stimuli.h5" if USES_ADAPTER else STIMULI
 
 
+# The base generator's image corpus: the shared stimulus set, or for real data the union of the
+# subjects' training images (never an image any subject is tested on), merged by merge_stimuli.
+LDM_STIMULI = "results/pretrain/stimuli.h5" if USES_ADAPTER else STIMULI
+# HCP resting-state subjects (data.hcp.subjects) converted by convert_rest for SC-MBM pretraining.
+HCP_REST = [f"results/pretrain/rest/hcp-{hcp_id}.h5" for hcp_id in config["data"]["hcp"]["subjects"]]
+
+
+def mbm_rest_inputs():
+    """Resting-state files of the SC-MBM corpus: simulated rest subjects and HCP subjects, as configured."""
+    return [f"results/pretrain/rest/{subject}.h5" for subject in REST_SUBJECTS] + HCP_REST
+
+
+def subject_stimuli_all():
+    """Every subject's stimulus HDF5 from the convert stage (merged into LDM_STIMULI)."""
+    return [f"results/{subject}/stimuli.h5" for subject in SUBJECTS]
+
+
+def hcp_inputs(wildcards):
+    """Input function: one HCP subject's dtseries runs (data.hcp.runs_glob) and the parcellation."""
+    section = config["data"]["hcp"]
+    pattern = section["runs_glob"].format(subject=wildcards.hcp_id)
+    runs = sorted(glob.glob(pattern))
+    if not runs:
+        raise WorkflowError(f"HCP subject {wildcards.hcp_id}: no runs match {pattern}. "
+                            "Fix: set data.hcp.runs_glob to where the dtseries files are, or correct data.hcp.subjects.")
+    return {"runs": runs, "parcellation": section["parcellation"]}
+
+
 # -- DC-LDM (workflow/rules/pretrain_ldm.smk, finetune.smk, generate.smk) --
 CLASSIFIER = "results/classifier"
+
+
+def _uses_domain_classifier():
+    """Whether images are scored by the domain classifier the workflow trains (train_classifier).
+
+    evaluate.classifier 'auto' means the domain classifier for the simulation and an ImageNet
+    classifier (which is not trained here) for every other source.
+    """
+    choice = config["evaluate"]["classifier"]
+    return choice == "domain" or (choice == "auto" and SIMULATED)
+
+
+DOMAIN_CLASSIFIER = _uses_domain_classifier()
+
+
+def classifier_input(wildcards):
+    """Input function: the domain classifier a job reads, or nothing when an ImageNet classifier scores."""
+    return f"{CLASSIFIER}/config.json" if DOMAIN_CLASSIFIER else []
+
+
+def classifier_flag(wildcards, input):
+    """Params function: --classifier <folder> when the domain classifier is an input, else nothing."""
+    return f"--classifier {Path(input.classifier).parent}" if input.get("classifier") else ""
 # 'embedded': the base generator is trained by pretrain_ldm; otherwise ldm.base is a Stable Diffusion folder.
 LDM_EMBEDDED = config["ldm"]["base"] == "embedded"
 LDM_BASE = "results/pretrain/ldm" if LDM_EMBEDDED else config["ldm"]["base"]
@@ -172,3 +227,13 @@ def dcldm_targets():
         for model, samples in DCLDM_VARIANTS.items():
             targets += [f"results/{subject}/{model}/dcldm.json", f"results/{subject}/{samples}/samples.h5"]
     return targets
+
+
+def baseline_samples_input(wildcards):
+    """Input function: the no-pretraining ablation's samples when finetune.baseline, else nothing."""
+    return f"results/{wildcards.subject}/samples-baseline/samples.h5" if config["finetune"]["baseline"] else []
+
+
+def baseline_samples_flag(wildcards, input):
+    """Params function: --baseline-samples <file> when the ablation's samples are an input, else nothing."""
+    return f"--baseline-samples {input.baseline}" if input.get("baseline") else ""

@@ -9,7 +9,7 @@ rule finetune:
         stimuli=subject_stimuli,
         base=ldm_base_input,
         mbm="results/pretrain/mbm/config.json",
-        classifier=f"{CLASSIFIER}/config.json",
+        classifier=classifier_input,
     output:
         weights="results/{subject}/dcldm/dcldm.safetensors",
         meta="results/{subject}/dcldm/dcldm.json",
@@ -18,7 +18,7 @@ rule finetune:
     params:
         config=RESOLVED_CONFIG,
         base=ldm_base_dir,
-        classifier=input_dir("classifier"),
+        classifier=classifier_flag,
         out_dir=output_dir,
         encoder=encoder_flag,
         digest=config_digest("ldm", "mbm", "finetune"),
@@ -30,7 +30,7 @@ rule finetune:
     shell:
         "mindvis finetune --config {params.config} --subject {wildcards.subject} --responses {input.responses}"
         " --stimuli {input.stimuli} --base {params.base} --out-dir {params.out_dir} {params.encoder}"
-        " --classifier {params.classifier} --threads {threads} > {log} 2>&1"
+        " {params.classifier} --threads {threads} > {log} 2>&1"
 
 
 use rule finetune as finetune_baseline with:
@@ -38,7 +38,7 @@ use rule finetune as finetune_baseline with:
         responses="results/{subject}/responses.h5",
         stimuli=subject_stimuli,
         base=ldm_base_input,
-        classifier=f"{CLASSIFIER}/config.json",
+        classifier=classifier_input,
     output:
         weights="results/{subject}/dcldm-baseline/dcldm.safetensors",
         meta="results/{subject}/dcldm-baseline/dcldm.json",

@@ -7,7 +7,7 @@ rule generate:
         model="results/{subject}/dcldm/dcldm.json",
         responses="results/{subject}/responses.h5",
         stimuli=subject_stimuli,
-        classifier=f"{CLASSIFIER}/config.json",
+        classifier=classifier_input,
     output:
         samples="results/{subject}/samples/samples.h5",
         grid="results/{subject}/samples/grid.png",
@@ -16,7 +16,7 @@ rule generate:
         "../envs/mindvis.yaml"
     params:
         config=RESOLVED_CONFIG,
-        classifier=input_dir("classifier"),
+        classifier=classifier_flag,
         model_dir=input_dir("model"),
         out_dir=output_dir,
         digest=config_digest("generate"),
@@ -28,7 +28,7 @@ rule generate:
     shell:
         "mindvis generate --config {params.config} --subject {wildcards.subject} --model-dir {params.model_dir}"
         " --responses {input.responses} --stimuli {input.stimuli} --out-dir {params.out_dir}"
-        " --classifier {params.classifier} --threads {threads} > {log} 2>&1"
+        " {params.classifier} --threads {threads} > {log} 2>&1"
 
 
 use rule generate as generate_baseline with:
@@ -36,7 +36,7 @@ use rule generate as generate_baseline with:
         model="results/{subject}/dcldm-baseline/dcldm.json",
         responses="results/{subject}/responses.h5",
         stimuli=subject_stimuli,
-        classifier=f"{CLASSIFIER}/config.json",
+        classifier=classifier_input,
     output:
         samples="results/{subject}/samples-baseline/samples.h5",
         grid="results/{subject}/samples-baseline/grid.png",

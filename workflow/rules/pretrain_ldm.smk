@@ -1,52 +1,61 @@
-# The embedded base generator (VAE, then class-conditioned UNet) on the stimulus pool + training images,
-# and the domain classifier that scores generated images. Test images are never read for training.
+# The embedded base generator (VAE, then class-conditioned UNet) on the image corpus (LDM_STIMULI: the
+# stimulus pool + training images for the simulation, the subjects' merged training images for real
+# data), and the domain classifier that scores generated images when evaluate.classifier picks it
+# (an ImageNet classifier is not trained here). Test images are never read for training.
 
+if DOMAIN_CLASSIFIER:
 
-rule train_classifier:
-    """Domain classifier on the training images (part held out): results/classifier/."""
-    input:
-        stimuli=STIMULI,
-    output:
-        config=f"{CLASSIFIER}/config.json",
-        weights=f"{CLASSIFIER}/diffusion_pytorch_model.safetensors",
-        metrics=f"{CLASSIFIER}/metrics.json",
-    conda:
-        "../envs/mindvis.yaml"
-    params:
-        config=RESOLVED_CONFIG,
-        out_dir=output_dir,
-        digest=config_digest("stimuli"),
-    log:
-        "logs/train_classifier.log",
-    threads: 1
-    resources:
-        mem_mb=2000,
-    shell:
-        "mindvis train-classifier --config {params.config} --stimuli {input.stimuli} --out-dir {params.out_dir}"
-        " --threads {threads} > {log} 2>&1"
+    rule train_classifier:
+        """Domain classifier on the training images (part held out): results/classifier/."""
+        input:
+            stimuli=LDM_STIMULI,
+        output:
+            config=f"{CLASSIFIER}/config.json",
+            weights=f"{CLASSIFIER}/diffusion_pytorch_model.safetensors",
+            metrics=f"{CLASSIFIER}/metrics.json",
+        conda:
+            "../envs/mindvis.yaml"
+        params:
+            config=RESOLVED_CONFIG,
+            out_dir=output_dir,
+            digest=config_digest("stimuli"),
+        log:
+            "logs/train_classifier.log",
+        threads: 1
+        # Fine-tuning waits for it (validation accuracy): start it early.
+        priority: 50
+        resources:
+            mem_mb=2000,
+        shell:
+            "mindvis train-classifier --config {params.config} --stimuli {input.stimuli} --out-dir {params.out_dir}"
+            " --threads {threads} > {log} 2>&1"
 
 
 rule pretrain_ldm:
-    """Base generator for ldm.base: embedded (vae/, unet/, scheduler/, class_conditioner/ + metrics.json)."""
+    """Base generator for ldm.base: embedded (vae/, unet/, scheduler/, class_conditioner/ + metrics.json).
+
+    It does not wait for the classifier (the longest stage starts first): its class-conditioned samples
+    are scored by the evaluate stage (row base-true-class), or by `mindvis pretrain-ldm --classifier`.
+    """
     input:
-        stimuli=STIMULI,
-        classifier=f"{CLASSIFIER}/config.json",
+        stimuli=LDM_STIMULI,
     output:
         generator="results/pretrain/ldm/generator.json",
+        # class_samples.png is written too, when the stimuli have classes (NSD has none).
         metrics="results/pretrain/ldm/metrics.json",
-        samples="results/pretrain/ldm/class_samples.png",
     conda:
         "../envs/mindvis.yaml"
     params:
         config=RESOLVED_CONFIG,
         out_dir=output_dir,
-        classifier=input_dir("classifier"),
         digest=config_digest("stimuli", "ldm"),
     log:
         "logs/pretrain_ldm.log",
     threads: 1
+    # The longest stage, on the critical path: first in line for a core.
+    priority: 50
     resources:
         mem_mb=4000,
     shell:
         "mindvis pretrain-ldm --config {params.config} --stimuli {input.stimuli} --out-dir {params.out_dir}"
-        " --classifier {params.classifier} --threads {threads} > {log} 2>&1"
+        " --threads {threads} > {log} 2>&1"

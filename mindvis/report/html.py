@@ -1,0 +1,267 @@
+"""The per-subject HTML report (``results/{subject}/report.html``).
+
+One self-contained file a scientist can open and send: PNG figures are
+embedded as base64 ``data:`` URIs, the CSS is inline, there is no script and
+no external URL. Sections: header (subject, date, config name); the metrics
+table of ``metrics.json`` with confidence intervals, baselines and ceilings
+marked, n, k and chance stated and unavailable rows with their reason; image
+grids (model, ablation, ridge baseline, base generator given the true class);
+per-class accuracy and the confusion matrix; SC-MBM and fine-tuning curves;
+cross-attention maps over denoising steps; the attention-based brain map; and
+provenance (config, input hashes, software versions).
+
+The same figures can be written as PNG files (``figures_dir``) so that
+Snakemake's ``report()`` can register them.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import logging
+import time
+from pathlib import Path
+
+import yaml
+
+from mindvis.errors import MindvisError
+from mindvis.report import figures, tables
+from mindvis.utils.io import atomic_path, sha256_file, software_versions
+
+log = logging.getLogger(__name__)
+
+TEMPLATE = "report.html.j2"
+# File names of the figures written beside the report (also the keys of the embedded figures).
+FIGURE_FILES = {"grid": "grid.png", "per_class": "per_class.png", "confusion": "confusion.png",
+                "curves": "curves.png", "attention": "attention.png", "brain": "brain_map.png",
+                "brain_voxel": "brain_map_voxel_path.png"}
+# Which samples.h5 grids the report shows, in order, with their titles.
+GRID_TITLES = {
+    "dcldm": "DC-LDM (SC-MBM pretrained)",
+    "dcldm-baseline": "DC-LDM without SC-MBM pretraining",
+    "ridge": "Ridge fMRI -> VAE latent (baseline)",
+    "base-true-class": "Base generator given the true class (ceiling)",
+}
+
+
+def template_environment():
+    """The Jinja2 environment of the report templates (autoescaping on)."""
+    import jinja2
+
+    return jinja2.Environment(loader=jinja2.PackageLoader("mindvis.report", "templates"),
+                              autoescape=jinja2.select_autoescape(["html", "j2"]),
+                              undefined=jinja2.StrictUndefined)
+
+
+def data_uri(png):
+    """PNG bytes -> a ``data:image/png;base64,...`` URI."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def read_jsonl(path):
+    """The lines of a ``metrics.jsonl`` (an empty list when the file does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = []
+    for number, text in enumerate(path.read_text().splitlines(), start=1):
+        if text.strip():
+            try:
+                lines.append(json.loads(text))
+            except ValueError as error:
+                raise MindvisError(f"line {number} is not JSON ({error})", path=path,
+                                   fix="rerun the training stage that wrote it.") from error
+    return lines
+
+
+def _load_samples(path):
+    from mindvis.generate.writing import read_samples_h5
+
+    try:
+        return read_samples_h5(path)
+    except (OSError, KeyError) as error:
+        raise MindvisError(f"cannot read samples ({error})", path=path,
+                           fix="rerun the stage that wrote it (generate or evaluate).") from error
+
+
+def grid_figures(samples_paths):
+    """Grids of true images beside their samples, for each ``samples.h5`` that exists.
+
+    Returns
+    -------
+    list of dict
+        ``id``, ``title``, ``png`` (bytes), ``n_stimuli``, ``n_samples``.
+    """
+    grids = []
+    for row_id, path in samples_paths.items():
+        if path is None or not Path(path).exists():
+            continue
+        data = _load_samples(path)
+        grids.append({"id": row_id, "title": GRID_TITLES.get(row_id, row_id),
+                      "png": figures.image_grid_png(data["samples"], data["true_images"]),
+                      "n_stimuli": int(data["samples"].shape[0]), "n_samples": int(data["samples"].shape[1])})
+    return grids
+
+
+def attention_figures(samples, n_stimuli, responses, path):
+    """The cross-attention figure and the attention-based brain map of the model's samples.
+
+    Parameters
+    ----------
+    samples : dict
+        :func:`mindvis.generate.writing.read_samples_h5` of the model's ``samples.h5``.
+    n_stimuli : int
+        Stimuli shown in the attention figure.
+    responses : mindvis.data.responses.Responses or None
+        The grid for the brain map (None: no brain map).
+    path : path
+        The ``samples.h5``, named in errors.
+
+    Returns
+    -------
+    dict
+        ``attention`` and ``brain`` PNG bytes (absent when not recorded), ``attention_stimuli`` (ids shown).
+    """
+    from mindvis.report.brainmap import brain_map_png, voxel_importance, voxel_path_importance
+
+    attention = samples.get("attention")
+    if attention is None or attention["maps"].shape[1] == 0:
+        return {}
+    recorded = list(samples["stimulus_id"])
+    rows = [recorded.index(sid) for sid in attention["stimulus_id"]]
+    out = {"attention_stimuli": list(attention["stimulus_id"][:n_stimuli])}
+    out["attention"] = figures.attention_png(
+        attention["maps"], attention["timesteps"], samples["samples"][rows, 0], samples["true_images"][rows],
+        attention["stimulus_id"], n_stimuli)
+    if responses is not None:
+        attrs = samples["attrs"]
+        importance = voxel_importance(attention["maps"], attention["token_weights"], int(attrs["patch_size"]),
+                                      responses.n_voxels, path=path)
+        out["brain"] = brain_map_png(importance, responses.voxel_ijk, responses.affine, responses.volume_shape,
+                                     "attention-based voxel importance (x mean)")
+        direct = voxel_path_importance(attrs["model_dir"]) if attrs.get("model_dir") else None
+        if direct is not None and len(direct) == responses.n_voxels:
+            out["brain_voxel"] = brain_map_png(direct, responses.voxel_ijk, responses.affine, responses.volume_shape,
+                                               "voxel-path weight norm (x mean)")
+    return out
+
+
+def _confusion_row(metrics):
+    """The row whose confusion matrix the report draws: the model's, else the first available."""
+    confusion = metrics.get("confusion") or {}
+    for row_id in ["dcldm", *confusion]:
+        if confusion.get(row_id) is not None:
+            return row_id
+    return None
+
+
+def class_figures(metrics):
+    """Per-class accuracy bars and the confusion matrix (absent when ``metrics.json`` has none)."""
+    out = {}
+    class_names = metrics.get("class_names") or []
+    labels = {row["id"]: row["label"] for row in metrics["rows"]}
+    per_class = {row: values for row, values in (metrics.get("per_class") or {}).items() if values is not None}
+    if per_class and class_names:
+        out["per_class"] = figures.per_class_png(per_class, class_names, labels)
+    row_id = _confusion_row(metrics)
+    if row_id and class_names:
+        out["confusion"] = figures.confusion_png(metrics["confusion"][row_id], class_names,
+                                                 f"Confusion: {labels.get(row_id, row_id)}")
+    return out
+
+
+def _curve_runs(curves):
+    """Run name -> metrics.jsonl lines, for the files that exist and hold lines."""
+    runs = {name: read_jsonl(path) for name, path in (curves or {}).items() if path}
+    return {name: lines for name, lines in runs.items() if lines}
+
+
+def _file_hashes(paths):
+    return {str(path): sha256_file(path) for path in paths if path and Path(path).is_file()}
+
+
+def build_report(metrics_path, out_path, *, config, samples=None, responses=None, curves=None, figures_dir=None):
+    """Write a subject's self-contained ``report.html``.
+
+    Parameters
+    ----------
+    metrics_path : path
+        ``results/{subject}/evaluation/metrics.json``.
+    out_path : path
+        The HTML file to write (atomically).
+    config : dict
+        The resolved experiment config (its name goes in the header; ``evaluate.attention_stimuli``
+        caps the stimuli of the attention figure).
+    samples : dict of str -> path, optional
+        ``samples.h5`` per row id (``dcldm``, ``dcldm-baseline``, ``ridge``, ``base-true-class``);
+        missing files are skipped; ``dcldm``'s attention maps feed the attention figure and brain map.
+    responses : path, optional
+        The subject's ``responses.h5`` (voxel grid of the brain map).
+    curves : dict of str -> path, optional
+        Curve name (``"stage: run"``) -> an engine ``metrics.jsonl``; missing files are skipped.
+    figures_dir : path, optional
+        Also write every figure there as PNG (names in :data:`FIGURE_FILES`).
+
+    Returns
+    -------
+    dict
+        ``path``, ``figures`` (names drawn), ``bytes``, ``wall_time_s``.
+    """
+    from mindvis.data.responses import load_responses
+
+    start = time.perf_counter()
+    metrics = tables.load_metrics(metrics_path)
+    samples = dict(samples or {})
+    drawn = {}
+    grids = grid_figures(samples)
+    if grids:
+        drawn["grid"] = grids[0]["png"]
+    drawn.update(class_figures(metrics))
+    curve_png = figures.curves_png(_curve_runs(curves))
+    if curve_png is not None:
+        drawn["curves"] = curve_png
+    attention = {}
+    model_samples = samples.get("dcldm")
+    if model_samples and Path(model_samples).exists():
+        grid_responses = load_responses(responses, splits=()) if responses else None
+        n_attention = int(config.get("evaluate", {}).get("attention_stimuli", config["generate"]["attention_stimuli"]))
+        attention = attention_figures(_load_samples(model_samples), n_attention, grid_responses, model_samples)
+        drawn.update({key: attention[key] for key in ("attention", "brain", "brain_voxel") if key in attention})
+
+    read = [metrics_path, responses, *samples.values(), *(curves or {}).values()]
+    context = {
+        "subject": metrics["subject"],
+        "experiment": config.get("experiment", ""),
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "metrics": metrics,
+        "columns": tables.metric_columns(metrics),
+        "rows": tables.table_rows(metrics),
+        "fmt": tables.format_value,
+        "grids": [{**grid, "uri": data_uri(grid["png"])} for grid in grids],
+        "figures": {name: data_uri(png) for name, png in drawn.items()},
+        "attention_stimuli": attention.get("attention_stimuli", []),
+        "config_yaml": yaml.safe_dump(config, sort_keys=False),
+        "input_hashes": {**(metrics.get("inputs") or {}), **_file_hashes(read)},
+        "versions": {"evaluation": metrics.get("versions") or {}, "report": software_versions()},
+    }
+    html = template_environment().get_template(TEMPLATE).render(**context)
+    with atomic_path(out_path) as tmp:
+        Path(tmp).write_text(html, encoding="utf-8")
+    if figures_dir is not None:
+        write_figures(drawn, figures_dir)
+    seconds = time.perf_counter() - start
+    log.info("%s: %d figures, %.0f kB in %.1f s", out_path, len(drawn), len(html) / 1024, seconds)
+    return {"path": str(out_path), "figures": sorted(drawn), "bytes": len(html.encode()), "wall_time_s": seconds}
+
+
+def write_figures(drawn, figures_dir):
+    """Write each drawn figure to ``figures_dir``; a figure not drawn becomes a placeholder PNG saying so.
+
+    Snakemake declares every figure file as an output, so each one must exist.
+    """
+    figures_dir = Path(figures_dir)
+    for name, filename in FIGURE_FILES.items():
+        png = drawn.get(name) or figures.placeholder_png(f"{name.replace('_', ' ')}: not available for this run")
+        with atomic_path(figures_dir / filename) as tmp:
+            Path(tmp).write_bytes(png)

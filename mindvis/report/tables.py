@@ -1,0 +1,124 @@
+"""The metrics table: reading ``metrics.json`` and formatting its numbers.
+
+One formatting rule for every place a metric is shown (the per-subject report,
+the summary table, the browser test that checks the report against
+``metrics.json``): :func:`format_value` and :func:`format_ci`.
+
+Layout of ``results/{subject}/evaluation/metrics.json`` (written by the
+``evaluate`` stage): ``subject``, ``n_way``, ``trials``, ``n_samples``,
+``n_stimuli``, ``chance``, ``ci_level``, ``n_bootstrap``, ``image_size``,
+``classifier`` (``name``, ``n_classes``, ``held_out_accuracy``, ...),
+``class_names``, ``rows`` (in a fixed order; each ``id``, ``label``, ``kind``
+in model / baseline / ceiling, ``available``, ``reason`` when not available,
+``metrics``: metric id -> ``{"value", "ci"}`` or null where it does not
+apply), ``per_class``, ``confusion``, ``per_stimulus``, ``inputs``,
+``config``, ``versions``, ``wall_time_s``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mindvis.errors import MindvisError
+
+# (metric id, column title, larger is better); definitions in mindvis.evaluate.metrics.
+METRIC_COLUMNS = (
+    ("n_way_top1_mean", "n-way top-1 (mean of k)", True),
+    ("n_way_top1_best_of_k", "n-way top-1 (best of k)", True),
+    ("label_top1_mean", "top-1 vs. label (mean of k)", True),
+    ("two_way_id", "2-way identification", True),
+    ("pixcorr", "PixCorr", True),
+    ("ssim", "SSIM", True),
+    ("fid", "FID", False),
+)
+METRIC_TITLES = {metric: title for metric, title, _ in METRIC_COLUMNS}
+_REQUIRED_KEYS = ("subject", "n_way", "n_samples", "n_stimuli", "chance", "rows")
+# Decimals shown: FID is a distance in feature units, the rest are fractions or correlations.
+_DECIMALS = {"fid": 2}
+_DEFAULT_DECIMALS = 3
+
+
+def format_value(metric, value):
+    """A metric value as the report shows it (``n/a`` when it does not apply)."""
+    if value is None:
+        return "n/a"
+    return f"{float(value):.{_DECIMALS.get(metric, _DEFAULT_DECIMALS)}f}"
+
+
+def format_ci(metric, ci):
+    """A confidence interval as ``[low, high]`` (empty when there is none)."""
+    if not ci:
+        return ""
+    low, high = ci
+    return f"[{format_value(metric, low)}, {format_value(metric, high)}]"
+
+
+def load_metrics(path):
+    """Read and check ``metrics.json``.
+
+    Raises
+    ------
+    MindvisError
+        When the file is missing, not JSON, or lacks a key the report needs.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise MindvisError("metrics file not found", path=path, fix="run the evaluate stage for this subject first.")
+    try:
+        metrics = json.loads(path.read_text())
+    except ValueError as error:
+        raise MindvisError(f"not valid JSON ({error})", path=path, fix="rerun the evaluate stage.") from error
+    missing = [key for key in _REQUIRED_KEYS if key not in metrics]
+    if missing:
+        raise MindvisError(f"missing keys {missing}", path=path, key=missing[0],
+                           fix="rerun the evaluate stage with this version of mindvis.")
+    for index, row in enumerate(metrics["rows"]):
+        for key in ("id", "label", "kind", "available"):
+            if key not in row:
+                raise MindvisError(f"row {index} lacks '{key}'", path=path, key=f"rows[{index}].{key}",
+                                   fix="rerun the evaluate stage with this version of mindvis.")
+    return metrics
+
+
+def metric_columns(metrics):
+    """The metric columns any available row of ``metrics`` has a value for, in table order."""
+    present = {metric for row in metrics["rows"] if row["available"]
+               for metric, entry in (row.get("metrics") or {}).items() if entry is not None}
+    return [(metric, title, higher) for metric, title, higher in METRIC_COLUMNS if metric in present]
+
+
+def table_rows(metrics):
+    """Rows of the report's metrics table.
+
+    Returns
+    -------
+    list of dict
+        ``id``, ``label``, ``kind``, ``available``, ``reason`` and ``cells``: one
+        ``{"metric", "value", "ci"}`` of formatted strings per column of :func:`metric_columns`.
+    """
+    columns = metric_columns(metrics)
+    out = []
+    for row in metrics["rows"]:
+        cells = []
+        for metric, _, _ in columns:
+            entry = (row.get("metrics") or {}).get(metric)
+            cells.append({"metric": metric, "value": format_value(metric, entry and entry.get("value")),
+                          "ci": format_ci(metric, entry and entry.get("ci"))})
+        out.append({"id": row["id"], "label": row["label"], "kind": row["kind"], "available": row["available"],
+                    "reason": row.get("reason", ""), "cells": cells})
+    return out
+
+
+def row_by_id(metrics, row_id):
+    """The row called ``row_id``, or None."""
+    return next((row for row in metrics["rows"] if row["id"] == row_id), None)
+
+
+def metric_value(metrics, row_id, metric):
+    """A row's metric value, or None when the row is missing, unavailable or lacks it."""
+    row = row_by_id(metrics, row_id)
+    if row is None or not row["available"]:
+        return None
+    entry = (row.get("metrics") or {}).get(metric)
+    return None if entry is None else entry.get("value")

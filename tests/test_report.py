@@ -1,0 +1,334 @@
+"""Per-subject HTML reports, the summary table, the brain map, and the report in a real headless browser."""
+
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mindvis.data.responses import ResponseSplit, write_responses
+from mindvis.errors import MindvisError
+from mindvis.generate.writing import write_samples_h5
+from mindvis.report import brainmap, figures, html, summary, tables
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CLASS_NAMES = ["shirt", "shoe", "bag"]
+VOLUME_SHAPE = (5, 6, 7)
+N_VOXELS, PATCH_SIZE = 13, 4
+ROWS = [("chance", "Chance (1/n)", "baseline"), ("dcldm", "DC-LDM (SC-MBM pretrained)", "model"),
+        ("dcldm-baseline", "DC-LDM without SC-MBM pretraining", "baseline"),
+        ("ridge", "Ridge fMRI -> VAE latent", "baseline"), ("fmri-linear", "Linear classifier on test fMRI", "ceiling"),
+        ("base-true-class", "Base generator given the true class", "ceiling"),
+        ("true-images", "Classifier on the true images", "ceiling")]
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def _entry(rng, metric):
+    value = float(rng.uniform(20, 80)) if metric == "fid" else float(rng.uniform(0.1, 0.9))
+    return {"value": value, "ci": [value * 0.9, value * 1.1]}
+
+
+def contract_metrics(rng, subject="sub-01", n_stimuli=6, n_samples=2):
+    """A ``metrics.json`` in the evaluate stage's contract format, with random numbers."""
+    image_metrics = ["n_way_top1_mean", "n_way_top1_best_of_k", "label_top1_mean", "two_way_id", "pixcorr", "ssim",
+                     "fid"]
+    rows = []
+    for row_id, label, kind in ROWS:
+        row = {"id": row_id, "label": label, "kind": kind, "available": True}
+        if row_id == "base-true-class":
+            row.update(available=False, reason="no class-conditional base generator (ldm.base is an SD folder)",
+                       metrics=None)
+        elif row_id == "chance":
+            row["metrics"] = {m: ({"value": 1 / 3, "ci": None} if m.startswith("n_way") else None)
+                              for m in image_metrics}
+        elif row_id == "fmri-linear":
+            row["metrics"] = {m: (_entry(rng, m) if m in ("n_way_top1_mean", "label_top1_mean") else None)
+                              for m in image_metrics}
+        else:
+            row["metrics"] = {m: _entry(rng, m) for m in image_metrics}
+        rows.append(row)
+    counts = rng.integers(0, 4, (3, 3)).tolist()
+    return {"subject": subject, "n_way": 3, "trials": 1000, "n_samples": n_samples, "n_stimuli": n_stimuli,
+            "chance": 1 / 3, "ci_level": 0.95, "n_bootstrap": 200, "image_size": 16,
+            "classifier": {"name": "domain", "n_classes": 3, "held_out_accuracy": 0.9, "test_label_accuracy": 0.8},
+            "class_names": CLASS_NAMES, "rows": rows,
+            "per_class": {"dcldm": [0.5, 1.0, 0.0], "ridge": [0.25, 0.5, 0.75]},
+            "confusion": {"dcldm": counts},
+            "per_stimulus": {"dcldm": {"n_way_top1_mean": rng.uniform(size=n_stimuli).tolist()}},
+            "inputs": {"results/sub-01/samples/samples.h5": "0" * 64}, "config": {"experiment": "fixture"},
+            "versions": {"numpy": np.__version__}, "wall_time_s": 1.5}
+
+
+def _write_samples(path, rng, n_stimuli=6, n_samples=2, attention=True):
+    images = rng.integers(0, 256, (n_stimuli, 16, 16, 1), dtype=np.uint8)
+    samples = rng.integers(0, 256, (n_stimuli, n_samples, 16, 16, 1), dtype=np.uint8)
+    n_tokens, n_patches = 5, int(np.ceil(N_VOXELS / PATCH_SIZE))
+    maps = rng.uniform(size=(3, 2, 4, 4, n_tokens))
+    recorded = None
+    if attention:
+        weights = rng.uniform(size=(n_tokens, 1 + n_patches))
+        recorded = {"maps": maps / maps.sum(-1, keepdims=True), "stimulus_id": ["img-001", "img-004"],
+                    "timesteps": [900, 500, 100], "token_weights": weights / weights.sum(1, keepdims=True)}
+    write_samples_h5(path, samples=samples, true_images=images, stimulus_id=[f"img-{i:03d}" for i in range(n_stimuli)],
+                     label=np.arange(n_stimuli) % 3, seeds=np.zeros((n_stimuli, n_samples)),
+                     attrs={"subject": "sub-01", "patch_size": PATCH_SIZE, "n_voxels": N_VOXELS},
+                     attention=recorded)
+
+
+def _write_responses(path, rng):
+    flat = np.sort(rng.choice(np.prod(VOLUME_SHAPE), N_VOXELS, replace=False))
+    voxel_ijk = np.stack(np.unravel_index(flat, VOLUME_SHAPE), axis=1)
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    affine[:3, 3] = [-10, -60, 0]
+
+    def split(n):
+        return ResponseSplit(fmri=rng.normal(size=(n, N_VOXELS)).astype(np.float32),
+                             stimulus_id=[f"img-{i:03d}" for i in range(n)], label=np.arange(n) % 3,
+                             run=np.ones(n, int), onset=np.arange(n, dtype=float))
+
+    write_responses(path, splits={"train": split(6), "val": split(3), "test": split(3),
+                                  "test_avg": ResponseSplit.empty(N_VOXELS, averaged=True)},
+                    voxel_ijk=voxel_ijk, affine=affine, volume_shape=VOLUME_SHAPE,
+                    voxel_roi=["V1"] * N_VOXELS, class_names=CLASS_NAMES, tr=2.0, subject="sub-01",
+                    method="glm_lss", preprocess_config={}, config={}, input_hashes={})
+
+
+def _write_curve(path, n_epochs, keys):
+    lines = [{"epoch": e, "step": 10 * (e + 1), **{key: 1.0 / (e + 1) for key in keys}} for e in range(n_epochs)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def make_report_inputs(folder, rng):
+    """A subject's evaluation outputs in the contract formats (metrics.json, samples.h5, responses.h5, curves)."""
+    metrics = contract_metrics(rng)
+    metrics_path = folder / "evaluation/metrics.json"
+    metrics_path.parent.mkdir(parents=True)
+    metrics_path.write_text(json.dumps(metrics))
+    samples = {"dcldm": folder / "samples/samples.h5", "ridge": folder / "evaluation/ridge/samples.h5",
+               "base-true-class": folder / "evaluation/base-true-class/samples.h5"}  # the last one is not written
+    _write_samples(samples["dcldm"], rng)
+    _write_samples(samples["ridge"], rng, attention=False)
+    _write_responses(folder / "responses.h5", rng)
+    _write_curve(folder / "mbm/metrics.jsonl", 3, ["train/loss", "val/loss", "val/recon_corr"])
+    _write_curve(folder / "dcldm/train/metrics.jsonl", 2, ["train/loss", "val/loss", "val/accuracy"])
+    return {"metrics_path": metrics_path, "metrics": metrics, "samples": samples,
+            "responses": folder / "responses.h5",
+            "curves": {"SC-MBM: pretraining": folder / "mbm/metrics.jsonl",
+                       "DC-LDM: SC-MBM pretrained": folder / "dcldm/train/metrics.jsonl",
+                       "DC-LDM: no SC-MBM pretraining": folder / "missing/metrics.jsonl"}}
+
+
+@pytest.fixture
+def report_inputs(tmp_path, rng):
+    return make_report_inputs(tmp_path, rng)
+
+
+@pytest.fixture(scope="module")
+def built_report(tmp_path_factory):
+    """One report built from the contract fixtures, shared by the tests that only read it."""
+    folder = tmp_path_factory.mktemp("report")
+    inputs = make_report_inputs(folder, np.random.default_rng(0))
+    out = folder / "report.html"
+    info = html.build_report(inputs["metrics_path"], out,
+                             config={"experiment": "fixture", "generate": {"attention_stimuli": 2}},
+                             samples=inputs["samples"], responses=inputs["responses"], curves=inputs["curves"],
+                             figures_dir=folder / "figures")
+    return {**inputs, "html_path": out, "info": info, "figures_dir": folder / "figures"}
+
+
+# -- the brain map's voxel importance -------------------------------------------
+
+def test_voxel_importance_matches_a_brute_force_sum(rng):
+    maps = rng.uniform(size=(3, 2, 4, 5, 6))
+    maps /= maps.sum(-1, keepdims=True)
+    token_weights = rng.uniform(size=(6, 1 + 4))
+    token_weights /= token_weights.sum(1, keepdims=True)
+    importance = brainmap.voxel_importance(maps, token_weights, patch_size=3, n_voxels=11)
+    expected = np.zeros(11)
+    for voxel in range(11):
+        for token in range(6):
+            mass = np.mean([maps[s, a, y, x, token] for s in range(3) for a in range(2)
+                            for y in range(4) for x in range(5)])
+            expected[voxel] += mass * token_weights[token, 1 + voxel // 3]
+    np.testing.assert_allclose(importance, expected, rtol=1e-10)
+    # A token nobody attends to contributes nothing: move all attention off token 0.
+    maps[..., 0] = 0.0
+    token_weights[1:, 1:] = 0.0
+    assert np.allclose(brainmap.voxel_importance(maps, token_weights, 3, 11), 0.0)
+
+
+def test_voxel_importance_refuses_too_few_patches(rng):
+    maps = rng.uniform(size=(1, 1, 2, 2, 3))
+    with pytest.raises(MindvisError, match="cannot cover"):
+        brainmap.voxel_importance(maps, rng.uniform(size=(3, 1 + 2)), patch_size=4, n_voxels=9)
+    with pytest.raises(MindvisError, match="token_weights"):
+        brainmap.voxel_importance(maps, rng.uniform(size=(4, 1 + 3)), patch_size=4, n_voxels=9)
+
+
+def test_voxel_path_importance_is_the_normalised_weight_norm_per_voxel(tmp_path, rng):
+    import torch
+    from safetensors.torch import save_file
+
+    weight = rng.normal(size=(7, 5))
+    save_file({"conditioner.voxel_map.weight": torch.tensor(weight, dtype=torch.float32),
+               "conditioner.width_map.weight": torch.zeros(2, 2)}, str(tmp_path / "dcldm.safetensors"))
+    importance = brainmap.voxel_path_importance(tmp_path)
+    expected = np.linalg.norm(weight, axis=0)
+    np.testing.assert_allclose(importance, expected / expected.sum(), rtol=1e-5)
+    # A decoder without a voxel path (MinD-Vis's mapper alone), or no decoder: no map.
+    save_file({"conditioner.width_map.weight": torch.zeros(2, 2)}, str(tmp_path / "dcldm.safetensors"))
+    assert brainmap.voxel_path_importance(tmp_path) is None
+    assert brainmap.voxel_path_importance(tmp_path / "missing") is None
+
+
+# -- formatting, metrics.json checks, summary ---------------------------------
+
+def test_formatting_rules():
+    assert tables.format_value("ssim", 0.12345) == "0.123"
+    assert tables.format_value("fid", 12.345) == "12.35"
+    assert tables.format_value("pixcorr", None) == "n/a"
+    assert tables.format_ci("two_way_id", [0.5, 0.75]) == "[0.500, 0.750]"
+    assert tables.format_ci("two_way_id", None) == ""
+
+
+def test_load_metrics_names_the_missing_key(tmp_path, rng):
+    metrics = contract_metrics(rng)
+    del metrics["rows"][2]["kind"]
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps(metrics))
+    with pytest.raises(MindvisError, match=r"rows\[2\]\.kind") as error:
+        tables.load_metrics(path)
+    assert str(path) in str(error.value)
+    with pytest.raises(MindvisError, match="not found"):
+        tables.load_metrics(tmp_path / "absent.json")
+
+
+def test_summary_has_a_row_per_subject_and_the_mean(tmp_path, rng):
+    paths = []
+    for subject in ("sub-01", "sub-02"):
+        path = tmp_path / subject / "metrics.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps(contract_metrics(rng, subject=subject)))
+        paths.append(path)
+    frame = summary.write_summary(paths, tmp_path / "summary.csv", tmp_path / "summary.html")
+    assert list(frame.index) == ["sub-01", "sub-02", "mean"]
+    first, second = (json.loads(p.read_text()) for p in paths)
+    for column, (row_id, metric) in {"dcldm/ssim": ("dcldm", "ssim"),
+                                     "ridge/n_way_top1_mean": ("ridge", "n_way_top1_mean")}.items():
+        values = [tables.metric_value(m, row_id, metric) for m in (first, second)]
+        assert frame.loc["sub-02", column] == pytest.approx(values[1])
+        assert frame.loc["mean", column] == pytest.approx(np.mean(values))
+    assert np.isnan(frame.loc["mean", "base-true-class/n_way_top1_mean"])  # unavailable row
+    assert "fmri-linear/n_way_top1_mean" in frame.columns and "dcldm/fid" in frame.columns
+    back = summary.read_summary(tmp_path / "summary.csv")
+    np.testing.assert_allclose(back.to_numpy(float), frame.to_numpy(float), rtol=1e-5)
+    page = (tmp_path / "summary.html").read_text()
+    assert tables.format_value("ssim", frame.loc["mean", "dcldm/ssim"]) in page and "http" not in page
+    assert tables.format_value("fid", frame.loc["sub-01", "dcldm/fid"]) in summary.summary_text(back)
+
+
+# -- the HTML report ---------------------------------------------------------------
+
+def test_report_is_self_contained_and_complete(built_report):
+    page = built_report["html_path"].read_text()
+    sources = re.findall(r'<img[^>]*src="([^"]*)"', page)
+    assert sources and all(src.startswith("data:image/png;base64,") for src in sources)
+    assert not re.search(r'(src|href)="(https?:|//)', page) and "<script" not in page
+    # Every figure: 2 grids (model, ridge; base-true-class has no file) + per-class, confusion, curves,
+    # attention, brain map.
+    assert len(sources) == 7
+    # The fixture's samples name no decoder folder, so there is no voxel-path map (tested on its own above).
+    assert set(built_report["info"]["figures"]) == set(html.FIGURE_FILES) - {"brain_voxel"}
+    for row in built_report["metrics"]["rows"]:
+        assert row["label"].replace(">", "&gt;") in page
+    assert "unavailable: no class-conditional base generator" in page
+    assert "Attention-based" in page and "<details>" in page and "sub-01" in page
+    for filename in html.FIGURE_FILES.values():
+        assert (built_report["figures_dir"] / filename).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_without_attention_or_logs_says_what_is_missing(tmp_path, report_inputs, rng):
+    _write_samples(report_inputs["samples"]["dcldm"], rng, attention=False)
+    out = tmp_path / "bare.html"
+    info = html.build_report(report_inputs["metrics_path"], out, config={"experiment": "x", "generate": {
+        "attention_stimuli": 2}}, samples=report_inputs["samples"], figures_dir=tmp_path / "bare")
+    page = out.read_text()
+    assert "no recorded attention maps" in page and "No training logs" in page
+    assert "attention" not in info["figures"] and (tmp_path / "bare/attention.png").exists()
+
+
+# -- in a real browser ---------------------------------------------------------------
+
+def check_report_in_browser(html_path, metrics):
+    """Open a report in headless Chromium: no console errors, every image decodes, the table holds metrics.json.
+
+    Returns the number of images and of metric cells checked.
+    """
+    from playwright import sync_api  # in the test extra; only the browser itself may be missing locally
+
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is absent (CI installs Debian's chromium; locally: apt-get install chromium)")
+    errors = []
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.on("requestfailed", lambda request: errors.append(f"failed request {request.url}"))
+            page.goto(Path(html_path).resolve().as_uri(), wait_until="load")
+            widths = page.eval_on_selector_all("img", "images => images.map(i => i.complete ? i.naturalWidth : 0)")
+            cells = page.eval_on_selector_all(
+                "#metrics-table td[data-metric]",
+                "cells => cells.map(c => [c.dataset.row, c.dataset.metric, c.querySelector('.value').textContent,"
+                " (c.querySelector('.ci') || {textContent: ''}).textContent])")
+            reasons = page.eval_on_selector_all("#metrics-table tr.unavailable",
+                                                "rows => rows.map(r => [r.dataset.row, r.textContent])")
+        finally:
+            browser.close()
+    assert not errors, errors
+    assert widths and all(width > 0 for width in widths), widths
+    shown = {(row, metric): (value, ci) for row, metric, value, ci in cells}
+    checked = 0
+    for row in metrics["rows"]:
+        if not row["available"]:
+            assert any(row_id == row["id"] and row.get("reason", "") in text for row_id, text in reasons)
+            continue
+        for metric, entry in (row.get("metrics") or {}).items():
+            if (row["id"], metric) not in shown:
+                assert all((r.get("metrics") or {}).get(metric) is None for r in metrics["rows"] if r["available"])
+                continue
+            value, ci = shown[(row["id"], metric)]
+            if entry is None:
+                assert value == "n/a"
+                continue
+            assert value == tables.format_value(metric, entry["value"])
+            assert float(value) == pytest.approx(entry["value"], abs=0.006)
+            assert ci == tables.format_ci(metric, entry.get("ci"))
+            checked += 1
+    assert checked > 0
+    return len(widths), checked
+
+
+def test_report_in_headless_chromium(built_report):
+    n_images, n_cells = check_report_in_browser(built_report["html_path"], built_report["metrics"])
+    assert n_images == 7 and n_cells >= 30
+
+
+def test_class_figures_stay_small_with_many_classes(rng):
+    names = [f"class {i}" for i in range(150)]
+    confusion = figures.confusion_png(rng.integers(0, 3, (150, 150)), names, "many classes")
+    bars = figures.per_class_png({"dcldm": rng.uniform(size=150).tolist()}, names, {"dcldm": "model"})
+    for png in (confusion, bars):
+        width, height = Image.open(io.BytesIO(png)).size
+        assert width <= figures.MAX_FIGURE_INCHES * 90 * 1.3 and height <= figures.MAX_FIGURE_INCHES * 90 * 1.3

@@ -1,0 +1,33 @@
+# Evaluation: the model's samples beside every baseline and ceiling, scored alike (metrics.json).
+
+
+rule evaluate:
+    """One subject's metrics with CIs: chance, DC-LDM (and its ablation), ridge, fMRI classifier, ceilings."""
+    input:
+        samples="results/{subject}/samples/samples.h5",
+        baseline=baseline_samples_input,
+        responses="results/{subject}/responses.h5",
+        stimuli=subject_stimuli,
+        base=ldm_base_input,
+        classifier=classifier_input,
+    output:
+        # Also written: ridge/ and base-true-class/ (samples.h5 + grid.png) when those rows are available.
+        metrics="results/{subject}/evaluation/metrics.json",
+    conda:
+        "../envs/mindvis.yaml"
+    params:
+        config=RESOLVED_CONFIG,
+        baseline=baseline_samples_flag,
+        base=ldm_base_dir,
+        classifier=classifier_flag,
+        out_dir=output_dir,
+        digest=config_digest("evaluate", "generate"),
+    log:
+        "logs/evaluate/{subject}.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+    shell:
+        "mindvis evaluate --config {params.config} --subject {wildcards.subject} --responses {input.responses}"
+        " --stimuli {input.stimuli} --samples {input.samples} {params.baseline} --base {params.base}"
+        " {params.classifier} --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
