@@ -146,3 +146,35 @@ def test_hcp_subject_without_runs_is_named_at_dag_build(tmp_path):
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert "HCP subject 999999: no runs match" in output and "data.hcp.runs_glob" in output
+
+
+@pytest.mark.slow
+def test_nsd_decode_runs_without_classes(tmp_path):
+    """NSD has no object classes: the base generator trains unconditionally, the voxel path starts at zero
+    (no ridge target), and evaluation scores with the ImageNet classifier and no label-based rows."""
+    config = yaml.safe_load((ROOT / "configs/nsd.yaml").read_text())
+    write_nsd(tmp_path / "data/nsd", np.random.default_rng(3), n_sessions=2)  # one session for val
+    config["data"]["nsd"]["root"] = str(tmp_path / "data/nsd")
+    test = yaml.safe_load((ROOT / "configs/test.yaml").read_text())
+    config.update({"subjects": ["sub-01"], "preprocess": {"val_fraction": 0.5},
+                   "stimuli": {"image_size": 16, "channels": 3}, "mbm": test["mbm"],
+                   "ldm": {**test["ldm"], "val_images": 2}, "finetune": {**test["finetune"], "baseline": False},
+                   "generate": test["generate"], "evaluate": {"trials": 50, "n_bootstrap": 50}})
+    configfile = tmp_path / "nsd-tiny.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    workdir = tmp_path / "work"
+    result = snakemake(workdir, configfile, "decode")
+    if result.returncode != 0:
+        logs = "\n".join(f"--- {log}\n{log.read_text()[-3000:]}" for log in sorted(workdir.glob("logs/**/*.log")))
+        pytest.fail(f"snakemake failed:\n{result.stderr[-6000:]}\n{logs}")
+    results = workdir / "results"
+    ldm = json.loads((results / "pretrain/ldm/metrics.json").read_text())
+    assert ldm["n_labelled"] == 0 and not (results / "pretrain/ldm/class_samples.png").exists()
+    subject = config["subjects"][0]
+    meta = json.loads((results / subject / "dcldm/dcldm.json").read_text())
+    assert meta["voxel_path_ridge"] is None
+    metrics = json.loads((results / subject / "evaluation/metrics.json").read_text())
+    rows = {row["id"]: row for row in metrics["rows"]}
+    assert metrics["classifier"]["n_classes"] == 1000 and rows["dcldm"]["available"]
+    assert not rows["base-true-class"]["available"] and rows["base-true-class"]["reason"]
+    assert (results / subject / "report.html").exists() and (results / "summary.csv").exists()

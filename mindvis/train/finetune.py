@@ -476,7 +476,12 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, c
     if len(train_trials) == 0:
         raise MindvisError("no training trials", path=responses, key="train", fix="check the preprocessing output.")
     ridge_report = None
-    if model.conditioner.voxel_map is not None and settings["ridge_init"] and generator.class_conditioner is not None:
+    known = int((train_trials.labels >= 0).sum())
+    if model.conditioner.voxel_map is not None and settings["ridge_init"] and generator.class_conditioner is not None \
+            and known < 2:
+        log.warning("only %d training trials of known class: the voxel path starts at zero instead of from ridge "
+                    "(a data set without classes, such as NSD)", known)
+    elif model.conditioner.voxel_map is not None and settings["ridge_init"] and generator.class_conditioner is not None:
         weight, bias, ridge_report = fit_ridge_voxel_map(
             train_trials.fmri.numpy(), train_trials.labels.numpy(), val_trials.fmri.numpy(),
             val_trials.labels.numpy(), generator.class_conditioner, settings["ridge_alphas"])
