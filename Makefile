@@ -9,7 +9,8 @@
 PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-CORES      ?= 8
+# One job per core: more jobs than cores only slow the critical path (pretrain_ldm) down.
+CORES      ?= $(shell nproc 2>/dev/null || echo 2)
 CONFIG     ?= configs/default.yaml
 PYTEST_ARGS ?=
 

@@ -97,9 +97,13 @@ def test_finetune_changes_trained_parameters_and_keeps_frozen_ones_bit_identical
     _, decoder, meta = load_dcldm(root / "dcldm")
     before = dict(initial.named_parameters())
     trained = set(meta["trained_parameter_names"])
-    assert trained == trainable_parameter_names(initial, config["finetune"]["train"])
+    # The ridge-started voxel path is kept fixed (finetune.ridge_lr_scale 0); everything else named trains.
+    voxel_path = {"conditioner.voxel_map.weight", "conditioner.voxel_map.bias"}
+    assert meta["voxel_path_ridge"] is not None and config["finetune"]["ridge_lr_scale"] == 0
+    assert trained == trainable_parameter_names(initial, config["finetune"]["train"]) - voxel_path
     stored = load_file(str(root / "dcldm" / "dcldm.safetensors"))
-    assert trained <= set(stored) and not any(k.startswith("unet.") and k not in trained for k in stored)
+    assert trained | voxel_path <= set(stored) and not any(k.startswith("unet.") and k not in trained for k in stored)
+    assert stored["conditioner.voxel_map.weight"].abs().sum() > 0  # the ridge start, stored though frozen
     changed_unet, changed_encoder = 0, 0
     for name, param in decoder.named_parameters():
         if name in trained:
@@ -229,3 +233,18 @@ def test_ridge_voxel_map_picks_alpha_on_val_and_refits_on_train_and_val():
                                              class_condition_targets(classes, np.concatenate([y_train, y_val[known]])))
     np.testing.assert_allclose(weight, refit.coef_, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(bias, refit.intercept_, rtol=1e-4, atol=1e-5)
+
+
+def test_a_frozen_encoder_is_stored_with_the_decoder(workspace):
+    """Parts left out of finetune.train are still the decoder's: the loader must get the pretrained encoder back."""
+    root, config = workspace["root"], workspace["config"]
+    config = {**config, "finetune": {**config["finetune"], "epochs": 1, "train": ["conditioner", "attn2"],
+                                     "select_metric": "val/loss"}}
+    finetune(config, "sub-01", root / "responses.h5", root / "stimuli.h5", root / "ldm", root / "dcldm-frozen",
+             mbm_dir=root / "mbm")
+    _, decoder, meta = load_dcldm(root / "dcldm-frozen")
+    pretrained = build_decoder(config, load_generator(root / "ldm"), 37, mbm_dir=root / "mbm").encoder
+    assert not any(name.startswith("encoder.") for name in meta["trained_parameter_names"])
+    for name, param in decoder.encoder.named_parameters():
+        if not name.startswith(("decoder", "mask_token")):
+            assert torch.equal(param, dict(pretrained.named_parameters())[name]), name

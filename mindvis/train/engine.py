@@ -268,11 +268,14 @@ def _optimizer_from_files(tensors, meta):
     return {"state": state, "param_groups": groups}
 
 
-def _model_tensors(model, which="all"):
-    """The tensors a checkpoint stores: the state dict, or only trainable parameters and buffers."""
+def _model_tensors(model, which="all", always=()):
+    """The tensors a checkpoint stores: the state dict, or only trainable parameters and buffers
+    (plus every tensor whose name starts with one of ``always``)."""
     if which == "trainable":
         tensors = {name: p for name, p in model.named_parameters() if p.requires_grad}
         tensors.update(dict(model.named_buffers()))
+        if always:
+            tensors.update({name: t for name, t in model.state_dict().items() if name.startswith(tuple(always))})
     else:
         tensors = model.state_dict()
     out, seen = {}, {}
@@ -284,7 +287,7 @@ def _model_tensors(model, which="all"):
     return out
 
 
-def save_weights(model, path, which="all", metadata=None):
+def save_weights(model, path, which="all", metadata=None, always=()):
     """Write a module's weights to ``path`` as safetensors, atomically.
 
     Parameters
@@ -296,9 +299,11 @@ def save_weights(model, path, which="all", metadata=None):
         fine-tuning a large frozen model).
     metadata : dict of str -> str, optional
         Stored in the safetensors header.
+    always : sequence of str
+        Name prefixes stored even when frozen (with ``which='trainable'``).
     """
     with atomic_path(path) as tmp:
-        save_file(_model_tensors(model, which), str(tmp), metadata=metadata)
+        save_file(_model_tensors(model, which, always), str(tmp), metadata=metadata)
 
 
 def load_weights(model, path, strict=True):

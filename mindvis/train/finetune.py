@@ -178,9 +178,13 @@ def load_dcldm(folder, base=None, dtype=None):
         encoder.decoder_pos_embed = torch.empty_like(tensors["encoder.decoder_pos_embed"])
         encoder.n_tokens = tensors["encoder.pos_embed"].shape[1] - 1
     result = decoder.load_state_dict(tensors, strict=False)
-    if result.unexpected_keys:
-        raise MindvisError(f"weights do not fit the decoder (unexpected {result.unexpected_keys[:5]})",
-                           path=folder / MODEL_FILE, fix="rerun finetune; the folder mixes two versions.")
+    # The UNet's untrained tensors come from the base; the SC-MBM reconstruction decoder is unused.
+    missing = [key for key in result.missing_keys if key.startswith(("encoder.", "conditioner."))
+               and not key.startswith(("encoder.decoder", "encoder.mask_token"))]
+    if result.unexpected_keys or missing:
+        raise MindvisError(f"weights do not fit the decoder (unexpected {result.unexpected_keys[:5]}, "
+                           f"missing {missing[:5]})", path=folder / MODEL_FILE,
+                           fix="rerun finetune; the folder mixes two versions.")
     if dtype is not None:
         decoder.to(dtype)
     return generator, decoder.eval(), meta
@@ -411,6 +415,32 @@ def make_eval_fn(generator, scheduler, val_trials, settings, generate_settings, 
     return eval_fn
 
 
+def finetune_param_groups(model, settings, ridge_started=False):
+    """Optimizer groups: the encoder and a ridge-started voxel path learn at their own rates, the rest at ``lr``.
+
+    The encoder starts pretrained (``finetune.encoder_lr_scale``). A voxel path
+    started from ridge holds a closed-form solution with small weights (thousands
+    of z-scored voxels): Adam moves every weight by about the learning rate per
+    step whatever its gradient, so at the full rate the noisy diffusion-loss
+    gradient overwrites that solution within the warm-up
+    (``finetune.ridge_lr_scale``; at 0 the path is frozen before this is called).
+    """
+    groups = {"encoder": [], "voxel": [], "other": []}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if name.startswith("encoder."):
+            groups["encoder"].append(parameter)
+        elif name.startswith("conditioner.voxel_map."):
+            groups["voxel"].append(parameter)
+        else:
+            groups["other"].append(parameter)
+    scales = {"encoder": settings["encoder_lr_scale"], "voxel": settings["ridge_lr_scale"] if ridge_started else 1.0,
+              "other": 1.0}
+    return [{"params": params, "lr_scale": float(scales[key]), "weight_decay": settings["weight_decay"]}
+            for key, params in groups.items() if params]
+
+
 # -- the stage -----------------------------------------------------------------
 
 def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, classifier_dir=None,
@@ -486,8 +516,14 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, c
             train_trials.fmri.numpy(), train_trials.labels.numpy(), val_trials.fmri.numpy(),
             val_trials.labels.numpy(), generator.class_conditioner, settings["ridge_alphas"])
         model.conditioner.set_voxel_map(torch.from_numpy(weight), torch.from_numpy(bias))
-        log.info("voxel path starts from ridge (alpha %g chosen on val; val relative error %s)", ridge_report["alpha"],
-                 {a: round(e, 3) for a, e in ridge_report["val_relative_error"].items()})
+        frozen = settings["ridge_lr_scale"] == 0
+        if frozen:
+            model.conditioner.voxel_map.requires_grad_(False)
+        log.info("voxel path starts from ridge (alpha %g chosen on val; val relative error %s)%s", ridge_report["alpha"],
+                 {a: round(e, 3) for a, e in ridge_report["val_relative_error"].items()},
+                 "; kept fixed (finetune.ridge_lr_scale 0)" if frozen else "")
+        trained = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+        n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     from diffusers import DDPMScheduler
 
@@ -507,13 +543,7 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, c
     else:
         log.warning("the val split is empty: no checkpoint selection, the last epoch's model is kept")
         select = None
-    # Encoder parameters may learn more slowly than the new conditioner (they start pretrained).
-    encoder_params = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("encoder.")]
-    other_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.")]
-    param_groups = [{"params": other_params, "lr_scale": 1.0, "weight_decay": settings["weight_decay"]}]
-    if encoder_params:
-        param_groups.append({"params": encoder_params, "lr_scale": settings["encoder_lr_scale"],
-                             "weight_decay": settings["weight_decay"]})
+    param_groups = finetune_param_groups(model, settings, ridge_started=ridge_report is not None)
     train_config = TrainConfig(
         epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"],
         weight_decay=settings["weight_decay"], warmup_epochs=settings["warmup_epochs"], betas=(0.9, 0.999),
@@ -548,7 +578,10 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, c
     if trainer.accelerator.is_main_process:
         model.encoder.save_config(out_dir / "encoder")
         model.conditioner.save_config(out_dir / "conditioner")
-        save_weights(model, out_dir / MODEL_FILE, which="trainable", metadata={"subject": subject})
+        # The encoder and conditioner are stored whole, trained or not (the loader builds them from config);
+        # of the UNet only what was trained (the rest is the base generator's).
+        save_weights(model, out_dir / MODEL_FILE, which="trainable", always=("encoder.", "conditioner."),
+                     metadata={"subject": subject})
         write_json_atomic(out_dir / META_FILE, meta)
     log.info("wrote %s (best %s)", out_dir, result["best"])
     return meta

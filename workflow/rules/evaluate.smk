@@ -24,6 +24,8 @@ rule evaluate:
         digest=config_digest("evaluate", "generate"),
     log:
         "logs/evaluate/{subject}.log",
+    benchmark:
+        "logs/benchmarks/evaluate/{subject}.tsv",
     threads: 1
     resources:
         mem_mb=4000,

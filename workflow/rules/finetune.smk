@@ -24,7 +24,11 @@ rule finetune:
         digest=config_digest("ldm", "mbm", "finetune"),
     log:
         "logs/finetune/{subject}.log",
+    benchmark:
+        "logs/benchmarks/finetune/{subject}.tsv",
     threads: 1
+    # The decoder before its ablation, so the decoded images come first when cores are few.
+    priority: 20
     resources:
         mem_mb=4000,
     shell:
@@ -44,3 +48,6 @@ use rule finetune as finetune_baseline with:
         meta="results/{subject}/dcldm-baseline/dcldm.json",
     log:
         "logs/finetune/{subject}-baseline.log",
+    benchmark:
+        "logs/benchmarks/finetune/{subject}-baseline.tsv",
+    priority: 10

@@ -22,7 +22,11 @@ rule generate:
         digest=config_digest("generate"),
     log:
         "logs/generate/{subject}.log",
+    benchmark:
+        "logs/benchmarks/generate/{subject}.tsv",
     threads: 1
+    # A finished decoder's images before the next decoder's fine-tuning.
+    priority: 30
     resources:
         mem_mb=4000,
     shell:
@@ -43,3 +47,6 @@ use rule generate as generate_baseline with:
         summary="results/{subject}/samples-baseline/summary.json",
     log:
         "logs/generate/{subject}-baseline.log",
+    benchmark:
+        "logs/benchmarks/generate/{subject}-baseline.tsv",
+    priority: 15

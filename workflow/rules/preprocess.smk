@@ -20,6 +20,8 @@ if not USES_ADAPTER:
             digest=config_digest("preprocess"),
         log:
             "logs/preprocess/{subject}.log",
+        benchmark:
+            "logs/benchmarks/preprocess/{subject}.tsv",
         wildcard_constraints:
             subject=r"sub-(?!rest)[A-Za-z0-9]+",
         threads: 1
@@ -44,6 +46,8 @@ rule preprocess_rest:
         digest=config_digest("preprocess"),
     log:
         "logs/preprocess_rest/{subject}.log",
+    benchmark:
+        "logs/benchmarks/preprocess_rest/{subject}.tsv",
     wildcard_constraints:
         subject=r"sub-rest[0-9]+",
     threads: 1

@@ -21,6 +21,8 @@ if DOMAIN_CLASSIFIER:
             digest=config_digest("stimuli"),
         log:
             "logs/train_classifier.log",
+        benchmark:
+            "logs/benchmarks/train_classifier.tsv",
         threads: 1
         # Fine-tuning waits for it (validation accuracy): start it early.
         priority: 50
@@ -51,6 +53,8 @@ rule pretrain_ldm:
         digest=config_digest("stimuli", "ldm"),
     log:
         "logs/pretrain_ldm.log",
+    benchmark:
+        "logs/benchmarks/pretrain_ldm.tsv",
     threads: 1
     # The longest stage, on the critical path: first in line for a core.
     priority: 50

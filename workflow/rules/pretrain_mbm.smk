@@ -21,7 +21,11 @@ rule pretrain_mbm:
         digest=config_digest("mbm"),
     log:
         "logs/pretrain_mbm.log",
+    benchmark:
+        "logs/benchmarks/pretrain_mbm.tsv",
     threads: 1
+    # The SC-MBM decoders wait for it: ahead of the jobs that can wait (evaluation, reports).
+    priority: 40
     resources:
         mem_mb=4000,
     shell:

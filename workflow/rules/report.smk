@@ -38,6 +38,8 @@ rule report:
         figures="results/{subject}/report",
     log:
         "logs/report/{subject}.log",
+    benchmark:
+        "logs/benchmarks/report/{subject}.tsv",
     threads: 1
     resources:
         mem_mb=2000,
@@ -63,6 +65,8 @@ rule summary:
         config=RESOLVED_CONFIG,
     log:
         "logs/summary.log",
+    benchmark:
+        "logs/benchmarks/summary.tsv",
     threads: 1
     resources:
         mem_mb=1000,

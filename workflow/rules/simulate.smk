@@ -16,6 +16,8 @@ if SIMULATED:
             digest=config_digest("stimuli", "simulate"),
         log:
             "logs/simulate/{subject}.log",
+        benchmark:
+            "logs/benchmarks/simulate/{subject}.tsv",
         wildcard_constraints:
             subject=r"sub-(?!rest)[A-Za-z0-9]+",
         threads: 1
@@ -39,6 +41,8 @@ if SIMULATED:
             digest=config_digest("simulate"),
         log:
             "logs/simulate_rest/{subject}.log",
+        benchmark:
+            "logs/benchmarks/simulate_rest/{subject}.tsv",
         wildcard_constraints:
             subject=r"sub-rest[0-9]+",
         threads: 1
@@ -63,6 +67,8 @@ if SIMULATED:
             digest=config_digest("simulate"),
         log:
             "logs/bids_metadata.log",
+        benchmark:
+            "logs/benchmarks/bids_metadata.tsv",
         threads: 1
         shell:
             "mindvis bids-metadata --config {params.config} --bids-dir {params.bids} > {log} 2>&1"

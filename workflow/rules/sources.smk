@@ -18,6 +18,8 @@ if USES_ADAPTER:
             digest=config_digest("stimuli", "preprocess", "data"),
         log:
             "logs/convert/{subject}.log",
+        benchmark:
+            "logs/benchmarks/convert/{subject}.tsv",
         threads: 1
         resources:
             mem_mb=8000,
@@ -38,6 +40,8 @@ if USES_ADAPTER:
             config=RESOLVED_CONFIG,
         log:
             "logs/merge_stimuli.log",
+        benchmark:
+            "logs/benchmarks/merge_stimuli.tsv",
         threads: 1
         resources:
             mem_mb=2000,
@@ -59,6 +63,8 @@ rule convert_rest:
         digest=config_digest("data"),
     log:
         "logs/convert_rest/hcp-{hcp_id}.log",
+    benchmark:
+        "logs/benchmarks/convert_rest/hcp-{hcp_id}.tsv",
     wildcard_constraints:
         hcp_id=r"[0-9]+",
     threads: 1

@@ -13,6 +13,8 @@ if SIMULATED:
             digest=config_digest("stimuli"),
         log:
             "logs/stimuli.log",
+        benchmark:
+            "logs/benchmarks/stimuli.tsv",
         threads: 1
         shell:
             "mindvis stimuli --config {params.config} --out {output} --threads {threads} > {log} 2>&1"
