@@ -19,6 +19,13 @@ envvars:
 # works without being activated.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
 
+from snakemake import __version__ as _SNAKEMAKE_VERSION
+
+if (9, 10) <= tuple(int(part) for part in _SNAKEMAKE_VERSION.split(".")[:2]) < (9, 17):
+    print(f"mindvis: Snakemake {_SNAKEMAKE_VERSION} starts more jobs at once than --cores allows "
+          "(snakemake/snakemake#3913), which slows every job down; install 9.17 or later "
+          "(`pip install -e .` does).", file=sys.stderr)
+
 from mindvis.config import dump_config, rest_subjects, subjects, validate as validate_config
 from mindvis.errors import MindvisError
 
