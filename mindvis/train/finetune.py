@@ -9,7 +9,8 @@ diffusion loss, through the shared engine (:mod:`mindvis.train.engine`).
 Trained: the parts named in ``finetune.train`` (default: the encoder, the
 conditioner, the UNet's cross-attention ``attn2`` layers and its norms);
 everything else has ``requires_grad_(False)`` (no gradient memory) and stays
-bit-identical. The VAE is always frozen. Conditions are dropped with
+bit-identical. The VAE is always frozen, and so, by default, is a voxel path
+started from ridge (``finetune.ridge_lr_scale``). Conditions are dropped with
 probability ``finetune.cond_dropout`` (replaced by the learned null
 condition) so that classifier-free guidance works at sampling time.
 
@@ -20,8 +21,9 @@ quick top-1 accuracy of few-step DDIM samples of validation trials.
 Outputs in ``out_dir`` (``results/{subject}/dcldm/``)
 ----------------------------------------------------
 ``dcldm.safetensors``
-    The trained tensors (and buffers) of the decoder, keyed ``encoder.*``,
-    ``conditioner.*``, ``unet.*``; frozen UNet weights stay in the base generator.
+    The whole encoder (``encoder.*``) and conditioner (``conditioner.*``),
+    trained or not, and the UNet's trained tensors (``unet.*``); the frozen
+    UNet weights stay in the base generator.
 ``encoder/config.json``, ``conditioner/config.json``
     The architectures (diffusers configs) to rebuild them.
 ``dcldm.json``
