@@ -7,7 +7,7 @@ Reads, in a workflow directory that has run ``decode``:
   every decoded image existed (the last ``generate*`` job), and the largest
   number of jobs that ran at once (it should not exceed ``--cores`` with one
   thread per job);
-* the ``benchmark:`` files every rule writes under ``logs/benchmarks/``
+* the ``benchmark:`` file of each job, as the log names it (every rule writes one under ``logs/benchmarks/``)
   (Snakemake's: wall seconds, CPU seconds, peak RSS per job).
 
 Usage::
@@ -49,39 +49,39 @@ TARGETS = {"decode", "all"}
 _STAMP = re.compile(r"^\[(\w{3} \w{3} +\d+ \d\d:\d\d:\d\d \d{4})\]$")
 _RULE = re.compile(r"^(?:local)?rule (\w+):$")
 _JOBID = re.compile(r"^\s+jobid: (\d+)$")
+_BENCHMARK = re.compile(r"^\s+benchmark: (\S+)$")
 _FINISHED = re.compile(r"^Finished jobid: (\d+) \(Rule: (\w+)\)$")
 
 
 def parse_snakemake_log(path):
-    """``{jobid: {"rule", "start", "end"}}`` (datetimes) from a Snakemake 8/9 log; the decode target has no end."""
-    jobs, stamp, rule = {}, None, None
+    """``{jobid: {"rule", "start", "end", "benchmark"}}`` from a Snakemake 8/9 log (times as datetimes;
+    ``benchmark`` the job's benchmark file or None); jobs that never finished are left out."""
+    jobs, stamp, rule, current = {}, None, None, None
     for line in Path(path).read_text().splitlines():
         if match := _STAMP.match(line):
-            stamp, rule = datetime.strptime(match.group(1), "%a %b %d %H:%M:%S %Y"), None
+            stamp, rule, current = datetime.strptime(match.group(1), "%a %b %d %H:%M:%S %Y"), None, None
         elif match := _RULE.match(line):
             rule = match.group(1)
         elif (match := _JOBID.match(line)) and rule is not None:
-            jobs.setdefault(int(match.group(1)), {"rule": rule, "start": stamp, "end": None})
+            current = int(match.group(1))
+            jobs.setdefault(current, {"rule": rule, "start": stamp, "end": None, "benchmark": None})
+        elif (match := _BENCHMARK.match(line)) and current is not None:
+            jobs[current]["benchmark"] = match.group(1)
         elif match := _FINISHED.match(line):
-            job = jobs.setdefault(int(match.group(1)), {"rule": match.group(2), "start": None, "end": None})
+            job = jobs.setdefault(int(match.group(1)),
+                                  {"rule": match.group(2), "start": None, "end": None, "benchmark": None})
             job["end"] = stamp
     return {jobid: job for jobid, job in jobs.items() if job["end"] is not None and job["start"] is not None}
 
 
-def read_benchmarks(folder):
-    """``{(rule, name): row}`` from Snakemake benchmark TSVs under ``folder`` (``logs/benchmarks``)."""
-    rows = {}
-    for path in sorted(Path(folder).rglob("*.tsv")):
-        with path.open() as handle:
-            records = list(csv.DictReader(handle, delimiter="\t"))
-        if records:
-            relative = path.relative_to(folder)
-            rule = relative.parts[0] if len(relative.parts) > 1 else relative.stem
-            name = relative.stem if len(relative.parts) > 1 else ""
-            if rule in {"finetune", "generate"} and name.endswith("-baseline"):
-                rule = f"{rule}_baseline"
-            rows[(rule, name)] = records[-1]
-    return rows
+def read_benchmark(path):
+    """The last record of a Snakemake benchmark TSV (wall ``s``, ``cpu_time``, ``max_rss``, ...), or None."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    with path.open() as handle:
+        records = list(csv.DictReader(handle, delimiter="\t"))
+    return records[-1] if records else None
 
 
 def _clock(seconds):
@@ -110,7 +110,6 @@ def report(workdir, log_path=None, out=sys.stdout):
     jobs = parse_snakemake_log(log_path)
     if not jobs:
         raise SystemExit(f"{log_path}: no finished jobs found")
-    bench = read_benchmarks(workdir / "logs" / "benchmarks")
     t0 = min(job["start"] for job in jobs.values())
     end = max(job["end"] for job in jobs.values())
     by_rule = defaultdict(list)
@@ -118,7 +117,11 @@ def report(workdir, log_path=None, out=sys.stdout):
         if job["rule"] not in TARGETS:
             by_rule[job["rule"]].append(job)
     cpu_by_rule, wall_by_rule, rss_by_rule = defaultdict(float), defaultdict(float), defaultdict(float)
-    for (rule, _), row in bench.items():
+    for job in jobs.values():
+        row = read_benchmark(workdir / job["benchmark"]) if job["benchmark"] else None
+        if row is None:
+            continue
+        rule = job["rule"]
         cpu_by_rule[rule] += float(row.get("cpu_time") or 0)
         wall_by_rule[rule] += float(row.get("s") or 0)
         rss_by_rule[rule] = max(rss_by_rule[rule], float(row.get("max_rss") or 0))

@@ -497,12 +497,7 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, c
                            "none (a Stable Diffusion folder)", path=base, key="finetune.align_weight",
                            fix="set finetune.align_weight: 0 for a Stable Diffusion base (MinD-Vis's own loss).")
     model = build_decoder(config, generator, data.n_voxels, mbm_dir=mbm_dir, baseline=baseline)
-    trained = freeze_for_finetuning(model, settings["train"])
-    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
-    log.info("%s%s: training %d of %d decoder parameters (%s); %d training, %d validation trials",
-             subject, " (baseline, random encoder)" if baseline else "", n_trained, n_total,
-             ", ".join(settings["train"]), len(data["train"]), len(data["val"]))
+    freeze_for_finetuning(model, settings["train"])
     train_trials = paired_trials(data["train"], stimulus_set, generator)
     val_trials = paired_trials(data["val"], stimulus_set, generator)
     if len(train_trials) == 0:
@@ -524,8 +519,12 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, c
         log.info("voxel path starts from ridge (alpha %g chosen on val; val relative error %s)%s", ridge_report["alpha"],
                  {a: round(e, 3) for a, e in ridge_report["val_relative_error"].items()},
                  "; kept fixed (finetune.ridge_lr_scale 0)" if frozen else "")
-        trained = sorted(n for n, p in model.named_parameters() if p.requires_grad)
-        n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trained = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    log.info("%s%s: training %d of %d decoder parameters (%s); %d training, %d validation trials",
+             subject, " (baseline, random encoder)" if baseline else "", n_trained, n_total,
+             ", ".join(settings["train"]), len(train_trials), len(val_trials))
 
     from diffusers import DDPMScheduler
 
