@@ -88,7 +88,8 @@ def measure(kind, steps, warmup, threads, voxels):
                             class_labels=cond.pooled).sample
                 F.mse_loss(pred, noise).backward()
         else:
-            from mindvis.train.finetune import build_decoder, freeze_for_finetuning
+            from mindvis.models.dcldm import build_decoder
+            from mindvis.train.finetune import freeze_for_finetuning
 
             generator.vae.requires_grad_(False)
             model = build_decoder(config, generator, voxels, baseline=True)
@@ -153,9 +154,10 @@ def cmd_samplers(args):
     import numpy as np
     import torch
 
-    from mindvis.evaluate.classifier import load_classifier
+    from mindvis.data.images import tensor_to_images
     from mindvis.generate.sampling import sample_images
-    from mindvis.models.ldm import load_generator, tensor_to_images
+    from mindvis.models.classifiers.domain import load_classifier
+    from mindvis.models.ldm import load_generator
 
     torch.set_num_threads(args.threads)
     generator = load_generator(args.base)

@@ -65,7 +65,7 @@ def run_timed(command):
     return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
-def decoding(bids_dir, subject, test_repeats):
+def decoding(bids_dir, subject):
     """Accuracies and noise ceiling of one simulated subject (see the module docstring)."""
     import warnings
 
@@ -75,12 +75,14 @@ def decoding(bids_dir, subject, test_repeats):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    from mindvis.data.bids_layout import derivative_paths
+    from mindvis.data.reliability import noise_ceiling
     from mindvis.simulate import bids
-    from mindvis.simulate.validate import average_repeats, lag_average_trials, noise_ceiling
+    from mindvis.simulate.validate import average_repeats, lag_average_trials
 
     warnings.filterwarnings("ignore", category=ConvergenceWarning)
     responses, events = lag_average_trials(bids_dir, subject, window=(4.0, 8.0))
-    truth = bids.read_ground_truth(bids.derivative_paths(bids_dir, subject)["groundtruth"])
+    truth = bids.read_ground_truth(derivative_paths(bids_dir, subject)["groundtruth"])
 
     def classifier():
         return make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=1000))
@@ -94,7 +96,8 @@ def decoding(bids_dir, subject, test_repeats):
     averaged, _, averaged_classes = average_repeats(responses[~train], events[~train])
     test_averaged = fitted.score(averaged, averaged_classes)
     truth_cv = cross_val_score(classifier(), truth["response"], truth["label"], cv=folds).mean()
-    ceiling = noise_ceiling(responses[~train], events["stimulus_id"][~train].to_numpy(), n_average=test_repeats)
+    # Fraction of the variance of the response averaged over the test repeats.
+    ceiling = noise_ceiling(responses[~train], events["stimulus_id"][~train].to_numpy())[1] / 100
     with_signal = truth["snr"] > np.median(truth["snr"])
     return {
         "voxels": responses.shape[1], "train_trials": int(train.sum()), "test_trials": int((~train).sum()),
@@ -142,7 +145,7 @@ def main(argv=None):
     load_after_sim = os.getloadavg()
     size_mb = sum(f.stat().st_size for f in bids_dir.rglob("*") if f.is_file()) / 2**20
 
-    scores = {subject: decoding(bids_dir, subject, config["simulate"]["test_repeats"])
+    scores = {subject: decoding(bids_dir, subject)
               for subject in task_subjects}
     load_after = os.getloadavg()
 
@@ -207,9 +210,9 @@ def main(argv=None):
 def _manifest_time(bids_dir, subject):
     import json
 
-    from mindvis.simulate import bids
+    from mindvis.data.bids_layout import derivative_paths
 
-    return json.loads(bids.derivative_paths(bids_dir, subject)["manifest"].read_text())["wall_time_s"]
+    return json.loads(derivative_paths(bids_dir, subject)["manifest"].read_text())["wall_time_s"]
 
 
 def _load(values):

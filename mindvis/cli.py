@@ -92,14 +92,14 @@ def cmd_merge_stimuli(args):
 
 
 def cmd_import_checkpoint(args):
-    _call("mindvis.data.sources.mindvis_checkpoint:import_mindvis_checkpoint", args.checkpoint, args.out_dir,
+    _call("mindvis.models.mindvis_checkpoint:import_mindvis_checkpoint", args.checkpoint, args.out_dir,
           num_heads=args.num_heads, decoder_num_heads=args.decoder_num_heads, strict=args.strict)
 
 
 # -- DC-LDM (issue 5): domain classifier, base generator, fine-tuning, sampling --
 
 def cmd_train_classifier(args):
-    _call("mindvis.evaluate.classifier:train_classifier", _config(args), stimuli_path=args.stimuli,
+    _call("mindvis.train.classifier:train_classifier", _config(args), stimuli_path=args.stimuli,
           out_dir=args.out_dir, resume=args.resume)
 
 

@@ -147,3 +147,20 @@ def dump_config(config, path):
     from mindvis.utils.io import write_text_atomic
 
     write_text_atomic(path, yaml.safe_dump(config, sort_keys=False))
+
+
+def section_settings(config, name):
+    """A config section with the schema's defaults filled in (``config`` may hold only part of it).
+
+    Parameters
+    ----------
+    config : dict
+        An experiment config, resolved or not.
+    name : str
+        Top-level section, e.g. ``"classifier"`` or ``"evaluate"``.
+
+    Returns
+    -------
+    dict
+    """
+    return fill_defaults(dict(config.get(name) or {}), load_schema()["properties"][name])

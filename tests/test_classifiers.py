@@ -8,7 +8,9 @@ import torch
 
 from mindvis.config import validate
 from mindvis.errors import MindvisError
-from mindvis.evaluate.classifier import DomainClassifier, ImageClassifier, load_image_classifier
+from mindvis.models.classifiers.base import ImageClassifier
+from mindvis.models.classifiers.domain import DomainClassifier
+from mindvis.models.classifiers.load import load_image_classifier
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +26,7 @@ def domain_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def efficientnet():
-    from mindvis.evaluate.imagenet import load_efficientnet_lite0
+    from mindvis.models.classifiers.imagenet import load_efficientnet_lite0
 
     return load_efficientnet_lite0(batch_size=4)
 
@@ -73,7 +75,7 @@ def test_vit_h_14_errors_name_the_key_and_the_fix(tmp_path):
 
 
 def test_imagenet_class_names_are_the_1000_classes():
-    from mindvis.evaluate.imagenet import imagenet_class_names, imagenet_wnids
+    from mindvis.models.classifiers.imagenet import imagenet_class_names, imagenet_wnids
 
     names, wnids = imagenet_class_names(), imagenet_wnids()
     assert len(names) == len(set(names)) == 1000
@@ -133,7 +135,7 @@ def test_train_classifier_reads_the_classifier_section(tmp_path):
     from ldm_fixtures import write_synthetic_stimuli
 
     from mindvis.config import load_schema
-    from mindvis.evaluate.classifier import train_classifier
+    from mindvis.train.classifier import train_classifier
 
     write_synthetic_stimuli(tmp_path / "stimuli.h5", n_train_per_class=6)
     config = validate({"seed": 1, "classifier": {"epochs": 1, "widths": [4], "hflip": False}})

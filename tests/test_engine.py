@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from mindvis.errors import MindvisError
-from mindvis.train.engine import TrainConfig, Trainer, lr_factor, read_checkpoint_state, scaled_lr
+from mindvis.train.checkpoint import read_checkpoint_state
+from mindvis.train.engine import TrainConfig, Trainer, lr_factor, scaled_lr
 
 
 class Regression:

@@ -11,10 +11,11 @@ from mindvis.evaluate.baselines import (
     fit_fmri_classifier,
     fit_ridge_decoder,
     ridge_images,
-    true_class_samples,
     true_class_unavailable_reason,
 )
-from mindvis.evaluate.run import METRICS, ROWS, evaluate_subject
+from mindvis.evaluate.run import evaluate_subject
+from mindvis.evaluate.table import METRICS, ROWS
+from mindvis.generate.decode import sample_classes
 from mindvis.generate.run import sample_seeds
 from mindvis.generate.writing import read_samples_h5, write_samples_h5
 
@@ -33,7 +34,7 @@ def _write_samples(path, stimulus_set, samples, seeds, subject="sub-01"):
 def workspace(tmp_path_factory):
     """Stimuli (3 classes, 9 test images), responses, a tiny untrained base, a domain classifier and samples:
     the model's are the true images plus noise; the ablation's are another stimulus's images."""
-    from mindvis.evaluate.classifier import train_classifier
+    from mindvis.train.classifier import train_classifier
     from mindvis.models.ldm import save_generator
 
     root = tmp_path_factory.mktemp("evaluate")
@@ -155,7 +156,7 @@ def test_true_class_is_unavailable_without_a_class_conditioner():
     assert true_class_unavailable_reason(generator, labels, 3) is None
     assert "classes" in true_class_unavailable_reason(generator, labels, 4)
     settings = {"sampler": "ddim", "steps": 2, "guidance_scale": 2.0, "eta": 0.0, "batch_size": 4}
-    drawn = true_class_samples(generator, labels, np.arange(6).reshape(3, 2), settings)
+    drawn = sample_classes(generator, labels, np.arange(6).reshape(3, 2), settings)
     assert drawn.shape == (3, 2, 16, 16, 1) and drawn.dtype == np.uint8
     generator.class_conditioner = None  # as a Stable Diffusion base
     assert "no class conditioner" in true_class_unavailable_reason(generator, labels, 3)
@@ -207,7 +208,7 @@ def _class_fmri(rng, labels, patterns, snr):
 
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_fmri_linear_classifier_reads_class_information_and_nothing_else(shuffle):
-    from mindvis.evaluate.run import Reference, class_scores
+    from mindvis.evaluate.table import Reference, class_scores
 
     rng = np.random.default_rng(2)
     n_classes, n_voxels = 5, 40

@@ -15,20 +15,15 @@ from ldm_fixtures import (
 from safetensors.torch import load_file
 
 from mindvis.errors import MindvisError
+from mindvis.models.dcldm import build_decoder, load_dcldm
 from mindvis.models.ldm import load_generator
-from mindvis.train.finetune import (
-    build_decoder,
-    finetune,
-    freeze_for_finetuning,
-    load_dcldm,
-    trainable_parameter_names,
-)
+from mindvis.train.finetune import finetune, freeze_for_finetuning, trainable_parameter_names
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """Stimuli, one subject's responses, a tiny SC-MBM, a classifier and a pretrained tiny base generator."""
-    from mindvis.evaluate.classifier import train_classifier
+    from mindvis.train.classifier import train_classifier
     from mindvis.train.pretrain_ldm import pretrain_ldm
 
     root = tmp_path_factory.mktemp("dcldm")

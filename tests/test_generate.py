@@ -127,7 +127,8 @@ def test_samples_h5_round_trip_and_grid(tmp_path):
 
 
 def test_domain_classifier_learns_the_stimulus_classes(tmp_path):
-    from mindvis.evaluate.classifier import load_classifier, top1_accuracy, train_classifier
+    from mindvis.models.classifiers.domain import load_classifier
+    from mindvis.train.classifier import top1_accuracy, train_classifier
 
     stimuli = write_synthetic_stimuli(tmp_path / "stimuli.h5", n_train_per_class=12, n_test_per_class=4)
     config = tiny_config()

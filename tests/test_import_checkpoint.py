@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mindvis.data.sources.mindvis_checkpoint import import_mindvis_checkpoint, map_key
+from mindvis.models.mindvis_checkpoint import import_mindvis_checkpoint, map_key
 from mindvis.errors import MindvisError
 from mindvis.models.mbm import MBMAutoencoder, sincos_positions
 

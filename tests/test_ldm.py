@@ -5,16 +5,11 @@ import pytest
 import torch
 from ldm_fixtures import save_tiny_sd, tiny_generator
 
+from mindvis.data.images import images_to_tensor, tensor_to_images
 from mindvis.errors import MindvisError
 from mindvis.generate.sampling import sample_images
 from mindvis.models.conditioning import FmriConditioner
-from mindvis.models.ldm import (
-    cross_attention_modules,
-    images_to_tensor,
-    load_generator,
-    save_generator,
-    tensor_to_images,
-)
+from mindvis.models.ldm import cross_attention_modules, load_generator, save_generator
 
 
 def _unet_output(generator, seed=0):

@@ -14,6 +14,7 @@ import pytest
 from mindvis.config import validate
 from mindvis.data.responses import load_responses, load_rest
 from mindvis.errors import MindvisError
+from mindvis.data import bids_layout, reliability
 from mindvis.preprocess import bids, clean, estimate, quality
 from mindvis.preprocess.run import choose_val_runs, normalise_per_run, preprocess_rest_subject, preprocess_subject
 from mindvis.preprocess.synthetic import make_synthetic_bids
@@ -140,7 +141,7 @@ def test_noise_ceiling_recovers_the_known_signal_to_noise(rng):
     signal = rng.normal(0, 1.0, (n_stimuli, len(noise_sd)))
     ids = np.repeat([f"s{i}" for i in range(n_stimuli)], n_repeats)
     responses = np.repeat(signal, n_repeats, axis=0) + rng.normal(size=(len(ids), len(noise_sd))) * noise_sd
-    ncsnr, ceiling = quality.noise_ceiling(responses, ids)
+    ncsnr, ceiling = reliability.noise_ceiling(responses, ids)
     expected = 1.0 / levels
     np.testing.assert_allclose(ncsnr.reshape(3, per_level).mean(axis=1), expected, rtol=0.06)
     np.testing.assert_allclose(ceiling.reshape(3, per_level).mean(axis=1),
@@ -150,7 +151,7 @@ def test_noise_ceiling_recovers_the_known_signal_to_noise(rng):
     explained = np.array([np.corrcoef(averaged[:, v], signal[:, v])[0, 1] ** 2 for v in range(len(noise_sd))])
     np.testing.assert_allclose(explained.reshape(3, per_level).mean(axis=1),
                                ceiling.reshape(3, per_level).mean(axis=1) / 100, atol=0.04)
-    _, nan_ceiling = quality.noise_ceiling(responses[::n_repeats], ids[::n_repeats])
+    _, nan_ceiling = reliability.noise_ceiling(responses[::n_repeats], ids[::n_repeats])
     assert np.isnan(nan_ceiling).all()
 
 
@@ -421,7 +422,7 @@ def test_roi_labels_select_regions_and_unknown_labels_are_named(small_dataset, t
 
 def test_nifti_label_image_with_table_names_voxels(small_dataset, tmp_path):
     dseg = (small_dataset.bids_dir / "derivatives" / "simulation" / SUBJECT
-            / f"{SUBJECT}_space-{bids.SIMULATION_SPACE}_desc-visual_dseg.nii.gz")
+            / f"{SUBJECT}_space-{bids_layout.SPACE}_desc-visual_dseg.nii.gz")
     atlas = tmp_path / "atlas.nii.gz"
     shutil.copy(dseg, atlas)
     pd.DataFrame({"index": [1, 2], "name": ["early", "late"]}).to_csv(tmp_path / "atlas.tsv", sep="\t", index=False)

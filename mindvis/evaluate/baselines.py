@@ -11,9 +11,10 @@
   logistic regression on standardised voxels, giving class probabilities per
   test fMRI pattern: how much class information the voxels hold, without any
   image generation.
-* **Base generator given the true class** (:func:`true_class_samples`): the
-  embedded base generator's class conditioner with each test stimulus's label,
-  sampled like the model: how well the generator can draw each class at all.
+* **Base generator given the true class** (:func:`true_class_unavailable_reason`;
+  drawn by :func:`mindvis.generate.decode.sample_classes`): the embedded base
+  generator's class conditioner with each test stimulus's label, sampled like
+  the model: how well the generator can draw each class at all.
 
 Model selection (ridge ``alpha``, logistic ``C``) uses the ``val`` split of
 ``responses.h5`` only, whose runs are held out from training; the chosen model
@@ -28,6 +29,8 @@ import logging
 import numpy as np
 import torch
 
+from mindvis.data.images import tensor_to_images
+from mindvis.data.pairs import paired_trials
 from mindvis.errors import MindvisError
 
 log = logging.getLogger(__name__)
@@ -127,8 +130,6 @@ def fit_ridge_decoder(train_fmri, train_latents, val_fmri, val_latents, alphas):
 @torch.no_grad()
 def decode_latents(generator, latents, batch_size=64):
     """Flattened scaled latents [N, D] -> uint8 images [N, H, W, C] through the VAE decoder."""
-    from mindvis.models.ldm import tensor_to_images
-
     shape = generator.latent_shape(1)[1:]
     device = next(generator.vae.parameters()).device
     dtype = next(generator.vae.parameters()).dtype
@@ -160,10 +161,8 @@ def ridge_images(generator, responses, stimulus_set, fmri, alphas, batch_size=64
     info : dict
         From :func:`fit_ridge_decoder`, plus ``latent_dim``.
     """
-    from mindvis.train.finetune import paired_trials
-
-    train = paired_trials(responses["train"], stimulus_set, generator)
-    val = paired_trials(responses["val"], stimulus_set, generator)
+    train = paired_trials(responses["train"], stimulus_set, generator.image_size, generator.image_channels)
+    val = paired_trials(responses["val"], stimulus_set, generator.image_size, generator.image_channels)
     train_latents = vae_latents(generator, train.images, batch_size)
     val_latents = vae_latents(generator, val.images, batch_size)
     model, info = fit_ridge_decoder(train.fmri.numpy(), train_latents, val.fmri.numpy(), val_latents, alphas)
@@ -249,47 +248,3 @@ def true_class_unavailable_reason(generator, labels, n_classes):
     if len(labels) and (np.asarray(labels) < 0).any():
         return "some test stimuli have no class label"
     return None
-
-
-@torch.no_grad()
-def true_class_samples(generator, labels, seeds, settings, batch_size=None):
-    """k samples per stimulus from the base generator conditioned on each stimulus's true class.
-
-    Parameters
-    ----------
-    generator : mindvis.models.ldm.Generator
-        With a ``class_conditioner``.
-    labels : int [N]
-    seeds : int64 [N, k]
-        The per-sample seeds (the model's, from ``samples.h5``), so both start from the same noise.
-    settings : dict
-        The ``generate`` config section (sampler, steps, guidance_scale, eta, batch_size).
-
-    Returns
-    -------
-    numpy.ndarray
-        uint8 [N, k, H, W, C].
-    """
-    from mindvis.generate.sampling import sample_images
-    from mindvis.models.ldm import tensor_to_images
-
-    seeds = np.asarray(seeds, np.int64)
-    n_stimuli, n_samples = seeds.shape
-    flat_labels = np.repeat(np.asarray(labels, np.int64), n_samples)
-    flat_seeds = seeds.reshape(-1)
-    batch = max(1, int(batch_size or settings["batch_size"]))
-    conditioner = generator.class_conditioner
-    out = []
-    for start in range(0, len(flat_labels), batch):
-        rows = slice(start, start + batch)
-        condition = conditioner(torch.as_tensor(flat_labels[rows]))
-        images = sample_images(generator, condition, null_condition=conditioner.null(len(condition)),
-                               sampler=settings["sampler"], num_steps=settings["steps"],
-                               guidance_scale=settings["guidance_scale"], seeds=flat_seeds[rows].tolist(),
-                               eta=settings["eta"])
-        out.append(tensor_to_images(images))
-    if not out:
-        return np.zeros((0, n_samples, generator.image_size, generator.image_size, generator.image_channels),
-                        np.uint8)
-    images = np.concatenate(out)
-    return images.reshape(n_stimuli, n_samples, *images.shape[1:])

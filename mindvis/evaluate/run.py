@@ -1,24 +1,8 @@
 """The ``evaluate`` stage: the model, its baselines and ceilings, scored alike, in one ``metrics.json``.
 
-Rows, always in this order (:data:`ROWS`): chance; the DC-LDM; the DC-LDM
-without SC-MBM pretraining (when ``finetune.baseline``); a ridge decoder into
-the VAE latent; a linear classifier on the test fMRI; the base generator given
-the true class; the classifier on the true images. A row that cannot be
-computed says why (``available: false``, ``reason``). Image rows are scored by
-the same image classifier with the same metrics (:mod:`mindvis.evaluate.metrics`):
-
-* ``n_way_top1_mean`` / ``n_way_top1_best_of_k``: n-way top-1 as MinD-Vis
-  computes it (Chen et al., CVPR 2023, Sec. 4; ground truth = the classifier's
-  top-1 on the true image), averaged over the k samples, or the best of them;
-* ``label_top1_mean``: the classifier's argmax against the data set's label
-  (when the classifier's classes are the data set's and labels exist);
-* ``two_way_id``, ``pixcorr``, ``ssim`` (MindEye, Scotti et al., NeurIPS 2023,
-  Sec. 3.1; Brain-Diffuser, Ozcelik & VanRullen, Sci. Rep. 2023, "Evaluation"),
-  per sample and averaged over the k samples; ``fid`` (Heusel et al., NeurIPS
-  2017) on classifier features of all samples.
-
-Every figure has a bootstrap confidence interval over test stimuli; all rows
-and metrics resample the same stimuli (one seed), so intervals are paired.
+The rows and metrics are defined in :mod:`mindvis.evaluate.table`; this
+module reads the inputs, draws or fits the rows that need it (ridge, fMRI
+classifier, base given the true class) and writes the outputs.
 
 Outputs in ``out_dir`` (``results/{subject}/evaluation/``)
 --------------------------------------------------------
@@ -78,261 +62,26 @@ from pathlib import Path
 
 import numpy as np
 
+from mindvis.data.responses import load_responses
+from mindvis.data.stimuli import load_stimulus_set
 from mindvis.errors import MindvisError
+from mindvis.evaluate.baselines import fmri_linear_probabilities, ridge_images, true_class_unavailable_reason
+from mindvis.evaluate.table import Table, chance_metrics, class_scores, log_table, make_reference, make_row
+from mindvis.generate.decode import sample_classes
+from mindvis.generate.writing import read_samples_h5, save_grid, write_samples_h5
+from mindvis.models.classifiers.load import load_image_classifier
+from mindvis.models.ldm import load_generator
 from mindvis.utils.io import derive_seed, sha256_file, software_versions, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-#: (id, label, kind) of every row, in the order of the table.
-ROWS = (
-    ("chance", "Chance (1/n)", "baseline"),
-    ("dcldm", "DC-LDM (SC-MBM pretrained)", "model"),
-    ("dcldm-baseline", "DC-LDM without SC-MBM pretraining", "baseline"),
-    ("ridge", "Ridge fMRI -> VAE latent", "baseline"),
-    ("fmri-linear", "Linear classifier on test fMRI", "ceiling"),
-    ("base-true-class", "Base generator given the true class", "ceiling"),
-    ("true-images", "Classifier on the true images", "ceiling"),
-)
-METRICS = ("n_way_top1_mean", "n_way_top1_best_of_k", "label_top1_mean", "two_way_id", "pixcorr", "ssim", "fid")
-#: Per-stimulus metrics (FID is a set-level figure).
-STIMULUS_METRICS = METRICS[:-1]
-#: Why an FID interval may not contain the FID (stated beside it in metrics.json).
-FID_CI_NOTE = ("percentile bootstrap over stimuli, like every figure; a resampled set repeats stimuli, which "
-               "biases FID upwards, so the interval can lie above the full-set value")
 #: Folders (under out_dir) of the images the stage draws itself.
 IMAGE_ROWS = ("ridge", "base-true-class")
-
-
-def n_way_for(setting, n_classes):
-    """n of the n-way top-1 (:func:`mindvis.evaluate.metrics.resolve_n_way`), capped at the number of classes
-    (n >= C is plain top-1), so the table states the n that was actually used."""
-    from mindvis.evaluate.metrics import resolve_n_way
-
-    return int(min(resolve_n_way(setting, n_classes), n_classes))
-
-
-# -- scoring ----------------------------------------------------------------------
-
-@dataclass
-class Reference:
-    """The true images and what every row is compared with.
-
-    Attributes
-    ----------
-    images : uint8 [N, H, W, C]
-    features : float [N, F]
-        Classifier features of the true images.
-    gt_class : int [N]
-        The classifier's top-1 on each true image (MinD-Vis's ground truth for n-way).
-    labels : int [N]
-        The data set's labels (-1 unknown).
-    label_space : bool
-        Whether the classifier's classes are the data set's classes (so argmax can be compared with labels).
-    n_way, trials, seed, image_size : int
-    """
-
-    images: np.ndarray
-    features: np.ndarray
-    gt_class: np.ndarray
-    labels: np.ndarray
-    label_space: bool
-    n_way: int
-    trials: int
-    seed: int
-    image_size: int
-
-    @property
-    def labelled(self):
-        return self.labels >= 0
-
-
-def class_scores(probs, gt_class, reference, label_space=True):
-    """n-way and label top-1 of class probabilities.
-
-    Parameters
-    ----------
-    probs : float [N, k, C]
-    gt_class : int [N] or None
-        Ground truth for n-way top-1 (None: not applicable).
-    label_space : bool
-        Whether the C classes are the data set's (so argmax is compared with its labels).
-
-    Returns
-    -------
-    values : dict of metric id -> float [N]
-        NaN for unlabelled stimuli in ``label_top1_mean``.
-    predicted : int [N, k] or None
-        Argmax in the data set's label space.
-    """
-    from mindvis.evaluate.metrics import best_of_k, n_way_top1
-
-    values = {}
-    if gt_class is not None:
-        per_sample = n_way_top1(probs, gt_class, reference.n_way, trials=reference.trials, seed=reference.seed)
-        values["n_way_top1_mean"] = per_sample.mean(axis=1)
-        values["n_way_top1_best_of_k"] = best_of_k(per_sample)
-    predicted = None
-    if label_space:
-        predicted = probs.argmax(axis=-1)
-        if reference.labelled.any():
-            correct = (predicted == reference.labels[:, None]).mean(axis=1)
-            values["label_top1_mean"] = np.where(reference.labelled, correct, np.nan)
-    return values, predicted
-
-
-def score_images(classifier, images, reference):
-    """Every per-stimulus metric of generated images against the true ones.
-
-    Parameters
-    ----------
-    classifier : ImageClassifier
-    images : uint8 [N, k, H, W, C]
-    reference : Reference
-
-    Returns
-    -------
-    values : dict of metric id -> float [N]
-    features : float [N, k, F]
-    predicted : int [N, k] or None
-    """
-    from mindvis.evaluate.metrics import pixcorr, ssim, two_way_identification
-
-    n_stimuli, n_samples = images.shape[:2]
-    flat = images.reshape(n_stimuli * n_samples, *images.shape[2:])
-    probs, features = classifier.predict_proba_and_features(flat)
-    probs = probs.reshape(n_stimuli, n_samples, -1)
-    features = features.reshape(n_stimuli, n_samples, -1)
-    values, predicted = class_scores(probs, reference.gt_class, reference, reference.label_space)
-    per_sample = {"two_way_id": [], "pixcorr": [], "ssim": []}
-    for j in range(n_samples):
-        per_sample["two_way_id"].append(two_way_identification(features[:, j], reference.features))
-        per_sample["pixcorr"].append(pixcorr(images[:, j], reference.images, reference.image_size))
-        per_sample["ssim"].append(ssim(images[:, j], reference.images, reference.image_size))
-    values.update({key: np.stack(rows, axis=1).mean(axis=1) for key, rows in per_sample.items()})
-    return values, features, predicted
-
-
-def summarize(values, reference, n_boot, level, features=None):
-    """Each metric's value over stimuli and its bootstrap confidence interval.
-
-    Parameters
-    ----------
-    values : dict of metric id -> float [N]
-    features : float [N, k, F], optional
-        For FID against the true images' features (resampled by stimulus with them).
-
-    Returns
-    -------
-    dict
-        metric id -> ``{"value", "ci": [low, high]}``, or None where it does not apply.
-    """
-    from mindvis.evaluate.metrics import bootstrap_ci, fid
-
-    metrics = {key: None for key in METRICS}
-    for key, array in values.items():
-        if np.isnan(array).all():
-            continue
-        low, high = bootstrap_ci(_nanmean, (array,), n_boot=n_boot, level=level, seed=reference.seed)
-        metrics[key] = {"value": _nanmean(array), "ci": [float(low), float(high)]}
-    if features is not None and len(features) > 1:
-        width = features.shape[-1]
-
-        def fid_of(gen, true):
-            return fid(gen.reshape(-1, width), true)
-
-        low, high = bootstrap_ci(fid_of, (features, reference.features), n_boot=n_boot, level=level,
-                                 seed=reference.seed)
-        metrics["fid"] = {"value": float(fid_of(features, reference.features)), "ci": [float(low), float(high)],
-                          "ci_note": FID_CI_NOTE}
-    return metrics
-
-
-def _nanmean(array):
-    finite = array[~np.isnan(array)]
-    return float(finite.mean()) if len(finite) else float("nan")
-
-
-def per_class_accuracy(predicted, labels, n_classes):
-    """Accuracy of the argmax predictions [N, k] per true class (None for a class without test stimuli)."""
-    out = []
-    for cls in range(n_classes):
-        rows = labels == cls
-        out.append(float((predicted[rows] == cls).mean()) if rows.any() else None)
-    return out
-
-
-def confusion_counts(predicted, labels, n_classes):
-    """int [C, C]: samples of true class i (rows) predicted as class j (columns); unlabelled stimuli skipped."""
-    matrix = np.zeros((n_classes, n_classes), np.int64)
-    rows = labels >= 0
-    true = np.repeat(labels[rows], predicted.shape[1])
-    np.add.at(matrix, (true, predicted[rows].reshape(-1)), 1)
-    return matrix.tolist()
-
-
-def chance_metrics(n_way, n_samples, n_classes, has_labels):
-    """The chance row: 1/n for n-way top-1, 1 - (1 - 1/n)^k for the best of k independent samples,
-    1/C for label top-1, 1/2 for two-way identification, 0 for PixCorr (no CI: these are exact)."""
-    def exact(value):
-        return {"value": float(value), "ci": [float(value), float(value)]}
-
-    metrics = {key: None for key in METRICS}
-    metrics.update({"n_way_top1_mean": exact(1 / n_way),
-                    "n_way_top1_best_of_k": exact(1 - (1 - 1 / n_way) ** n_samples),
-                    "two_way_id": exact(0.5), "pixcorr": exact(0.0)})
-    if has_labels:
-        metrics["label_top1_mean"] = exact(1 / n_classes)
-    return metrics
-
-
-# -- rows -------------------------------------------------------------------------
-
-def make_row(row_id, available=True, metrics=None, reason=None, **extra):
-    """One table row in the metrics.json layout."""
-    _, label, kind = next(row for row in ROWS if row[0] == row_id)
-    row = {"id": row_id, "label": label, "kind": kind, "available": bool(available)}
-    if available:
-        row["metrics"] = metrics
-    else:
-        row["reason"] = reason
-        row["metrics"] = {key: None for key in METRICS}
-    row.update(extra)
-    return row
-
-
-class _Table:
-    """Rows, per-class accuracies, confusions and per-stimulus values, filled row by row."""
-
-    def __init__(self, reference, n_classes, n_boot, level):
-        self.reference, self.n_classes, self.n_boot, self.level = reference, n_classes, n_boot, level
-        self.rows, self.per_class, self.confusion, self.per_stimulus = {}, {}, {}, {}
-
-    def add_scored(self, row_id, values, predicted=None, features=None, **extra):
-        self.rows[row_id] = make_row(row_id, metrics=summarize(values, self.reference, self.n_boot, self.level,
-                                                                 features), **extra)
-        self.per_stimulus[row_id] = {key: array.tolist() for key, array in values.items()}
-        labels = self.reference.labels
-        if predicted is not None and (labels >= 0).any():
-            self.per_class[row_id] = per_class_accuracy(predicted, labels, self.n_classes)
-            self.confusion[row_id] = confusion_counts(predicted, labels, self.n_classes)
-
-    def add_images(self, row_id, classifier, images, **extra):
-        values, features, predicted = score_images(classifier, images, self.reference)
-        self.add_scored(row_id, values, predicted, features, **extra)
-
-    def unavailable(self, row_id, reason):
-        log.info("%s: not available (%s)", row_id, reason)
-        self.rows[row_id] = make_row(row_id, available=False, reason=reason)
-
-    def ordered(self):
-        return [self.rows[row_id] for row_id, _, _ in ROWS]
 
 
 # -- inputs -----------------------------------------------------------------------
 
 def _load_samples(path, what):
-    from mindvis.generate.writing import read_samples_h5
-
     if not Path(path).exists():
         raise MindvisError(f"{what} not found", path=path, fix="run the generate stage for this subject first.")
     return read_samples_h5(path)
@@ -392,8 +141,6 @@ def _finite(obj):
 
 
 def _write_image_row(out_dir, images, samples, subject, seeds, attrs):
-    from mindvis.generate.writing import save_grid, write_samples_h5
-
     out_dir.mkdir(parents=True, exist_ok=True)
     write_samples_h5(out_dir / "samples.h5", samples=images, true_images=samples["true_images"],
                      stimulus_id=list(samples["stimulus_id"]), label=samples["label"], seeds=seeds,
@@ -402,20 +149,6 @@ def _write_image_row(out_dir, images, samples, subject, seeds, attrs):
                             **attrs, "versions": software_versions()})
     if len(images):
         save_grid(out_dir / "grid.png", images, truth=samples["true_images"])
-
-
-def log_table(rows, n_way, n_samples):
-    """Log the table compactly: one line per row, value [CI] per metric."""
-    short = {"n_way_top1_mean": f"{n_way}-way", "n_way_top1_best_of_k": f"best{n_samples}",
-             "label_top1_mean": "label", "two_way_id": "2-way", "pixcorr": "PixCorr", "ssim": "SSIM", "fid": "FID"}
-    lines = [f"{'row':<16}" + "".join(f"{name:>20}" for name in short.values())]
-    for row in rows:
-        cells = []
-        for key in short:
-            entry = row["metrics"].get(key)
-            cells.append(f"{entry['value']:.3f} [{entry['ci'][0]:.2f},{entry['ci'][1]:.2f}]" if entry else "-")
-        lines.append(f"{row['id']:<16}" + "".join(f"{cell:>20}" for cell in cells))
-    log.info("evaluation:\n%s", "\n".join(lines))
 
 
 # -- the rows that draw or fit something ------------------------------------------
@@ -454,8 +187,6 @@ def _model_rows(table, classifier, inputs, samples_path, baseline_samples):
 
 def _ridge_row(table, classifier, inputs):
     """Ridge fMRI -> VAE latent, decoded by the VAE: one image per stimulus, written to ``ridge/``."""
-    from mindvis.evaluate.baselines import ridge_images
-
     try:
         images, info = ridge_images(inputs.generator, inputs.responses, inputs.stimulus_set, inputs.test_fmri,
                                     inputs.config["evaluate"]["ridge_alphas"])
@@ -473,8 +204,6 @@ def _ridge_row(table, classifier, inputs):
 
 def _fmri_linear_row(table, inputs, n_classes):
     """Logistic regression on the fMRI: its class probabilities scored like an image classifier's."""
-    from mindvis.evaluate.baselines import fmri_linear_probabilities
-
     reference = table.reference
     labels = reference.labels
     if not (labels >= 0).any() or not (inputs.responses["train"].label >= 0).any():
@@ -503,8 +232,6 @@ def _fmri_linear_row(table, inputs, n_classes):
 
 def _true_class_row(table, classifier, inputs, n_classes):
     """The base generator given each stimulus's true class, with the model's seeds, written to ``base-true-class/``."""
-    from mindvis.evaluate.baselines import true_class_samples, true_class_unavailable_reason
-
     settings = inputs.config["generate"]
     labels = table.reference.labels
     reason = true_class_unavailable_reason(inputs.generator, labels, n_classes)
@@ -512,7 +239,7 @@ def _true_class_row(table, classifier, inputs, n_classes):
         table.unavailable("base-true-class", reason)
         return
     seeds = inputs.samples["seeds"]
-    drawn = true_class_samples(inputs.generator, labels, seeds, settings)
+    drawn = sample_classes(inputs.generator, labels, seeds, settings)
     table.add_images("base-true-class", classifier, drawn, n_samples=int(drawn.shape[1]),
                      note="the model's per-sample seeds and the generate section's sampler settings")
     _write_image_row(inputs.out_dir / "base-true-class", drawn, inputs.samples, inputs.subject, seeds,
@@ -528,16 +255,6 @@ def _timed(timings, name, func, *args):
 
 
 # -- the stage --------------------------------------------------------------------
-
-def make_reference(classifier, samples, settings, seed, n_classes_match):
-    """The true images of ``samples.h5`` scored by the classifier (:class:`Reference`)."""
-    images, true_images = samples["samples"], samples["true_images"]
-    true_probs, true_features = classifier.predict_proba_and_features(true_images)
-    return Reference(images=true_images, features=true_features, gt_class=true_probs.argmax(axis=1),
-                     labels=np.asarray(samples["label"], np.int64), label_space=n_classes_match,
-                     n_way=n_way_for(settings["n_way"], classifier.n_classes), trials=int(settings["trials"]),
-                     seed=seed, image_size=int(settings["image_size"] or images.shape[2]))
-
 
 def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir, baseline_samples=None,
                      classifier_dir=None):
@@ -569,11 +286,6 @@ def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir
     dict
         The contents of ``metrics.json``.
     """
-    from mindvis.data.responses import load_responses
-    from mindvis.data.stimuli import load_stimulus_set
-    from mindvis.evaluate.classifier import load_image_classifier
-    from mindvis.models.ldm import load_generator
-
     started = time.perf_counter()
     settings = config["evaluate"]
     model_samples = _load_samples(samples, "the model's samples.h5")
@@ -591,7 +303,7 @@ def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir
     log.info("%s: %d stimuli x %d samples; classifier %s (%d classes), %d-way top-1 (%d trials); PixCorr and SSIM "
              "at %d px", subject, n_stimuli, n_samples, classifier.name, classifier.n_classes, reference.n_way,
              reference.trials, reference.image_size)
-    table = _Table(reference, len(class_names), int(settings["n_bootstrap"]), float(settings["ci_level"]))
+    table = Table(reference, len(class_names), int(settings["n_bootstrap"]), float(settings["ci_level"]))
     has_labels = reference.label_space and bool(reference.labelled.any())
     table.rows["chance"] = make_row("chance", metrics=chance_metrics(reference.n_way, n_samples, len(class_names),
                                                                       has_labels),

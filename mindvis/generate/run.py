@@ -21,8 +21,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from mindvis.data.responses import load_responses
+from mindvis.data.stimuli import load_stimulus_set
+from mindvis.generate.decode import capture_attention, decode
+from mindvis.generate.writing import save_grid, save_png, write_samples_h5
+from mindvis.models.classifiers.domain import load_classifier
+from mindvis.models.dcldm import load_dcldm
 from mindvis.utils.io import derive_seed, software_versions, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -32,74 +37,6 @@ def sample_seeds(seed, subject, stimulus_ids, n_samples):
     """int64 [N, k]: the seed of sample ``j`` of each stimulus."""
     return np.array([[derive_seed(seed, "generate", subject, sid, j) for j in range(n_samples)]
                      for sid in stimulus_ids], dtype=np.int64)
-
-
-@torch.no_grad()
-def decode_stimuli(decoder, generator, fmri, seeds, settings, batch_size):
-    """Decode ``k`` images per fMRI row.
-
-    Parameters
-    ----------
-    decoder : mindvis.models.ldm.DCLDM
-    generator : mindvis.models.ldm.Generator
-    fmri : float32 [N, V]
-    seeds : int64 [N, k]
-    settings : dict
-        The ``generate`` config section.
-    batch_size : int
-        Images per sampler call (conditioned and null branches together make twice that).
-
-    Returns
-    -------
-    numpy.ndarray
-        uint8 [N, k, H, W, C].
-    """
-    from mindvis.generate.sampling import sample_images
-    from mindvis.models.ldm import tensor_to_images
-
-    n_stimuli, n_samples = seeds.shape
-    device = next(decoder.parameters()).device
-    condition = decoder.condition(torch.as_tensor(fmri, dtype=torch.float32, device=device))
-    flat_rows = np.repeat(np.arange(n_stimuli), n_samples)
-    flat_seeds = seeds.reshape(-1)
-    out = []
-    for start in range(0, len(flat_rows), batch_size):
-        rows = torch.as_tensor(flat_rows[start:start + batch_size], device=device)
-        chosen = condition.select(rows)
-        images = sample_images(generator, chosen, null_condition=decoder.conditioner.null(len(rows)),
-                               sampler=settings["sampler"], num_steps=settings["steps"],
-                               guidance_scale=settings["guidance_scale"],
-                               seeds=flat_seeds[start:start + batch_size].tolist(), eta=settings["eta"])
-        out.append(tensor_to_images(images))
-    images = np.concatenate(out)
-    return images.reshape(n_stimuli, n_samples, *images.shape[1:])
-
-
-@torch.no_grad()
-def capture_attention(decoder, generator, fmri, seeds, settings):
-    """Cross-attention maps of sample 0 of each given stimulus, per denoising step.
-
-    Returns
-    -------
-    maps : float32 [S, A, h, w, T]
-        At latent resolution (at most 32 x 32).
-    timesteps : int64 [S]
-    """
-    from mindvis.generate.attention import CrossAttentionRecorder
-    from mindvis.generate.sampling import make_scheduler, sample_latents, sampler_steps, seeded_generators
-
-    device = next(decoder.parameters()).device
-    condition = decoder.condition(torch.as_tensor(fmri, dtype=torch.float32, device=device))
-    scheduler = make_scheduler(settings["sampler"], generator.scheduler_config, eta=settings["eta"])
-    steps = sampler_steps(settings["sampler"], settings["steps"], generator.scheduler_config)
-    with CrossAttentionRecorder(generator.unet) as recorder:
-        sample_latents(generator.unet, scheduler, condition, null_condition=decoder.conditioner.null(len(seeds)),
-                       guidance_scale=settings["guidance_scale"], num_steps=steps,
-                       generators=seeded_generators(seeds), latent_shape=generator.latent_shape(len(seeds)),
-                       eta=settings["eta"], recorder=recorder)
-    # At most 32 x 32 per map: SD's 64 x 64 latents x 77 tokens x 50 steps would otherwise take ~100 MB per stimulus.
-    size = min(generator.latent_size, 32)
-    return recorder.aggregate(size).numpy(), scheduler.timesteps.cpu().numpy().astype(np.int64)
 
 
 def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, classifier_dir=None, base=None,
@@ -128,11 +65,6 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
     dict
         The summary written to ``summary.json``.
     """
-    from mindvis.data.responses import load_responses
-    from mindvis.data.stimuli import load_stimulus_set
-    from mindvis.generate.writing import save_grid, save_png, write_samples_h5
-    from mindvis.train.finetune import load_dcldm
-
     started = time.perf_counter()
     settings = config["generate"]
     out_dir = Path(out_dir)
@@ -146,7 +78,7 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
     log.info("%s: %d stimuli x %d samples, %s %d steps, guidance %.2f", subject, len(stimulus_ids),
              settings["n_samples"], settings["sampler"], settings["steps"], settings["guidance_scale"])
     tick = time.perf_counter()
-    samples = decode_stimuli(decoder, generator, split.fmri, seeds, settings, batch_size or settings["batch_size"])
+    samples = decode(decoder, generator, split.fmri, seeds, settings, batch_size=batch_size)
     sampling_s = time.perf_counter() - tick
 
     summary = {"stage": "generate", "subject": subject, "model_dir": str(model_dir), "baseline": meta.get("baseline"),
@@ -156,8 +88,6 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
                "samples_per_s": round(samples.shape[0] * samples.shape[1] / max(sampling_s, 1e-9), 3)}
     predicted = None
     if classifier_dir is not None and len(stimulus_ids):
-        from mindvis.evaluate.classifier import load_classifier
-
         classifier = load_classifier(classifier_dir)
         flat = samples.reshape(-1, *samples.shape[2:])
         predicted = classifier.predict_proba(flat).argmax(axis=1).reshape(samples.shape[:2])

@@ -1,15 +1,19 @@
-"""Augmentations of voxel vectors for SC-MBM pretraining (and fine-tuning).
+"""Training augmentations: of voxel vectors (SC-MBM pretraining) and of images (every image model).
 
-Both act on real voxels only (``voxel_mask``), draw from torch's generator (so
+The voxel augmentations act on real voxels only (``voxel_mask``), draw from torch's generator (so
 the training engine's per-step seeding makes them reproducible) and are tested
 to change their input. Training applies them to the model's input and keeps
 the clean vector as the reconstruction target, so the encoder learns to see
 through missing voxels and noise.
+
+:func:`augment_images` (random shift and horizontal flip) serves the domain
+classifier, the embedded base generator's VAE and DC-LDM fine-tuning alike.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -98,3 +102,19 @@ class FmriAugment(nn.Module):
 
     def extra_repr(self):
         return f"dropout_rate={self.dropout_rate}, noise_std={self.noise_std}"
+
+
+def augment_images(images, shift_pixels, hflip):
+    """Random shift (reflect padding, then crop) and horizontal flip of a batch ``[B, C, H, W]``.
+
+    Uses torch's global generator, which the training engine seeds per step.
+    """
+    if hflip:
+        flip = torch.rand(images.shape[0], device=images.device) < 0.5
+        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    if shift_pixels > 0:
+        size = images.shape[-1]
+        padded = F.pad(images, [shift_pixels] * 4, mode="reflect")
+        offsets = torch.randint(0, 2 * shift_pixels + 1, (images.shape[0], 2))
+        images = torch.stack([padded[i, :, y:y + size, x:x + size] for i, (y, x) in enumerate(offsets.tolist())])
+    return images

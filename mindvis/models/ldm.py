@@ -27,9 +27,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
 
 from mindvis.errors import MindvisError
 
@@ -294,97 +291,6 @@ def load_generator(folder, image_size=None, dtype=None):
     return generator
 
 
-# -- images <-> tensors -------------------------------------------------------
-
-def images_to_tensor(images, image_size, image_channels):
-    """uint8 images ``[N, H, W, C]`` -> float32 ``[N, image_channels, image_size, image_size]`` in [-1, 1].
-
-    Grey images are repeated to RGB (and RGB averaged to grey) to match the
-    generator; sizes are changed with antialiased bilinear resampling.
-    """
-    images = np.asarray(images)
-    if images.ndim == 3:
-        images = images[..., None]
-    tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    if tensor.shape[1] != image_channels:
-        if tensor.shape[1] == 1:
-            tensor = tensor.repeat(1, image_channels, 1, 1)
-        elif image_channels == 1:
-            tensor = tensor.mean(dim=1, keepdim=True)
-        else:
-            raise MindvisError(f"cannot convert {tensor.shape[1]}-channel images to {image_channels} channels")
-    if tensor.shape[-1] != image_size or tensor.shape[-2] != image_size:
-        tensor = F.interpolate(tensor, size=(image_size, image_size), mode="bilinear", antialias=True,
-                               align_corners=False)
-    return tensor
-
-
-def tensor_to_images(tensor):
-    """float ``[N, C, H, W]`` in [-1, 1] -> uint8 ``[N, H, W, C]`` (clamped, rounded)."""
-    tensor = ((tensor.detach().float().clamp(-1, 1) + 1) * 127.5).round()
-    return tensor.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
 def cross_attention_modules(unet):
     """Names of the UNet's cross-attention layers (``...attn2``), in module order."""
     return [name for name, _ in unet.named_modules() if name.endswith("attn2")]
-
-
-class DCLDM(torch.nn.Module):
-    """The fMRI decoder: SC-MBM encoder -> FmriConditioner -> the generator's UNet.
-
-    The VAE is not part of it (always frozen; training encodes images outside).
-
-    Parameters
-    ----------
-    encoder : mindvis.models.mbm.MBMAutoencoder
-        Only its encoder (``encode``) is used.
-    conditioner : mindvis.models.conditioning.FmriConditioner
-    unet : diffusers.UNet2DConditionModel
-    """
-
-    def __init__(self, encoder, conditioner, unet):
-        super().__init__()
-        self.encoder = encoder
-        self.conditioner = conditioner
-        self.unet = unet
-
-    def token_mask(self, fmri):
-        """``[B, 1 + n_tokens]`` bool: the class token and every token holding a real voxel."""
-        _, voxel_mask = self.encoder.pad(fmri)
-        real = self.encoder.token_padding_mask(voxel_mask)
-        return torch.cat([torch.ones_like(real[:, :1]), real], dim=1)
-
-    def condition(self, fmri):
-        """fmri: float32 [B, V] -> :class:`~mindvis.models.conditioning.Condition`."""
-        return self.conditioner(self.encoder.encode(fmri), self.token_mask(fmri), fmri=fmri)
-
-    def forward(self, noisy_latents, timesteps, fmri, drop=None, return_condition=False):
-        """Predict the noise (or v) of noisy latents given fMRI.
-
-        Parameters
-        ----------
-        noisy_latents : [B, 4, h, w] float
-        timesteps : [B] int64
-        fmri : [B, V] float32
-        drop : [B] bool, optional
-            Samples whose condition is replaced by the learned null condition
-            (condition dropout, for classifier-free guidance).
-        return_condition : bool
-            Also return the fMRI condition (before dropout), for the alignment loss.
-
-        Returns
-        -------
-        Tensor or (Tensor, Condition)
-            [B, 4, h, w], the UNet's prediction (and the condition).
-        """
-        noisy_latents = noisy_latents.contiguous()  # see Generator.encode
-        condition = used = self.condition(fmri)
-        if drop is not None:
-            null = self.conditioner.null(len(condition))
-            used = type(condition)(
-                torch.where(drop[:, None, None], null.context.to(condition.context.dtype), condition.context),
-                torch.where(drop[:, None], null.pooled.to(condition.pooled.dtype), condition.pooled))
-        prediction = self.unet(noisy_latents, timesteps, encoder_hidden_states=used.context,
-                               class_labels=used.pooled).sample
-        return (prediction, condition) if return_condition else prediction

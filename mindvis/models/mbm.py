@@ -502,3 +502,10 @@ class MBMAutoencoder(ModelMixin, ConfigMixin):
         key_valid = torch.cat([torch.ones_like(token_real[:, :1]), token_real], dim=1)
         latent = self._run(self.blocks, self.norm, torch.cat([cls, tokens], dim=1), key_valid)
         return latent * key_valid[..., None].to(latent.dtype)
+
+
+def mbm_from_config(mbm_config, n_voxels):
+    """A freshly initialised :class:`MBMAutoencoder` of the ``mbm`` config section's preset for ``n_voxels`` voxels."""
+    return MBMAutoencoder.from_preset(mbm_config["preset"], n_voxels=n_voxels, patch_size=mbm_config["patch_size"],
+                                      mask_ratio=mbm_config["mask_ratio"], norm_pix_loss=mbm_config["norm_pix_loss"],
+                                      attention=mbm_config["attention"])

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from mindvis.errors import MindvisError
-from mindvis.simulate.bids import SPACE as SIMULATION_SPACE  # the simulator's grid label, one definition
+from mindvis.data.bids_layout import derivative_paths
 
 #: Trial types that become responses; any other type is a nuisance condition.
 STIMULUS_TRIAL_TYPES = ("train", "test")
@@ -299,10 +299,8 @@ def load_roi(roi, bids_dir, subject, labels=()):
     """
     wanted = list(labels)
     if roi == "simulation":
-        folder = Path(bids_dir) / "derivatives" / "simulation" / subject
-        mask_path = folder / f"{subject}_space-{SIMULATION_SPACE}_desc-visual_mask.nii.gz"
-        dseg_path = folder / f"{subject}_space-{SIMULATION_SPACE}_desc-visual_dseg.nii.gz"
-        table_path = folder / f"{subject}_desc-visual_dseg.tsv"
+        paths = derivative_paths(bids_dir, subject)
+        mask_path, dseg_path, table_path = paths["mask"], paths["dseg"], paths["dseg_tsv"]
         if not mask_path.exists():
             raise MindvisError("the simulator's ROI mask is missing", path=mask_path, key="preprocess.roi",
                                fix="run the 'simulate' stage, or set preprocess.roi to a NIfTI mask path.")

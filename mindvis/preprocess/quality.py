@@ -5,22 +5,16 @@ Definitions
 tSNR
     Per voxel and raw run, the temporal mean divided by the standard deviation
     of the linearly detrended series; averaged over runs.
-NCSNR and noise ceiling (Allen et al. 2022, the Natural Scenes Dataset)
-    From test trials that repeat stimuli, per voxel: the noise variance
-    ``var_noise`` is the mean over stimuli of the variance of the responses
-    across repeats (ddof 1); the signal variance is
-    ``var_signal = max(0, var_total - var_noise)``, with ``var_total`` the
-    variance of all test trials; ``ncsnr = sqrt(var_signal / var_noise)``.
-    The noise ceiling of the response averaged over ``n`` repeats is the
-    percentage of its variance the signal can explain,
-    ``NC = 100 * ncsnr**2 / (ncsnr**2 + 1/n)``; with unequal repeat counts
-    ``1/n`` is the mean of ``1/n_s`` over stimuli. A model predicting the
-    averaged responses cannot explain more than NC percent of their variance.
+NCSNR and noise ceiling
+    :func:`mindvis.data.reliability.noise_ceiling` (the NSD definition), the
+    one shared with the real-data adapters.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from mindvis.data.reliability import group_repeats
 
 
 def detrended_tsnr(signals):
@@ -41,52 +35,6 @@ def detrended_tsnr(signals):
     std = (signals - design @ coef).std(axis=0, ddof=2)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(std > 0, signals.mean(axis=0) / std, 0.0)
-
-
-def group_repeats(stimulus_id):
-    """Rows of each distinct stimulus, in order of first appearance.
-
-    Returns
-    -------
-    ids : list of str
-    rows : list of int arrays
-    """
-    stimulus_id = np.asarray(stimulus_id, dtype=object)
-    ids, first = np.unique(stimulus_id, return_index=True)
-    ids = ids[np.argsort(first)]
-    return list(ids), [np.flatnonzero(stimulus_id == sid) for sid in ids]
-
-
-def noise_ceiling(responses, stimulus_id):
-    """NCSNR and noise ceiling per voxel from repeated trials (definition in the module docstring).
-
-    Parameters
-    ----------
-    responses : float [N, V]
-        Single-trial responses (test trials, repeats kept).
-    stimulus_id : str [N]
-
-    Returns
-    -------
-    ncsnr : float64 [V]
-    ceiling : float64 [V]
-        Percent of variance of the repeat-averaged responses; NaN for every
-        voxel when no stimulus is repeated.
-    """
-    responses = np.asarray(responses, dtype=np.float64)
-    _, rows = group_repeats(stimulus_id)
-    repeated = [r for r in rows if len(r) > 1]
-    n_voxels = responses.shape[1]
-    if not repeated:
-        return np.full(n_voxels, np.nan), np.full(n_voxels, np.nan)
-    noise_var = np.mean([responses[r].var(axis=0, ddof=1) for r in repeated], axis=0)
-    total_var = responses.var(axis=0, ddof=1)
-    signal_var = np.maximum(total_var - noise_var, 0.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ncsnr = np.where(noise_var > 0, np.sqrt(signal_var / noise_var), 0.0)
-    inverse_n = np.mean([1.0 / len(r) for r in rows])
-    ceiling = 100.0 * ncsnr**2 / (ncsnr**2 + inverse_n)
-    return ncsnr, ceiling
 
 
 def average_repeats(responses, stimulus_id, label):

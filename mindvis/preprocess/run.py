@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mindvis.data.reliability import noise_ceiling
 from mindvis.data.responses import ResponseSplit, write_responses, write_rest
 from mindvis.errors import MindvisError
 from mindvis.preprocess import bids, clean, estimate, quality
@@ -334,7 +335,7 @@ def preprocess_subject(config, bids_dir, subject, out_path, stimuli_path=None):
     voxel_ijk = roi.voxel_ijk[keep]
     voxel_roi = roi.voxel_roi[keep]
     tsnr = np.mean([e.tsnr for e in estimates], axis=0)[keep]
-    ncsnr, ceiling = quality.noise_ceiling(splits["test"].fmri, splits["test"].stimulus_id)
+    ncsnr, ceiling = noise_ceiling(splits["test"].fmri, splits["test"].stimulus_id)
     per_class = {name: quality.trials_per_class(splits[name].label, len(class_names)) for name in splits}
     quality_arrays = {"tsnr": tsnr.astype(np.float32), "ncsnr": ncsnr.astype(np.float32),
                       "noise_ceiling": ceiling.astype(np.float32), "trials_per_class": per_class["train"],

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mindvis.preprocess.bids import SIMULATION_SPACE
+from mindvis.data.bids_layout import derivative_paths
 from mindvis.utils.io import atomic_path
 
 MOTION_COLUMNS = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
@@ -130,11 +130,10 @@ def make_synthetic_bids(root, subject="sub-01", shape=(7, 8, 9), n_classes=4, n_
     dseg = np.zeros(shape, dtype=np.int16)
     z_split = box[2].start + (box[2].stop - box[2].start) // 2
     dseg[mask] = np.where(voxel_ijk[:, 2] < z_split, 1, 2)
-    _save_nifti(derivatives / f"{subject}_space-{SIMULATION_SPACE}_desc-visual_mask.nii.gz", mask.astype(np.uint8),
-                affine)
-    _save_nifti(derivatives / f"{subject}_space-{SIMULATION_SPACE}_desc-visual_dseg.nii.gz", dseg, affine)
-    pd.DataFrame({"index": [1, 2], "name": ["V1", "LOC"]}).to_csv(
-        derivatives / f"{subject}_desc-visual_dseg.tsv", sep="\t", index=False)
+    paths = derivative_paths(root, subject)
+    _save_nifti(paths["mask"], mask.astype(np.uint8), affine)
+    _save_nifti(paths["dseg"], dseg, affine)
+    pd.DataFrame({"index": [1, 2], "name": ["V1", "LOC"]}).to_csv(paths["dseg_tsv"], sep="\t", index=False)
 
     class_names = [f"class-{chr(ord('a') + i)}" for i in range(n_classes)]
     train_ids = [f"train-{i:04d}" for i in range(n_classes * n_train_per_class)]

@@ -105,7 +105,7 @@ def voxel_path_importance(model_dir):
 
     from safetensors import safe_open
 
-    from mindvis.train.finetune import MODEL_FILE
+    from mindvis.models.dcldm import MODEL_FILE
 
     path = Path(model_dir) / MODEL_FILE
     if not path.exists():

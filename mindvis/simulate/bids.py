@@ -60,10 +60,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mindvis.data.bids_layout import derivative_paths
 from mindvis.utils.io import atomic_path, software_versions, write_json_atomic, write_text_atomic
 
-#: The BIDS space label of the simulator's grid: nilearn's MNI152 template is ICBM152 2009a asymmetric.
-SPACE = "MNI152NLin2009aAsym"
 BIDS_VERSION = "1.9.0"
 CONFOUND_COLUMNS = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z", "framewise_displacement")
 TASK_DESCRIPTIONS = {
@@ -71,28 +70,6 @@ TASK_DESCRIPTIONS = {
                "test images repeatedly.",
     "rest": "Eyes open, fixation; no stimuli.",
 }
-
-
-def func_path(bids_dir, subject, task, run, suffix):
-    """Path of a functional file, e.g. ``suffix='bold.nii.gz'`` or ``'events.tsv'``."""
-    return Path(bids_dir) / subject / "func" / f"{subject}_task-{task}_run-{run:02d}_{suffix}"
-
-
-def derivatives_dir(bids_dir, subject):
-    """The simulator's derivatives folder of one subject."""
-    return Path(bids_dir) / "derivatives" / "simulation" / subject
-
-
-def derivative_paths(bids_dir, subject):
-    """Paths of the simulator's per-subject derivatives (keys: mask, dseg, dseg_tsv, groundtruth, manifest)."""
-    folder = derivatives_dir(bids_dir, subject)
-    return {
-        "mask": folder / f"{subject}_space-{SPACE}_desc-visual_mask.nii.gz",
-        "dseg": folder / f"{subject}_space-{SPACE}_desc-visual_dseg.nii.gz",
-        "dseg_tsv": folder / f"{subject}_desc-visual_dseg.tsv",
-        "groundtruth": folder / f"{subject}_desc-groundtruth.h5",
-        "manifest": folder / f"{subject}_desc-simulation_manifest.json",
-    }
 
 
 def write_nifti(path, data, affine, tr=None):

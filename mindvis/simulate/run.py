@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mindvis.data import bids_layout
 from mindvis.errors import MindvisError
 from mindvis.simulate import bids, design, encoding, geometry, timeseries
 from mindvis.simulate.traits import is_rest_subject, subject_traits
@@ -75,7 +76,7 @@ def _remove_previous(bids_dir, subject):
     """
     import json
 
-    manifest = bids.derivative_paths(bids_dir, subject)["manifest"]
+    manifest = bids_layout.derivative_paths(bids_dir, subject)["manifest"]
     if not manifest.exists():
         return
     try:
@@ -88,15 +89,15 @@ def _remove_previous(bids_dir, subject):
 
 
 def _write_run(bids_dir, subject, run, volumes, motion, section, affine):
-    bold = bids.func_path(bids_dir, subject, run.task, run.run, "bold.nii.gz")
-    sidecar = bids.func_path(bids_dir, subject, run.task, run.run, "bold.json")
-    confounds = bids.func_path(bids_dir, subject, run.task, run.run, "desc-confounds_timeseries.tsv")
+    bold = bids_layout.func_path(bids_dir, subject, run.task, run.run, "bold.nii.gz")
+    sidecar = bids_layout.func_path(bids_dir, subject, run.task, run.run, "bold.json")
+    confounds = bids_layout.func_path(bids_dir, subject, run.task, run.run, "desc-confounds_timeseries.tsv")
     bids.write_nifti(bold, volumes, affine, tr=section["tr"])
     bids.write_bold_sidecar(sidecar, section, run.task)
     bids.write_confounds(confounds, motion, timeseries.framewise_displacement(motion))
     written = [bold, sidecar, confounds]
     if run.events is not None:
-        events = bids.func_path(bids_dir, subject, run.task, run.run, "events.tsv")
+        events = bids_layout.func_path(bids_dir, subject, run.task, run.run, "events.tsv")
         bids.write_tsv(events, run.events)
         written.append(events)
     return written
@@ -106,7 +107,7 @@ def _manifest(config, bids_dir, subject, written, seed_parts, started, extra):
     bids_dir = Path(bids_dir)
     files = [{"path": str(Path(path).relative_to(bids_dir)), "bytes": Path(path).stat().st_size,
               "sha256": sha256_file(path)} for path in written]
-    write_json_atomic(bids.derivative_paths(bids_dir, subject)["manifest"], {
+    write_json_atomic(bids_layout.derivative_paths(bids_dir, subject)["manifest"], {
         "subject": subject,
         "seed": config["seed"],
         "subject_seeds": {part: derive_seed(config["seed"], "simulate", subject, part) for part in seed_parts},
@@ -180,7 +181,7 @@ def simulate_subject(config, stimuli_path, bids_dir, subject):
         written += _write_run(bids_dir, subject, run, volumes, motion, section, layout.grid.affine)
         del signal, volumes
 
-    paths = bids.derivative_paths(bids_dir, subject)
+    paths = bids_layout.derivative_paths(bids_dir, subject)
     written += bids.write_roi_files(bids_dir, subject, layout)
     seed = derive_seed(config["seed"], "simulate", subject)
     attrs = {"subject": subject, "seed": seed, "config": section, "versions": software_versions()}
@@ -287,7 +288,7 @@ def simulate_rest_subject(config, bids_dir, subject):
         written += _write_run(bids_dir, subject, run, volumes, motion, section, layout.grid.affine)
         del signal, volumes
 
-    paths = bids.derivative_paths(bids_dir, subject)
+    paths = bids_layout.derivative_paths(bids_dir, subject)
     written += bids.write_roi_files(bids_dir, subject, layout)
     seed = derive_seed(config["seed"], "simulate", subject)
     attrs = {"subject": subject, "seed": seed, "config": section, "versions": software_versions()}

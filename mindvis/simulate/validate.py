@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mindvis.simulate import bids
+from mindvis.data import bids_layout
 
 
 def lag_average_trials(bids_dir, subject, window=(4.0, 8.0), task="objects"):
@@ -41,12 +41,12 @@ def lag_average_trials(bids_dir, subject, window=(4.0, 8.0), task="objects"):
     import nibabel as nib
 
     bids_dir = Path(bids_dir)
-    mask = np.asarray(nib.load(bids.derivative_paths(bids_dir, subject)["mask"]).dataobj) > 0
+    mask = np.asarray(nib.load(bids_layout.derivative_paths(bids_dir, subject)["mask"]).dataobj) > 0
     rows, tables = [], []
     run = 1
-    while bids.func_path(bids_dir, subject, task, run, "bold.nii.gz").exists():
-        image = nib.load(bids.func_path(bids_dir, subject, task, run, "bold.nii.gz"))
-        tr = json.loads(bids.func_path(bids_dir, subject, task, run, "bold.json").read_text())["RepetitionTime"]
+    while bids_layout.func_path(bids_dir, subject, task, run, "bold.nii.gz").exists():
+        image = nib.load(bids_layout.func_path(bids_dir, subject, task, run, "bold.nii.gz"))
+        tr = json.loads(bids_layout.func_path(bids_dir, subject, task, run, "bold.json").read_text())["RepetitionTime"]
         data = np.asarray(image.dataobj, dtype=np.float32)[mask]  # [V, T]
         mean = data.mean(axis=1, keepdims=True)
         percent = 100 * (data / mean - 1)
@@ -54,7 +54,7 @@ def lag_average_trials(bids_dir, subject, window=(4.0, 8.0), task="objects"):
         design = np.column_stack([np.ones_like(time), time - time.mean()])
         coefficients, *_ = np.linalg.lstsq(design, percent.T, rcond=None)
         percent = (percent.T - design @ coefficients)  # [T, V]
-        events = pd.read_csv(bids.func_path(bids_dir, subject, task, run, "events.tsv"), sep="\t")
+        events = pd.read_csv(bids_layout.func_path(bids_dir, subject, task, run, "events.tsv"), sep="\t")
         volume_times = np.arange(percent.shape[0]) * tr
         for onset in events["onset"]:
             lag = volume_times - onset
@@ -79,33 +79,3 @@ def average_repeats(responses, events):
     averaged = np.stack([responses[(frame["stimulus_id"] == sid).to_numpy()].mean(axis=0) for sid in stimulus_ids])
     classes = frame.drop_duplicates("stimulus_id")["class"].to_numpy()
     return averaged.astype(np.float32), stimulus_ids, classes
-
-
-def noise_ceiling(responses, stimulus_ids, n_average=1):
-    """Per-voxel noise ceiling from repeated presentations (the NSD definition).
-
-    With the response of each voxel z-scored over trials, the noise sd is the
-    pooled within-stimulus sd and the signal sd is ``sqrt(1 - noise_var)``; the
-    ceiling is the fraction of variance in an average of ``n_average`` trials
-    that the signal can explain: ``ncsnr**2 / (ncsnr**2 + 1 / n_average)``.
-
-    Parameters
-    ----------
-    responses : float [N, V]
-        Trials of stimuli that were each shown several times.
-    stimulus_ids : sequence of str [N]
-    n_average : int
-
-    Returns
-    -------
-    float64 [V]
-        Between 0 and 1.
-    """
-    responses = np.asarray(responses, dtype=np.float64)
-    stimulus_ids = np.asarray(stimulus_ids)
-    z = (responses - responses.mean(axis=0)) / np.maximum(responses.std(axis=0), 1e-12)
-    variances = [z[stimulus_ids == sid].var(axis=0, ddof=1) for sid in np.unique(stimulus_ids)]
-    noise_var = np.mean(variances, axis=0)
-    signal_var = np.maximum(1 - noise_var, 0)
-    ncsnr_squared = signal_var / np.maximum(noise_var, 1e-12)
-    return ncsnr_squared / (ncsnr_squared + 1.0 / n_average)

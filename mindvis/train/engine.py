@@ -84,7 +84,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import time
@@ -94,14 +93,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from mindvis.errors import MindvisError
-from mindvis.utils.io import atomic_path, derive_seed, software_versions, write_json_atomic, write_text_atomic
+from mindvis.models.weights import load_weights
+from mindvis.train.checkpoint import (CHECKPOINT_FORMAT, latest_checkpoint, point_latest, prune_checkpoints,
+                                     read_checkpoint_state, read_optimizer, write_checkpoint)
+from mindvis.utils.io import derive_seed, software_versions, write_text_atomic
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "mindvis-train-checkpoint/1"
 MIXED_PRECISION_CHOICES = ("no", "bf16", "auto")
 
 
@@ -231,110 +231,6 @@ def resolve_mixed_precision(value, device):
 
 def _to_float(value):
     return float(value.detach().float().item()) if torch.is_tensor(value) else float(value)
-
-
-# -- safe (pickle-free) state serialisation ------------------------------------
-
-def _optimizer_to_files(optimizer):
-    """Split an optimiser state dict into tensors (safetensors) and JSON."""
-    state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for index, slots in state["state"].items():
-        for name, value in slots.items():
-            if torch.is_tensor(value):
-                tensors[f"state.{index}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{index}.{name}"] = value
-    groups = [{key: (list(value) if isinstance(value, tuple) else value) for key, value in group.items()}
-              for group in state["param_groups"]]
-    return tensors, {"param_groups": groups, "scalars": scalars}
-
-
-def _optimizer_from_files(tensors, meta):
-    """Inverse of :func:`_optimizer_to_files`: a dict ``optimizer.load_state_dict`` accepts."""
-    state = {}
-    for key, value in tensors.items():
-        _, index, name = key.split(".", 2)
-        state.setdefault(int(index), {})[name] = value
-    for key, value in meta["scalars"].items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    groups = []
-    for group in meta["param_groups"]:
-        group = dict(group)
-        if "betas" in group:
-            group["betas"] = tuple(group["betas"])
-        groups.append(group)
-    return {"state": state, "param_groups": groups}
-
-
-def _model_tensors(model, which="all", always=()):
-    """The tensors a checkpoint stores: the state dict, or only trainable parameters and buffers
-    (plus every tensor whose name starts with one of ``always``)."""
-    if which == "trainable":
-        tensors = {name: p for name, p in model.named_parameters() if p.requires_grad}
-        tensors.update(dict(model.named_buffers()))
-        if always:
-            tensors.update({name: t for name, t in model.state_dict().items() if name.startswith(tuple(always))})
-    else:
-        tensors = model.state_dict()
-    out, seen = {}, {}
-    for name, tensor in tensors.items():
-        # safetensors refuses shared storage (tied weights): store a tied tensor once per name, copied.
-        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
-        out[name] = tensor.detach().cpu().clone() if key in seen else tensor.detach().cpu().contiguous()
-        seen[key] = name
-    return out
-
-
-def save_weights(model, path, which="all", metadata=None, always=()):
-    """Write a module's weights to ``path`` as safetensors, atomically.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-    path : str or Path
-    which : {'all', 'trainable'}
-        The whole state dict, or trainable parameters and buffers only (for
-        fine-tuning a large frozen model).
-    metadata : dict of str -> str, optional
-        Stored in the safetensors header.
-    always : sequence of str
-        Name prefixes stored even when frozen (with ``which='trainable'``).
-    """
-    with atomic_path(path) as tmp:
-        save_file(_model_tensors(model, which, always), str(tmp), metadata=metadata)
-
-
-def load_weights(model, path, strict=True):
-    """Load safetensors weights written by :func:`save_weights` into ``model``.
-
-    Raises
-    ------
-    MindvisError
-        When the file is missing or does not fit the model.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise MindvisError("weights file not found", path=path, fix="train the stage first, or point at its output.")
-    tensors = load_file(str(path))
-    result = model.load_state_dict(tensors, strict=False)
-    if strict and (result.missing_keys or result.unexpected_keys):
-        raise MindvisError(f"weights do not fit the model (missing {result.missing_keys[:5]}, unexpected "
-                           f"{result.unexpected_keys[:5]})", path=path,
-                           fix="load them into a model built from the config stored beside them.")
-    return model
-
-
-def read_checkpoint_state(path):
-    """The ``state.json`` of a checkpoint folder (or of ``best/``) as a dict."""
-    path = Path(path)
-    state_path = path / "state.json" if path.is_dir() else path
-    try:
-        return json.loads(state_path.read_text())
-    except (OSError, ValueError) as err:
-        raise MindvisError(f"cannot read checkpoint state ({err})", path=state_path,
-                           fix="delete the broken checkpoint folder and resume from an older one, or start over.") from None
 
 
 # -- the engine -------------------------------------------------------------------
@@ -653,41 +549,15 @@ class Trainer:
         }
 
     def _write_folder(self, final, with_optimizer=True):
-        """Write weights (+ optimiser) + state.json into a temporary folder, then rename it to ``final``."""
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        try:
-            state = self._state()
-            save_file(_model_tensors(self.model, self.checkpoint_params), str(tmp / "model.safetensors"),
-                      metadata={"format": CHECKPOINT_FORMAT, "step": str(self.step)})
-            if with_optimizer:
-                tensors, meta = _optimizer_to_files(self.optimizer)
-                save_file(tensors, str(tmp / "optimizer.safetensors"))
-                state["optimizer"] = meta
-            (tmp / "state.json").write_text(json.dumps(state, indent=1, default=str) + "\n")
-            old = final.parent / f".{final.name}.old-{os.getpid()}"
-            if final.exists():
-                os.replace(final, old)
-            os.replace(tmp, final)
-            if old.exists():
-                shutil.rmtree(old)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-        return final
+        return write_checkpoint(final, self.model, self.checkpoint_params, self._state(),
+                                optimizer=self.optimizer if with_optimizer else None)
 
     def _save_checkpoint(self):
         folder = self.out_dir / "checkpoints" / f"step-{self.step:08d}"
         if self.accelerator.is_main_process:
             self._write_folder(folder)
-            write_json_atomic(self.out_dir / "checkpoints" / "latest.json",
-                              {"path": folder.name, "step": self.step, "epoch": self.epoch})
-            kept = sorted(p for p in (self.out_dir / "checkpoints").glob("step-*") if p.is_dir())
-            for stale in kept[:-max(1, self.config.keep_checkpoints)]:
-                shutil.rmtree(stale)
+            point_latest(folder, step=self.step, epoch=self.epoch)
+            prune_checkpoints(folder.parent, self.config.keep_checkpoints)
         self.accelerator.wait_for_everyone()
         return folder
 
@@ -704,11 +574,10 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def _resume(self):
-        pointer = self.out_dir / "checkpoints" / "latest.json"
-        if not pointer.exists():
+        folder = latest_checkpoint(self.out_dir / "checkpoints")
+        if folder is None:
             log.info("resume: no checkpoint in %s; starting from step 0", self.out_dir / "checkpoints")
             return
-        folder = self.out_dir / "checkpoints" / json.loads(pointer.read_text())["path"]
         state = read_checkpoint_state(folder)
         if state.get("format") != CHECKPOINT_FORMAT:
             raise MindvisError(f"unknown checkpoint format {state.get('format')!r}", path=folder / "state.json",
@@ -720,8 +589,7 @@ class Trainer:
                 path=folder / "state.json", key="train_config",
                 fix="resume with the same epochs, batch_size and process count, or start over without --resume.")
         load_weights(self.model, folder / "model.safetensors", strict=self.checkpoint_params == "all")
-        optimizer_state = _optimizer_from_files(load_file(str(folder / "optimizer.safetensors")), state["optimizer"])
-        self.optimizer.load_state_dict(optimizer_state)
+        self.optimizer.load_state_dict(read_optimizer(folder, state))
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         self.history, self.best = state["history"], state["best"]
@@ -735,8 +603,7 @@ class Trainer:
         if best.exists():
             load_weights(self.model, best, strict=self.checkpoint_params == "all")
             return self.model
-        pointer = self.out_dir / "checkpoints" / "latest.json"
-        if pointer.exists():
-            folder = self.out_dir / "checkpoints" / json.loads(pointer.read_text())["path"]
+        folder = latest_checkpoint(self.out_dir / "checkpoints")
+        if folder is not None:
             load_weights(self.model, folder / "model.safetensors", strict=self.checkpoint_params == "all")
         return self.model

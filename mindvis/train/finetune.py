@@ -20,22 +20,13 @@ quick top-1 accuracy of few-step DDIM samples of validation trials.
 
 Outputs in ``out_dir`` (``results/{subject}/dcldm/``)
 ----------------------------------------------------
-``dcldm.safetensors``
-    The whole encoder (``encoder.*``) and conditioner (``conditioner.*``),
-    trained or not, and the UNet's trained tensors (``unet.*``); the frozen
-    UNet weights stay in the base generator.
-``encoder/config.json``, ``conditioner/config.json``
-    The architectures (diffusers configs) to rebuild them.
-``dcldm.json``
-    Base generator folder, trained groups, subject, voxel count, best epoch and
-    metric, final validation metrics, input hashes, resolved config, versions.
-``train/``
-    The engine's ``metrics.jsonl``, checkpoints (``--resume``) and ``best/``.
+The decoder folder of :mod:`mindvis.models.dcldm` (``dcldm.safetensors``,
+``encoder/``, ``conditioner/``, ``dcldm.json``), and ``train/``: the engine's
+``metrics.jsonl``, checkpoints (``--resume``) and ``best/``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -43,15 +34,24 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
 
+from mindvis.data.pairs import paired_trials
+from mindvis.data.responses import load_responses
+from mindvis.data.stimuli import load_stimulus_set
 from mindvis.errors import MindvisError
-from mindvis.utils.io import derive_seed, seed_everything, sha256_file, software_versions, write_json_atomic
+from mindvis.generate.decode import decode
+from mindvis.models.augment import augment_images
+from mindvis.models.classifiers.domain import load_classifier
+from mindvis.models.dcldm import build_decoder, save_dcldm
+from mindvis.models.ldm import load_generator
+from mindvis.train.diffusion import diffusion_target
+from mindvis.train.engine import Trainer, TrainConfig
+from mindvis.utils.io import derive_seed, seed_everything, sha256_file, software_versions
 
 log = logging.getLogger(__name__)
 
 TRAINABLE_GROUPS = ("encoder", "conditioner", "attn2", "norms", "unet")
-MODEL_FILE = "dcldm.safetensors"
-META_FILE = "dcldm.json"
 
 
 # -- what is trained ------------------------------------------------------------
@@ -92,104 +92,6 @@ def freeze_for_finetuning(model, groups):
     for name, param in model.named_parameters():
         param.requires_grad_(name in names)
     return sorted(names)
-
-
-# -- building and loading -------------------------------------------------------
-
-def build_decoder(config, generator, n_voxels, mbm_dir=None, baseline=False):
-    """The decoder for a subject: encoder (pretrained or, if ``baseline``, random) + new conditioner + UNet.
-
-    Parameters
-    ----------
-    config : dict
-        Resolved experiment config (``mbm``, ``finetune`` sections, ``seed``).
-    generator : mindvis.models.ldm.Generator
-    n_voxels : int
-        The subject's voxel count.
-    mbm_dir : path, optional
-        The pretrained SC-MBM folder (required unless ``baseline``).
-    baseline : bool
-        Random encoder of the configured preset instead of the pretrained one.
-    """
-    from mindvis.models.conditioning import FmriConditioner
-    from mindvis.models.ldm import DCLDM
-    from mindvis.models.mbm import MBMAutoencoder
-
-    if baseline:
-        from mindvis.train.pretrain_mbm import build_model
-
-        encoder = build_model(config["mbm"], n_voxels=n_voxels)
-    else:
-        if mbm_dir is None or not (Path(mbm_dir) / "config.json").exists():
-            raise MindvisError("no pretrained SC-MBM encoder here", path=mbm_dir, key="config.json",
-                               fix="run pretrain_mbm first, or fine-tune in baseline mode.")
-        encoder = MBMAutoencoder.from_pretrained(mbm_dir, local_files_only=True)
-    if n_voxels > encoder.capacity:
-        # More voxels than the pretrained table covers: interpolate positions (logged by the encoder).
-        encoder.resize_positions(n_voxels)
-    conditioner = FmriConditioner(input_tokens=1 + encoder.n_tokens, input_dim=encoder.config.embed_dim,
-                                  context_tokens=generator.context_tokens,
-                                  cross_attention_dim=generator.cross_attention_dim,
-                                  pooled_dim=generator.pooled_dim, dropout=config["finetune"]["mapper_dropout"],
-                                  n_voxels=int(n_voxels) if config["finetune"]["voxel_path"] else 0)
-    # The base was trained with its own null condition: starting from it keeps the unconditional branch intact.
-    if generator.class_conditioner is not None:
-        conditioner.init_null_from(generator.class_conditioner)
-    return DCLDM(encoder, conditioner, generator.unet)
-
-
-def load_dcldm(folder, base=None, dtype=None):
-    """Load a fine-tuned decoder and its generator.
-
-    Parameters
-    ----------
-    folder : path
-        A ``finetune`` output folder.
-    base : path, optional
-        The base generator folder; default: the one recorded in ``dcldm.json``.
-
-    Returns
-    -------
-    generator : mindvis.models.ldm.Generator
-        Its ``unet`` is the fine-tuned one (shared with ``decoder.unet``).
-    decoder : mindvis.models.ldm.DCLDM
-        In eval mode.
-    meta : dict
-        The contents of ``dcldm.json``.
-    """
-    from safetensors.torch import load_file
-
-    from mindvis.models.conditioning import FmriConditioner
-    from mindvis.models.ldm import DCLDM, load_generator
-    from mindvis.models.mbm import MBMAutoencoder
-
-    folder = Path(folder)
-    meta_path = folder / META_FILE
-    if not meta_path.exists():
-        raise MindvisError("not a fine-tuned DC-LDM folder (dcldm.json missing)", path=folder,
-                           fix="run the finetune stage for this subject first.")
-    meta = json.loads(meta_path.read_text())
-    generator = load_generator(base or meta["base"], image_size=meta.get("image_size"), dtype=dtype)
-    encoder = MBMAutoencoder.from_config(MBMAutoencoder.load_config(folder / "encoder"))
-    conditioner = FmriConditioner.from_config(FmriConditioner.load_config(folder / "conditioner"))
-    decoder = DCLDM(encoder, conditioner, generator.unet)
-    tensors = load_file(str(folder / MODEL_FILE))
-    if "encoder.pos_embed" in tensors:
-        # The stored table may have been interpolated to the subject's token count.
-        encoder.pos_embed = torch.empty_like(tensors["encoder.pos_embed"])
-        encoder.decoder_pos_embed = torch.empty_like(tensors["encoder.decoder_pos_embed"])
-        encoder.n_tokens = tensors["encoder.pos_embed"].shape[1] - 1
-    result = decoder.load_state_dict(tensors, strict=False)
-    # The UNet's untrained tensors come from the base; the SC-MBM reconstruction decoder is unused.
-    missing = [key for key in result.missing_keys if key.startswith(("encoder.", "conditioner."))
-               and not key.startswith(("encoder.decoder", "encoder.mask_token"))]
-    if result.unexpected_keys or missing:
-        raise MindvisError(f"weights do not fit the decoder (unexpected {result.unexpected_keys[:5]}, "
-                           f"missing {missing[:5]})", path=folder / MODEL_FILE,
-                           fix="rerun finetune; the folder mixes two versions.")
-    if dtype is not None:
-        decoder.to(dtype)
-    return generator, decoder.eval(), meta
 
 
 # -- ridge start of the voxel path -----------------------------------------------
@@ -252,54 +154,7 @@ def fit_ridge_voxel_map(train_fmri, train_labels, val_fmri, val_labels, class_co
     return weight.T.astype(np.float32), bias.astype(np.float32), report
 
 
-# -- data -----------------------------------------------------------------------
-
-class PairedTrials:
-    """fMRI trials with the image each one showed, for the engine's ``get_batch`` fast path.
-
-    ``fmri`` float32 [N, V]; ``images`` float32 [N, C, S, S] in [-1, 1].
-    """
-
-    def __init__(self, fmri, images, labels):
-        self.fmri = torch.as_tensor(fmri, dtype=torch.float32)
-        self.images = images
-        self.labels = torch.as_tensor(labels, dtype=torch.int64)
-
-    def __len__(self):
-        return len(self.labels)
-
-    def get_batch(self, indices):
-        return {"fmri": self.fmri[indices], "images": self.images[indices], "labels": self.labels[indices]}
-
-
-def paired_trials(responses_split, stimuli, generator):
-    """Pair a responses split with its stimulus images at the generator's size and channels."""
-    from mindvis.models.ldm import images_to_tensor
-
-    if len(responses_split) == 0:
-        return PairedTrials(np.zeros((0, responses_split.fmri.shape[1]), np.float32),
-                            torch.zeros(0, generator.image_channels, generator.image_size, generator.image_size),
-                            np.zeros(0, np.int64))
-    images, labels = stimuli.lookup(list(responses_split.stimulus_id))
-    return PairedTrials(responses_split.fmri, images_to_tensor(images, generator.image_size,
-                                                               generator.image_channels), labels)
-
-
-def augment_images(images, crop_pixels, hflip):
-    """Random shift-crop (reflect padding) and optional horizontal flip of ``[B, C, H, W]`` images."""
-    from mindvis.evaluate.classifier import augment_images as _augment
-
-    return _augment(images, crop_pixels, hflip)
-
-
 # -- losses and validation -----------------------------------------------------
-
-def diffusion_target(scheduler, latents, noise, timesteps):
-    """What the UNet predicts: the noise (``epsilon``) or the velocity (``v_prediction``)."""
-    if scheduler.config.prediction_type == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    return noise
-
 
 def alignment_loss(condition, target, known):
     """Relative squared error between the fMRI condition and the base's condition for the seen image's class.
@@ -367,50 +222,19 @@ def validation_loss(model, generator, scheduler, trials, batch_size=64):
     return total / max(count, 1)
 
 
-@torch.no_grad()
-def decode_fmri(model, generator, fmri, seeds, generate_settings, num_steps=None, recorder=None):
-    """Sample one image per fMRI row with classifier-free guidance.
-
-    Parameters
-    ----------
-    model : mindvis.models.ldm.DCLDM
-    generator : mindvis.models.ldm.Generator
-    fmri : float32 [B, V] tensor
-    seeds : sequence of int, length B
-    generate_settings : dict
-        The ``generate`` config section (sampler, steps, guidance_scale, eta).
-    num_steps : int, optional
-        Overrides ``generate_settings['steps']``.
-
-    Returns
-    -------
-    torch.Tensor
-        Images [B, C, H, W] in [-1, 1].
-    """
-    from mindvis.generate.sampling import sample_images
-
-    device = next(model.parameters()).device
-    condition = model.condition(fmri.to(device))
-    return sample_images(generator, condition, null_condition=model.conditioner.null(len(seeds)),
-                         sampler=generate_settings["sampler"], num_steps=num_steps or generate_settings["steps"],
-                         guidance_scale=generate_settings["guidance_scale"], seeds=seeds,
-                         eta=generate_settings["eta"], recorder=recorder)
-
-
 def make_eval_fn(generator, scheduler, val_trials, settings, generate_settings, classifier, seed):
     """Validation metrics: ``val/loss`` and, with a classifier, ``val/accuracy`` of quick DDIM samples."""
-    from mindvis.models.ldm import tensor_to_images
-
     n_quick = min(len(val_trials), settings["val_max_trials"])
     quick = {**generate_settings, "sampler": "ddim"}
-    seeds = [derive_seed(seed, "val-sample", i) for i in range(n_quick)]
+    seeds = np.array([[derive_seed(seed, "val-sample", i)] for i in range(n_quick)], dtype=np.int64)
 
     def eval_fn(model, epoch):
         metrics = {"val/loss": validation_loss(model, generator, scheduler, val_trials)}
         if classifier is not None and n_quick:
-            images = decode_fmri(model, generator, val_trials.fmri[:n_quick], seeds, quick,
-                                 num_steps=settings["val_sample_steps"])
-            predicted = classifier.predict_proba(tensor_to_images(images)).argmax(axis=1)
+            # One sampler call for all of them (batch_size n_quick), one image each.
+            images = decode(model, generator, val_trials.fmri[:n_quick], seeds, quick, batch_size=n_quick,
+                            num_steps=settings["val_sample_steps"])[:, 0]
+            predicted = classifier.predict_proba(images).argmax(axis=1)
             metrics["val/accuracy"] = float(np.mean(predicted == val_trials.labels[:n_quick].numpy()))
         return metrics
 
@@ -476,11 +300,6 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, c
     dict
         The contents of ``dcldm.json``.
     """
-    from mindvis.data.responses import load_responses
-    from mindvis.data.stimuli import load_stimulus_set
-    from mindvis.models.ldm import load_generator
-    from mindvis.train.engine import Trainer, TrainConfig, save_weights
-
     started = time.perf_counter()
     settings, generate_settings = config["finetune"], config["generate"]
     out_dir = Path(out_dir)
@@ -498,8 +317,8 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, c
                            fix="set finetune.align_weight: 0 for a Stable Diffusion base (MinD-Vis's own loss).")
     model = build_decoder(config, generator, data.n_voxels, mbm_dir=mbm_dir, baseline=baseline)
     freeze_for_finetuning(model, settings["train"])
-    train_trials = paired_trials(data["train"], stimulus_set, generator)
-    val_trials = paired_trials(data["val"], stimulus_set, generator)
+    train_trials = paired_trials(data["train"], stimulus_set, generator.image_size, generator.image_channels)
+    val_trials = paired_trials(data["val"], stimulus_set, generator.image_size, generator.image_channels)
     if len(train_trials) == 0:
         raise MindvisError("no training trials", path=responses, key="train", fix="check the preprocessing output.")
     ridge_report = None
@@ -526,13 +345,9 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, c
              subject, " (baseline, random encoder)" if baseline else "", n_trained, n_total,
              ", ".join(settings["train"]), len(train_trials), len(val_trials))
 
-    from diffusers import DDPMScheduler
-
     scheduler = DDPMScheduler.from_config(generator.scheduler_config)
     classifier = None
     if classifier_dir is not None:
-        from mindvis.evaluate.classifier import load_classifier
-
         classifier = load_classifier(classifier_dir)
     eval_fn = None
     select = settings["select_metric"]
@@ -577,12 +392,6 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, c
         "wall_time_s": round(time.perf_counter() - started, 2), "config": config, "versions": software_versions(),
     }
     if trainer.accelerator.is_main_process:
-        model.encoder.save_config(out_dir / "encoder")
-        model.conditioner.save_config(out_dir / "conditioner")
-        # The encoder and conditioner are stored whole, trained or not (the loader builds them from config);
-        # of the UNet only what was trained (the rest is the base generator's).
-        save_weights(model, out_dir / MODEL_FILE, which="trainable", always=("encoder.", "conditioner."),
-                     metadata={"subject": subject})
-        write_json_atomic(out_dir / META_FILE, meta)
+        save_dcldm(model, out_dir, meta, metadata={"subject": subject})
     log.info("wrote %s (best %s)", out_dir, result["best"])
     return meta

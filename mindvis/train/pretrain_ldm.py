@@ -48,8 +48,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
 
+from mindvis.data.images import images_to_tensor
+from mindvis.data.stimuli import load_stimulus_set
 from mindvis.errors import MindvisError
+from mindvis.generate.decode import sample_classes
+from mindvis.generate.writing import save_grid
+from mindvis.models.augment import augment_images
+from mindvis.models.classifiers.domain import load_classifier
+from mindvis.models.ldm import build_embedded_generator, save_generator
+from mindvis.train.diffusion import diffusion_target
+from mindvis.train.engine import Trainer, TrainConfig
 from mindvis.utils.io import derive_seed, seed_everything, software_versions, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -95,13 +105,6 @@ class _Tensors:
         return {name: tensor[indices] for name, tensor in self.tensors.items()}
 
 
-def _random_flip(images, enabled):
-    if not enabled:
-        return images
-    flip = torch.rand(images.shape[0], device=images.device) < 0.5
-    return torch.where(flip[:, None, None, None], images.flip(-1), images)
-
-
 def image_corpus(stimulus_set, val_images, seed):
     """Training images (pool + train) and held-out pool images, as uint8 arrays with labels (-1 where unknown)."""
     pool, train = stimulus_set.splits["pool"], stimulus_set.splits["train"]
@@ -134,40 +137,21 @@ def reconstruction_metrics(generator, images, batch_size=128):
     return {"recon_mse": float(mse.mean()), "recon_psnr_db": float((10 * torch.log10(4.0 / mse)).mean())}
 
 
-@torch.no_grad()
 def class_conditioned_samples(generator, n_classes, per_class, generate_settings, seed):
     """``per_class`` samples of every class from the class-conditioned base, as uint8 [n_classes, per_class, H, W, C]."""
-    from mindvis.generate.sampling import sample_images
-    from mindvis.models.ldm import tensor_to_images
-
     labels = np.repeat(np.arange(n_classes), per_class)
-    if len(labels) == 0:  # no classes (e.g. NSD) or no samples asked for
-        return np.zeros((n_classes, per_class, generator.image_size, generator.image_size,
-                         generator.image_channels), np.uint8), labels
-    seeds = [derive_seed(seed, "class-sample", i) for i in range(len(labels))]
-    out = []
-    batch = max(1, int(generate_settings["batch_size"]))
-    for start in range(0, len(labels), batch):
-        rows = slice(start, start + batch)
-        condition = generator.class_conditioner(torch.as_tensor(labels[rows]))
-        images = sample_images(generator, condition, null_condition=generator.class_conditioner.null(len(condition)),
-                               sampler=generate_settings["sampler"], num_steps=generate_settings["steps"],
-                               guidance_scale=generate_settings["guidance_scale"], seeds=seeds[rows],
-                               eta=generate_settings["eta"])
-        out.append(tensor_to_images(images))
-    images = np.concatenate(out)
+    seeds = np.array([derive_seed(seed, "class-sample", i) for i in range(len(labels))], np.int64)[:, None]
+    images = sample_classes(generator, labels, seeds, generate_settings)[:, 0]
     return images.reshape(n_classes, per_class, *images.shape[1:]), labels
 
 
 def train_vae(generator, images, val_images, ldm, seed, out_dir, config, resume=False):
     """Step 1: train the VAE; set its scaling factor from the training latents. Returns the engine summary."""
-    from mindvis.train.engine import Trainer, TrainConfig
-
     objective = _VAEObjective(generator.vae)
     kl_weight, hflip = float(ldm["kl_weight"]), bool(ldm["hflip"])
 
     def loss_fn(model, batch):
-        target = _random_flip(batch["images"], hflip)
+        target = augment_images(batch["images"], 0, hflip)
         reconstruction, kl = model(target)
         mse = F.mse_loss(reconstruction, target)
         kl = kl.mean() / target[0].numel()  # per pixel, like the MSE
@@ -199,11 +183,6 @@ def train_vae(generator, images, val_images, ldm, seed, out_dir, config, resume=
 
 def train_unet(generator, images, labels, val_images, ldm, seed, out_dir, config, resume=False):
     """Step 2: train the UNet and class conditioner on frozen-VAE latents. Returns the engine summary."""
-    from diffusers import DDPMScheduler
-
-    from mindvis.train.engine import Trainer, TrainConfig
-    from mindvis.train.finetune import diffusion_target
-
     scheduler = DDPMScheduler.from_config(generator.scheduler_config)
     objective = _ClassDiffusionObjective(generator.unet, generator.class_conditioner)
 
@@ -286,9 +265,6 @@ def pretrain_ldm(config, stimuli, out_dir, classifier_dir=None, resume=False):
     dict
         The contents of ``metrics.json``.
     """
-    from mindvis.data.stimuli import load_stimulus_set
-    from mindvis.models.ldm import build_embedded_generator, images_to_tensor, save_generator
-
     ldm = config["ldm"]
     if ldm["base"] != "embedded":
         raise MindvisError("pretrain_ldm trains the embedded generator, but ldm.base names a folder",
@@ -332,8 +308,6 @@ def pretrain_ldm(config, stimuli, out_dir, classifier_dir=None, resume=False):
     sampler = {k: config["generate"][k] for k in ("sampler", "steps", "guidance_scale", "eta")}
     metrics["class_samples"] = {"per_class": int(ldm["eval_samples_per_class"]), **sampler}
     if classifier_dir is not None and len(sample_labels):
-        from mindvis.evaluate.classifier import load_classifier
-
         classifier = load_classifier(classifier_dir)
         flat = samples.reshape(-1, *samples.shape[2:])
         predicted = classifier.predict_proba(flat).argmax(axis=1)
@@ -345,8 +319,6 @@ def pretrain_ldm(config, stimuli, out_dir, classifier_dir=None, resume=False):
     metrics.update({"timings": timings, "wall_time_s": round(time.perf_counter() - started, 2),
                     "class_names": list(stimulus_set.class_names), "config": config, "versions": software_versions()})
     save_generator(generator, out_dir, extra={"stage": "pretrain_ldm", "class_names": list(stimulus_set.class_names)})
-    from mindvis.generate.writing import save_grid
-
     if samples.size:
         save_grid(out_dir / "class_samples.png", samples)
     write_json_atomic(out_dir / "metrics.json", metrics)

@@ -225,15 +225,6 @@ def reconstruction_metrics(model, corpus, mask_ratio, seed, batch_size=64, devic
     return {"val/loss": squared_sum / max(weight_sum, 1.0), "val/recon_corr": float(torch.nanmean(corr))}
 
 
-def build_model(mbm_config, n_voxels):
-    """An :class:`~mindvis.models.mbm.MBMAutoencoder` of the config's preset for ``n_voxels`` voxels."""
-    from mindvis.models.mbm import MBMAutoencoder
-
-    return MBMAutoencoder.from_preset(mbm_config["preset"], n_voxels=n_voxels, patch_size=mbm_config["patch_size"],
-                                      mask_ratio=mbm_config["mask_ratio"],
-                                      norm_pix_loss=mbm_config["norm_pix_loss"], attention=mbm_config["attention"])
-
-
 def make_loss_fn(augment):
     """The training loss: augment the input, reconstruct the clean vector's hidden voxels."""
 
@@ -278,6 +269,7 @@ def pretrain_mbm(config, responses, rest, out_dir, resume=False):
         The summary written to ``summary.json``.
     """
     from mindvis.models.augment import FmriAugment
+    from mindvis.models.mbm import mbm_from_config
     from mindvis.train.engine import TrainConfig, Trainer
 
     started = time.perf_counter()
@@ -288,7 +280,7 @@ def pretrain_mbm(config, responses, rest, out_dir, resume=False):
              len(sources), min(s["n_voxels"] for s in sources), train.width)
 
     seed_everything(derive_seed(config["seed"], "mbm", "init"))
-    model = build_model(mbm, n_voxels=train.width)
+    model = mbm_from_config(mbm, n_voxels=train.width)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("SC-MBM preset '%s': %d tokens x %d voxels, %.2f M parameters", mbm["preset"], model.n_tokens,
              mbm["patch_size"], n_params / 1e6)

@@ -35,6 +35,7 @@ from typing import Callable
 
 import numpy as np
 
+from mindvis.data.reliability import has_repeats, noise_ceiling
 from mindvis.errors import MindvisError
 from mindvis.utils.io import derive_seed, sha256_file
 
@@ -392,40 +393,6 @@ def average_repeats(fmri, stimulus_id):
     return means[order], ids[order].astype(object), counts[order].astype(np.int64)
 
 
-def noise_ceiling(fmri, stimulus_id):
-    """Per-voxel NCSNR and noise ceiling from repeated test trials.
-
-    The definition is the preprocessing stage's
-    (:func:`mindvis.preprocess.quality.noise_ceiling`, Allen et al. 2022), so
-    adapters and BIDS preprocessing report the same quantity; here it is
-    applied a block of voxels at a time, so float64 copies of the test trials
-    stay small (NSD: 3,000 x 15,000).
-
-    Parameters
-    ----------
-    fmri : float32 [N, V]
-    stimulus_id : str [N]
-
-    Returns
-    -------
-    ncsnr : float32 [V] or None
-    noise_ceiling : float32 [V] or None
-        None when no stimulus was shown at least twice.
-    """
-    from mindvis.preprocess.quality import noise_ceiling as ncsnr_and_ceiling
-
-    stimulus_id = np.asarray(stimulus_id).astype(str)
-    _, counts = np.unique(stimulus_id, return_counts=True)
-    if not (counts >= 2).any():
-        return None, None
-    ncsnr = np.empty(fmri.shape[1], dtype=np.float32)
-    ceiling = np.empty(fmri.shape[1], dtype=np.float32)
-    for start in range(0, fmri.shape[1], COLUMN_BLOCK):
-        columns = slice(start, start + COLUMN_BLOCK)
-        ncsnr[columns], ceiling[columns] = ncsnr_and_ceiling(fmri[:, columns], stimulus_id)
-    return ncsnr, ceiling
-
-
 def _stimulus_split(source, ids, config, split_name):
     from mindvis.data.stimuli import StimulusSplit
 
@@ -547,7 +514,9 @@ def convert_source(source, config, subject, source_name, out_responses, out_stim
         n_repeats=n_repeats)
     quality = {"trials_per_class": trials_per_class, "train_mean": mean.astype(np.float32),
                "train_std": std.astype(np.float32)}
-    ncsnr, ceiling = noise_ceiling(arrays["test"], stimulus_id[test_rows])
+    ncsnr = ceiling = None
+    if has_repeats(stimulus_id[test_rows]):
+        ncsnr, ceiling = (values.astype(np.float32) for values in noise_ceiling(arrays["test"], stimulus_id[test_rows]))
     if ncsnr is not None:
         quality.update(ncsnr=ncsnr, noise_ceiling=ceiling)
 

@@ -11,7 +11,7 @@
   ``code/eval_metrics.py``). Only when torchvision imports and the weights
   file is given in ``evaluate.classifier_weights``; never downloaded.
 
-Both return an :class:`mindvis.evaluate.classifier.ImageClassifier` whose
+Both return an :class:`mindvis.models.classifiers.base.ImageClassifier` whose
 class names are the 1000 ILSVRC-2012 classes (``assets/imagenet_classes.json``)
 and whose features are the pooled penultimate activations (1280 wide for both).
 """
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from mindvis.errors import MindvisError
-from mindvis.evaluate.classifier import ImageClassifier
+from mindvis.models.classifiers.base import ImageClassifier
 
 CLASSES_PATH = Path(__file__).with_name("assets") / "imagenet_classes.json"
 #: torchvision's ImageNet normalisation (ViT-H/14 SWAG transforms).

@@ -1,0 +1,48 @@
+"""fMRI trials paired with the image each one showed, as tensors for training and fitting.
+
+Fine-tuning (:mod:`mindvis.train.finetune`) and the ridge baseline
+(:mod:`mindvis.evaluate.baselines`) read the same pairs. Imports only
+:mod:`mindvis.data.images` of mindvis.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mindvis.data.images import images_to_tensor
+
+
+class PairedTrials:
+    """fMRI trials with the image each one showed, for the training engine's ``get_batch`` fast path.
+
+    ``fmri`` float32 [N, V]; ``images`` float32 [N, C, S, S] in [-1, 1]; ``labels`` int64 [N] (-1 unknown).
+    """
+
+    def __init__(self, fmri, images, labels):
+        self.fmri = torch.as_tensor(fmri, dtype=torch.float32)
+        self.images = images
+        self.labels = torch.as_tensor(labels, dtype=torch.int64)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def get_batch(self, indices):
+        return {"fmri": self.fmri[indices], "images": self.images[indices], "labels": self.labels[indices]}
+
+
+def paired_trials(responses_split, stimuli, image_size, image_channels):
+    """Pair a responses split with its stimulus images at the given size and channels.
+
+    Parameters
+    ----------
+    responses_split : mindvis.data.responses.ResponseSplit
+    stimuli : mindvis.data.stimuli.StimulusSet
+    image_size, image_channels : int
+        The generator's (``Generator.image_size``, ``Generator.image_channels``).
+    """
+    if len(responses_split) == 0:
+        return PairedTrials(np.zeros((0, responses_split.fmri.shape[1]), np.float32),
+                            torch.zeros(0, image_channels, image_size, image_size), np.zeros(0, np.int64))
+    images, labels = stimuli.lookup(list(responses_split.stimulus_id))
+    return PairedTrials(responses_split.fmri, images_to_tensor(images, image_size, image_channels), labels)
