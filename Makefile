@@ -14,8 +14,11 @@ CORES      ?= $(shell nproc 2>/dev/null || echo 2)
 CONFIG     ?= configs/default.yaml
 PYTEST_ARGS ?=
 
-BIN   := $(VENV)/bin
-STAMP := $(VENV)/.mindvis-installed
+BIN        := $(VENV)/bin
+# `make decode` installs what decoding needs; `make test` adds the test extra (pytest, import-linter,
+# notebook runner, headless-browser driver, bdpy, scikit-image).
+STAMP      := $(VENV)/.mindvis-installed
+TEST_STAMP := $(VENV)/.mindvis-test-installed
 
 .PHONY: decode test lint bench clean-results browser
 
@@ -23,6 +26,10 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(if $(strip $(TORCH_SPEC)),$(BIN)/python -m pip install --quiet $(TORCH_SPEC))
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(TEST_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@
 
@@ -31,7 +38,9 @@ decode: $(STAMP)
 	@$(BIN)/mindvis where --config $(CONFIG)
 	@$(BIN)/mindvis summary --config $(CONFIG) --csv results/summary.csv
 
-test: $(STAMP)
+# The layer contract first (pyproject.toml, [tool.importlinter]): a stage importing a later one fails here.
+test: $(TEST_STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Debian's chromium for the headless-browser report test (tests/test_report.py; Playwright drives it
@@ -40,7 +49,8 @@ browser:
 	test -x /usr/bin/chromium || { $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq chromium; }
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/snakemake --lint --configfile $(CONFIG)
 
 clean-results:

@@ -6,18 +6,13 @@ import numpy as np
 import pytest
 from ldm_fixtures import tiny_config, tiny_generator, write_synthetic_responses, write_synthetic_stimuli
 
-from mindvis.evaluate.baselines import (
-    class_probabilities,
-    fit_fmri_classifier,
-    fit_ridge_decoder,
-    ridge_images,
-    true_class_unavailable_reason,
-)
+from mindvis.evaluate.baselines import ridge_images, true_class_unavailable_reason
 from mindvis.evaluate.run import evaluate_subject
 from mindvis.evaluate.table import METRICS, ROWS
 from mindvis.generate.decode import sample_classes
 from mindvis.generate.run import sample_seeds
 from mindvis.generate.writing import read_samples_h5, write_samples_h5
+from mindvis.models.linear import class_probabilities, fit_fmri_classifier, fit_ridge
 
 N_SAMPLES = 2
 
@@ -175,14 +170,14 @@ def test_ridge_alpha_is_the_val_mse_minimum_and_refits_on_train_plus_val():
     rng = np.random.default_rng(0)
     train_x, train_y, val_x, val_y = _ridge_data(rng)
     alphas = [1e-2, 1, 10, 30, 100, 1e3, 1e4]
-    model, info = fit_ridge_decoder(train_x, train_y, val_x, val_y, alphas)
+    model, info = fit_ridge(train_x, train_y, val_x, val_y, alphas)
     brute = [np.mean((Ridge(alpha=a).fit(train_x, train_y).predict(val_x) - val_y) ** 2) for a in alphas]
-    np.testing.assert_allclose(info["val_mse"], brute, rtol=1e-4)
+    np.testing.assert_allclose(info["val_error"], brute, rtol=1e-4)
     assert info["alpha"] == alphas[int(np.argmin(brute))]
     refit = Ridge(alpha=info["alpha"]).fit(np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y]))
     np.testing.assert_allclose(model.coef_, refit.coef_, rtol=1e-4, atol=1e-6)
     # Validation targets that fMRI cannot predict push the choice to the strongest regularisation.
-    _, info_noise = fit_ridge_decoder(train_x, train_y, val_x, rng.normal(size=val_y.shape), alphas)
+    _, info_noise = fit_ridge(train_x, train_y, val_x, rng.normal(size=val_y.shape), alphas)
     assert info_noise["alpha"] == max(alphas)
 
 

@@ -16,9 +16,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("workflow")
+def _decode(workdir):
     command = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
                "--directory", str(workdir), "--configfile", str(ROOT / "configs/test.yaml"),
                "--cores", "2", "decode"]
@@ -27,6 +25,11 @@ def finished_run(tmp_path_factory):
         logs = "\n".join(f"--- {log}\n{log.read_text()[-3000:]}" for log in sorted(workdir.glob("logs/**/*.log")))
         pytest.fail(f"snakemake failed:\n{result.stderr[-6000:]}\n{logs}")
     return workdir
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    return _decode(tmp_path_factory.mktemp("workflow"))
 
 
 @pytest.mark.slow
@@ -122,3 +125,21 @@ def test_rerun_is_a_no_op(finished_run):
                "--cores", "2", "-n", "decode"]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     assert "Nothing to be done" in result.stdout + result.stderr
+
+
+#: The parts of metrics.json that are results (the rest records paths, timings and versions).
+RESULT_KEYS = ("rows", "per_stimulus", "per_class", "confusion", "stimulus_ids", "labels", "n_way", "classifier")
+
+
+@pytest.mark.slow
+def test_a_second_fresh_run_gives_identical_metrics(finished_run, tmp_path):
+    """Same seed, same machine, another fresh directory: every metric, interval and per-stimulus value equal."""
+    again = _decode(tmp_path / "again")
+    for subject in ["sub-01", "sub-02"]:
+        first, second = (json.loads((run / "results" / subject / "evaluation/metrics.json").read_text())
+                         for run in (finished_run, again))
+        for key in RESULT_KEYS:
+            assert first[key] == second[key], f"{subject}: metrics.json '{key}' differs between two fresh runs"
+    for weights in ["pretrain/ldm/vae/diffusion_pytorch_model.safetensors",
+                    "pretrain/ldm/unet/diffusion_pytorch_model.safetensors", "sub-01/dcldm/dcldm.safetensors"]:
+        assert (finished_run / "results" / weights).read_bytes() == (again / "results" / weights).read_bytes(), weights

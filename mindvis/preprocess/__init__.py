@@ -6,4 +6,7 @@ confounds, ROI masks, with validation), :mod:`~mindvis.preprocess.clean`
 single-trial betas with nilearn's GLM, lag averages), :mod:`~mindvis.preprocess.quality`
 (tSNR, noise ceiling) and :mod:`~mindvis.preprocess.run` (the two entry points
 the command line calls).
+
+May import: ``data``, ``config``, ``utils``, ``errors`` (not ``simulate``: the file names both use are in
+:mod:`mindvis.data.bids_layout`).
 """

@@ -10,4 +10,6 @@ Public API
     The one number format of every table.
 ``brainmap.voxel_importance(maps, token_weights, patch_size, n_voxels)``
     The attention-based voxel importance of the brain map.
+
+May import: every layer below it (``evaluate``, ``generate``, ``models``, ``data`` ...); not ``cli``.
 """

@@ -12,5 +12,7 @@ timeseries  HRF, AR(1) / physiological / drift noise, head motion, raw intensiti
 traits      per-subject demographics and scale factors (participants.tsv)
 bids        the file layout (documented there) and its writers
 run         ``simulate_subject`` and ``simulate_rest_subject``: one subject end to end
-validate    read a simulated subject back: lag-average trials, noise ceiling
+validate    read a simulated subject back: lag-average trials
+
+May import: ``data``, ``config``, ``utils``, ``errors`` (not ``preprocess``).
 """

@@ -19,9 +19,10 @@ run_config=None, param_groups=None, collate_fn=None)``
     the model and returns it; ``model`` is the unwrapped module;
     ``accelerator`` the :class:`accelerate.Accelerator`.
 ``scaled_lr(base_lr, effective_batch)``, ``lr_factor(step, warmup_steps,
-total_steps, min_ratio)``, ``resolve_mixed_precision(value, device)``,
-``save_weights(model, path, which='all', metadata=None)``,
-``load_weights(model, path, strict=True)``, ``read_checkpoint_state(path)``.
+total_steps, min_ratio)``, ``resolve_mixed_precision(value, device)``.
+
+Weights files are written and read by :mod:`mindvis.models.weights`, checkpoint
+folders by :mod:`mindvis.train.checkpoint`.
 
 Contracts
 ---------

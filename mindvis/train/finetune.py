@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
+from sklearn.linear_model import Ridge
 
 from mindvis.data.pairs import paired_trials
 from mindvis.data.responses import load_responses
@@ -45,6 +46,7 @@ from mindvis.models.augment import augment_images
 from mindvis.models.classifiers.domain import load_classifier
 from mindvis.models.dcldm import build_decoder, save_dcldm
 from mindvis.models.ldm import load_generator
+from mindvis.models.linear import fit_ridge
 from mindvis.train.diffusion import diffusion_target
 from mindvis.train.engine import Trainer, TrainConfig
 from mindvis.utils.io import derive_seed, seed_everything, sha256_file, software_versions
@@ -104,14 +106,15 @@ def class_condition_targets(class_conditioner, labels):
 
 
 def fit_ridge_voxel_map(train_fmri, train_labels, val_fmri, val_labels, class_conditioner, alphas):
-    """Closed-form ridge from fMRI to the base's class conditions, alpha chosen on the validation split.
+    """Ridge from fMRI to the base's class conditions, alpha chosen on the validation split.
 
-    Solves ``min ||Y - X W - b||^2 + alpha ||W||^2`` for every alpha through one
-    SVD of the centred training fMRI, where ``Y`` holds each training trial's
-    target condition (:func:`class_condition_targets`); picks the alpha with
-    the lowest relative squared error on the validation trials (the alignment
-    loss's measure), then refits on training + validation trials with it.
-    Trials of unknown class (-1) are left out.
+    The one ridge of the project (:func:`mindvis.models.linear.fit_ridge`, in
+    float64): ``Y`` holds each training trial's target condition
+    (:func:`class_condition_targets`); the alpha with the lowest relative
+    squared error on the validation trials (the alignment loss's measure) is
+    refitted on training + validation trials. Trials of unknown class (-1) are
+    left out. Without validation trials the median alpha is fitted on the
+    training trials, with a warning.
 
     Returns
     -------
@@ -120,18 +123,6 @@ def fit_ridge_voxel_map(train_fmri, train_labels, val_fmri, val_labels, class_co
     report : dict
         ``alpha``, ``val_relative_error`` per alpha, ``n_train``, ``n_val``.
     """
-    def fit(x, y, alpha_list):
-        mean_x, mean_y = x.mean(0), y.mean(0)
-        u, singular, vt = np.linalg.svd(x - mean_x, full_matrices=False)
-        projected = u.T @ (y - mean_y)
-        for alpha in alpha_list:
-            weight = vt.T @ ((singular / (singular ** 2 + alpha))[:, None] * projected)
-            yield alpha, weight, mean_y - mean_x @ weight
-
-    def relative_error(x, y, weight, bias):
-        prediction = x @ weight + bias
-        return float(np.mean(((prediction - y) ** 2).sum(1) / np.maximum((y ** 2).sum(1), 1e-12)))
-
     train_known, val_known = np.asarray(train_labels) >= 0, np.asarray(val_labels) >= 0
     x_train = np.asarray(train_fmri, np.float64)[train_known]
     y_train = class_condition_targets(class_conditioner, np.asarray(train_labels)[train_known])
@@ -142,16 +133,14 @@ def fit_ridge_voxel_map(train_fmri, train_labels, val_fmri, val_labels, class_co
                            fix="set finetune.ridge_init: false, or check the labels in responses.h5.")
     errors = {}
     if len(x_val):
-        errors = {float(alpha): relative_error(x_val, y_val, weight, bias)
-                  for alpha, weight, bias in fit(x_train, y_train, alphas)}
-        alpha = min(errors, key=errors.get)
-        x_all, y_all = np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val])
+        model, info = fit_ridge(x_train, y_train, x_val, y_val, alphas, error="relative", what="voxel path ridge")
+        alpha, errors = info["alpha"], dict(zip(info["alphas"], info["val_error"]))
     else:
-        alpha, x_all, y_all = float(np.median(alphas)), x_train, y_train
+        alpha = float(np.median(alphas))
         log.warning("no validation trials: the voxel path's ridge uses the median alpha %g", alpha)
-    _, weight, bias = next(fit(x_all, y_all, [alpha]))
+        model = Ridge(alpha=alpha).fit(x_train, y_train)
     report = {"alpha": alpha, "val_relative_error": errors, "n_train": int(len(x_train)), "n_val": int(len(x_val))}
-    return weight.T.astype(np.float32), bias.astype(np.float32), report
+    return model.coef_.astype(np.float32), model.intercept_.astype(np.float32), report
 
 
 # -- losses and validation -----------------------------------------------------

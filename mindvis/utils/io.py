@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 _VERSIONED_PACKAGES = (
-    "mindvis", "numpy", "scipy", "torch", "diffusers", "transformers", "accelerate",
+    "mindvis", "numpy", "scipy", "torch", "diffusers", "accelerate",
     "safetensors", "nibabel", "nilearn", "scikit-learn", "h5py", "pandas",
 )
 

@@ -1,0 +1,142 @@
+"""Linear models of fMRI, fitted in closed form with scikit-learn, their hyperparameter chosen on validation.
+
+* :func:`fit_ridge`: ridge regression from fMRI to any target (the DC-LDM's
+  voxel-path start maps onto the base's condition tokens, the ridge baseline
+  onto VAE latents); ``alpha`` by mean squared or relative squared error.
+* :func:`fit_fmri_classifier`: the multinomial logistic probe of how much
+  class information the voxels hold; ``C`` by log-loss.
+
+Both fit each candidate on the training trials, score it on the validation
+trials, and refit the chosen one on train + validation. They never see test
+trials: nothing here takes them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.metrics import make_scorer
+from sklearn.model_selection import GridSearchCV, PredefinedSplit
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from mindvis.errors import MindvisError
+
+log = logging.getLogger(__name__)
+
+
+def relative_squared_error(target, prediction):
+    """Mean over rows of ``||prediction - target||^2 / ||target||^2``: the voxel path's alignment measure."""
+    target, prediction = np.asarray(target, np.float64), np.asarray(prediction, np.float64)
+    return float(np.mean(((prediction - target) ** 2).sum(1) / np.maximum((target ** 2).sum(1), 1e-12)))
+
+
+#: Errors ``fit_ridge`` can choose ``alpha`` by: name -> (scikit-learn scoring, what it is).
+RIDGE_ERRORS = {
+    "mse": ("neg_mean_squared_error", "mean squared error"),
+    "relative": (make_scorer(relative_squared_error, greater_is_better=False),
+                 "relative squared error ||y - y_hat||^2 / ||y||^2, averaged over trials"),
+}
+
+
+def check_selection_data(n_train, n_val, what, key):
+    """Raise a clear error when a fit has no training trials, or no validation trials to choose ``key`` on."""
+    if n_train == 0:
+        raise MindvisError(f"no training trials for the {what}", key="train",
+                           fix="check the preprocessing output (responses.h5 'train' split).")
+    if n_val == 0:
+        raise MindvisError(f"the val split is empty, so the {what}'s {key} cannot be chosen without the test set",
+                           key="val", fix="keep whole training runs aside as the val split when preprocessing.")
+
+
+def select_on_validation(estimator, grid, scoring, train_x, train_y, val_x, val_y):
+    """Fit ``estimator`` for every grid value on train, score on val, refit the best on train + val.
+
+    Returns
+    -------
+    search : sklearn.model_selection.GridSearchCV
+        ``best_estimator_`` is refitted on train + val; ``cv_results_`` holds each value's val score.
+    """
+    split = PredefinedSplit(np.concatenate([np.full(len(train_x), -1), np.zeros(len(val_x), int)]))
+    search = GridSearchCV(estimator, grid, scoring=scoring, cv=split, refit=True, n_jobs=1)
+    search.fit(np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y]))
+    return search
+
+
+def fit_ridge(train_x, train_y, val_x, val_y, alphas, error="mse", what="ridge"):
+    """Ridge regression ``x -> y``, ``alpha`` chosen by the validation ``error``, refitted on train + val.
+
+    Parameters
+    ----------
+    train_x, val_x : float [N, V]
+        fMRI; float64 input is fitted in float64.
+    train_y, val_y : float [N, D]
+    alphas : sequence of float
+    error : {'mse', 'relative'}
+        See :data:`RIDGE_ERRORS`.
+    what : str
+        Names the fit in errors and the log.
+
+    Returns
+    -------
+    model : sklearn.linear_model.Ridge
+        ``coef_`` [D, V], ``intercept_`` [D].
+    info : dict
+        ``alpha``, ``alphas``, ``val_error`` (per candidate, in the order given), ``selection``, ``refit``,
+        ``n_train``, ``n_val``.
+    """
+    check_selection_data(len(train_x), len(val_x), what, "alpha")
+    scoring, description = RIDGE_ERRORS[error]
+    alphas = [float(alpha) for alpha in alphas]
+    search = select_on_validation(Ridge(), {"alpha": alphas}, scoring, train_x, train_y, val_x, val_y)
+    val_error = (-search.cv_results_["mean_test_score"]).tolist()
+    info = {"alpha": float(search.best_params_["alpha"]), "alphas": alphas, "val_error": val_error,
+            "selection": f"val split, {description}", "refit": "train + val", "n_train": len(train_x),
+            "n_val": len(val_x)}
+    log.info("%s: alpha %.3g chosen on %d val trials (val %s %.4g); refitted on train + val", what, info["alpha"],
+             len(val_x), error, min(val_error))
+    return search.best_estimator_, info
+
+
+def fit_fmri_classifier(train_fmri, train_labels, val_fmri, val_labels, Cs, seed=0):
+    """Multinomial logistic regression on standardised fMRI, ``C`` chosen by validation log-loss.
+
+    Log-loss, not accuracy, chooses ``C`` because n-way top-1 ranks the whole
+    probability vector, and it does not tie on a small val split.
+
+    Parameters
+    ----------
+    train_fmri, val_fmri : float32 [N, V]
+    train_labels, val_labels : int [N]
+        Class indices (>= 0).
+    Cs : sequence of float
+        Inverse regularisation strengths (``evaluate.fmri_classifier_C``).
+    seed : int
+
+    Returns
+    -------
+    model : sklearn.pipeline.Pipeline
+        ``StandardScaler`` + ``LogisticRegression``, refitted on train + val with the chosen C.
+    info : dict
+        ``C``, ``val_log_loss`` per candidate, ``refit``, trial counts.
+    """
+    check_selection_data(len(train_fmri), len(val_fmri), "fMRI classifier", "C")
+    pipeline = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed % 2**32))
+    search = select_on_validation(pipeline, {"logisticregression__C": [float(c) for c in Cs]}, "neg_log_loss",
+                                  train_fmri, train_labels, val_fmri, val_labels)
+    info = {"C": float(search.best_params_["logisticregression__C"]), "Cs": [float(c) for c in Cs],
+            "val_log_loss": (-search.cv_results_["mean_test_score"]).tolist(),
+            "selection": "val split, log-loss", "refit": "train + val (scaler and classifier)",
+            "n_train": len(train_fmri), "n_val": len(val_fmri)}
+    log.info("fMRI classifier: C %.3g chosen on %d val trials; refitted on train + val", info["C"], len(val_fmri))
+    return search.best_estimator_, info
+
+
+def class_probabilities(model, fmri, n_classes):
+    """float64 [N, n_classes]: the classifier's probabilities, zero for classes it never saw in training."""
+    probs = np.zeros((len(fmri), n_classes))
+    if len(fmri):
+        probs[:, model.classes_] = model.predict_proba(np.asarray(fmri, np.float32))
+    return probs
