@@ -127,9 +127,11 @@ _FINETUNE_RUNS = {"dcldm": "SC-MBM pretrained", "dcldm-baseline": "no SC-MBM pre
 
 def cmd_report(args):
     # The evaluate stage writes ridge/ and base-true-class/ samples beside metrics.json when those rows exist.
+    from mindvis.generate.writing import SAMPLES_FILE
+
     evaluation = Path(args.metrics).parent
     samples = {"dcldm": args.samples, **{"dcldm-baseline": path for path in args.baseline_samples}}
-    samples.update({row: evaluation / row / "samples.h5" for row in ("ridge", "base-true-class")})
+    samples.update({row: evaluation / row / SAMPLES_FILE for row in ("ridge", "base-true-class")})
     curves = {"SC-MBM: pretraining": args.mbm_curve} if args.mbm_curve else {}
     for model_json in args.finetune_models:
         run = Path(model_json).parent

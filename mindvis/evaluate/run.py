@@ -68,7 +68,7 @@ from mindvis.errors import MindvisError
 from mindvis.evaluate.baselines import fmri_linear_probabilities, ridge_images, true_class_unavailable_reason
 from mindvis.evaluate.table import Table, chance_metrics, class_scores, log_table, make_reference, make_row
 from mindvis.generate.decode import sample_classes
-from mindvis.generate.writing import read_samples_h5, save_grid, write_samples_h5
+from mindvis.generate.writing import SAMPLES_FILE, read_samples_h5, save_grid, write_samples_h5
 from mindvis.models.classifiers.load import load_image_classifier
 from mindvis.models.ldm import load_generator
 from mindvis.utils.io import derive_seed, sha256_file, software_versions, write_json_atomic
@@ -142,7 +142,7 @@ def _finite(obj):
 
 def _write_image_row(out_dir, images, samples, subject, seeds, attrs):
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_samples_h5(out_dir / "samples.h5", samples=images, true_images=samples["true_images"],
+    write_samples_h5(out_dir / SAMPLES_FILE, samples=images, true_images=samples["true_images"],
                      stimulus_id=list(samples["stimulus_id"]), label=samples["label"], seeds=seeds,
                      attrs={"subject": subject, "split": samples["attrs"].get("split", "test_avg"),
                             "n_samples": int(images.shape[1]), "class_names": samples["attrs"].get("class_names", []),

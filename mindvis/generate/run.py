@@ -25,7 +25,7 @@ import numpy as np
 from mindvis.data.responses import load_responses
 from mindvis.data.stimuli import load_stimulus_set
 from mindvis.generate.decode import capture_attention, decode
-from mindvis.generate.writing import save_grid, save_png, write_samples_h5
+from mindvis.generate.writing import SAMPLES_FILE, save_grid, save_png, write_samples_h5
 from mindvis.models.classifiers.domain import load_classifier
 from mindvis.models.dcldm import load_dcldm
 from mindvis.utils.io import derive_seed, software_versions, write_json_atomic
@@ -125,7 +125,7 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
              **{k: settings[k] for k in ("sampler", "steps", "guidance_scale", "eta")},
              "config": config, "versions": software_versions()}
     attrs.update({k: summary[k] for k in ("classifier_top1_mean", "classifier_top1_best_of_k") if k in summary})
-    write_samples_h5(out_dir / "samples.h5", samples=samples, true_images=true_images, stimulus_id=stimulus_ids,
+    write_samples_h5(out_dir / SAMPLES_FILE, samples=samples, true_images=true_images, stimulus_id=stimulus_ids,
                      label=labels, seeds=seeds, attrs=attrs, predicted_label=predicted, attention=attention)
     summary.update({"wall_time_s": round(time.perf_counter() - started, 2), "config": config,
                     "versions": software_versions()})

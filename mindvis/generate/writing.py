@@ -42,6 +42,8 @@ from PIL import Image
 from mindvis.utils.io import atomic_path
 
 FORMAT_VERSION = 1
+#: The file name of a samples folder's HDF5 (the generate stage's and the evaluated baselines').
+SAMPLES_FILE = "samples.h5"
 
 
 def _as_pil(image):

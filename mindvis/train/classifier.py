@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from mindvis.config import section_settings
 from mindvis.data.stimuli import load_stimulus_set
 from mindvis.models.augment import augment_images
-from mindvis.models.classifiers.domain import DomainClassifier
+from mindvis.models.classifiers.domain import METRICS_FILE, DomainClassifier
 from mindvis.train.engine import Trainer, TrainConfig
 from mindvis.utils.io import derive_seed, seed_everything, software_versions, write_json_atomic
 
@@ -116,7 +116,7 @@ def train_classifier(config, stimuli_path, out_dir, resume=False):
         "chance": 1.0 / stimuli.n_classes, "class_names": list(stimuli.class_names),
         "best": summary["best"], "settings": settings, "config": config, "versions": software_versions(),
     }
-    write_json_atomic(out_dir / "metrics.json", metrics)
+    write_json_atomic(out_dir / METRICS_FILE, metrics)
     log.info("classifier: validation accuracy %.3f, test-image accuracy %.3f", metrics["val_accuracy"],
              metrics["test_accuracy"])
     return metrics

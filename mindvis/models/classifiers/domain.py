@@ -33,6 +33,9 @@ from mindvis.data.images import images_to_tensor
 from mindvis.errors import MindvisError
 from mindvis.models.classifiers.base import ImageClassifier
 
+#: The classifier folder's metrics and class names (written by :mod:`mindvis.train.classifier`).
+METRICS_FILE = "metrics.json"
+
 
 class DomainClassifier(ModelMixin, ConfigMixin):
     """A small CNN: (conv-BN-ReLU x2, max-pool) per width, global average pool, linear.
@@ -120,7 +123,7 @@ def domain_image_classifier(folder, batch_size=256):
     model = load_classifier(folder)
     n_classes = model.config.n_classes
     names = [str(index) for index in range(n_classes)]
-    metrics_path = folder / "metrics.json"
+    metrics_path = folder / METRICS_FILE
     info = {"folder": str(folder)}
     if metrics_path.exists():
         metrics = json.loads(metrics_path.read_text())
