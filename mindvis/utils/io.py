@@ -85,14 +85,34 @@ def sha256_file(path, chunk_size=1 << 20):
 
 
 def software_versions():
-    """Versions of Python, the platform and the packages that shape results."""
-    versions = {"python": platform.python_version(), "platform": platform.platform()}
+    """Versions of Python, the platform and the packages that shape results, and the CPU that computed them.
+
+    The CPU model and, once torch is loaded, the instruction set its kernels
+    dispatch to (``torch_cpu_capability``: AVX2, AVX512, ...) are recorded too:
+    float results of one seed are repeatable on one machine, and a run on
+    another CPU (a cloud VM moved to another host) may round differently.
+    """
+    versions = {"python": platform.python_version(), "platform": platform.platform(), "cpu": _cpu_model()}
     for name in _VERSIONED_PACKAGES:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        versions["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     return versions
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def seed_everything(seed):
