@@ -49,7 +49,7 @@ def test_pretrain_ldm_writes_a_loadable_base_from_pool_and_train_images_only(wor
     assert metrics["config"]["ldm"]["context_tokens"] == 5 and "torch" in metrics["versions"]
     assert (root / "ldm" / "class_samples.png").exists()
     stimuli = load_stimulus_set(root / "stimuli.h5")
-    images, labels, val = image_corpus(stimuli, 4, seed=0)
+    images, labels, val, _ = image_corpus(stimuli, 4, seed=0)
     assert len(images) == len(stimuli["pool"]) - 4 + len(stimuli["train"]) and len(val) == 4
     test_images = {image.tobytes() for image in stimuli["test"].images}
     assert not any(image.tobytes() in test_images for image in np.concatenate([images, val]))

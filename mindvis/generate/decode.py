@@ -2,8 +2,9 @@
 
 :func:`decode` draws what a DC-LDM decodes from fMRI; fine-tuning validation,
 the ``generate`` stage and the reports all call it. :func:`sample_classes`
-draws the embedded base generator's images of given classes (its
-class-conditioned samples and the true-class ceiling). Both go through
+draws a class-conditioned base's images of given classes, and
+:func:`sample_like` an image-conditioned prior's images given each image's
+own embedding (the reconstruction ceiling). All go through
 :func:`sample_conditions`, so every image of the project comes from one loop
 with one seeding rule: sample ``j`` of row ``i`` starts from the noise of
 ``seeds[i, j]`` alone, whatever else shares its batch.
@@ -112,6 +113,33 @@ def sample_classes(generator, labels, seeds, settings, batch_size=None):
     """
     conditioner = generator.class_conditioner
     condition = conditioner(torch.as_tensor(np.asarray(labels, np.int64)))
+    return sample_conditions(generator, condition, conditioner.null, seeds, settings, batch_size)
+
+
+@torch.no_grad()
+def sample_like(generator, images, seeds, settings, batch_size=None):
+    """``k`` images per input image from an image-conditioned prior, each given that image's own embedding.
+
+    The prior's reconstruction ceiling: what a decoder that recovered the
+    image embedding exactly would produce.
+
+    Parameters
+    ----------
+    generator : mindvis.models.ldm.Generator
+        With an ``image_conditioner``.
+    images : uint8 [N, H, W, C]
+    seeds : int [N, k]
+    settings, batch_size
+        As in :func:`sample_conditions`.
+    """
+    from mindvis.data.images import images_to_tensor
+
+    conditioner = generator.image_conditioner
+    device = next(conditioner.parameters()).device
+    tensors = images_to_tensor(images, generator.image_size, generator.image_channels)
+    embeddings = torch.cat([conditioner.embed(tensors[i:i + 256].to(device)) for i in range(0, len(tensors), 256)]) \
+        if len(tensors) else torch.zeros(0, *conditioner.embedding_shape, device=device)
+    condition = conditioner.condition(embeddings)
     return sample_conditions(generator, condition, conditioner.null, seeds, settings, batch_size)
 
 

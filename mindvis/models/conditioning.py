@@ -203,3 +203,100 @@ class ClassConditioner(_NullMixin, ModelMixin, ConfigMixin):
         context = torch.where(unknown[:, None, None], self.null_context[None], self.context[safe])
         pooled = torch.where(unknown[:, None], self.null_pooled[None], self.pooled[safe])
         return Condition(context, pooled)
+
+
+class ImageConditioner(_NullMixin, ModelMixin, ConfigMixin):
+    """A label-free image encoder: image -> a grid of image-embedding tokens -> UNet condition.
+
+    The embedded prior's counterpart of the CLIP image embedding that Stable
+    Diffusion image variations, Brain-Diffuser and MindEye condition on, and
+    the space the fMRI is mapped into. It is trained with the prior by the
+    diffusion loss alone, as the semantic encoder of Diffusion Autoencoders
+    (Preechakul et al., CVPR 2022): no labels, and nothing shared with the
+    evaluation classifier; after pretraining it is frozen.
+
+    Two parts:
+
+    * :meth:`embed`: a convolutional encoder (a stride-2 stage per width, then
+      an adaptive pool to a ``token_grid`` x ``token_grid`` grid and a 1x1
+      projection to ``token_dim``), each token standardised by a LayerNorm
+      without weights: ``[B, token_grid**2, token_dim]``, a narrow, unit-scale
+      bottleneck that a linear map from fMRI can reach;
+    * :meth:`condition`: embedding -> :class:`Condition` (a per-token width
+      projection plus a position embedding for the context, an MLP of the
+      flattened embedding for the pooled vector).
+
+    Parameters
+    ----------
+    image_size, in_channels : int
+        Input images ``[B, in_channels, image_size, image_size]`` in [-1, 1].
+    widths : tuple of int
+        Channels of the encoder's stages.
+    token_grid : int
+        Side of the token grid (context tokens = ``token_grid ** 2``).
+    token_dim : int
+        Width of each embedding token.
+    cross_attention_dim, pooled_dim : int
+        As in :class:`FmriConditioner`.
+    embedding_noise : float
+        Standard deviation of Gaussian noise added to the (unit-scale)
+        embedding during training, so that the prior learns to work from an
+        imprecise embedding, as a decoded one will be.
+    """
+
+    @register_to_config
+    def __init__(self, image_size: int = 32, in_channels: int = 1, widths: tuple = (32, 64, 128),
+                 token_grid: int = 4, token_dim: int = 8, cross_attention_dim: int = 64, pooled_dim: int = 128,
+                 embedding_noise: float = 0.0):
+        super().__init__()
+        layers, channels = [nn.Conv2d(in_channels, widths[0], 3, padding=1)], widths[0]
+        for width in widths:
+            groups = next(g for g in (8, 4, 2, 1) if width % g == 0)
+            layers += [nn.Conv2d(channels, width, 3, stride=2, padding=1), nn.GroupNorm(groups, width), nn.SiLU(),
+                       nn.Conv2d(width, width, 3, padding=1), nn.GroupNorm(groups, width), nn.SiLU()]
+            channels = width
+        layers += [nn.AdaptiveAvgPool2d(token_grid), nn.Conv2d(channels, token_dim, 1)]
+        self.encoder = nn.Sequential(*layers)
+        self.token_norm = nn.LayerNorm(token_dim, elementwise_affine=False)
+        n_tokens = token_grid * token_grid
+        self.context_proj = nn.Linear(token_dim, cross_attention_dim)
+        self.position = nn.Parameter(torch.randn(n_tokens, cross_attention_dim) * 0.02)
+        self.pooled_proj = nn.Sequential(nn.Linear(n_tokens * token_dim, pooled_dim), nn.SiLU(),
+                                         nn.Linear(pooled_dim, pooled_dim))
+        self.null_context = nn.Parameter(torch.zeros(n_tokens, cross_attention_dim))
+        self.null_pooled = nn.Parameter(torch.zeros(pooled_dim))
+
+    @property
+    def n_tokens(self):
+        return self.config.token_grid ** 2
+
+    @property
+    def embedding_shape(self):
+        """``(tokens, token_dim)`` of one image's embedding."""
+        return (self.n_tokens, int(self.config.token_dim))
+
+    def embed(self, images):
+        """Images ``[B, C, S, S]`` in [-1, 1] -> embedding ``[B, tokens, token_dim]`` (each token unit-scale)."""
+        grid = self.encoder(images.to(self.position.dtype))
+        return self.token_norm(grid.flatten(2).transpose(1, 2))
+
+    def condition(self, embedding):
+        """Embedding ``[B, tokens, token_dim]`` -> :class:`Condition`."""
+        context = self.context_proj(embedding) + self.position[None]
+        pooled = self.pooled_proj(embedding.flatten(1))
+        return Condition(context, pooled)
+
+    def forward(self, images, drop=None):
+        """Images -> Condition; rows where ``drop`` (bool [B]) is True get the null condition.
+
+        In training mode the embedding gets ``embedding_noise``.
+        """
+        embedding = self.embed(images)
+        if self.training and self.config.embedding_noise:
+            embedding = embedding + self.config.embedding_noise * torch.randn_like(embedding)
+        condition = self.condition(embedding)
+        if drop is None:
+            return condition
+        null = self.null(len(images))
+        return Condition(torch.where(drop[:, None, None], null.context, condition.context),
+                         torch.where(drop[:, None], null.pooled, condition.pooled))

@@ -56,7 +56,11 @@ class Generator:
     context_tokens : int
         Number of cross-attention context tokens the UNet was trained with.
     class_conditioner : mindvis.models.conditioning.ClassConditioner or None
-        The learned class-or-null embedding of an embedded base; None for SD.
+        The learned class-or-null embedding of a class-conditioned embedded
+        base (``ldm.conditioning: class``); None otherwise.
+    image_conditioner : mindvis.models.conditioning.ImageConditioner or None
+        The label-free image encoder an embedded prior is conditioned on
+        (``ldm.conditioning: image``, the default); None for SD and class bases.
     source : str
         Where it was loaded from.
     """
@@ -68,6 +72,12 @@ class Generator:
     context_tokens: int
     class_conditioner: object = None
     source: str = ""
+    image_conditioner: object = None
+
+    @property
+    def conditioner(self):
+        """The base's own condition encoder (image or class), or None (Stable Diffusion)."""
+        return self.image_conditioner if self.image_conditioner is not None else self.class_conditioner
 
     @property
     def image_channels(self):
@@ -115,7 +125,7 @@ class Generator:
         return self.vae.decode(latents / self.scaling_factor).sample.contiguous()
 
     def to(self, device=None, dtype=None):
-        for module in (self.vae, self.unet, self.class_conditioner):
+        for module in (self.vae, self.unet, self.class_conditioner, self.image_conditioner):
             if module is not None:
                 module.to(device=device, dtype=dtype)
         return self
@@ -178,8 +188,15 @@ def embedded_scheduler_config(ldm_config):
 
 
 def build_embedded_generator(image_size, image_channels, n_classes, ldm_config):
-    """A freshly initialised embedded generator (VAE, UNet, class conditioner)."""
-    from mindvis.models.conditioning import ClassConditioner
+    """A freshly initialised embedded generator: VAE, UNet and its condition encoder.
+
+    ``ldm.conditioning`` picks the encoder: ``image`` (default) a label-free
+    :class:`~mindvis.models.conditioning.ImageConditioner` with
+    ``ldm.token_grid ** 2`` context tokens; ``class`` a
+    :class:`~mindvis.models.conditioning.ClassConditioner` with
+    ``ldm.context_tokens``.
+    """
+    from mindvis.models.conditioning import ClassConditioner, ImageConditioner
 
     vae = embedded_vae(image_size, image_channels, ldm_config)
     scale = 2 ** (len(ldm_config["vae_block_out_channels"]) - 1)
@@ -187,11 +204,20 @@ def build_embedded_generator(image_size, image_channels, n_classes, ldm_config):
         raise MindvisError(f"image size {image_size} is not divisible by the VAE's downsampling factor {scale}",
                            key="ldm.vae_block_out_channels", fix="use fewer VAE blocks or another image size.")
     unet = embedded_unet(image_size // scale, ldm_config)
+    image_conditioned = ldm_config.get("conditioning", "image") == "image"
+    context_tokens = ldm_config["token_grid"] ** 2 if image_conditioned else ldm_config["context_tokens"]
     generator = Generator(vae=vae, unet=unet, scheduler_config=embedded_scheduler_config(ldm_config),
-                          image_size=image_size, context_tokens=ldm_config["context_tokens"], source="embedded")
-    generator.class_conditioner = ClassConditioner(
-        n_classes=n_classes, context_tokens=generator.context_tokens,
-        cross_attention_dim=generator.cross_attention_dim, pooled_dim=generator.pooled_dim)
+                          image_size=image_size, context_tokens=context_tokens, source="embedded")
+    if image_conditioned:
+        generator.image_conditioner = ImageConditioner(
+            image_size=image_size, in_channels=image_channels, widths=tuple(ldm_config["encoder_widths"]),
+            token_grid=ldm_config["token_grid"], token_dim=ldm_config["token_dim"],
+            cross_attention_dim=generator.cross_attention_dim, pooled_dim=generator.pooled_dim,
+            embedding_noise=ldm_config["embedding_noise"])
+    else:
+        generator.class_conditioner = ClassConditioner(
+            n_classes=n_classes, context_tokens=generator.context_tokens,
+            cross_attention_dim=generator.cross_attention_dim, pooled_dim=generator.pooled_dim)
     return generator
 
 
@@ -212,6 +238,8 @@ def save_generator(generator, out_dir, extra=None):
     DDPMScheduler.from_config(generator.scheduler_config).save_pretrained(out_dir / "scheduler")
     if generator.class_conditioner is not None:
         generator.class_conditioner.save_pretrained(out_dir / "class_conditioner")
+    if generator.image_conditioner is not None:
+        generator.image_conditioner.save_pretrained(out_dir / "image_conditioner")
     meta = {"image_size": generator.image_size, "context_tokens": generator.context_tokens, **(extra or {})}
     (out_dir / GENERATOR_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
 
@@ -285,6 +313,11 @@ def load_generator(folder, image_size=None, dtype=None):
         from mindvis.models.conditioning import ClassConditioner
 
         generator.class_conditioner = ClassConditioner.from_pretrained(folder / "class_conditioner", **kwargs)
+    if (folder / "image_conditioner").is_dir():
+        from mindvis.models.conditioning import ImageConditioner
+
+        generator.image_conditioner = ImageConditioner.from_pretrained(folder / "image_conditioner", **kwargs)
+        generator.image_conditioner.eval().requires_grad_(False)
     log.info("loaded generator from %s: %d px, latents %s, context %d x %d, pooled %d", folder, size,
              generator.latent_shape(1)[1:], generator.context_tokens, generator.cross_attention_dim,
              generator.pooled_dim)

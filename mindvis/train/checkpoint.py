@@ -71,9 +71,10 @@ def read_checkpoint_state(path):
                            fix="delete the broken checkpoint folder and resume from an older one, or start over.") from None
 
 
-def write_checkpoint(final, model, which, state, optimizer=None):
+def write_checkpoint(final, model, which, state, optimizer=None, extra_tensors=None):
     """Write ``model``'s weights (``which``: 'all' or 'trainable'), ``state`` and, if given, the optimiser
-    into a temporary folder beside ``final``, then rename it to ``final``. Returns ``final``."""
+    and ``extra_tensors`` (``{file stem: {name: tensor}}``, e.g. EMA weights) into a temporary folder
+    beside ``final``, then rename it to ``final``. Returns ``final``."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
@@ -88,6 +89,9 @@ def write_checkpoint(final, model, which, state, optimizer=None):
             tensors, meta = optimizer_to_files(optimizer)
             save_file(tensors, str(tmp / "optimizer.safetensors"))
             state["optimizer"] = meta
+        for stem, tensors in (extra_tensors or {}).items():
+            save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()},
+                      str(tmp / f"{stem}.safetensors"))
         (tmp / "state.json").write_text(json.dumps(state, indent=1, default=str) + "\n")
         old = final.parent / f".{final.name}.old-{os.getpid()}"
         if final.exists():

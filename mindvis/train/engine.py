@@ -88,7 +88,7 @@ import math
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -155,6 +155,15 @@ class TrainConfig:
         DataLoader worker processes (0: load in the main process).
     progress : bool
         Show a tqdm progress bar (main process only).
+    ema_decay : float
+        Keep an exponential moving average of the trainable weights (diffusers'
+        ``EMAModel``, with its warm-up: the decay grows from 0 towards this
+        value); 0 keeps none. Evaluation, ``best/`` and :meth:`Trainer.load_best`
+        use the averaged weights; checkpoints store both.
+    max_steps : int or None
+        Train this many optimiser steps in all (the epoch count becomes
+        ``ceil(max_steps / steps_per_epoch)``, the last epoch ends early), so a
+        small data set trains as long as a large one; None: ``epochs`` decides.
     """
 
     epochs: int = 10
@@ -177,6 +186,8 @@ class TrainConfig:
     stop_at_step: int | None = None
     num_workers: int = 0
     progress: bool = True
+    ema_decay: float = 0.0
+    max_steps: int | None = None
 
     def __post_init__(self):
         if self.mixed_precision not in MIXED_PRECISION_CHOICES:
@@ -297,7 +308,12 @@ class Trainer:
             self.batch_size = config.batch_size
         self.effective_batch = self.batch_size * config.grad_accum_steps * self.world_size
         self.steps_per_epoch = n_samples // self.effective_batch
-        self.total_steps = self.steps_per_epoch * config.epochs
+        if config.max_steps:
+            self.n_epochs = max(1, math.ceil(int(config.max_steps) / self.steps_per_epoch))
+            self.total_steps = int(config.max_steps)
+        else:
+            self.n_epochs = int(config.epochs)
+            self.total_steps = self.steps_per_epoch * config.epochs
         self.warmup_steps = int(round(config.warmup_epochs * self.steps_per_epoch))
         self.peak_lr = float(config.lr) if config.lr is not None else scaled_lr(config.base_lr, self.effective_batch)
 
@@ -312,6 +328,15 @@ class Trainer:
         # process, which would change the schedule with the process count.
         self._wrapped, self._accel_optimizer = self.accelerator.prepare(model, self.optimizer)
         self.model = self.accelerator.unwrap_model(self._wrapped)
+
+        self.ema = None
+        if config.ema_decay:
+            from diffusers.training_utils import EMAModel
+
+            self._ema_params = [p for p in self.model.parameters() if p.requires_grad]
+            self.ema = EMAModel(self._ema_params, decay=float(config.ema_decay), use_ema_warmup=True,
+                                inv_gamma=1.0, power=0.75)
+            self.ema.to(self.device)
 
         self.step = 0
         self.epoch = 0
@@ -355,7 +380,7 @@ class Trainer:
         order = np.random.default_rng(derive_seed(self.config.seed, "order", epoch)).permutation(len(self.train_data))
         per_micro = self.batch_size * self.world_size
         batches = []
-        for step in range(self.steps_per_epoch):
+        for step in range(min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)):
             start = step * self.effective_batch
             micro = []
             for k in range(self.config.grad_accum_steps):
@@ -414,7 +439,7 @@ class Trainer:
         else:
             self._clear_previous_run()
         log.info("training %d epochs x %d steps (effective batch %d, peak lr %.3g, warmup %d steps, mixed precision %s, "
-                 "%d process(es) on %s)", cfg.epochs, self.steps_per_epoch, self.effective_batch, self.peak_lr,
+                 "%d process(es) on %s)", self.n_epochs, self.steps_per_epoch, self.effective_batch, self.peak_lr,
                  self.warmup_steps, self.mixed_precision, self.world_size, self.device)
         stopped = False
         last_checkpoint = None
@@ -426,7 +451,7 @@ class Trainer:
             progress = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
                             mininterval=2.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
         self._wrapped.train()
-        while self.epoch < cfg.epochs and not stopped:
+        while self.epoch < self.n_epochs and not stopped:
             epoch_start = time.perf_counter()
             step_lists = self._epoch_batches(self.epoch)[self.step_in_epoch:]
             batches = self._iter_batches(step_lists)
@@ -439,13 +464,13 @@ class Trainer:
                     progress.set_postfix(loss=f"{self._epoch_sums['loss'][0] / self._epoch_sums['loss'][1]:.4f}",
                                          refresh=False)
                 at_stop = cfg.stop_at_step is not None and self.step >= cfg.stop_at_step
-                end_of_epoch = self.step_in_epoch == self.steps_per_epoch
+                end_of_epoch = self.step_in_epoch == self.steps_per_epoch or self.step == self.total_steps
                 if end_of_epoch:
                     self._end_epoch(time.perf_counter() - epoch_start)
                 if end_of_epoch or at_stop or (cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0):
                     last_checkpoint = self._save_checkpoint()
                 if at_stop:
-                    stopped = self.epoch < cfg.epochs
+                    stopped = self.epoch < self.n_epochs
                     break
         if progress is not None:
             progress.close()
@@ -479,9 +504,14 @@ class Trainer:
             norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.clip_grad_norm)
             self._accumulate("grad_norm", norm)
         self._accel_optimizer.step()
+        if self.ema is not None:
+            self.ema.step(self._ema_params)
         self._last_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used, for the metrics line
         self.scheduler.step()
         self._accel_optimizer.zero_grad(set_to_none=True)
+
+    def _steps_this_epoch(self):
+        return min(self.steps_per_epoch, self.total_steps - self.epoch * self.steps_per_epoch)
 
     def _accumulate(self, name, value):
         total, count = self._epoch_sums.get(name, (0.0, 0))
@@ -496,13 +526,13 @@ class Trainer:
         if self.world_size > 1:
             means = self.accelerator.reduce(means, reduction="mean")
         line.update({f"train/{name}": float(value) for name, value in zip(names, means.tolist())})
-        is_last = self.epoch == cfg.epochs - 1
+        is_last = self.epoch == self.n_epochs - 1
         if self.eval_fn is not None and ((self.epoch + 1) % cfg.eval_every == 0 or is_last):
             line.update(self._evaluate())
         line["time_s"] = round(seconds, 3)
-        line["samples_per_s"] = round(self.steps_per_epoch * self.effective_batch / max(seconds, 1e-9), 2)
+        line["samples_per_s"] = round(self._steps_this_epoch() * self.effective_batch / max(seconds, 1e-9), 2)
         self.history.append(line)
-        log.info("epoch %d/%d: %s", self.epoch + 1, cfg.epochs,
+        log.info("epoch %d/%d: %s", self.epoch + 1, self.n_epochs,
                  ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items()
                            if k not in ("epoch",)))
         self._maybe_save_best(line)
@@ -513,11 +543,24 @@ class Trainer:
             write_text_atomic(self.out_dir / "metrics.jsonl",
                               "".join(json.dumps(entry) + "\n" for entry in self.history))
 
+    @contextmanager
+    def averaged_weights(self):
+        """Within the block the model holds its EMA weights (no-op without EMA); restored after."""
+        if self.ema is None:
+            yield self.model
+            return
+        self.ema.store(self._ema_params)
+        self.ema.copy_to(self._ema_params)
+        try:
+            yield self.model
+        finally:
+            self.ema.restore(self._ema_params)
+
     def _evaluate(self):
         self._wrapped.eval()
         torch.manual_seed(derive_seed(self.config.seed, "eval"))
         try:
-            with torch.no_grad(), self._autocast():
+            with torch.no_grad(), self._autocast(), self.averaged_weights():
                 metrics = self.eval_fn(self.model, self.epoch)
         finally:
             self._wrapped.train()
@@ -536,7 +579,8 @@ class Trainer:
             return
         self.best = {"metric": cfg.select_metric, "value": value, "epoch": self.epoch, "step": self.step}
         if self.accelerator.is_main_process:
-            self._write_folder(self.out_dir / "best", with_optimizer=False)
+            with self.averaged_weights():
+                self._write_folder(self.out_dir / "best", with_optimizer=False)
         self.accelerator.wait_for_everyone()
 
     def _state(self):
@@ -549,9 +593,19 @@ class Trainer:
             "versions": software_versions(), "checkpoint_params": self.checkpoint_params,
         }
 
+    def _ema_tensors(self):
+        names = [name for name, p in self.model.named_parameters() if p.requires_grad]
+        return {name: tensor for name, tensor in zip(names, self.ema.shadow_params)}
+
     def _write_folder(self, final, with_optimizer=True):
-        return write_checkpoint(final, self.model, self.checkpoint_params, self._state(),
-                                optimizer=self.optimizer if with_optimizer else None)
+        extra = None
+        if with_optimizer and self.ema is not None:
+            extra = {"ema": self._ema_tensors()}
+        state = self._state()
+        if self.ema is not None:
+            state["ema_optimization_step"] = int(self.ema.optimization_step)
+        return write_checkpoint(final, self.model, self.checkpoint_params, state,
+                                optimizer=self.optimizer if with_optimizer else None, extra_tensors=extra)
 
     def _save_checkpoint(self):
         folder = self.out_dir / "checkpoints" / f"step-{self.step:08d}"
@@ -592,6 +646,13 @@ class Trainer:
         load_weights(self.model, folder / "model.safetensors", strict=self.checkpoint_params == "all")
         self.optimizer.load_state_dict(read_optimizer(folder, state))
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            from safetensors.torch import load_file
+
+            stored = load_file(str(folder / "ema.safetensors"))
+            for name, shadow in self._ema_tensors().items():
+                shadow.copy_(stored[name].to(shadow.device))
+            self.ema.optimization_step = int(state["ema_optimization_step"])
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         self.history, self.best = state["history"], state["best"]
         self._epoch_sums = {name: tuple(value) for name, value in state["epoch_sums"].items()}
@@ -607,4 +668,6 @@ class Trainer:
         folder = latest_checkpoint(self.out_dir / "checkpoints")
         if folder is not None:
             load_weights(self.model, folder / "model.safetensors", strict=self.checkpoint_params == "all")
+        if self.ema is not None:  # the averaged weights, as best/ would hold them
+            self.ema.copy_to(self._ema_params)
         return self.model

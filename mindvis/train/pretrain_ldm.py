@@ -53,10 +53,11 @@ from diffusers import DDPMScheduler
 from mindvis.data.images import images_to_tensor
 from mindvis.data.stimuli import load_stimulus_set
 from mindvis.errors import MindvisError
-from mindvis.generate.decode import sample_classes
+from mindvis.generate.decode import sample_classes, sample_like
 from mindvis.generate.writing import save_grid
 from mindvis.models.augment import augment_images
 from mindvis.models.classifiers.domain import load_classifier
+from mindvis.models.conditioning import ImageConditioner
 from mindvis.models.ldm import build_embedded_generator, save_generator
 from mindvis.train.diffusion import diffusion_target
 from mindvis.train.engine import Trainer, TrainConfig
@@ -78,16 +79,25 @@ class _VAEObjective(torch.nn.Module):
         return reconstruction, posterior.kl()
 
 
-class _ClassDiffusionObjective(torch.nn.Module):
-    """UNet + class conditioner: (noisy latents, timesteps, labels with -1 = null) -> prediction."""
+class _DiffusionObjective(torch.nn.Module):
+    """UNet + condition encoder: (noisy latents, timesteps, condition input, drop mask) -> prediction.
 
-    def __init__(self, unet, class_conditioner):
+    The condition input is the clean image for an image conditioner (trained
+    jointly, as Diffusion Autoencoders' semantic encoder) or the class label
+    (-1 = null) for a class conditioner; rows where ``drop`` is True get the
+    null condition.
+    """
+
+    def __init__(self, unet, conditioner):
         super().__init__()
         self.unet = unet
-        self.class_conditioner = class_conditioner
+        self.conditioner = conditioner
 
-    def forward(self, noisy_latents, timesteps, labels):
-        condition = self.class_conditioner(labels)
+    def forward(self, noisy_latents, timesteps, cond_input, drop):
+        if isinstance(self.conditioner, ImageConditioner):
+            condition = self.conditioner(cond_input, drop=drop)
+        else:
+            condition = self.conditioner(torch.where(drop, -1, cond_input))
         return self.unet(noisy_latents.contiguous(), timesteps, encoder_hidden_states=condition.context,
                          class_labels=condition.pooled).sample
 
@@ -106,20 +116,24 @@ class _Tensors:
 
 
 def image_corpus(stimulus_set, val_images, seed):
-    """Training images (pool + train) and held-out pool images, as uint8 arrays with labels (-1 where unknown)."""
+    """Training images (pool + train) and held-out images, as uint8 arrays with labels (-1 where unknown).
+
+    Returns ``(images, labels, val_images, val_labels)``; held-out labels only score samples.
+    """
     pool, train = stimulus_set.splits["pool"], stimulus_set.splits["train"]
     if not len(pool):
         # Real data sets (GOD, NSD, ...) have no pool: the held-out images come from the training images.
         n_val = min(int(val_images), len(train) // 5)
         order = np.random.default_rng(seed).permutation(len(train))
         val_rows, train_rows = np.sort(order[:n_val]), np.sort(order[n_val:])
-        return train.images[train_rows], train.label[train_rows].astype(np.int64), train.images[val_rows]
+        return (train.images[train_rows], train.label[train_rows].astype(np.int64), train.images[val_rows],
+                train.label[val_rows].astype(np.int64))
     n_val = min(int(val_images), len(pool) // 5)
     order = np.random.default_rng(seed).permutation(len(pool))
     val_rows, pool_rows = np.sort(order[:n_val]), np.sort(order[n_val:])
     images = np.concatenate([pool.images[pool_rows], train.images])
     labels = np.concatenate([pool.label[pool_rows].astype(np.int64), train.label.astype(np.int64)])
-    return images, labels, pool.images[val_rows]
+    return images, labels, pool.images[val_rows], pool.label[val_rows].astype(np.int64)
 
 
 @torch.no_grad()
@@ -145,6 +159,25 @@ def class_conditioned_samples(generator, n_classes, per_class, generate_settings
     return images.reshape(n_classes, per_class, *images.shape[1:]), labels
 
 
+def reconstruction_samples(generator, images, labels, n_classes, per_class, generate_settings, seed):
+    """One sample per held-out image given its own embedding, ``per_class`` images of each labelled class.
+
+    Returns uint8 ``[n_classes, per_class, H, W, C]`` (classes with too few held-out images are
+    filled from what there is) and their labels.
+    """
+    picked = []
+    for cls in range(n_classes):
+        rows = np.flatnonzero(labels == cls)[:per_class]
+        if len(rows) < per_class:
+            return np.zeros((0, per_class, generator.image_size, generator.image_size, generator.image_channels),
+                            np.uint8), np.zeros(0, np.int64)
+        picked.append(rows)
+    rows = np.concatenate(picked) if picked else np.zeros(0, np.int64)
+    seeds = np.array([derive_seed(seed, "recon-sample", i) for i in range(len(rows))], np.int64)[:, None]
+    samples = sample_like(generator, images[rows], seeds, generate_settings)[:, 0]
+    return samples.reshape(n_classes, per_class, *samples.shape[1:]), labels[rows]
+
+
 def train_vae(generator, images, val_images, ldm, seed, out_dir, config, resume=False):
     """Step 1: train the VAE; set its scaling factor from the training latents. Returns the engine summary."""
     objective = _VAEObjective(generator.vae)
@@ -160,8 +193,11 @@ def train_vae(generator, images, val_images, ldm, seed, out_dir, config, resume=
     def eval_fn(model, epoch):
         return {f"val/{k}": v for k, v in reconstruction_metrics(generator, val_images).items()}
 
-    train_config = TrainConfig(epochs=ldm["vae_epochs"], batch_size=ldm["batch_size"], lr=ldm["vae_lr"],
-                               weight_decay=0.0, warmup_epochs=min(1.0, ldm["vae_epochs"] / 4),
+    train_config = TrainConfig(epochs=ldm["vae_epochs"], max_steps=ldm["vae_steps"], batch_size=ldm["batch_size"],
+                               lr=ldm["vae_lr"], weight_decay=0.0,
+                               warmup_epochs=_warmup_epochs(ldm["vae_epochs"], ldm["vae_steps"], len(images),
+                                                            ldm["batch_size"]),
+                               checkpoint_every_steps=ldm.get("checkpoint_every_steps", 0),
                                betas=(0.9, 0.999), seed=derive_seed(seed, "vae"),
                                mixed_precision=ldm["mixed_precision"],
                                select_metric="val/recon_mse" if len(val_images) else None, select_mode="min")
@@ -181,10 +217,20 @@ def train_vae(generator, images, val_images, ldm, seed, out_dir, config, resume=
     return result
 
 
+def _warmup_epochs(epochs, steps, n_images, batch_size):
+    """A quarter of the run, at most one epoch (or 1,000 steps when the run is counted in steps)."""
+    if not steps:
+        return min(1.0, epochs / 4)
+    steps_per_epoch = max(1, n_images // batch_size)
+    return min(steps / 4, 1000) / steps_per_epoch
+
+
 def train_unet(generator, images, labels, val_images, ldm, seed, out_dir, config, resume=False):
-    """Step 2: train the UNet and class conditioner on frozen-VAE latents. Returns the engine summary."""
+    """Step 2: train the UNet and its condition encoder on frozen-VAE latents. Returns the engine summary."""
     scheduler = DDPMScheduler.from_config(generator.scheduler_config)
-    objective = _ClassDiffusionObjective(generator.unet, generator.class_conditioner)
+    conditioner = generator.conditioner
+    image_conditioned = isinstance(conditioner, ImageConditioner)
+    objective = _DiffusionObjective(generator.unet, conditioner)
 
     # Posterior means and standard deviations, once (the VAE is frozen now); flips are encoded too.
     device = next(generator.vae.parameters()).device
@@ -201,38 +247,61 @@ def train_unet(generator, images, labels, val_images, ldm, seed, out_dir, config
 
     mean, std = posterior(images)
     tensors = {"mean": mean, "std": std, "labels": torch.as_tensor(labels)}
+    if image_conditioned:
+        tensors["images"] = images
     if ldm["hflip"]:
         tensors["mean_flip"], tensors["std_flip"] = posterior(images.flip(-1))
-    # Labelled images are a minority of the corpus: repeat them so the class embedding learns enough.
-    labelled = torch.nonzero(tensors["labels"] >= 0).flatten()
-    rows = torch.cat([torch.arange(len(labels))] + [labelled] * (int(ldm["labelled_repeats"]) - 1))
-    tensors = {name: tensor[rows] for name, tensor in tensors.items()}
+    if not image_conditioned:
+        # Labelled images are a minority of the corpus: repeat them so the class embedding learns enough.
+        labelled = torch.nonzero(tensors["labels"] >= 0).flatten()
+        rows = torch.cat([torch.arange(len(labels))] + [labelled] * (int(ldm["labelled_repeats"]) - 1))
+        tensors = {name: tensor[rows] for name, tensor in tensors.items()}
     val_mean, _ = posterior(val_images) if len(val_images) else (torch.zeros(0, *mean.shape[1:]), None)
-    scale, dropout, n_train_t = generator.scaling_factor, float(ldm["class_dropout"]), scheduler.config.num_train_timesteps
+    scale, dropout, n_train_t = generator.scaling_factor, float(ldm["cond_dropout"]), scheduler.config.num_train_timesteps
 
     def loss_fn(model, batch):
         mean, std = batch["mean"], batch["std"]
+        flip = None
         if "mean_flip" in batch:
             flip = (torch.rand(len(mean), device=mean.device) < 0.5)[:, None, None, None]
             mean, std = torch.where(flip, batch["mean_flip"], mean), torch.where(flip, batch["std_flip"], std)
         latents = (mean + std * torch.randn_like(mean)) * scale
-        labels = torch.where(torch.rand(len(mean), device=mean.device) < dropout, -1, batch["labels"])
+        drop = torch.rand(len(mean), device=mean.device) < dropout
+        if image_conditioned:
+            cond_input = batch["images"] if flip is None else torch.where(flip, batch["images"].flip(-1),
+                                                                           batch["images"])
+        else:
+            cond_input = batch["labels"]
+            drop = drop | (cond_input < 0)
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, n_train_t, (len(latents),), device=latents.device)
-        prediction = model(scheduler.add_noise(latents, noise, timesteps), timesteps, labels)
+        prediction = model(scheduler.add_noise(latents, noise, timesteps), timesteps, cond_input, drop)
         return F.mse_loss(prediction.float(), diffusion_target(scheduler, latents, noise, timesteps)), {}
 
     def eval_fn(model, epoch):
+        # The conditional loss on held-out images (unconditional for a class base: held-out images have no label).
         device = next(model.parameters()).device
         latents = val_mean.to(device) * scale
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, n_train_t, (len(latents),), device=device)
-        labels = torch.full((len(latents),), -1, device=device)
-        prediction = model(scheduler.add_noise(latents, noise, timesteps), timesteps, labels)
-        return {"val/loss": F.mse_loss(prediction.float(), diffusion_target(scheduler, latents, noise, timesteps))}
+        if image_conditioned:
+            cond_input, drop = val_images.to(device), torch.zeros(len(latents), dtype=torch.bool, device=device)
+        else:
+            cond_input = torch.full((len(latents),), -1, device=device)
+            drop = torch.ones(len(latents), dtype=torch.bool, device=device)
+        noisy, target = scheduler.add_noise(latents, noise, timesteps), diffusion_target(scheduler, latents, noise,
+                                                                                         timesteps)
+        metrics = {"val/loss": F.mse_loss(model(noisy, timesteps, cond_input, drop).float(), target)}
+        if image_conditioned:  # what the image embedding is worth: the same loss with the null condition
+            null = model(noisy, timesteps, cond_input, torch.ones_like(drop))
+            metrics["val/loss_null"] = F.mse_loss(null.float(), target)
+        return metrics
 
-    train_config = TrainConfig(epochs=ldm["unet_epochs"], batch_size=ldm["batch_size"], lr=ldm["unet_lr"],
-                               weight_decay=0.0, warmup_epochs=min(1.0, ldm["unet_epochs"] / 4),
+    train_config = TrainConfig(epochs=ldm["unet_epochs"], max_steps=ldm["unet_steps"], batch_size=ldm["batch_size"],
+                               lr=ldm["unet_lr"], weight_decay=0.0, ema_decay=ldm["ema_decay"],
+                               warmup_epochs=_warmup_epochs(ldm["unet_epochs"], ldm["unet_steps"], len(tensors["mean"]),
+                                                            ldm["batch_size"]),
+                               checkpoint_every_steps=ldm.get("checkpoint_every_steps", 0),
                                betas=(0.9, 0.999), seed=derive_seed(seed, "unet"),
                                mixed_precision=ldm["mixed_precision"],
                                select_metric="val/loss" if len(val_images) else None, select_mode="min")
@@ -241,7 +310,7 @@ def train_unet(generator, images, labels, val_images, ldm, seed, out_dir, config
     result = trainer.fit(resume=resume)
     trainer.load_best()
     generator.unet.eval()
-    generator.class_conditioner.eval()
+    conditioner.eval().requires_grad_(False)
     return result
 
 
@@ -276,16 +345,17 @@ def pretrain_ldm(config, stimuli, out_dir, classifier_dir=None, resume=False):
     stimulus_set = load_stimulus_set(stimuli)
     image_size = ldm["image_size"] or int(stimulus_set.splits["train"].images.shape[1])
     channels = int(stimulus_set.splits["train"].images.shape[3])
-    raw_images, labels, raw_val = image_corpus(stimulus_set, ldm["val_images"], seed)
+    raw_images, labels, raw_val, val_labels = image_corpus(stimulus_set, ldm["val_images"], seed)
     images = images_to_tensor(raw_images, image_size, channels)
     val_images = images_to_tensor(raw_val, image_size, channels) if len(raw_val) else images[:0]
     log.info("pretrain_ldm: %d training images (%d labelled), %d held out, %d px, %d channel(s)", len(images),
              int((labels >= 0).sum()), len(val_images), image_size, channels)
 
     generator = build_embedded_generator(image_size, channels, stimulus_set.n_classes, ldm)
+    conditioner_name = "image_conditioner" if generator.image_conditioner is not None else "class_conditioner"
     n_params = {name: sum(p.numel() for p in module.parameters())
                 for name, module in (("vae", generator.vae), ("unet", generator.unet),
-                                     ("class_conditioner", generator.class_conditioner))}
+                                     (conditioner_name, generator.conditioner))}
     timings = {}
     tick = time.perf_counter()
     vae_result = train_vae(generator, images, val_images, ldm, seed, out_dir, config, resume)
@@ -302,11 +372,17 @@ def pretrain_ldm(config, stimuli, out_dir, classifier_dir=None, resume=False):
                         "final": unet_result["last_metrics"]}}
     metrics.update({f"val_{k}": v for k, v in reconstruction_metrics(generator, val_images).items()})
     tick = time.perf_counter()
-    samples, sample_labels = class_conditioned_samples(generator, stimulus_set.n_classes, ldm["eval_samples_per_class"],
-                                                       config["generate"], seed)
-    timings["class_samples_s"] = round(time.perf_counter() - tick, 2)
     sampler = {k: config["generate"][k] for k in ("sampler", "steps", "guidance_scale", "eta")}
-    metrics["class_samples"] = {"per_class": int(ldm["eval_samples_per_class"]), **sampler}
+    if generator.image_conditioner is not None:
+        samples, sample_labels = reconstruction_samples(generator, raw_val, val_labels, stimulus_set.n_classes,
+                                                        ldm["eval_samples_per_class"], config["generate"], seed)
+    else:
+        samples, sample_labels = class_conditioned_samples(generator, stimulus_set.n_classes,
+                                                           ldm["eval_samples_per_class"], config["generate"], seed)
+    timings["class_samples_s"] = round(time.perf_counter() - tick, 2)
+    metrics["class_samples"] = {"per_class": int(ldm["eval_samples_per_class"]), **sampler,
+                                "given": "own image embedding (held-out images)"
+                                if generator.image_conditioner is not None else "class label"}
     if classifier_dir is not None and len(sample_labels):
         classifier = load_classifier(classifier_dir)
         flat = samples.reshape(-1, *samples.shape[2:])
