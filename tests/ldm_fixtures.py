@@ -19,6 +19,13 @@ TINY_LDM = {
     "num_train_timesteps": 100,
     "beta_schedule": "scaled_linear",
     "prediction_type": "epsilon",
+    # The unit tests of class-conditioned parts build class bases; the image prior (the default) is
+    # tested in test_prior.py and end to end by the workflow test (configs/test.yaml).
+    "conditioning": "class",
+    "token_grid": 2,
+    "token_dim": 3,
+    "encoder_widths": [4, 8],
+    "embedding_noise": 0.1,
 }
 
 

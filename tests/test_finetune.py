@@ -210,10 +210,11 @@ def test_ridge_voxel_map_picks_alpha_on_val_and_refits_on_train_and_val():
         return patterns[labels] + rng.normal(scale=2.0, size=(n, 20)), labels
 
     (x_train, y_train), (x_val, y_val) = trials(60), trials(30)
-    y_val[0] = -1  # unknown classes are left out
+    y_val[0] = -1  # unknown classes are left out (by condition_targets' mask, before the fit)
     alphas = [0.1, 10.0, 1000.0]
-    weight, bias, report = fit_ridge_voxel_map(x_train, y_train, x_val, y_val, classes, alphas)
     known = y_val >= 0
+    weight, bias, report = fit_ridge_voxel_map(x_train, class_condition_targets(classes, y_train), x_val[known],
+                                               class_condition_targets(classes, y_val[known]), alphas)
     targets_val = class_condition_targets(classes, y_val[known])
 
     def val_error(alpha):
@@ -243,3 +244,24 @@ def test_a_frozen_encoder_is_stored_with_the_decoder(workspace):
     for name, param in decoder.encoder.named_parameters():
         if not name.startswith(("decoder", "mask_token")):
             assert torch.equal(param, dict(pretrained.named_parameters())[name]), name
+
+
+def test_an_image_prior_gives_every_trial_a_label_free_target():
+    """With an image-conditioned prior the ridge target is the seen image's own condition: labels are not read."""
+    from mindvis.models.ldm import build_embedded_generator
+    from mindvis.train.finetune import condition_targets
+
+    ldm = {"vae_block_out_channels": [8, 8], "vae_layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 4,
+           "unet_block_out_channels": [8, 16], "unet_layers_per_block": 1, "cross_attention_dim": 8,
+           "attention_heads": 2, "num_train_timesteps": 10, "beta_schedule": "linear", "prediction_type": "epsilon",
+           "conditioning": "image", "token_grid": 2, "token_dim": 3, "encoder_widths": [4, 8], "embedding_noise": 0.5,
+           "context_tokens": 99}
+    generator = build_embedded_generator(16, 1, 3, ldm).to(dtype=torch.float32)
+    generator.image_conditioner.eval()
+    assert generator.class_conditioner is None and generator.context_tokens == 4
+    images = torch.rand(5, 1, 16, 16) * 2 - 1
+    targets, known = condition_targets(generator, images, torch.full((5,), -1))
+    assert known.all() and targets.shape == (5, 4 * 8 + generator.pooled_dim)
+    again, _ = condition_targets(generator, images, torch.arange(5))  # labels change nothing
+    np.testing.assert_array_equal(targets, again)
+    assert not np.allclose(targets[0], targets[1])  # the image, not a constant, sets the target

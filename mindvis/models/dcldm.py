@@ -128,8 +128,8 @@ def build_decoder(config, generator, n_voxels, mbm_dir=None, baseline=False):
                                   pooled_dim=generator.pooled_dim, dropout=config["finetune"]["mapper_dropout"],
                                   n_voxels=int(n_voxels) if config["finetune"]["voxel_path"] else 0)
     # The base was trained with its own null condition: starting from it keeps the unconditional branch intact.
-    if generator.class_conditioner is not None:
-        conditioner.init_null_from(generator.class_conditioner)
+    if generator.conditioner is not None:
+        conditioner.init_null_from(generator.conditioner)
     return DCLDM(encoder, conditioner, generator.unet)
 
 

@@ -43,6 +43,7 @@ from mindvis.data.stimuli import load_stimulus_set
 from mindvis.errors import MindvisError
 from mindvis.generate.decode import decode
 from mindvis.models.augment import augment_images
+from mindvis.models.conditioning import Condition
 from mindvis.models.classifiers.domain import load_classifier
 from mindvis.models.dcldm import build_decoder, save_dcldm
 from mindvis.models.ldm import load_generator
@@ -105,15 +106,44 @@ def class_condition_targets(class_conditioner, labels):
     return torch.cat([condition.context.flatten(1), condition.pooled], dim=1).double().numpy()
 
 
-def fit_ridge_voxel_map(train_fmri, train_labels, val_fmri, val_labels, class_conditioner, alphas):
-    """Ridge from fMRI to the base's class conditions, alpha chosen on the validation split.
+@torch.no_grad()
+def base_conditions(generator, images, labels):
+    """The base's own condition of each trial's image (:class:`Condition`) and which trials have one.
+
+    An image-conditioned prior encodes the image itself, so every trial has a
+    target and no label is read; a class-conditioned base takes the trial's
+    class, and trials of unknown class (-1) have none.
+    """
+    if generator.image_conditioner is not None:
+        conditioner = generator.image_conditioner
+        device = next(conditioner.parameters()).device
+        parts = [conditioner.condition(conditioner.embed(images[i:i + 256].to(device)))
+                 for i in range(0, len(images), 256)]
+        condition = Condition.cat(parts) if parts else conditioner.null(0)
+        return condition, torch.ones(len(images), dtype=torch.bool, device=device)
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    device = generator.class_conditioner.context.device
+    condition = generator.class_conditioner(labels.to(device).clamp_min(0))
+    return condition, labels.to(device) >= 0
+
+
+def condition_targets(generator, images, labels):
+    """Flattened base conditions (context, then pooled): float64 [M, T * D + P], and the mask of trials kept."""
+    condition, known = base_conditions(generator, images, labels)
+    flat = torch.cat([condition.context.flatten(1), condition.pooled], dim=1)[known]
+    return flat.double().cpu().numpy(), known.cpu().numpy()
+
+
+def fit_ridge_voxel_map(train_fmri, train_targets, val_fmri, val_targets, alphas):
+    """Ridge from fMRI to the base's conditions of the seen images, alpha chosen on the validation split.
 
     The one ridge of the project (:func:`mindvis.models.linear.fit_ridge`, in
-    float64): ``Y`` holds each training trial's target condition
-    (:func:`class_condition_targets`); the alpha with the lowest relative
-    squared error on the validation trials (the alignment loss's measure) is
-    refitted on training + validation trials. Trials of unknown class (-1) are
-    left out. Without validation trials the median alpha is fitted on the
+    float64): ``train_targets`` holds each training trial's target condition
+    (:func:`condition_targets`: the seen image's own embedding for an
+    image-conditioned prior, label-free; its class's condition for a class
+    base); the alpha with the lowest relative squared error on the validation
+    trials (the alignment loss's measure) is refitted on training + validation
+    trials. Without validation trials the median alpha is fitted on the
     training trials, with a warning.
 
     Returns
@@ -123,13 +153,11 @@ def fit_ridge_voxel_map(train_fmri, train_labels, val_fmri, val_labels, class_co
     report : dict
         ``alpha``, ``val_relative_error`` per alpha, ``n_train``, ``n_val``.
     """
-    train_known, val_known = np.asarray(train_labels) >= 0, np.asarray(val_labels) >= 0
-    x_train = np.asarray(train_fmri, np.float64)[train_known]
-    y_train = class_condition_targets(class_conditioner, np.asarray(train_labels)[train_known])
-    x_val = np.asarray(val_fmri, np.float64)[val_known]
-    y_val = class_condition_targets(class_conditioner, np.asarray(val_labels)[val_known])
+    x_train, y_train = np.asarray(train_fmri, np.float64), np.asarray(train_targets, np.float64)
+    x_val, y_val = np.asarray(val_fmri, np.float64), np.asarray(val_targets, np.float64)
     if len(x_train) < 2:
-        raise MindvisError("too few training trials of known class to fit the voxel path", key="finetune.ridge_init",
+        raise MindvisError("too few training trials with a target condition to fit the voxel path",
+                           key="finetune.ridge_init",
                            fix="set finetune.ridge_init: false, or check the labels in responses.h5.")
     errors = {}
     if len(x_val):
@@ -146,7 +174,7 @@ def fit_ridge_voxel_map(train_fmri, train_labels, val_fmri, val_labels, class_co
 # -- losses and validation -----------------------------------------------------
 
 def alignment_loss(condition, target, known):
-    """Relative squared error between the fMRI condition and the base's condition for the seen image's class.
+    """Relative squared error between the fMRI condition and the base's own condition of the seen image.
 
     ``||c - t||^2 / ||t||^2`` per sample, for the context and the pooled vector,
     averaged over the samples whose class is known (``known``); 0 when none is.
@@ -167,10 +195,10 @@ def make_loss_fn(generator, scheduler, settings):
     """The fine-tuning loss: encode (augmented) images with the frozen VAE, noise them, predict.
 
     With ``finetune.align_weight`` > 0, adds that weight x :func:`alignment_loss`
-    against the base generator's class condition of each trial's image.
+    against the base generator's own condition of each trial's image (:func:`base_conditions`).
     """
     align_weight = float(settings["align_weight"])
-    class_conditioner = generator.class_conditioner if align_weight > 0 else None
+    aligned = align_weight > 0 and generator.conditioner is not None
 
     def loss_fn(model, batch):
         images = augment_images(batch["images"], settings["crop_pixels"], settings["hflip"])
@@ -182,12 +210,10 @@ def make_loss_fn(generator, scheduler, settings):
         drop = torch.rand(len(latents), device=latents.device) < settings["cond_dropout"]
         prediction, condition = model(noisy, timesteps, batch["fmri"], drop=drop, return_condition=True)
         diffusion = F.mse_loss(prediction.float(), diffusion_target(scheduler, latents, noise, timesteps))
-        if class_conditioner is None:
+        if not aligned:
             return diffusion, {}
-        labels = batch["labels"].to(latents.device)
-        with torch.no_grad():
-            target = class_conditioner(labels.clamp_min(0))
-        align = alignment_loss(condition, target, labels >= 0)
+        target, known = base_conditions(generator, batch["images"], batch["labels"])
+        align = alignment_loss(condition, target, known)
         return diffusion + align_weight * align, {"diffusion": diffusion.detach(), "align": align.detach()}
 
     return loss_fn
@@ -298,10 +324,10 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, c
     stimulus_set = load_stimulus_set(stimuli)
     generator = load_generator(base, image_size=config["ldm"]["image_size"])
     generator.vae.requires_grad_(False).eval()
-    if generator.class_conditioner is not None:
-        generator.class_conditioner.requires_grad_(False).eval()
+    if generator.conditioner is not None:
+        generator.conditioner.requires_grad_(False).eval()
     elif settings["align_weight"] > 0:
-        raise MindvisError("finetune.align_weight needs the base generator's class conditions, and this base has "
+        raise MindvisError("finetune.align_weight needs the base generator's own conditions, and this base has "
                            "none (a Stable Diffusion folder)", path=base, key="finetune.align_weight",
                            fix="set finetune.align_weight: 0 for a Stable Diffusion base (MinD-Vis's own loss).")
     model = build_decoder(config, generator, data.n_voxels, mbm_dir=mbm_dir, baseline=baseline)
@@ -311,22 +337,27 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, c
     if len(train_trials) == 0:
         raise MindvisError("no training trials", path=responses, key="train", fix="check the preprocessing output.")
     ridge_report = None
-    known = int((train_trials.labels >= 0).sum())
-    if model.conditioner.voxel_map is not None and settings["ridge_init"] and generator.class_conditioner is not None \
-            and known < 2:
-        log.warning("only %d training trials of known class: the voxel path starts at zero instead of from ridge "
-                    "(a data set without classes, such as NSD)", known)
-    elif model.conditioner.voxel_map is not None and settings["ridge_init"] and generator.class_conditioner is not None:
-        weight, bias, ridge_report = fit_ridge_voxel_map(
-            train_trials.fmri.numpy(), train_trials.labels.numpy(), val_trials.fmri.numpy(),
-            val_trials.labels.numpy(), generator.class_conditioner, settings["ridge_alphas"])
-        model.conditioner.set_voxel_map(torch.from_numpy(weight), torch.from_numpy(bias))
-        frozen = settings["ridge_lr_scale"] == 0
-        if frozen:
-            model.conditioner.voxel_map.requires_grad_(False)
-        log.info("voxel path starts from ridge (alpha %g chosen on val; val relative error %s)%s", ridge_report["alpha"],
-                 {a: round(e, 3) for a, e in ridge_report["val_relative_error"].items()},
-                 "; kept fixed (finetune.ridge_lr_scale 0)" if frozen else "")
+    if model.conditioner.voxel_map is not None and settings["ridge_init"] and generator.conditioner is not None:
+        y_train, _ = condition_targets(generator, train_trials.images, train_trials.labels)
+        y_val, val_known = condition_targets(generator, val_trials.images, val_trials.labels)
+        train_known = (train_trials.labels >= 0).numpy() if generator.image_conditioner is None \
+            else np.ones(len(train_trials), bool)
+        if len(y_train) < 2:
+            log.warning("only %d training trials of known class: the voxel path starts at zero instead of from "
+                        "ridge (a class-conditioned base on a data set without classes)", len(y_train))
+        else:
+            weight, bias, ridge_report = fit_ridge_voxel_map(
+                train_trials.fmri.numpy()[train_known], y_train, val_trials.fmri.numpy()[val_known], y_val,
+                settings["ridge_alphas"])
+            ridge_report["target"] = "image embedding" if generator.image_conditioner is not None else "class"
+            model.conditioner.set_voxel_map(torch.from_numpy(weight), torch.from_numpy(bias))
+            frozen = settings["ridge_lr_scale"] == 0
+            if frozen:
+                model.conditioner.voxel_map.requires_grad_(False)
+            log.info("voxel path starts from ridge onto the base's %s conditions (alpha %g chosen on val; val "
+                     "relative error %s)%s", ridge_report["target"], ridge_report["alpha"],
+                     {a: round(e, 3) for a, e in ridge_report["val_relative_error"].items()},
+                     "; kept fixed (finetune.ridge_lr_scale 0)" if frozen else "")
     trained = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
@@ -359,8 +390,8 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, c
                       out_dir / "train", eval_fn=eval_fn, run_config=config, param_groups=param_groups,
                       checkpoint_params="trainable")
     generator.vae.to(trainer.device)  # outside the trained model, so the engine does not place it
-    if generator.class_conditioner is not None:
-        generator.class_conditioner.to(trainer.device)
+    if generator.conditioner is not None:
+        generator.conditioner.to(trainer.device)
     result = trainer.fit(resume=resume)
     if result["stopped_early"]:
         return result
