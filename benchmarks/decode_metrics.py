@@ -30,6 +30,8 @@ WEIGHTS = ("pretrain/mbm/*.safetensors", "classifier/*.safetensors", "pretrain/l
 def _cell(entry, key):
     if entry is None:
         return "–"
+    if entry["value"] is None:  # withheld, with entry["reason"]
+        return "withheld"
     if key == "fid" or entry["ci"] is None:
         return f"{entry['value']:.2f}"
     return f"{entry['value']:.3f} [{entry['ci'][0]:.3f}, {entry['ci'][1]:.3f}]"
@@ -49,12 +51,18 @@ def tables(run, out=sys.stdout):
         print("| row | " + " | ".join(COLUMNS) + " |", file=out)
         print("|---" * (len(COLUMNS) + 1) + "|", file=out)
         for row in metrics["rows"]:
-            print(f"| {row['label']} | " + " | ".join(_cell(row["metrics"].get(k), k) for k in COLUMNS) + " |",
+            print(f"| {row['label']} | " + " | ".join(_cell((row["metrics"] or {}).get(k), k) for k in COLUMNS) + " |",
                   file=out)
             for key in COLUMNS:
-                entry = row["metrics"].get(key)
-                if entry is not None:
+                entry = (row["metrics"] or {}).get(key)
+                if entry is not None and entry["value"] is not None:
                     means.setdefault((row["id"], key), []).append(entry["value"])
+        reasons = sorted({entry["reason"] for row in metrics["rows"] for entry in (row["metrics"] or {}).values()
+                          if entry is not None and entry["value"] is None})
+        for reason in reasons:
+            print(f"- withheld: {reason}", file=out)
+        if not metrics.get("classifier", {}).get("usable", True):
+            print(f"- classifier: {metrics['classifier']['reason']}", file=out)
         print(file=out)
     print(f"Mean over the {len(files)} subjects:", file=out)
     for (row, key), values in means.items():

@@ -108,6 +108,11 @@ def cmd_pretrain_ldm(args):
           classifier_dir=args.classifier, resume=args.resume)
 
 
+def cmd_bundle(args):
+    _call("mindvis.train.bundle:bundle", _config(args), kind=args.kind, source=args.source, stimuli=args.stimuli,
+          quality=args.quality, commands=args.command, commit=args.commit, out_dir=args.out_dir)
+
+
 def cmd_finetune(args):
     _call("mindvis.train.finetune:finetune", _config(args), subject=args.subject, responses=args.responses,
           stimuli=args.stimuli, base=args.base, out_dir=args.out_dir, mbm_dir=args.mbm,
@@ -126,12 +131,14 @@ _FINETUNE_RUNS = {"dcldm": "SC-MBM pretrained", "dcldm-baseline": "no SC-MBM pre
 
 
 def cmd_report(args):
-    # The evaluate stage writes ridge/ and base-true-class/ samples beside metrics.json when those rows exist.
+    # The evaluate stage writes ridge/, ridge-pixels/ and base-ceiling/ samples beside metrics.json when those
+    # rows exist.
+    from mindvis.evaluate.run import IMAGE_ROWS
     from mindvis.generate.writing import SAMPLES_FILE
 
     evaluation = Path(args.metrics).parent
     samples = {"dcldm": args.samples, **{"dcldm-baseline": path for path in args.baseline_samples}}
-    samples.update({row: evaluation / row / SAMPLES_FILE for row in ("ridge", "base-true-class")})
+    samples.update({row: evaluation / row / SAMPLES_FILE for row in IMAGE_ROWS})
     curves = {"SC-MBM: pretraining": args.mbm_curve} if args.mbm_curve else {}
     for model_json in args.finetune_models:
         run = Path(model_json).parent
@@ -152,7 +159,7 @@ def cmd_summary(args):
     else:
         frame = summary.read_summary(args.csv)
     print(f"mindvis: summary of '{config['experiment']}' ({args.csv})")
-    print(summary.summary_text(frame))
+    print(summary.summary_text(frame, frame.attrs.get("notes", ())))
 
 
 def cmd_evaluate(args):
@@ -251,11 +258,21 @@ def build_parser():
     sub.add_argument("--out-dir", required=True)
     sub.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out-dir/train")
 
-    sub = add("pretrain-ldm", cmd_pretrain_ldm, "train the embedded base generator (VAE, then class-conditioned UNet)")
+    sub = add("pretrain-ldm", cmd_pretrain_ldm,
+              "train the embedded image prior (VAE, then UNet with its label-free image encoder)")
     sub.add_argument("--stimuli", required=True, help="stimulus HDF5 (pool + train images are used, never test)")
     sub.add_argument("--out-dir", required=True)
     sub.add_argument("--classifier", default=None, help="domain classifier folder, to score class samples")
     sub.add_argument("--resume", action="store_true")
+
+    sub = add("bundle", cmd_bundle, "ship a trained prior or classifier inside mindvis, with its provenance")
+    sub.add_argument("--kind", required=True, choices=["prior", "classifier"])
+    sub.add_argument("--source", required=True, help="the pretrain-ldm or train-classifier output folder")
+    sub.add_argument("--stimuli", required=True, help="the stimulus file it was trained on")
+    sub.add_argument("--quality", default=None, help="benchmarks/prior_quality.py's JSON")
+    sub.add_argument("--command", action="append", default=[], help="a command that made it (repeatable)")
+    sub.add_argument("--commit", default=None, help="the commit that trained it (default: HEAD)")
+    sub.add_argument("--out-dir", default=None, help="default: the bundled location in the package")
 
     sub = add("finetune", cmd_finetune, "fine-tune the DC-LDM decoder for one subject")
     sub.add_argument("--subject", required=True)

@@ -264,3 +264,43 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
     two = torch.load(tmp_path / "two" / "final.pt", weights_only=True)
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6)
+
+
+def test_max_steps_sets_the_schedule_and_ends_mid_epoch(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=99, max_steps=10)  # 48 samples / batch 8 = 6 steps per epoch
+    assert trainer.total_steps == 10 and trainer.n_epochs == 2
+    result = trainer.fit()
+    assert result["step"] == 10 and result["epochs_done"] == 2
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [6, 10]
+
+
+def test_ema_weights_are_evaluated_saved_and_resumed_exactly(tmp_path):
+    seen = []
+
+    def eval_fn(model, epoch):
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        return {"val/loss": float(epoch)}
+
+    straight = make_trainer(tmp_path / "straight", ema_decay=0.9, eval_fn=eval_fn, select_metric="val/loss",
+                            select_mode="max")
+    straight.fit()
+    raw = {k: v.clone() for k, v in straight.model.state_dict().items()}
+    # What eval saw is the average, not the raw weights; the raw weights are back after it.
+    assert not torch.allclose(seen[-1]["net.0.weight"], raw["net.0.weight"])
+    with straight.averaged_weights():
+        averaged = {k: v.clone() for k, v in straight.model.state_dict().items()}
+    torch.testing.assert_close(straight.model.state_dict()["net.0.weight"], raw["net.0.weight"])
+    torch.testing.assert_close(averaged["net.0.weight"], seen[-1]["net.0.weight"])
+    best = load_file(str(tmp_path / "straight" / "best" / "model.safetensors"))
+    torch.testing.assert_close(best["net.0.weight"], averaged["net.0.weight"])  # best/ holds the average
+
+    first = make_trainer(tmp_path / "split", ema_decay=0.9, stop_at_step=9)
+    first.fit()
+    assert (tmp_path / "split" / "checkpoints" / "step-00000009" / "ema.safetensors").exists()
+    second = make_trainer(tmp_path / "split", ema_decay=0.9, seed=5)
+    second.fit(resume=True)
+    with second.averaged_weights():
+        resumed = {k: v.clone() for k, v in second.model.state_dict().items()}
+    for name in averaged:
+        torch.testing.assert_close(resumed[name], averaged[name], rtol=1e-6, atol=1e-7)

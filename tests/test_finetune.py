@@ -183,12 +183,12 @@ def test_alignment_loss_is_relative_and_ignores_unknown_classes():
     assert alignment_loss(zero, target, torch.zeros(4, dtype=torch.bool)).item() == 0.0
 
 
-def test_alignment_needs_a_base_with_class_conditions(workspace, tmp_path):
+def test_alignment_needs_a_base_with_its_own_conditions(workspace, tmp_path):
     from ldm_fixtures import save_tiny_sd
 
     root, config = workspace["root"], workspace["config"]
     sd = save_tiny_sd(tmp_path / "sd")
-    with pytest.raises(MindvisError, match="class conditions") as info:
+    with pytest.raises(MindvisError, match="own conditions") as info:
         finetune({**config, "finetune": {**config["finetune"], "align_weight": 1.0}}, "sub-01",
                  root / "responses.h5", root / "stimuli.h5", sd, tmp_path / "out", mbm_dir=root / "mbm")
     assert info.value.key == "finetune.align_weight" and not (tmp_path / "out" / "dcldm.json").exists()

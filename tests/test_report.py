@@ -20,11 +20,17 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 CLASS_NAMES = ["shirt", "shoe", "bag"]
 VOLUME_SHAPE = (5, 6, 7)
 N_VOXELS, PATCH_SIZE = 13, 4
-ROWS = [("chance", "Chance (1/n)", "baseline"), ("dcldm", "DC-LDM (SC-MBM pretrained)", "model"),
+ROWS = [("chance", "Chance (guessing)", "floor"),
+        ("shuffled-pairs", "Shuffled pairs (DC-LDM samples vs. another stimulus's truth)", "floor"),
+        ("mean-train-image", "Mean training image as every decoding", "floor"),
+        ("dcldm", "DC-LDM (SC-MBM pretrained)", "model"),
         ("dcldm-baseline", "DC-LDM without SC-MBM pretraining", "baseline"),
-        ("ridge", "Ridge fMRI -> VAE latent", "baseline"), ("fmri-linear", "Linear classifier on test fMRI", "ceiling"),
-        ("base-true-class", "Base generator given the true class", "ceiling"),
+        ("ridge", "Ridge fMRI -> VAE latent", "baseline"), ("ridge-pixels", "Ridge fMRI -> pixels", "baseline"),
+        ("fmri-linear", "Linear classifier on test fMRI", "ceiling"),
+        ("base-ceiling", "Prior given the true image's embedding", "ceiling"),
         ("true-images", "Classifier on the true images", "ceiling")]
+PIXEL_FLOORS = "no exact chance level (it depends on the images); see the measured floors"
+CLASSIFIER_METRICS = ("n_way_top1_mean", "n_way_top1_best_of_k", "label_top1_mean", "two_way_id", "fid")
 
 
 @pytest.fixture
@@ -37,29 +43,37 @@ def _entry(rng, metric):
     return {"value": value, "ci": [value * 0.9, value * 1.1]}
 
 
-def contract_metrics(rng, subject="sub-01", n_stimuli=6, n_samples=2):
-    """A ``metrics.json`` in the evaluate stage's contract format, with random numbers."""
+def contract_metrics(rng, subject="sub-01", n_stimuli=6, n_samples=2, classifier_reason=None):
+    """A ``metrics.json`` in the evaluate stage's contract format, with random numbers (``classifier_reason``:
+    the classifier's figures withheld for it)."""
     image_metrics = ["n_way_top1_mean", "n_way_top1_best_of_k", "label_top1_mean", "two_way_id", "pixcorr", "ssim",
                      "fid"]
     rows = []
     for row_id, label, kind in ROWS:
         row = {"id": row_id, "label": label, "kind": kind, "available": True}
-        if row_id == "base-true-class":
-            row.update(available=False, reason="no class-conditional base generator (ldm.base is an SD folder)",
-                       metrics=None)
+        if row_id == "base-ceiling":
+            row.update(available=False, reason="no image- or class-conditioned base generator (ldm.base is an SD "
+                                               "folder)", metrics=None)
         elif row_id == "chance":
             row["metrics"] = {m: ({"value": 1 / 3, "ci": None} if m.startswith("n_way") else None)
                               for m in image_metrics}
+            row["metrics"].update(pixcorr={"value": None, "ci": None, "reason": PIXEL_FLOORS},
+                                  ssim={"value": None, "ci": None, "reason": PIXEL_FLOORS})
         elif row_id == "fmri-linear":
-            row["metrics"] = {m: (_entry(rng, m) if m in ("n_way_top1_mean", "label_top1_mean") else None)
-                              for m in image_metrics}
+            row["metrics"] = {m: (_entry(rng, m) if m == "label_top1_mean" else None) for m in image_metrics}
         else:
             row["metrics"] = {m: _entry(rng, m) for m in image_metrics}
+        if classifier_reason and row["available"] and row_id != "fmri-linear":
+            for metric in CLASSIFIER_METRICS:
+                if row["metrics"][metric] is not None:
+                    row["metrics"][metric] = {"value": None, "ci": None, "reason": classifier_reason}
         rows.append(row)
     counts = rng.integers(0, 4, (3, 3)).tolist()
     return {"subject": subject, "n_way": 3, "trials": 1000, "n_samples": n_samples, "n_stimuli": n_stimuli,
             "chance": 1 / 3, "ci_level": 0.95, "n_bootstrap": 200, "image_size": 16,
-            "classifier": {"name": "domain", "n_classes": 3, "held_out_accuracy": 0.9, "test_label_accuracy": 0.8},
+            "classifier": {"name": "domain", "n_classes": 3, "held_out_accuracy": 0.9, "test_label_accuracy": 0.8,
+                           "usable": classifier_reason is None, "reason": classifier_reason,
+                           "check": {"held_out_lower_bound": 0.85, "n_val": 200}},
             "class_names": CLASS_NAMES, "rows": rows,
             "per_class": {"dcldm": [0.5, 1.0, 0.0], "ridge": [0.25, 0.5, 0.75]},
             "confusion": {"dcldm": counts},
@@ -68,7 +82,7 @@ def contract_metrics(rng, subject="sub-01", n_stimuli=6, n_samples=2):
             "versions": {"numpy": np.__version__}, "wall_time_s": 1.5}
 
 
-def _write_samples(path, rng, n_stimuli=6, n_samples=2, attention=True):
+def _write_samples(path, rng, n_stimuli=6, n_samples=2, attention=True, model_dir=None):
     images = rng.integers(0, 256, (n_stimuli, 16, 16, 1), dtype=np.uint8)
     samples = rng.integers(0, 256, (n_stimuli, n_samples, 16, 16, 1), dtype=np.uint8)
     n_tokens, n_patches = 5, int(np.ceil(N_VOXELS / PATCH_SIZE))
@@ -80,7 +94,8 @@ def _write_samples(path, rng, n_stimuli=6, n_samples=2, attention=True):
                     "timesteps": [900, 500, 100], "token_weights": weights / weights.sum(1, keepdims=True)}
     write_samples_h5(path, samples=samples, true_images=images, stimulus_id=[f"img-{i:03d}" for i in range(n_stimuli)],
                      label=np.arange(n_stimuli) % 3, seeds=np.zeros((n_stimuli, n_samples)),
-                     attrs={"subject": "sub-01", "patch_size": PATCH_SIZE, "n_voxels": N_VOXELS},
+                     attrs={"subject": "sub-01", "patch_size": PATCH_SIZE, "n_voxels": N_VOXELS,
+                            **({"model_dir": str(model_dir)} if model_dir else {})},
                      attention=recorded)
 
 
@@ -115,7 +130,7 @@ def make_report_inputs(folder, rng):
     metrics_path.parent.mkdir(parents=True)
     metrics_path.write_text(json.dumps(metrics))
     samples = {"dcldm": folder / "samples/samples.h5", "ridge": folder / "evaluation/ridge/samples.h5",
-               "base-true-class": folder / "evaluation/base-true-class/samples.h5"}  # the last one is not written
+               "base-ceiling": folder / "evaluation/base-ceiling/samples.h5"}  # the last one is not written
     _write_samples(samples["dcldm"], rng)
     _write_samples(samples["ridge"], rng, attention=False)
     _write_responses(folder / "responses.h5", rng)
@@ -191,6 +206,96 @@ def test_voxel_path_importance_is_the_normalised_weight_norm_per_voxel(tmp_path,
     assert brainmap.voxel_path_importance(tmp_path / "missing") is None
 
 
+def _write_decoder(folder, rng, voxel_path=False, trained=("conditioner.width_map.weight",
+                                                            "conditioner.token_map.weight"), ridge_errors=None):
+    """A decoder folder as the brain map reads it: dcldm.json (what was trained, the voxel path's ridge) and weights."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {"conditioner.width_map.weight": torch.tensor(rng.normal(size=(8, 4)), dtype=torch.float32)}
+    if voxel_path:
+        tensors["conditioner.voxel_map.weight"] = torch.tensor(rng.normal(size=(7, N_VOXELS)), dtype=torch.float32)
+    save_file(tensors, str(folder / "dcldm.safetensors"))
+    ridge = None if ridge_errors is None else {"alpha": min(ridge_errors, key=ridge_errors.get),
+                                               "val_relative_error": ridge_errors}
+    (folder / "dcldm.json").write_text(json.dumps({"trained_parameter_names": list(trained),
+                                                   "voxel_path_ridge": ridge}))
+    return folder
+
+
+def _with_signal(metrics, two_way_low):
+    row = next(row for row in metrics["rows"] if row["id"] == "dcldm")
+    row["metrics"]["two_way_id"] = {"value": two_way_low + 0.05, "ci": [two_way_low, two_way_low + 0.1]}
+    row["metrics"]["pixcorr"] = {"value": 0.0, "ci": [-0.1, 0.1]}
+    return metrics
+
+
+def test_brain_maps_use_only_a_trained_path_that_carries_signal(tmp_path, rng):
+    signal = _with_signal(contract_metrics(rng), 0.6)
+    # No voxel path: the encoder path is the only route; trained, and the decoder beats 1/2 on 2-way.
+    paths = brainmap.attribution_paths(_write_decoder(tmp_path / "encoder", rng), signal)
+    assert paths["attention"]["show"] and "SC-MBM encoder path" in paths["attention"]["text"]
+    assert not paths["voxel"]["show"] and "no voxel path" in paths["voxel"]["text"]
+    # ... but not when the decoder shows no signal, or the mapper was frozen.
+    none = _with_signal(contract_metrics(rng), 0.4)
+    assert not brainmap.attribution_paths(tmp_path / "encoder", none)["attention"]["show"]
+    frozen = brainmap.attribution_paths(_write_decoder(tmp_path / "frozen", rng, trained=()), signal)
+    assert not frozen["attention"]["show"] and "not among the trained" in frozen["attention"]["text"]
+    # A voxel path fitted by ridge that beats its strongest regularisation on validation: its map, not attention.
+    fitted = _write_decoder(tmp_path / "voxel", rng, voxel_path=True, ridge_errors={"10.0": 0.5, "1000.0": 0.9})
+    paths = brainmap.attribution_paths(fitted, signal)
+    assert paths["voxel"]["show"] and "ridge on training trials" in paths["voxel"]["text"]
+    assert "kept fixed" in paths["voxel"]["text"]
+    assert not paths["attention"]["show"] and "sums both paths" in paths["attention"]["text"]
+    # A ridge that predicts held-out conditions no better than the mean carries no signal: no map.
+    flat = _write_decoder(tmp_path / "flat", rng, voxel_path=True, ridge_errors={"10.0": 0.9, "1000.0": 0.9})
+    assert "no measurable signal" in brainmap.attribution_paths(flat, signal)["voxel"]["text"]
+    unfitted = _write_decoder(tmp_path / "unfitted", rng, voxel_path=True)
+    assert not brainmap.attribution_paths(unfitted, signal)["voxel"]["show"]
+    missing = brainmap.attribution_paths(None, signal)
+    assert not missing["attention"]["show"] and "cannot be checked" in missing["voxel"]["text"]
+
+
+def test_report_draws_the_brain_map_through_the_path_it_names(tmp_path, report_inputs, rng):
+    decoder = _write_decoder(tmp_path / "dcldm", rng)
+    _write_samples(report_inputs["samples"]["dcldm"], rng, model_dir=decoder)
+    report_inputs["metrics_path"].write_text(json.dumps(_with_signal(report_inputs["metrics"], 0.6)))
+    out = tmp_path / "brain.html"
+    info = html.build_report(report_inputs["metrics_path"], out, config={"experiment": "x", "generate": {
+        "attention_stimuli": 2}}, samples=report_inputs["samples"], responses=report_inputs["responses"])
+    page = out.read_text()
+    assert "brain" in info["figures"] and "brain_voxel" not in info["figures"]
+    assert "through the SC-MBM encoder path" in page
+    assert "Voxel-path map left out: the decoder has no voxel path" in page
+
+
+def test_report_and_summary_show_withheld_classifier_figures_with_the_reason(tmp_path, rng):
+    reason = "the image classifier cannot ground these figures: its top-1 on the true test images falls in 1 class"
+    metrics = contract_metrics(rng, classifier_reason=reason)
+    path = tmp_path / "sub-01" / "evaluation" / "metrics.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(metrics))
+    html.build_report(path, tmp_path / "report.html", config={"experiment": "x", "generate": {"attention_stimuli": 2}})
+    page = (tmp_path / "report.html").read_text()
+    assert 'id="classifier-warning"' in page and reason in page
+    rows = {row["id"]: row for row in tables.table_rows(metrics)}
+    cells = {cell["metric"]: cell for cell in rows["dcldm"]["cells"]}
+    assert cells["n_way_top1_mean"]["value"] == tables.WITHHELD and cells["fid"]["value"] == tables.WITHHELD
+    assert cells["pixcorr"]["value"] != tables.WITHHELD  # pixel metrics need no classifier
+    notes = tables.withheld_notes(metrics)
+    numbers = {note["reason"]: note["number"] for note in notes}
+    assert set(numbers) == {PIXEL_FLOORS, reason}
+    assert cells["n_way_top1_mean"]["note"] == numbers[reason] and f"{tables.WITHHELD}: {reason}" in page
+    frame = summary.write_summary([path], tmp_path / "summary.csv", tmp_path / "summary.html")
+    assert np.isnan(frame.loc["sub-01", "dcldm/n_way_top1_mean"])
+    text = summary.summary_text(frame, frame.attrs["notes"])
+    assert reason in text and "sub-01" in text.split("Empty cells")[1]
+    assert reason in (tmp_path / "summary.html").read_text()
+    # Printing from the CSV alone finds each subject's metrics.json beside it (results/{subject}/evaluation/).
+    assert summary.read_summary(tmp_path / "summary.csv").attrs["notes"] == frame.attrs["notes"]
+
+
 # -- formatting, metrics.json checks, summary ---------------------------------
 
 def test_formatting_rules():
@@ -228,9 +333,13 @@ def test_summary_has_a_row_per_subject_and_the_mean(tmp_path, rng):
         values = [tables.metric_value(m, row_id, metric) for m in (first, second)]
         assert frame.loc["sub-02", column] == pytest.approx(values[1])
         assert frame.loc["mean", column] == pytest.approx(np.mean(values))
-    assert np.isnan(frame.loc["mean", "base-true-class/n_way_top1_mean"])  # unavailable row
-    assert "fmri-linear/n_way_top1_mean" in frame.columns and "dcldm/fid" in frame.columns
+    assert np.isnan(frame.loc["mean", "base-ceiling/n_way_top1_mean"])  # unavailable row
+    # The fMRI probe sits under the label column only; the floors beside the model.
+    assert "fmri-linear/label_top1_mean" in frame.columns and "fmri-linear/n_way_top1_mean" not in frame.columns
+    assert "shuffled-pairs/n_way_top1_mean" in frame.columns and "dcldm/fid" in frame.columns
+    assert any("sub-02" in note and "row not available" in note for note in frame.attrs["notes"])
     back = summary.read_summary(tmp_path / "summary.csv")
+    assert back.attrs["notes"] == []  # no metrics.json at results/{subject}/evaluation/ beside this CSV
     np.testing.assert_allclose(back.to_numpy(float), frame.to_numpy(float), rtol=1e-5)
     page = (tmp_path / "summary.html").read_text()
     assert tables.format_value("ssim", frame.loc["mean", "dcldm/ssim"]) in page and "http" not in page
@@ -244,15 +353,19 @@ def test_report_is_self_contained_and_complete(built_report):
     sources = re.findall(r'<img[^>]*src="([^"]*)"', page)
     assert sources and all(src.startswith("data:image/png;base64,") for src in sources)
     assert not re.search(r'(src|href)="(https?:|//)', page) and "<script" not in page
-    # Every figure: 2 grids (model, ridge; base-true-class has no file) + per-class, confusion, curves,
-    # attention, brain map.
-    assert len(sources) == 7
-    # The fixture's samples name no decoder folder, so there is no voxel-path map (tested on its own above).
-    assert set(built_report["info"]["figures"]) == set(html.FIGURE_FILES) - {"brain_voxel"}
+    # Every figure: 2 grids (model, ridge; base-ceiling has no file) + per-class, confusion, curves, attention.
+    assert len(sources) == 6
+    # The fixture's samples name no decoder folder: which path was trained cannot be checked, so no brain map
+    # (drawn from a decoder folder below).
+    assert set(built_report["info"]["figures"]) == set(html.FIGURE_FILES) - {"brain", "brain_voxel"}
+    assert "Attention-based map left out: the samples name no fine-tuned decoder folder" in page
     for row in built_report["metrics"]["rows"]:
-        assert row["label"].replace(">", "&gt;") in page
-    assert "unavailable: no class-conditional base generator" in page
-    assert "Attention-based" in page and "<details>" in page and "sub-01" in page
+        assert row["label"].replace(">", "&gt;").replace("'", "&#39;") in page
+    assert "unavailable: no image- or class-conditioned base generator" in page
+    assert "n-way top-1 vs. classifier on true image" in page and "top-1 vs. data label" in page
+    assert "<details>" in page and "sub-01" in page and 'id="classifier-warning"' not in page
+    # The chance row has no PixCorr: a dash and a note pointing to the floors, never "0.000".
+    assert f"{tables.WITHHELD}: {PIXEL_FLOORS}" in page
     for filename in html.FIGURE_FILES.values():
         assert (built_report["figures_dir"] / filename).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -312,6 +425,9 @@ def check_report_in_browser(html_path, metrics):
             if entry is None:
                 assert value == "n/a"
                 continue
+            if entry["value"] is None:  # withheld: a dash, its reason in the notes below the table
+                assert value == tables.WITHHELD and ci == ""
+                continue
             assert value == tables.format_value(metric, entry["value"])
             assert float(value) == pytest.approx(entry["value"], abs=0.006)
             assert ci == tables.format_ci(metric, entry.get("ci"))
@@ -322,7 +438,7 @@ def check_report_in_browser(html_path, metrics):
 
 def test_report_in_headless_chromium(built_report):
     n_images, n_cells = check_report_in_browser(built_report["html_path"], built_report["metrics"])
-    assert n_images == 7 and n_cells >= 30
+    assert n_images == 6 and n_cells >= 30
 
 
 def test_class_figures_stay_small_with_many_classes(rng):

@@ -143,3 +143,15 @@ def test_a_second_fresh_run_gives_identical_metrics(finished_run, tmp_path):
     for weights in ["pretrain/ldm/vae/diffusion_pytorch_model.safetensors",
                     "pretrain/ldm/unet/diffusion_pytorch_model.safetensors", "sub-01/dcldm/dcldm.safetensors"]:
         assert (finished_run / "results" / weights).read_bytes() == (again / "results" / weights).read_bytes(), weights
+
+
+def test_the_default_config_uses_the_shipped_prior_and_classifier(tmp_path):
+    """configs/default.yaml trains neither: its DAG has no pretrain_ldm or train_classifier job."""
+    command = [sys.executable, "-m", "snakemake", "decode", "--snakefile", str(ROOT / "Snakefile"),
+               "--directory", str(tmp_path), "--cores", "2", "-n", "--quiet", "rules",
+               "--configfile", str(ROOT / "configs/default.yaml")]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = result.stdout + result.stderr
+    assert "finetune" in jobs and "generate" in jobs and "evaluate" in jobs
+    assert "pretrain_ldm" not in jobs and "train_classifier" not in jobs

@@ -1,6 +1,7 @@
-"""Scoring decoded images: ``metrics`` (n-way top-1, 2-way identification, PixCorr, SSIM, FID, bootstrap),
-``baselines`` (ridge, fMRI probe, base given the true class), ``table`` (rows and their intervals) and the
-``evaluate`` stage (``run``).
+"""Scoring decoded images: ``metrics`` (n-way top-1, 2-way identification, PixCorr, SSIM, FID, bootstrap,
+Wilson interval), ``classifier_check`` (whether the image classifier can ground the figures it scores),
+``baselines`` (ridges into the VAE latent and into pixels, the mean training image, fMRI probe, the base
+generator's ceiling), ``table`` (rows, floors and their intervals) and the ``evaluate`` stage (``run``).
 
 May import: every layer below it (``train``, ``generate``, ``models``, ``data`` ...); not ``report`` or ``cli``.
 """

@@ -7,15 +7,24 @@
   baseline (as the first stage of Brain-Diffuser, Ozcelik & VanRullen, Sci.
   Rep. 2023, Methods: ridge regression from fMRI to VDVAE latents), here into
   the latent space the DC-LDM denoises in.
+* **Ridge fMRI -> pixels** (:func:`pixel_ridge_images`): the same ridge from
+  a trial's fMRI straight to the pixels of the image it showed (at the
+  generated size, in [-1, 1]), for images of side <= :data:`MAX_PIXEL_RIDGE_SIDE`:
+  the linear decoder with no generator at all.
+* **Mean training image** (:func:`mean_training_image`): the mean of the
+  images of the subject's training trials, a floor that any decoder of the
+  average stimulus reaches (PixCorr and SSIM are far from 0 for it).
 * **Linear classifier on fMRI** (:func:`fmri_linear_probabilities`, with
   :func:`mindvis.models.linear.fit_fmri_classifier`): a multinomial
   logistic regression on standardised voxels, giving class probabilities per
   test fMRI pattern: how much class information the voxels hold, without any
   image generation.
-* **Base generator given the true class** (:func:`true_class_unavailable_reason`;
-  drawn by :func:`mindvis.generate.decode.sample_classes`): the embedded base
-  generator's class conditioner with each test stimulus's label, sampled like
-  the model: how well the generator can draw each class at all.
+* **Base-generator ceiling** (:func:`base_ceiling_conditioning`): an
+  image-conditioned prior given each true image's own embedding
+  (:func:`mindvis.generate.decode.sample_like`: what a decoder that recovered
+  the embedding exactly would draw), or a class-conditioned base given each
+  stimulus's label (:func:`mindvis.generate.decode.sample_classes`), sampled
+  like the model.
 
 Model selection (ridge ``alpha``, logistic ``C``) uses the ``val`` split of
 ``responses.h5`` only, whose runs are held out from training; the chosen model
@@ -32,9 +41,14 @@ import torch
 
 from mindvis.data.images import tensor_to_images
 from mindvis.data.pairs import paired_trials
+from mindvis.errors import MindvisError
 from mindvis.models.linear import class_probabilities, fit_fmri_classifier, fit_ridge
 
 log = logging.getLogger(__name__)
+
+#: Largest image side of the pixel ridge: its targets are every pixel (64 x 64 x 3 = 12,288 outputs), beyond
+#: which the fit's memory and time grow past those of the rest of the stage.
+MAX_PIXEL_RIDGE_SIDE = 64
 
 
 # -- ridge regression into the VAE latent -----------------------------------------
@@ -109,6 +123,60 @@ def ridge_images(generator, responses, stimulus_set, fmri, alphas, batch_size=64
     return decode_latents(generator, predicted, batch_size), info
 
 
+# -- ridge into pixels, and the mean training image --------------------------------
+
+def _pixels(pairs):
+    """float32 [N, C * S * S] in [-1, 1]: the images of fMRI-image pairs, flattened."""
+    return pairs.images.flatten(1).numpy()
+
+
+def pixel_ridge_images(responses, stimulus_set, fmri, alphas, image_size, image_channels):
+    """Ridge fMRI -> pixels end to end: fit on train (alpha on val by pixel MSE), predict each row of ``fmri``.
+
+    Parameters
+    ----------
+    responses : mindvis.data.responses.Responses
+        With the ``train`` and ``val`` splits loaded.
+    stimulus_set : mindvis.data.stimuli.StimulusSet
+    fmri : float32 [N, V]
+        The rows to decode (the test fMRI); used for prediction only.
+    alphas : sequence of float
+    image_size, image_channels : int
+        Of the generated images (targets are the seen images at this size).
+
+    Returns
+    -------
+    images : uint8 [N, S, S, C]
+    info : dict
+        From :func:`mindvis.models.linear.fit_ridge` (mean squared error of pixels in [-1, 1]).
+    """
+    if image_size > MAX_PIXEL_RIDGE_SIDE:
+        raise MindvisError(f"images of {image_size} px: the pixel ridge is fitted only up to "
+                           f"{MAX_PIXEL_RIDGE_SIDE} px a side", key="evaluate")
+    train = paired_trials(responses["train"], stimulus_set, image_size, image_channels)
+    val = paired_trials(responses["val"], stimulus_set, image_size, image_channels)
+    model, info = fit_ridge(train.fmri.numpy(), _pixels(train), val.fmri.numpy(), _pixels(val), alphas,
+                            error="mse", what="ridge fMRI -> pixels")
+    shape = (image_channels, image_size, image_size)
+    predicted = model.predict(np.asarray(fmri, np.float32)) if len(fmri) else np.zeros((0, int(np.prod(shape))))
+    info["n_pixels"] = int(np.prod(shape))
+    return tensor_to_images(torch.as_tensor(predicted, dtype=torch.float32).reshape(-1, *shape)), info
+
+
+def mean_training_image(responses, stimulus_set, image_size, image_channels):
+    """The mean of the images of the ``train`` trials (each trial counted once): uint8 [S, S, C].
+
+    Raises
+    ------
+    MindvisError
+        When there are no training trials.
+    """
+    train = paired_trials(responses["train"], stimulus_set, image_size, image_channels)
+    if len(train) == 0:
+        raise MindvisError("no training trials to average", key="train")
+    return tensor_to_images(train.images.float().mean(dim=0, keepdim=True))[0]
+
+
 # -- linear classifier on fMRI ----------------------------------------------------
 
 def fmri_linear_probabilities(responses, fmri, n_classes, Cs, seed=0):
@@ -126,17 +194,23 @@ def fmri_linear_probabilities(responses, fmri, n_classes, Cs, seed=0):
     return class_probabilities(model, fmri, n_classes), info
 
 
-# -- the base generator given the true class -------------------------------------
+# -- the base generator's ceiling -------------------------------------------------
 
-def true_class_unavailable_reason(generator, labels, n_classes):
-    """Why the base-true-class ceiling cannot be drawn (None when it can)."""
+def base_ceiling_conditioning(generator, labels, n_classes):
+    """How the base-ceiling row can be drawn: ``("image", None)``, ``("class", None)`` or ``(None, reason)``.
+
+    An image-conditioned prior takes each true image's own embedding; a class-conditioned base each
+    stimulus's label (it needs a label for every test stimulus and the data set's number of classes).
+    """
+    if generator.image_conditioner is not None:
+        return "image", None
     conditioner = generator.class_conditioner
     if conditioner is None:
-        return ("the base generator has no class conditioner (e.g. Stable Diffusion, which is conditioned on "
-                "text); the embedded base has one")
+        return None, ("the base generator has neither an image nor a class conditioner (e.g. Stable Diffusion, "
+                      "which is conditioned on text); the embedded base has one")
     if int(conditioner.config.n_classes) != int(n_classes):
-        return (f"the base generator's class conditioner has {conditioner.config.n_classes} classes, "
-                f"the data set {n_classes}")
+        return None, (f"the base generator's class conditioner has {conditioner.config.n_classes} classes, "
+                      f"the data set {n_classes}")
     if len(labels) and (np.asarray(labels) < 0).any():
-        return "some test stimuli have no class label"
-    return None
+        return None, "some test stimuli have no class label (the base is class-conditioned)"
+    return "class", None

@@ -18,6 +18,9 @@ metric                    definition followed
                           2004) as ``skimage.metrics.structural_similarity``
 :func:`fid`               Heusel et al., NeurIPS 2017, Eq. 6 (Fréchet distance of
                           Gaussians fit to features), as pytorch-fid computes it
+:func:`wilson_interval`   Wilson, JASA 1927 (score interval of a binomial
+                          proportion), as ``statsmodels``' ``proportion_confint
+                          (method="wilson")``
 ========================  =====================================================
 
 Image sizes: MindEye and Brain-Diffuser compute PixCorr and SSIM at 425 x 425
@@ -381,6 +384,39 @@ def fid(gen_features, true_features):
 
 
 # -- confidence intervals ---------------------------------------------------------
+
+def wilson_interval(successes, n, level=0.95):
+    """Wilson score interval of a binomial proportion (Wilson, JASA 1927).
+
+    Unlike the normal (Wald) interval it stays inside [0, 1] and keeps its
+    coverage near 0 and 1 and for small ``n`` (Brown, Cai & DasGupta, Stat.
+    Sci. 2001), which is where a held-out accuracy on a few images sits.
+
+    Parameters
+    ----------
+    successes : int
+        Correct predictions.
+    n : int
+        Trials (>= 1).
+    level : float
+        Coverage, in (0, 1).
+
+    Returns
+    -------
+    (float, float)
+        Lower and upper bounds.
+    """
+    from scipy.stats import norm
+
+    if n < 1 or not 0 <= successes <= n or not 0 < level < 1:
+        raise MindvisError(f"need 0 <= successes <= n, n >= 1 and 0 < level < 1, got {successes}, {n}, {level}",
+                           key="n_val")
+    z = float(norm.ppf(1 - (1 - level) / 2))
+    proportion = successes / n
+    centre = (proportion + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(proportion * (1 - proportion) / n + z * z / (4 * n * n))
+    return float(max(centre - half, 0.0)), float(min(centre + half, 1.0))
+
 
 def bootstrap_ci(fn, arrays, n_boot=1000, level=0.95, seed=0):
     """Percentile bootstrap confidence interval over test stimuli.

@@ -1,8 +1,10 @@
 """The ``evaluate`` stage: the model, its baselines and ceilings, scored alike, in one ``metrics.json``.
 
 The rows and metrics are defined in :mod:`mindvis.evaluate.table`; this
-module reads the inputs, draws or fits the rows that need it (ridge, fMRI
-classifier, base given the true class) and writes the outputs.
+module reads the inputs, checks that the image classifier can ground the
+figures it scores (:mod:`mindvis.evaluate.classifier_check`), draws or fits
+the rows that need it (the floors, the ridges, the fMRI classifier, the base
+generator's ceiling) and writes the outputs.
 
 Outputs in ``out_dir`` (``results/{subject}/evaluation/``)
 --------------------------------------------------------
@@ -22,13 +24,20 @@ Outputs in ``out_dir`` (``results/{subject}/evaluation/``)
     ``image_size``         side (px) at which PixCorr and SSIM were computed
     ``classifier``         ``name``, ``n_classes``, ``held_out_accuracy`` (domain
                            classifier, on training images it did not train on),
-                           ``test_label_accuracy`` (on the true test images)
+                           ``test_label_accuracy`` (on the true test images),
+                           ``usable`` and ``reason`` (the check of
+                           :mod:`mindvis.evaluate.classifier_check`) and ``check``
+                           (what was checked: ``n_val``, the Wilson lower bound, the
+                           bound required, the classes predicted on the true images)
+    ``ground_truth``       metric id -> the one ground truth of that column
     ``class_names``        the data set's classes (index = label)
     ``rows``               :data:`ROWS` in order: ``id``, ``label``, ``kind``
-                           (model / baseline / ceiling), ``available``, ``reason``
+                           (floor / model / baseline / ceiling), ``available``, ``reason``
                            (when not available), ``metrics`` (every id of
-                           :data:`METRICS` -> ``{"value", "ci": [low, high]}`` or
-                           null where it does not apply), and per row ``note``,
+                           :data:`METRICS` -> ``{"value", "ci": [low, high]}``,
+                           null where it does not apply, or ``{"value": null,
+                           "ci": null, "reason"}`` where it is withheld), and per
+                           row ``note``,
                            ``n_samples``, ``fit`` (the chosen alpha / C and the
                            validation scores of every candidate), ``source``
     ``per_class``          row id -> accuracy of the argmax against the label, per
@@ -47,9 +56,9 @@ Outputs in ``out_dir`` (``results/{subject}/evaluation/``)
     =====================  ==========================================================
 
     Non-finite numbers are written as null (JSON has no NaN).
-``ridge/``, ``base-true-class/``
-    ``samples.h5`` (:mod:`mindvis.generate.writing` layout; ridge: k = 1 and
-    seeds -1, as no noise is drawn) and ``grid.png``, when the row is available.
+``ridge/``, ``ridge-pixels/``, ``base-ceiling/``
+    ``samples.h5`` (:mod:`mindvis.generate.writing` layout; the ridges: k = 1
+    and seeds -1, as no noise is drawn) and ``grid.png``, when the row is available.
 """
 
 from __future__ import annotations
@@ -65,9 +74,12 @@ import numpy as np
 from mindvis.data.responses import load_responses
 from mindvis.data.stimuli import load_stimulus_set
 from mindvis.errors import MindvisError
-from mindvis.evaluate.baselines import fmri_linear_probabilities, ridge_images, true_class_unavailable_reason
-from mindvis.evaluate.table import Table, chance_metrics, class_scores, log_table, make_reference, make_row
-from mindvis.generate.decode import sample_classes
+from mindvis.evaluate.baselines import (MAX_PIXEL_RIDGE_SIDE, base_ceiling_conditioning, fmri_linear_probabilities,
+                                        mean_training_image, pixel_ridge_images, ridge_images)
+from mindvis.evaluate.classifier_check import CLASSIFIER_METRICS, check_classifier
+from mindvis.evaluate.table import (BASE_CEILING_LABELS, GROUND_TRUTH, Table, chance_metrics, class_scores,
+                                    derangement, log_table, make_reference)
+from mindvis.generate.decode import sample_classes, sample_like
 from mindvis.generate.writing import SAMPLES_FILE, read_samples_h5, save_grid, write_samples_h5
 from mindvis.models.classifiers.load import load_image_classifier
 from mindvis.models.ldm import load_generator
@@ -76,7 +88,7 @@ from mindvis.utils.io import derive_seed, sha256_file, software_versions, write_
 log = logging.getLogger(__name__)
 
 #: Folders (under out_dir) of the images the stage draws itself.
-IMAGE_ROWS = ("ridge", "base-true-class")
+IMAGE_ROWS = ("ridge", "ridge-pixels", "base-ceiling")
 
 
 # -- inputs -----------------------------------------------------------------------
@@ -115,7 +127,7 @@ def input_hashes(paths, folders):
         folder = Path(folder)
         for file in sorted(folder.glob("*.json")) + sorted(folder.glob("*.safetensors")):
             hashes[str(file)] = sha256_file(file)
-        for sub in ("vae", "unet", "scheduler", "class_conditioner"):
+        for sub in ("vae", "unet", "scheduler", "class_conditioner", "image_conditioner"):
             for file in sorted((folder / sub).glob("*.json")) + sorted((folder / sub).glob("*.safetensors")):
                 hashes[str(file)] = sha256_file(file)
     return hashes
@@ -185,6 +197,28 @@ def _model_rows(table, classifier, inputs, samples_path, baseline_samples):
         table.unavailable("dcldm-baseline", "finetune.baseline is false: the no-pretraining ablation was not trained")
 
 
+def _floor_rows(table, classifier, inputs):
+    """The measured floors: shuffled pairs of the model's samples, and the mean training image."""
+    images = inputs.samples["samples"]
+    order = derangement(len(images), derive_seed(inputs.config["seed"], "evaluate", "shuffled-pairs"))
+    # FID compares sets, which shuffling leaves as they are: the model's own FID is its value here.
+    table.add_images("shuffled-pairs", classifier, images[order], pairs=False, set_level=False,
+                     n_samples=int(images.shape[1]), order=order.tolist(),
+                     note="the DC-LDM samples of stimulus order[i] scored against the truth of stimulus i "
+                          "(a fixed derangement drawn with the config seed); no FID: shuffling leaves the set "
+                          "of images, and so the model's FID, as it is")
+    size, channels = int(images.shape[2]), int(images.shape[-1])
+    try:
+        mean_image = mean_training_image(inputs.responses, inputs.stimulus_set, size, channels)
+    except MindvisError as err:
+        table.unavailable("mean-train-image", str(err))
+        return
+    repeated = np.broadcast_to(mean_image, (len(images), 1, *mean_image.shape)).copy()
+    table.add_images("mean-train-image", classifier, repeated, pairs=False, n_samples=1,
+                     note=f"the mean of the {len(inputs.responses['train'])} training trials' images, as the "
+                          f"decoding of every test stimulus (k = 1)")
+
+
 def _ridge_row(table, classifier, inputs):
     """Ridge fMRI -> VAE latent, decoded by the VAE: one image per stimulus, written to ``ridge/``."""
     try:
@@ -193,17 +227,37 @@ def _ridge_row(table, classifier, inputs):
     except MindvisError as err:
         table.unavailable("ridge", str(err))
         return
+    _add_ridge(table, classifier, inputs, "ridge", images, info, {"method": "ridge", "base": str(inputs.base)})
+
+
+def _pixel_ridge_row(table, classifier, inputs):
+    """Ridge fMRI -> pixels, where images are small: one image per stimulus, written to ``ridge-pixels/``."""
+    images = inputs.samples["samples"]
+    size, channels = int(images.shape[2]), int(images.shape[-1])
+    if size > MAX_PIXEL_RIDGE_SIDE:
+        table.unavailable("ridge-pixels", f"images of {size} px: the pixel ridge is fitted only up to "
+                                          f"{MAX_PIXEL_RIDGE_SIDE} px a side")
+        return
+    try:
+        decoded, info = pixel_ridge_images(inputs.responses, inputs.stimulus_set, inputs.test_fmri,
+                                           inputs.config["evaluate"]["ridge_alphas"], size, channels)
+    except MindvisError as err:
+        table.unavailable("ridge-pixels", str(err))
+        return
+    _add_ridge(table, classifier, inputs, "ridge-pixels", decoded, info, {"method": "ridge fMRI -> pixels"})
+
+
+def _add_ridge(table, classifier, inputs, row_id, images, info, attrs):
     images = images[:, None]
-    table.add_images("ridge", classifier, images, n_samples=1, fit=info,
+    table.add_images(row_id, classifier, images, n_samples=1, fit=info,
                      note=f"one image per stimulus (k = 1, so best-of-k = mean); predicted from the "
                           f"'{inputs.split_name}' fMRI")
-    _write_image_row(inputs.out_dir / "ridge", images, inputs.samples, inputs.subject,
-                     np.full((len(images), 1), -1, np.int64),
-                     {"method": "ridge", "fit": info, "base": str(inputs.base), "config": inputs.config})
+    _write_image_row(inputs.out_dir / row_id, images, inputs.samples, inputs.subject,
+                     np.full((len(images), 1), -1, np.int64), {**attrs, "fit": info, "config": inputs.config})
 
 
 def _fmri_linear_row(table, inputs, n_classes):
-    """Logistic regression on the fMRI: its class probabilities scored like an image classifier's."""
+    """Logistic regression on the fMRI: its top-1 against the data set's label (the label column only)."""
     reference = table.reference
     labels = reference.labels
     if not (labels >= 0).any() or not (inputs.responses["train"].label >= 0).any():
@@ -216,34 +270,37 @@ def _fmri_linear_row(table, inputs, n_classes):
     except MindvisError as err:
         table.unavailable("fmri-linear", str(err))
         return
-    # n-way over the fMRI classifier's classes (the data set's) with the data set's label as ground truth:
-    # comparable with the image rows only when the image classifier has those classes too.
-    gt = np.where(labels >= 0, labels, 0) if reference.label_space else None
-    values, predicted = class_scores(probs[:, None], gt, reference, label_space=True)
-    for key in ("n_way_top1_mean", "n_way_top1_best_of_k"):
-        if key in values:
-            values[key] = np.where(labels >= 0, values[key], np.nan)
-    note = ("class probabilities from fMRI alone (no image): one prediction per stimulus (best-of-k = mean); "
-            "n-way ground truth is the data set's label")
-    if not reference.label_space:
-        note += "; n-way not applicable (the image classifier's classes are not the data set's)"
-    table.add_scored("fmri-linear", values, predicted, fit=info, note=note)
+    # Its ground truth is the data set's label, not the image classifier's top-1 on the true image: it sits
+    # under the label column only, and uses no image classifier (so nothing of it is withheld).
+    values, predicted = class_scores(probs[:, None], None, reference, label_space=True)
+    table.add_scored("fmri-linear", values, predicted, uses_classifier=(), fit=info,
+                     note="class probabilities from fMRI alone (no image): one prediction per stimulus, "
+                          "against the data set's label")
 
 
-def _true_class_row(table, classifier, inputs, n_classes):
-    """The base generator given each stimulus's true class, with the model's seeds, written to ``base-true-class/``."""
+def _base_ceiling_row(table, classifier, inputs, n_classes):
+    """The base generator given the truth, with the model's seeds, written to ``base-ceiling/``.
+
+    An image-conditioned prior is given each true image's own embedding; a class-conditioned base each
+    stimulus's label.
+    """
     settings = inputs.config["generate"]
     labels = table.reference.labels
-    reason = true_class_unavailable_reason(inputs.generator, labels, n_classes)
+    conditioning, reason = base_ceiling_conditioning(inputs.generator, labels, n_classes)
     if reason:
-        table.unavailable("base-true-class", reason)
+        table.unavailable("base-ceiling", reason)
         return
     seeds = inputs.samples["seeds"]
-    drawn = sample_classes(inputs.generator, labels, seeds, settings)
-    table.add_images("base-true-class", classifier, drawn, n_samples=int(drawn.shape[1]),
+    if conditioning == "image":
+        drawn = sample_like(inputs.generator, inputs.samples["true_images"], seeds, settings)
+    else:
+        drawn = sample_classes(inputs.generator, labels, seeds, settings)
+    label = BASE_CEILING_LABELS[conditioning]
+    table.add_images("base-ceiling", classifier, drawn, label=label, conditioning=conditioning,
+                     n_samples=int(drawn.shape[1]),
                      note="the model's per-sample seeds and the generate section's sampler settings")
-    _write_image_row(inputs.out_dir / "base-true-class", drawn, inputs.samples, inputs.subject, seeds,
-                     {"method": "base generator given the true class", "base": str(inputs.base),
+    _write_image_row(inputs.out_dir / "base-ceiling", drawn, inputs.samples, inputs.subject, seeds,
+                     {"method": label, "conditioning": conditioning, "base": str(inputs.base),
                       "config": inputs.config,
                       **{key: settings[key] for key in ("sampler", "steps", "guidance_scale", "eta")}})
 
@@ -273,8 +330,8 @@ def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir
     samples : path
         The DC-LDM's ``samples.h5``.
     base : path
-        The base generator folder (its VAE for the ridge baseline, its class conditioner for the
-        true-class ceiling).
+        The base generator folder (its VAE for the ridge baseline, its image or class conditioner for
+        the base-ceiling row).
     out_dir : path
     baseline_samples : path, optional
         ``samples.h5`` of the decoder fine-tuned without SC-MBM pretraining.
@@ -303,11 +360,15 @@ def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir
     log.info("%s: %d stimuli x %d samples; classifier %s (%d classes), %d-way top-1 (%d trials); PixCorr and SSIM "
              "at %d px", subject, n_stimuli, n_samples, classifier.name, classifier.n_classes, reference.n_way,
              reference.trials, reference.image_size)
-    table = Table(reference, len(class_names), int(settings["n_bootstrap"]), float(settings["ci_level"]))
+    check = check_classifier(getattr(classifier, "info", {}), reference.gt_class, classifier.n_classes)
+    table = Table(reference, len(class_names), int(settings["n_bootstrap"]), float(settings["ci_level"]),
+                  withheld_reason=check.reason)
     has_labels = reference.label_space and bool(reference.labelled.any())
-    table.rows["chance"] = make_row("chance", metrics=chance_metrics(reference.n_way, n_samples, len(class_names),
-                                                                      has_labels),
-                                    note="exact chance levels; best-of-k assumes k independent samples")
+    chance, note = chance_metrics(reference.n_way, n_samples, classifier.n_classes, len(class_names), has_labels,
+                                  trials=reference.trials, seed=reference.seed)
+    # The label chance level also serves the fMRI probe, which uses no image classifier.
+    table.add_exact("chance", chance, uses_classifier=tuple(k for k in CLASSIFIER_METRICS if k != "label_top1_mean"),
+                    note=note)
     generator = load_generator(base, image_size=int(model_samples["samples"].shape[2]))
     generator.vae.eval()
     generator.unet.eval()
@@ -316,23 +377,29 @@ def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir
                      out_dir=Path(out_dir))
     timings = {}
     _timed(timings, "dcldm", _model_rows, table, classifier, inputs, samples, baseline_samples)
+    _timed(timings, "floors", _floor_rows, table, classifier, inputs)
     _timed(timings, "ridge", _ridge_row, table, classifier, inputs)
+    _timed(timings, "ridge-pixels", _pixel_ridge_row, table, classifier, inputs)
     _timed(timings, "fmri-linear", _fmri_linear_row, table, inputs, len(class_names))
-    _timed(timings, "base-true-class", _true_class_row, table, classifier, inputs, len(class_names))
+    _timed(timings, "base-ceiling", _base_ceiling_row, table, classifier, inputs, len(class_names))
     table.add_images("true-images", classifier, reference.images[:, None], n_samples=1,
                      note="the true images scored as if decoded: n-way top-1 is 1 by definition; label top-1 is "
                           "the classifier's accuracy")
 
     rows = table.ordered()
-    true_label = rows[-1]["metrics"]["label_top1_mean"]
+    true_labels = reference.labels[reference.labelled]
+    test_label_accuracy = (float(np.mean(reference.gt_class[reference.labelled] == true_labels))
+                           if reference.label_space and len(true_labels) else None)
     metrics = {
         "subject": subject, "n_way": reference.n_way, "trials": reference.trials, "n_samples": int(n_samples),
         "n_stimuli": int(n_stimuli), "chance": 1.0 / reference.n_way, "ci_level": table.level,
         "n_bootstrap": table.n_boot, "image_size": reference.image_size, "split": split_name,
         "classifier": {"name": classifier.name, "n_classes": int(classifier.n_classes),
                        "held_out_accuracy": _held_out_accuracy(classifier),
-                       "test_label_accuracy": true_label["value"] if true_label else None},
-        "class_names": class_names, "rows": rows, "per_class": table.per_class, "confusion": table.confusion,
+                       "test_label_accuracy": test_label_accuracy, "usable": check.usable,
+                       "reason": check.reason, "check": check.record},
+        "ground_truth": GROUND_TRUTH, "class_names": class_names, "rows": rows, "per_class": table.per_class,
+        "confusion": table.confusion,
         "per_stimulus": table.per_stimulus,
         # The order of every per_stimulus list.
         "stimulus_ids": [str(s) for s in model_samples["stimulus_id"]], "labels": reference.labels.tolist(),

@@ -1,21 +1,47 @@
-"""The evaluation table: every row (the model, its baselines and ceilings) scored alike, with intervals.
+"""The evaluation table: every row (the model, its floors, baselines and ceilings) scored alike, with intervals.
 
-Rows, always in this order (:data:`ROWS`): chance; the DC-LDM; the DC-LDM
-without SC-MBM pretraining (when ``finetune.baseline``); a ridge decoder into
-the VAE latent; a linear classifier on the test fMRI; the base generator given
-the true class; the classifier on the true images. A row that cannot be
-computed says why (``available: false``, ``reason``). Image rows are scored by
-the same image classifier with the same metrics (:mod:`mindvis.evaluate.metrics`):
+Rows, always in this order (:data:`ROWS`):
+
+========================  =====================================================
+id                        what it is
+========================  =====================================================
+``chance``                exact chance levels (1/n, 1/C, 1/2; best-of-k by
+                          simulation where the closed form does not hold); no
+                          PixCorr or SSIM: they have no exact chance level
+``shuffled-pairs``        floor: each DC-LDM sample scored against another
+                          stimulus's truth (a fixed derangement, config seed)
+``mean-train-image``      floor: the mean of the subject's training images as
+                          the decoded image of every test stimulus
+``dcldm``                 the model
+``dcldm-baseline``        the model without SC-MBM pretraining
+``ridge``                 ridge fMRI -> VAE latent, decoded by the VAE
+``ridge-pixels``          ridge fMRI -> pixels (images of side <= 64 px)
+``fmri-linear``           a linear classifier on the test fMRI (label column only)
+``base-ceiling``          the base generator given the true image's embedding
+                          (image-conditioned prior) or the true class
+``true-images``           the true images scored as if decoded
+========================  =====================================================
+
+A row that cannot be computed says why (``available: false``, ``reason``).
+Image rows are scored by the same image classifier with the same metrics
+(:mod:`mindvis.evaluate.metrics`); each column has one ground truth
+(:data:`GROUND_TRUTH`):
 
 * ``n_way_top1_mean`` / ``n_way_top1_best_of_k``: n-way top-1 as MinD-Vis
   computes it (Chen et al., CVPR 2023, Sec. 4; ground truth = the classifier's
   top-1 on the true image), averaged over the k samples, or the best of them;
-* ``label_top1_mean``: the classifier's argmax against the data set's label
-  (when the classifier's classes are the data set's and labels exist);
-* ``two_way_id``, ``pixcorr``, ``ssim`` (MindEye, Scotti et al., NeurIPS 2023,
-  Sec. 3.1; Brain-Diffuser, Ozcelik & VanRullen, Sci. Rep. 2023, "Evaluation"),
-  per sample and averaged over the k samples; ``fid`` (Heusel et al., NeurIPS
-  2017) on classifier features of all samples.
+* ``label_top1_mean``: top-1 against the data set's label (image rows: the
+  classifier's argmax, when its classes are the data set's; ``fmri-linear``:
+  the fMRI probe's);
+* ``two_way_id`` (on classifier features), ``pixcorr``, ``ssim`` (MindEye,
+  Scotti et al., NeurIPS 2023, Sec. 3.1; Brain-Diffuser, Ozcelik & VanRullen,
+  Sci. Rep. 2023, "Evaluation"), per sample and averaged over the k samples;
+  ``fid`` (Heusel et al., NeurIPS 2017) on classifier features of all samples.
+
+A metric entry is ``{"value", "ci"}``, null where it does not apply, or
+``{"value": null, "ci": null, "reason"}`` where it applies but is withheld:
+every figure computed from the classifier when :mod:`mindvis.evaluate.classifier_check`
+finds it unable to ground them, and the chance row's PixCorr and SSIM (see the floors).
 
 Every figure has a bootstrap confidence interval over test stimuli; all rows
 and metrics resample the same stimuli (one seed), so intervals are paired.
@@ -30,22 +56,44 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mindvis.evaluate.classifier_check import CLASSIFIER_METRICS
 from mindvis.evaluate.metrics import (best_of_k, bootstrap_ci, fid, n_way_top1, pixcorr, resolve_n_way, ssim,
                                       two_way_identification)
 
 log = logging.getLogger(__name__)
 
-#: (id, label, kind) of every row, in the order of the table.
+#: (id, label, kind) of every row, in the order of the table (kinds: floor, baseline, model, ceiling).
 ROWS = (
-    ("chance", "Chance (1/n)", "baseline"),
+    ("chance", "Chance (guessing)", "floor"),
+    ("shuffled-pairs", "Shuffled pairs (DC-LDM samples vs. another stimulus's truth)", "floor"),
+    ("mean-train-image", "Mean training image as every decoding", "floor"),
     ("dcldm", "DC-LDM (SC-MBM pretrained)", "model"),
     ("dcldm-baseline", "DC-LDM without SC-MBM pretraining", "baseline"),
     ("ridge", "Ridge fMRI -> VAE latent", "baseline"),
+    ("ridge-pixels", "Ridge fMRI -> pixels", "baseline"),
     ("fmri-linear", "Linear classifier on test fMRI", "ceiling"),
-    ("base-true-class", "Base generator given the true class", "ceiling"),
+    ("base-ceiling", "Base generator given the truth", "ceiling"),
     ("true-images", "Classifier on the true images", "ceiling"),
 )
+#: Labels of the base-ceiling row, by how the base generator is conditioned.
+BASE_CEILING_LABELS = {"image": "Prior given the true image's embedding",
+                       "class": "Base generator given the true class"}
 METRICS = ("n_way_top1_mean", "n_way_top1_best_of_k", "label_top1_mean", "two_way_id", "pixcorr", "ssim", "fid")
+#: The one ground truth of each column.
+GROUND_TRUTH = {
+    "n_way_top1_mean": "the classifier's top-1 on the true image (MinD-Vis's protocol)",
+    "n_way_top1_best_of_k": "the classifier's top-1 on the true image (MinD-Vis's protocol)",
+    "label_top1_mean": "the data set's label",
+    "two_way_id": "the true image's classifier features",
+    "pixcorr": "the true image's pixels",
+    "ssim": "the true image's pixels",
+    "fid": "the true images' classifier features (as a set)",
+}
+#: Why the chance row has no PixCorr or SSIM.
+NO_PIXEL_CHANCE = ("no exact chance level (it depends on the images); see the measured floors: rows shuffled-pairs "
+                   "and mean-train-image")
+#: Simulated stimuli of the best-of-k chance level where its closed form does not hold.
+CHANCE_DRAWS = 2000
 #: Per-stimulus metrics (FID is a set-level figure).
 STIMULUS_METRICS = METRICS[:-1]
 #: Why an FID interval may not contain the FID (stated beside it in metrics.json).
@@ -188,6 +236,11 @@ def summarize(values, reference, n_boot, level, features=None):
     return metrics
 
 
+def withheld(reason):
+    """A metric entry that applies but is not reported, with the reason."""
+    return {"value": None, "ci": None, "reason": str(reason)}
+
+
 def _nanmean(array):
     finite = array[~np.isnan(array)]
     return float(finite.mean()) if len(finite) else float("nan")
@@ -211,26 +264,88 @@ def confusion_counts(predicted, labels, n_classes):
     return matrix.tolist()
 
 
-def chance_metrics(n_way, n_samples, n_classes, has_labels):
-    """The chance row: 1/n for n-way top-1, 1 - (1 - 1/n)^k for the best of k independent samples,
-    1/C for label top-1, 1/2 for two-way identification, 0 for PixCorr (no CI: these are exact)."""
+def best_of_k_chance(n_way, n_samples, n_classes, trials, seed, n_draws=CHANCE_DRAWS):
+    """Best-of-k n-way top-1 of a decoder that guesses, by simulation: mean and its 95% Monte Carlo interval.
+
+    Each sample's score is a success rate over ``trials`` trials (:func:`mindvis.evaluate.metrics.n_way_top1`),
+    not a success or failure, so the closed form 1 - (1 - 1/n)^k of k independent binary outcomes holds only
+    when n >= C (plain top-1). Here random class probabilities (the ground truth's rank uniform) go through
+    the same :func:`n_way_top1` and :func:`best_of_k` as the model's samples.
+    """
+    rng = np.random.default_rng(seed)
+    best = []
+    for start in range(0, n_draws, 200):  # chunks bound the trials' memory (draws x k x trials)
+        size = min(200, n_draws - start)
+        probs = rng.random((size, n_samples, n_classes))
+        gt_class = rng.integers(0, n_classes, size)
+        best.append(best_of_k(n_way_top1(probs, gt_class, n_way, trials=trials, seed=int(rng.integers(2 ** 31)))))
+    best = np.concatenate(best)
+    half = 1.96 * best.std(ddof=1) / np.sqrt(len(best))
+    return float(best.mean()), [float(best.mean() - half), float(best.mean() + half)]
+
+
+def chance_metrics(n_way, n_samples, n_classes, n_label_classes, has_labels, trials=1000, seed=0):
+    """The chance row: exact chance levels (no CI: they are exact), or simulated where no closed form holds.
+
+    1/n for n-way top-1 (mean of k); best-of-k: 1 - (1 - 1/n)^k when n >= C (each sample a success or
+    a failure), else :func:`best_of_k_chance`; 1/C for label top-1; 1/2 for two-way identification. PixCorr
+    and SSIM have no exact chance level: withheld, pointing to the measured floors.
+
+    Parameters
+    ----------
+    n_way, n_samples : int
+    n_classes : int
+        The image classifier's classes (n-way).
+    n_label_classes : int
+        The data set's classes (label top-1).
+    has_labels : bool
+    trials, seed : int
+        As for the model's n-way top-1 (the simulation uses them).
+
+    Returns
+    -------
+    metrics : dict
+    note : str
+    """
     def exact(value):
         return {"value": float(value), "ci": [float(value), float(value)]}
 
     metrics = {key: None for key in METRICS}
-    metrics.update({"n_way_top1_mean": exact(1 / n_way),
-                    "n_way_top1_best_of_k": exact(1 - (1 - 1 / n_way) ** n_samples),
-                    "two_way_id": exact(0.5), "pixcorr": exact(0.0)})
+    if n_way >= n_classes:
+        metrics["n_way_top1_best_of_k"] = exact(1 - (1 - 1 / n_way) ** n_samples)
+        best_note = "best-of-k is 1 - (1 - 1/n)^k (k independent samples, plain top-1)"
+    else:
+        value, ci = best_of_k_chance(n_way, n_samples, n_classes, trials, seed)
+        metrics["n_way_top1_best_of_k"] = {"value": value, "ci": ci, "simulated": CHANCE_DRAWS}
+        best_note = (f"best-of-k simulated ({CHANCE_DRAWS} stimuli of random class probabilities through the same "
+                     f"n-way trials; interval: 95% Monte Carlo), as each sample's n-way score is a rate over "
+                     f"trials, not a success or failure")
+    metrics.update({"n_way_top1_mean": exact(1 / n_way), "two_way_id": exact(0.5),
+                    "pixcorr": withheld(NO_PIXEL_CHANCE), "ssim": withheld(NO_PIXEL_CHANCE)})
     if has_labels:
-        metrics["label_top1_mean"] = exact(1 / n_classes)
-    return metrics
+        metrics["label_top1_mean"] = exact(1 / n_label_classes)
+    return metrics, f"chance levels of a decoder that guesses; {best_note}"
+
+
+def derangement(n, seed):
+    """A fixed permutation of ``range(n)`` without fixed points (n >= 2): ``order[i] != i``.
+
+    A uniformly random single cycle through all n positions, drawn with ``seed``.
+    """
+    if n < 2:
+        raise ValueError(f"a derangement needs at least 2 items, got {n}")
+    cycle = np.random.default_rng(seed).permutation(n)
+    order = np.empty(n, np.int64)
+    order[cycle] = np.roll(cycle, -1)
+    return order
 
 
 # -- rows -------------------------------------------------------------------------
 
-def make_row(row_id, available=True, metrics=None, reason=None, **extra):
-    """One table row in the metrics.json layout."""
-    _, label, kind = next(row for row in ROWS if row[0] == row_id)
+def make_row(row_id, available=True, metrics=None, reason=None, label=None, **extra):
+    """One table row in the metrics.json layout (``label``: instead of :data:`ROWS`'s)."""
+    _, default_label, kind = next(row for row in ROWS if row[0] == row_id)
+    label = label or default_label
     row = {"id": row_id, "label": label, "kind": kind, "available": bool(available)}
     if available:
         row["metrics"] = metrics
@@ -242,24 +357,57 @@ def make_row(row_id, available=True, metrics=None, reason=None, **extra):
 
 
 class Table:
-    """Rows, per-class accuracies, confusions and per-stimulus values, filled row by row."""
+    """Rows, per-class accuracies, confusions and per-stimulus values, filled row by row.
 
-    def __init__(self, reference, n_classes, n_boot, level):
+    ``withheld``: metric id -> reason for the figures computed from the image classifier when it cannot
+    ground them (:func:`mindvis.evaluate.classifier_check.check_classifier`); set before rows are added.
+    """
+
+    def __init__(self, reference, n_classes, n_boot, level, withheld_reason=None):
         self.reference, self.n_classes, self.n_boot, self.level = reference, n_classes, n_boot, level
         self.rows, self.per_class, self.confusion, self.per_stimulus = {}, {}, {}, {}
+        self.withheld = {key: withheld_reason for key in CLASSIFIER_METRICS} if withheld_reason else {}
 
-    def add_scored(self, row_id, values, predicted=None, features=None, **extra):
-        self.rows[row_id] = make_row(row_id, metrics=summarize(values, self.reference, self.n_boot, self.level,
-                                                                 features), **extra)
+    def _withhold(self, metrics, keys):
+        """Replace the figures ``keys`` (those a row has) computed by the classifier by the reason they are
+        withheld."""
+        for key in keys:
+            if key in self.withheld:
+                metrics[key] = withheld(self.withheld[key])
+        return metrics
+
+    def add_scored(self, row_id, values, predicted=None, features=None, uses_classifier=CLASSIFIER_METRICS,
+                   **extra):
+        """Summarise per-stimulus ``values`` into a row.
+
+        ``uses_classifier``: the metrics the image classifier produced here (withheld, numbers and all, when
+        it cannot ground them; the fMRI probe's label top-1, for one, does not use it).
+        """
+        has = set(values) | ({"fid"} if features is not None and len(features) > 1 else set())
+        hidden = {key for key in has if key in self.withheld and key in uses_classifier}
+        values = {key: array for key, array in values.items() if key not in hidden}
+        metrics = summarize(values, self.reference, self.n_boot, self.level, None if "fid" in hidden else features)
+        self.rows[row_id] = make_row(row_id, metrics=self._withhold(metrics, hidden), **extra)
         self.per_stimulus[row_id] = {key: array.tolist() for key, array in values.items()}
         labels = self.reference.labels
-        if predicted is not None and (labels >= 0).any():
+        if predicted is not None and (labels >= 0).any() and "label_top1_mean" not in hidden:
             self.per_class[row_id] = per_class_accuracy(predicted, labels, self.n_classes)
             self.confusion[row_id] = confusion_counts(predicted, labels, self.n_classes)
 
-    def add_images(self, row_id, classifier, images, **extra):
+    def add_images(self, row_id, classifier, images, pairs=True, set_level=True, **extra):
+        """Score generated images ``[N, k, H, W, C]``.
+
+        ``pairs=False`` leaves out the per-class accuracies and confusion (rows whose images are not their
+        stimulus's own decodings); ``set_level=False`` leaves out FID (rows whose set of images is another
+        row's).
+        """
         values, features, predicted = score_images(classifier, images, self.reference)
-        self.add_scored(row_id, values, predicted, features, **extra)
+        self.add_scored(row_id, values, predicted if pairs else None, features if set_level else None, **extra)
+
+    def add_exact(self, row_id, metrics, uses_classifier=CLASSIFIER_METRICS, **extra):
+        """A row of exact (not resampled) figures, such as chance; ``uses_classifier`` as in :meth:`add_scored`."""
+        has = [key for key, entry in metrics.items() if entry is not None and key in uses_classifier]
+        self.rows[row_id] = make_row(row_id, metrics=self._withhold(metrics, has), **extra)
 
     def unavailable(self, row_id, reason):
         log.info("%s: not available (%s)", row_id, reason)
@@ -288,6 +436,9 @@ def log_table(rows, n_way, n_samples):
         cells = []
         for key in short:
             entry = row["metrics"].get(key)
-            cells.append(f"{entry['value']:.3f} [{entry['ci'][0]:.2f},{entry['ci'][1]:.2f}]" if entry else "-")
+            if entry is None or entry.get("value") is None:
+                cells.append("-" if entry is None else "withheld")
+            else:
+                cells.append(f"{entry['value']:.3f} [{entry['ci'][0]:.2f},{entry['ci'][1]:.2f}]")
         lines.append(f"{row['id']:<16}" + "".join(f"{cell:>20}" for cell in cells))
     log.info("evaluation:\n%s", "\n".join(lines))

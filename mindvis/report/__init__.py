@@ -10,6 +10,8 @@ Public API
     The one number format of every table.
 ``brainmap.voxel_importance(maps, token_weights, patch_size, n_voxels)``
     The attention-based voxel importance of the brain map.
+``brainmap.attribution_paths(model_dir, metrics)``
+    Which decoder path (trained and carrying signal) each brain map may attribute importance through.
 
 May import: every layer below it (``evaluate``, ``generate``, ``models``, ``data`` ...); not ``cli``.
 """

@@ -26,6 +26,21 @@ the condition, which is also the gradient of the condition with respect to
 that voxel along the path. Like any decoder's weights, it can be large for a
 voxel that cancels noise rather than one that carries the signal (Haufe et
 al., NeuroImage 2014).
+
+A map is drawn only through a path that was trained and carries signal
+(:func:`attribution_paths`, from the decoder's ``dcldm.json`` and weights);
+otherwise it is left out and the report says why:
+
+* the attention-based map needs the encoder path (``conditioner.width_map``
+  and ``token_map``) to have been trained, and to be the decoder's only route
+  from fMRI to the condition: beside a voxel path each context token is the
+  sum of both paths, and attention on it cannot be split between them (the
+  encoder path even starts at exactly zero there). It carries signal when the
+  decoder does: its 2-way identification (lower CI bound above 1/2) or its
+  PixCorr (lower CI bound above the shuffled-pairs floor) in ``metrics.json``;
+* the voxel-path map needs the path fitted by ridge on training trials with a
+  validation error below that of the strongest regularisation tried (which
+  predicts about the mean condition) by :data:`SIGNAL_MARGIN`.
 """
 
 from __future__ import annotations
@@ -33,6 +48,11 @@ from __future__ import annotations
 import numpy as np
 
 from mindvis.errors import MindvisError
+
+#: How much lower (as a fraction) the voxel-path ridge's validation error at its chosen alpha must be than at
+#: the strongest alpha tried, which shrinks every voxel weight to almost nothing and leaves the mean condition:
+#: a path that predicts held-out conditions no better than that carries no measurable signal.
+SIGNAL_MARGIN = 0.01
 
 
 def token_attention_mass(maps):
@@ -116,6 +136,96 @@ def voxel_path_importance(model_dir):
         weight = handle.get_tensor("conditioner.voxel_map.weight").astype(np.float64)
     norms = np.linalg.norm(weight, axis=0)
     return norms / max(norms.sum(), 1e-12)
+
+
+def _decoder_signal(metrics):
+    """Why the DC-LDM's test figures show it decodes something (None when they do not)."""
+    def entry(row_id, metric):
+        row = next((row for row in (metrics or {}).get("rows", []) if row["id"] == row_id and row["available"]), None)
+        found = (row or {}).get("metrics", {}).get(metric)
+        return found if found and found.get("value") is not None and found.get("ci") else None
+
+    two_way = entry("dcldm", "two_way_id")
+    if two_way and two_way["ci"][0] > 0.5:
+        return f"the decoder's 2-way identification {two_way['value']:.3f} (CI from {two_way['ci'][0]:.3f}) > 1/2"
+    pixcorr, floor = entry("dcldm", "pixcorr"), entry("shuffled-pairs", "pixcorr")
+    if pixcorr and floor and pixcorr["ci"][0] > floor["value"]:
+        return (f"the decoder's PixCorr {pixcorr['value']:.3f} (CI from {pixcorr['ci'][0]:.3f}) > the shuffled-pairs "
+                f"floor {floor['value']:.3f}")
+    return None
+
+
+def attribution_paths(model_dir, metrics=None):
+    """Which path each brain map may attribute importance through, or why it is left out.
+
+    Parameters
+    ----------
+    model_dir : path or None
+        The fine-tuned decoder folder (``dcldm.json``, ``dcldm.safetensors``).
+    metrics : dict, optional
+        The parsed ``metrics.json`` (the decoder's test figures, for the encoder path's signal).
+
+    Returns
+    -------
+    dict
+        ``attention`` and ``voxel``: each ``{"show": bool, "text": str}``, the path used or the reason.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from mindvis.models.dcldm import META_FILE, MODEL_FILE
+
+    folder = Path(model_dir) if model_dir else None
+    if folder is None or not (folder / META_FILE).exists() or not (folder / MODEL_FILE).exists():
+        reason = ("the samples name no fine-tuned decoder folder with dcldm.json and weights, so which path was "
+                  "trained cannot be checked")
+        return {"attention": {"show": False, "text": reason}, "voxel": {"show": False, "text": reason}}
+    meta = json.loads((folder / META_FILE).read_text())
+    trained = set(meta.get("trained_parameter_names") or [])
+    with safe_open(str(folder / MODEL_FILE), framework="numpy") as handle:
+        has_voxel_path = "conditioner.voxel_map.weight" in handle.keys()
+        voxel_norm = float(np.linalg.norm(handle.get_tensor("conditioner.voxel_map.weight"))) if has_voxel_path else 0.0
+
+    encoder_trained = {"conditioner.width_map.weight", "conditioner.token_map.weight"} <= trained
+    signal = _decoder_signal(metrics)
+    if has_voxel_path:
+        attention = {"show": False, "text": "the decoder also reads every voxel directly (its voxel path), so each "
+                     "context token sums both paths and attention on it cannot be traced to SC-MBM patches alone"}
+    elif not encoder_trained:
+        attention = {"show": False, "text": "the SC-MBM encoder path's mapper (conditioner.width_map, token_map) was "
+                     "not among the trained parameters"}
+    elif signal is None:
+        attention = {"show": False, "text": "the decoder's test figures show no signal above the floors (2-way "
+                     "identification not above 1/2, PixCorr not above the shuffled-pairs floor), so there is "
+                     "nothing for attention to attribute"}
+    else:
+        attention = {"show": True, "text": f"through the SC-MBM encoder path (trained; the decoder's only route "
+                     f"from fMRI to the condition), which carries signal: {signal}"}
+
+    ridge = meta.get("voxel_path_ridge") or {}
+    errors = {float(alpha): float(error) for alpha, error in (ridge.get("val_relative_error") or {}).items()}
+    if not has_voxel_path:
+        voxel = {"show": False, "text": "the decoder has no voxel path (MinD-Vis's mapper alone)"}
+    elif voxel_norm == 0:
+        voxel = {"show": False, "text": "the voxel path's weights are all zero (it was never fitted)"}
+    elif not errors:
+        voxel = {"show": False, "text": "the voxel path was not fitted by ridge on training trials, so no held-out "
+                 "error says whether it carries signal"}
+    else:
+        chosen, strongest = errors.get(float(ridge["alpha"]), min(errors.values())), errors[max(errors)]
+        further = ("then trained further by the diffusion loss" if "conditioner.voxel_map.weight" in trained
+                   else "then kept fixed")
+        if chosen > strongest * (1 - SIGNAL_MARGIN):
+            voxel = {"show": False, "text": f"the voxel path's ridge predicts held-out conditions no better than its "
+                     f"strongest regularisation (validation relative error {chosen:.3f} vs. {strongest:.3f}), so it "
+                     f"carries no measurable signal"}
+        else:
+            voxel = {"show": True, "text": f"through the voxel path: ridge on training trials (alpha "
+                     f"{float(ridge['alpha']):g} chosen on validation; validation relative error {chosen:.3f} vs. "
+                     f"{strongest:.3f} at the strongest regularisation), {further}"}
+    return {"attention": attention, "voxel": voxel}
 
 
 def brain_map_png(importance, voxel_ijk, affine, volume_shape, title):

@@ -3,12 +3,16 @@
 One self-contained file a scientist can open and send: PNG figures are
 embedded as base64 ``data:`` URIs, the CSS is inline, there is no script and
 no external URL. Sections: header (subject, date, config name); the metrics
-table of ``metrics.json`` with confidence intervals, baselines and ceilings
-marked, n, k and chance stated and unavailable rows with their reason; image
-grids (model, ablation, ridge baseline, base generator given the true class);
-per-class accuracy and the confusion matrix; SC-MBM and fine-tuning curves;
-cross-attention maps over denoising steps; the attention-based brain map; and
-provenance (config, input hashes, software versions).
+table of ``metrics.json`` with confidence intervals, floors, baselines and
+ceilings marked, each column's ground truth in its header, n, k and chance
+stated, unavailable rows and withheld figures with their reason (a degenerate
+image classifier withholds every figure it computes); image grids (model,
+ablation, ridge baselines, the base generator's ceiling); per-class accuracy
+and the confusion matrix; SC-MBM and fine-tuning curves; cross-attention maps
+over denoising steps; the brain maps, each drawn only through a decoder path
+that was trained and carries signal, the path named (or the map left out with
+the reason: :func:`mindvis.report.brainmap.attribution_paths`); and provenance
+(config, input hashes, software versions).
 
 The same figures can be written as PNG files (``figures_dir``) so that
 Snakemake's ``report()`` can register them.
@@ -41,7 +45,8 @@ GRID_TITLES = {
     "dcldm": "DC-LDM (SC-MBM pretrained)",
     "dcldm-baseline": "DC-LDM without SC-MBM pretraining",
     "ridge": "Ridge fMRI -> VAE latent (baseline)",
-    "base-true-class": "Base generator given the true class (ceiling)",
+    "ridge-pixels": "Ridge fMRI -> pixels (baseline)",
+    "base-ceiling": "Base generator given the truth (ceiling)",
 }
 
 
@@ -98,14 +103,17 @@ def grid_figures(samples_paths):
         if path is None or not Path(path).exists():
             continue
         data = _load_samples(path)
-        grids.append({"id": row_id, "title": GRID_TITLES.get(row_id, row_id),
+        title = GRID_TITLES.get(row_id, row_id)
+        if row_id == "base-ceiling" and data["attrs"].get("method"):
+            title = f"{data['attrs']['method']} (ceiling)"  # what the base was given: the image or the class
+        grids.append({"id": row_id, "title": title,
                       "png": figures.image_grid_png(data["samples"], data["true_images"]),
                       "n_stimuli": int(data["samples"].shape[0]), "n_samples": int(data["samples"].shape[1])})
     return grids
 
 
-def attention_figures(samples, n_stimuli, responses, path):
-    """The cross-attention figure and the attention-based brain map of the model's samples.
+def attention_figures(samples, n_stimuli, responses, path, metrics=None):
+    """The cross-attention figure and the brain maps of the model's samples.
 
     Parameters
     ----------
@@ -114,36 +122,53 @@ def attention_figures(samples, n_stimuli, responses, path):
     n_stimuli : int
         Stimuli shown in the attention figure.
     responses : mindvis.data.responses.Responses or None
-        The grid for the brain map (None: no brain map).
+        The grid for the brain maps (None: no brain map).
     path : path
         The ``samples.h5``, named in errors.
+    metrics : dict, optional
+        The parsed ``metrics.json`` (whether the decoder carries signal).
 
     Returns
     -------
     dict
-        ``attention`` and ``brain`` PNG bytes (absent when not recorded), ``attention_stimuli`` (ids shown).
+        ``attention``, ``brain`` and ``brain_voxel`` PNG bytes (each absent when not drawn),
+        ``attention_stimuli`` (ids shown), ``brain_paths``: per map (``attention``, ``voxel``) ``show`` and
+        ``text``, the path it attributes importance through or why it is left out
+        (:func:`mindvis.report.brainmap.attribution_paths`).
     """
-    from mindvis.report.brainmap import brain_map_png, voxel_importance, voxel_path_importance
+    from mindvis.report.brainmap import attribution_paths, brain_map_png, voxel_importance, voxel_path_importance
 
+    attrs = samples["attrs"]
     attention = samples.get("attention")
-    if attention is None or attention["maps"].shape[1] == 0:
-        return {}
-    recorded = list(samples["stimulus_id"])
-    rows = [recorded.index(sid) for sid in attention["stimulus_id"]]
-    out = {"attention_stimuli": list(attention["stimulus_id"][:n_stimuli])}
-    out["attention"] = figures.attention_png(
-        attention["maps"], attention["timesteps"], samples["samples"][rows, 0], samples["true_images"][rows],
-        attention["stimulus_id"], n_stimuli)
-    if responses is not None:
-        attrs = samples["attrs"]
+    recorded_maps = attention is not None and attention["maps"].shape[1] > 0
+    out = {}
+    if recorded_maps:
+        recorded = list(samples["stimulus_id"])
+        rows = [recorded.index(sid) for sid in attention["stimulus_id"]]
+        out["attention_stimuli"] = list(attention["stimulus_id"][:n_stimuli])
+        out["attention"] = figures.attention_png(
+            attention["maps"], attention["timesteps"], samples["samples"][rows, 0], samples["true_images"][rows],
+            attention["stimulus_id"], n_stimuli)
+    paths = attribution_paths(attrs.get("model_dir"), metrics)
+    if responses is None:
+        for key in paths:
+            paths[key] = {"show": False, "text": "no responses.h5 was given: no voxel grid to draw on"}
+    if not recorded_maps and paths["attention"]["show"]:
+        paths["attention"] = {"show": False, "text": "the samples hold no recorded attention maps"}
+    if paths["attention"]["show"]:
         importance = voxel_importance(attention["maps"], attention["token_weights"], int(attrs["patch_size"]),
                                       responses.n_voxels, path=path)
         out["brain"] = brain_map_png(importance, responses.voxel_ijk, responses.affine, responses.volume_shape,
                                      "attention-based voxel importance (x mean)")
-        direct = voxel_path_importance(attrs["model_dir"]) if attrs.get("model_dir") else None
+    if paths["voxel"]["show"]:
+        direct = voxel_path_importance(attrs["model_dir"])
         if direct is not None and len(direct) == responses.n_voxels:
-            out["brain_voxel"] = brain_map_png(direct, responses.voxel_ijk, responses.affine, responses.volume_shape,
-                                               "voxel-path weight norm (x mean)")
+            out["brain_voxel"] = brain_map_png(direct, responses.voxel_ijk, responses.affine,
+                                               responses.volume_shape, "voxel-path weight norm (x mean)")
+        else:
+            paths["voxel"] = {"show": False, "text": f"the voxel path's width does not match the "
+                                                     f"{responses.n_voxels} voxels of responses.h5"}
+    out["brain_paths"] = paths
     return out
 
 
@@ -194,7 +219,7 @@ def build_report(metrics_path, out_path, *, config, samples=None, responses=None
         The resolved experiment config (its name goes in the header; ``evaluate.attention_stimuli``
         caps the stimuli of the attention figure).
     samples : dict of str -> path, optional
-        ``samples.h5`` per row id (``dcldm``, ``dcldm-baseline``, ``ridge``, ``base-true-class``);
+        ``samples.h5`` per row id (``dcldm``, ``dcldm-baseline``, ``ridge``, ``ridge-pixels``, ``base-ceiling``);
         missing files are skipped; ``dcldm``'s attention maps feed the attention figure and brain map.
     responses : path, optional
         The subject's ``responses.h5`` (voxel grid of the brain map).
@@ -226,7 +251,8 @@ def build_report(metrics_path, out_path, *, config, samples=None, responses=None
     if model_samples and Path(model_samples).exists():
         grid_responses = load_responses(responses, splits=()) if responses else None
         n_attention = int(config.get("evaluate", {}).get("attention_stimuli", config["generate"]["attention_stimuli"]))
-        attention = attention_figures(_load_samples(model_samples), n_attention, grid_responses, model_samples)
+        attention = attention_figures(_load_samples(model_samples), n_attention, grid_responses, model_samples,
+                                      metrics)
         drawn.update({key: attention[key] for key in ("attention", "brain", "brain_voxel") if key in attention})
 
     read = [metrics_path, responses, *samples.values(), *(curves or {}).values()]
@@ -241,6 +267,10 @@ def build_report(metrics_path, out_path, *, config, samples=None, responses=None
         "grids": [{**grid, "uri": data_uri(grid["png"])} for grid in grids],
         "figures": {name: data_uri(png) for name, png in drawn.items()},
         "attention_stimuli": attention.get("attention_stimuli", []),
+        "brain_paths": attention.get("brain_paths") or {
+            key: {"show": False, "text": "no samples of the model were found"} for key in ("attention", "voxel")},
+        "notes": tables.withheld_notes(metrics),
+        "withheld": tables.WITHHELD,
         "config_yaml": yaml.safe_dump(config, sort_keys=False),
         "input_hashes": {**(metrics.get("inputs") or {}), **_file_hashes(read)},
         "versions": {"evaluation": metrics.get("versions") or {}, "report": software_versions()},

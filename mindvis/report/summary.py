@@ -3,10 +3,13 @@
 One row per subject and a ``mean`` row (the mean over subjects of each
 column). Columns: for the model (``dcldm``) n-way top-1 as the mean over the k
 samples and as best-of-k, 2-way identification, PixCorr, SSIM and FID; for
-every baseline and ceiling of ``metrics.json`` its key metric, n-way top-1
-(mean of k), or, where a row has none, its top-1 against the labels. Numbers
-in the CSV are unrounded; the HTML and the printed table use
-:func:`mindvis.report.tables.format_value`.
+every floor, baseline and ceiling of ``metrics.json`` its key metric, n-way
+top-1 (mean of k), or, where a row has none, its top-1 against the labels,
+else its PixCorr. Numbers in the CSV are unrounded (empty where unavailable);
+the HTML and the printed table use :func:`mindvis.report.tables.format_value`
+and list below the table why each empty cell is empty (:func:`summary_notes`:
+an unavailable row, or a figure withheld, such as every figure of a classifier
+that cannot ground them).
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from mindvis.utils.io import atomic_path, software_versions
 MODEL_ROW = "dcldm"
 MODEL_METRICS = ("n_way_top1_mean", "n_way_top1_best_of_k", "two_way_id", "pixcorr", "ssim", "fid")
 # A baseline's or ceiling's key metric: the first of these it has.
-KEY_METRICS = ("n_way_top1_mean", "label_top1_mean")
+KEY_METRICS = ("n_way_top1_mean", "label_top1_mean", "pixcorr")
+# Where each subject's metrics.json lies relative to summary.csv (results/summary.csv).
+METRICS_BESIDE_SUMMARY = "{subject}/evaluation/metrics.json"
 
 
 def _key_metric(metrics, row_id):
@@ -73,6 +78,41 @@ def summary_table(metrics_list):
     return frame
 
 
+def summary_notes(metrics_list, frame):
+    """Why cells of the summary are empty, one line per subject and reason.
+
+    Parameters
+    ----------
+    metrics_list : list of dict
+        Parsed ``metrics.json`` of each subject.
+    frame : pandas.DataFrame
+        :func:`summary_table` (its columns ``{row_id}/{metric}``).
+
+    Returns
+    -------
+    list of str
+        ``"{subject}: {columns}: {reason}"``, columns named as the printed table names them.
+    """
+    lines = []
+    for metrics in metrics_list:
+        reasons = {}
+        for column in frame.columns:
+            row_id, metric = column.split("/", 1)
+            row = tables.row_by_id(metrics, row_id)
+            if row is None:
+                continue
+            entry = (row.get("metrics") or {}).get(metric)
+            if not row["available"]:
+                reason = f"row not available ({row.get('reason') or 'no reason given'})"
+            elif entry is not None and entry.get("value") is None and entry.get("reason"):
+                reason = f"withheld ({entry['reason']})"
+            else:
+                continue
+            reasons.setdefault(reason, []).append(column)
+        lines.extend(f"{metrics['subject']}: {', '.join(columns)}: {reason}" for reason, columns in reasons.items())
+    return lines
+
+
 def _formatted(frame):
     """The table with every number formatted as the report shows it."""
     out = frame.copy().astype(object)
@@ -82,8 +122,8 @@ def _formatted(frame):
     return out
 
 
-def summary_html(frame, title):
-    """A self-contained HTML page of the summary table (inline CSS, no script)."""
+def summary_html(frame, title, notes=()):
+    """A self-contained HTML page of the summary table (inline CSS, no script); ``notes``: :func:`summary_notes`."""
     versions = software_versions()
     written = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     formatted = _formatted(frame)
@@ -110,15 +150,28 @@ intervals: <code>results/&lt;subject&gt;/report.html</code>. Written {html.escap
 {html.escape(versions.get("mindvis", "?"))} (torch {html.escape(versions.get("torch", "?"))}).</p>
 <table><thead><tr><th>subject</th>{head}</tr></thead><tbody>
 {chr(10).join(body)}
-</tbody></table></body></html>
+</tbody></table>
+{_notes_html(notes)}</body></html>
 """
 
 
-def summary_text(frame):
-    """The table as plain text for the terminal: one line per ``row/metric``, one column per subject and the mean."""
+def _notes_html(notes):
+    if not notes:
+        return ""
+    items = "".join(f"<li>{html.escape(note)}</li>" for note in notes)
+    return f'<h2>Empty cells</h2><ul id="empty-cells">{items}</ul>'
+
+
+
+def summary_text(frame, notes=()):
+    """The table as plain text for the terminal: one line per ``row/metric``, one column per subject and the mean;
+    then why cells are empty (``notes``: :func:`summary_notes`)."""
     table = _formatted(frame).T
     table.index.name = "row/metric"
-    return table.to_string()
+    text = table.to_string()
+    if notes:
+        text += "\n\nEmpty cells (n/a):\n" + "\n".join(f"  {note}" for note in notes)
+    return text
 
 
 def write_summary(metrics_paths, csv_path, html_path, title="mindvis summary"):
@@ -128,17 +181,25 @@ def write_summary(metrics_paths, csv_path, html_path, title="mindvis summary"):
     -------
     pandas.DataFrame
     """
-    frame = summary_table([tables.load_metrics(path) for path in metrics_paths])
+    metrics_list = [tables.load_metrics(path) for path in metrics_paths]
+    frame = summary_table(metrics_list)
+    frame.attrs["notes"] = summary_notes(metrics_list, frame)
     with atomic_path(csv_path) as tmp:
         frame.to_csv(tmp, float_format="%.6g")
     with atomic_path(html_path) as tmp:
-        Path(tmp).write_text(summary_html(frame, title), encoding="utf-8")
+        Path(tmp).write_text(summary_html(frame, title, frame.attrs["notes"]), encoding="utf-8")
     return frame
 
 
 def read_summary(csv_path):
-    """Read ``summary.csv`` back (for printing it)."""
+    """Read ``summary.csv`` back (for printing it); ``attrs['notes']`` from the subjects' ``metrics.json`` beside it
+    (:data:`METRICS_BESIDE_SUMMARY`), where they exist."""
     csv_path = Path(csv_path)
     if not csv_path.exists():
         raise MindvisError("summary table not found", path=csv_path, fix="run `snakemake decode` first.")
-    return pd.read_csv(csv_path, index_col="subject")
+    frame = pd.read_csv(csv_path, index_col="subject")
+    paths = [csv_path.parent / METRICS_BESIDE_SUMMARY.format(subject=subject) for subject in frame.index
+             if subject != "mean"]
+    existing = [path for path in paths if path.exists()]
+    frame.attrs["notes"] = summary_notes([tables.load_metrics(path) for path in existing], frame) if existing else []
+    return frame

@@ -2,17 +2,20 @@
 
 One formatting rule for every place a metric is shown (the per-subject report,
 the summary table, the browser test that checks the report against
-``metrics.json``): :func:`format_value` and :func:`format_ci`.
+``metrics.json``): :func:`format_value` and :func:`format_ci`; a figure
+withheld with a reason shows as :data:`WITHHELD`, its reason listed once
+below the table (:func:`withheld_notes`).
 
 Layout of ``results/{subject}/evaluation/metrics.json`` (written by the
 ``evaluate`` stage): ``subject``, ``n_way``, ``trials``, ``n_samples``,
 ``n_stimuli``, ``chance``, ``ci_level``, ``n_bootstrap``, ``image_size``,
 ``classifier`` (``name``, ``n_classes``, ``held_out_accuracy``, ...),
 ``class_names``, ``rows`` (in a fixed order; each ``id``, ``label``, ``kind``
-in model / baseline / ceiling, ``available``, ``reason`` when not available,
-``metrics``: metric id -> ``{"value", "ci"}`` or null where it does not
-apply), ``per_class``, ``confusion``, ``per_stimulus``, ``inputs``,
-``config``, ``versions``, ``wall_time_s``.
+in floor / model / baseline / ceiling, ``available``, ``reason`` when not
+available, ``metrics``: metric id -> ``{"value", "ci"}``, null where it does
+not apply, or ``{"value": null, "reason"}`` where it is withheld),
+``per_class``, ``confusion``, ``per_stimulus``, ``inputs``, ``config``,
+``versions``, ``wall_time_s``.
 """
 
 from __future__ import annotations
@@ -22,16 +25,19 @@ from pathlib import Path
 
 from mindvis.errors import MindvisError
 
-# (metric id, column title, larger is better); definitions in mindvis.evaluate.metrics.
+# (metric id, column title, larger is better); definitions in mindvis.evaluate.metrics. Each title names the
+# column's one ground truth (mindvis.evaluate.table.GROUND_TRUTH).
 METRIC_COLUMNS = (
-    ("n_way_top1_mean", "n-way top-1 (mean of k)", True),
-    ("n_way_top1_best_of_k", "n-way top-1 (best of k)", True),
-    ("label_top1_mean", "top-1 vs. label (mean of k)", True),
-    ("two_way_id", "2-way identification", True),
-    ("pixcorr", "PixCorr", True),
-    ("ssim", "SSIM", True),
-    ("fid", "FID", False),
+    ("n_way_top1_mean", "n-way top-1 vs. classifier on true image (mean of k)", True),
+    ("n_way_top1_best_of_k", "n-way top-1 vs. classifier on true image (best of k)", True),
+    ("label_top1_mean", "top-1 vs. data label (mean of k)", True),
+    ("two_way_id", "2-way identification (classifier features)", True),
+    ("pixcorr", "PixCorr (true pixels)", True),
+    ("ssim", "SSIM (true pixels)", True),
+    ("fid", "FID (classifier features)", False),
 )
+#: How a figure withheld with a reason is shown.
+WITHHELD = "–"
 METRIC_TITLES = {metric: title for metric, title, _ in METRIC_COLUMNS}
 _REQUIRED_KEYS = ("subject", "n_way", "n_samples", "n_stimuli", "chance", "rows")
 # Decimals shown: FID is a distance in feature units, the rest are fractions or correlations.
@@ -88,6 +94,26 @@ def metric_columns(metrics):
     return [(metric, title, higher) for metric, title, higher in METRIC_COLUMNS if metric in present]
 
 
+def withheld_notes(metrics):
+    """The distinct reasons figures are withheld, numbered as the table's footnotes.
+
+    Returns
+    -------
+    list of dict
+        ``number`` (1, 2, ...), ``reason``, ``cells``: ``(row label, column title)`` of each withheld figure.
+    """
+    notes = {}
+    for row in metrics["rows"]:
+        if not row["available"]:
+            continue
+        for metric, title, _ in METRIC_COLUMNS:
+            entry = (row.get("metrics") or {}).get(metric)
+            if entry is not None and entry.get("value") is None and entry.get("reason"):
+                notes.setdefault(entry["reason"], []).append((row["label"], title))
+    return [{"number": number, "reason": reason, "cells": cells}
+            for number, (reason, cells) in enumerate(notes.items(), start=1)]
+
+
 def table_rows(metrics):
     """Rows of the report's metrics table.
 
@@ -95,16 +121,21 @@ def table_rows(metrics):
     -------
     list of dict
         ``id``, ``label``, ``kind``, ``available``, ``reason`` and ``cells``: one
-        ``{"metric", "value", "ci"}`` of formatted strings per column of :func:`metric_columns`.
+        ``{"metric", "value", "ci", "note"}`` of formatted strings per column of :func:`metric_columns`
+        (``note``: the number of the :func:`withheld_notes` entry of a withheld figure, else None).
     """
     columns = metric_columns(metrics)
+    numbers = {note["reason"]: note["number"] for note in withheld_notes(metrics)}
     out = []
     for row in metrics["rows"]:
         cells = []
         for metric, _, _ in columns:
             entry = (row.get("metrics") or {}).get(metric)
+            if entry is not None and entry.get("value") is None and entry.get("reason"):
+                cells.append({"metric": metric, "value": WITHHELD, "ci": "", "note": numbers.get(entry["reason"])})
+                continue
             cells.append({"metric": metric, "value": format_value(metric, entry and entry.get("value")),
-                          "ci": format_ci(metric, entry and entry.get("ci"))})
+                          "ci": format_ci(metric, entry and entry.get("ci")), "note": None})
         out.append({"id": row["id"], "label": row["label"], "kind": row["kind"], "available": row["available"],
                     "reason": row.get("reason", ""), "cells": cells})
     return out

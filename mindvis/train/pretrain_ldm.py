@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from mindvis.data.image_corpus import load_image_corpus
 from mindvis.data.images import images_to_tensor
 from mindvis.data.stimuli import load_stimulus_set
 from mindvis.errors import MindvisError
@@ -115,25 +116,32 @@ class _Tensors:
         return {name: tensor[indices] for name, tensor in self.tensors.items()}
 
 
-def image_corpus(stimulus_set, val_images, seed):
-    """Training images (pool + train) and held-out images, as uint8 arrays with labels (-1 where unknown).
+def image_corpus(stimulus_set, val_images, seed, corpus=None):
+    """Training images and held-out images, as uint8 arrays with labels (-1 where unknown).
+
+    The corpus is the stimulus file's pool (``corpus`` None), or an external
+    :class:`~mindvis.data.image_corpus.ImageCorpus`; the held-out images come
+    from it (from the training images when it is empty), and the stimulus
+    file's training images are always added to the training images. Test
+    images are never read.
 
     Returns ``(images, labels, val_images, val_labels)``; held-out labels only score samples.
     """
     pool, train = stimulus_set.splits["pool"], stimulus_set.splits["train"]
-    if not len(pool):
+    extra_images, extra_labels = (pool.images, pool.label) if corpus is None else (corpus.images, corpus.labels)
+    if not len(extra_images):
         # Real data sets (GOD, NSD, ...) have no pool: the held-out images come from the training images.
         n_val = min(int(val_images), len(train) // 5)
         order = np.random.default_rng(seed).permutation(len(train))
         val_rows, train_rows = np.sort(order[:n_val]), np.sort(order[n_val:])
         return (train.images[train_rows], train.label[train_rows].astype(np.int64), train.images[val_rows],
                 train.label[val_rows].astype(np.int64))
-    n_val = min(int(val_images), len(pool) // 5)
-    order = np.random.default_rng(seed).permutation(len(pool))
+    n_val = min(int(val_images), len(extra_images) // 5)
+    order = np.random.default_rng(seed).permutation(len(extra_images))
     val_rows, pool_rows = np.sort(order[:n_val]), np.sort(order[n_val:])
-    images = np.concatenate([pool.images[pool_rows], train.images])
-    labels = np.concatenate([pool.label[pool_rows].astype(np.int64), train.label.astype(np.int64)])
-    return images, labels, pool.images[val_rows], pool.label[val_rows].astype(np.int64)
+    images = np.concatenate([extra_images[pool_rows], train.images])
+    labels = np.concatenate([np.asarray(extra_labels)[pool_rows].astype(np.int64), train.label.astype(np.int64)])
+    return images, labels, extra_images[val_rows], np.asarray(extra_labels)[val_rows].astype(np.int64)
 
 
 @torch.no_grad()
@@ -345,7 +353,14 @@ def pretrain_ldm(config, stimuli, out_dir, classifier_dir=None, resume=False):
     stimulus_set = load_stimulus_set(stimuli)
     image_size = ldm["image_size"] or int(stimulus_set.splits["train"].images.shape[1])
     channels = int(stimulus_set.splits["train"].images.shape[3])
-    raw_images, labels, raw_val, val_labels = image_corpus(stimulus_set, ldm["val_images"], seed)
+    corpus = None
+    if ldm["corpus"] != "stimuli":
+        # At the stimulus images' own size, so both concatenate; all are resized to image_size below.
+        corpus = load_image_corpus(ldm["corpus"], int(stimulus_set.splits["train"].images.shape[1]), channels,
+                                   pad_fraction=ldm["corpus_border"])
+        log.info("pretrain_ldm: corpus %s (%d images, sha256 %s)", corpus.source, len(corpus.images),
+                 corpus.sha256[:12])
+    raw_images, labels, raw_val, val_labels = image_corpus(stimulus_set, ldm["val_images"], seed, corpus)
     images = images_to_tensor(raw_images, image_size, channels)
     val_images = images_to_tensor(raw_val, image_size, channels) if len(raw_val) else images[:0]
     log.info("pretrain_ldm: %d training images (%d labelled), %d held out, %d px, %d channel(s)", len(images),
@@ -364,7 +379,10 @@ def pretrain_ldm(config, stimuli, out_dir, classifier_dir=None, resume=False):
     unet_result = train_unet(generator, images, labels, val_images, ldm, seed, out_dir, config, resume)
     timings["unet_s"] = round(time.perf_counter() - tick, 2)
 
-    metrics = {"stage": "pretrain_ldm", "n_train_images": len(images), "n_labelled": int((labels >= 0).sum()),
+    metrics = {"stage": "pretrain_ldm", "corpus": {"spec": ldm["corpus"], "source": corpus.source,
+                                                   "sha256": corpus.sha256, "n_images": len(corpus.images)}
+               if corpus is not None else {"spec": "stimuli", "source": str(stimuli)},
+               "n_train_images": len(images), "n_labelled": int((labels >= 0).sum()),
                "n_val_images": len(val_images), "image_size": image_size, "latent_shape": generator.latent_shape(1)[1:],
                "scaling_factor": generator.scaling_factor, "n_parameters": n_params,
                "vae": {"best": vae_result["best"], "steps": vae_result["step"]},

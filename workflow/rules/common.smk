@@ -165,7 +165,12 @@ def hcp_inputs(wildcards):
 
 
 # -- DC-LDM (workflow/rules/pretrain_ldm.smk, finetune.smk, generate.smk) --
-CLASSIFIER = "results/classifier"
+# classifier.weights: null -> trained here (train_classifier); 'bundled' -> shipped with mindvis; else a folder.
+from mindvis.models.bundled import BUNDLED, BUNDLED_CLASSIFIER, BUNDLED_PRIOR, resolve_bundled
+
+CLASSIFIER_TRAINED = config["classifier"]["weights"] is None
+CLASSIFIER = ("results/classifier" if CLASSIFIER_TRAINED
+              else str(resolve_bundled(config["classifier"]["weights"], BUNDLED_CLASSIFIER, "classifier.weights")))
 
 
 def _uses_domain_classifier():
@@ -189,9 +194,11 @@ def classifier_input(wildcards):
 def classifier_flag(wildcards, input):
     """Params function: --classifier <folder> when the domain classifier is an input, else nothing."""
     return f"--classifier {Path(input.classifier).parent}" if input.get("classifier") else ""
-# 'embedded': the base generator is trained by pretrain_ldm; otherwise ldm.base is a Stable Diffusion folder.
+# 'embedded': the prior is trained by pretrain_ldm; 'bundled': the one shipped with mindvis (hash-checked
+# here); otherwise ldm.base is a folder (a prior written by pretrain_ldm, or a Stable Diffusion).
 LDM_EMBEDDED = config["ldm"]["base"] == "embedded"
-LDM_BASE = "results/pretrain/ldm" if LDM_EMBEDDED else config["ldm"]["base"]
+LDM_BASE = ("results/pretrain/ldm" if LDM_EMBEDDED
+            else str(resolve_bundled(config["ldm"]["base"], BUNDLED_PRIOR, "ldm.base")))
 # Fine-tuned decoders per subject: with SC-MBM pretraining, and the no-pretraining ablation if asked.
 DCLDM_VARIANTS = {"dcldm": "samples"}
 if config["finetune"]["baseline"]:
@@ -199,8 +206,8 @@ if config["finetune"]["baseline"]:
 
 
 def ldm_base_input(wildcards):
-    """Input function: the base generator a fine-tuning job needs (none to build for an external SD folder)."""
-    return f"{LDM_BASE}/generator.json" if LDM_EMBEDDED else []
+    """Input function: the base generator a fine-tuning job needs (none to build for an external folder)."""
+    return f"{LDM_BASE}/generator.json" if LDM_EMBEDDED or config["ldm"]["base"] == BUNDLED else []
 
 
 def output_dir(wildcards, output):
@@ -219,7 +226,7 @@ def input_dir(key):
 
 def ldm_base_dir(wildcards, input):
     """Params function: the base generator folder (pretrain_ldm's output, or the configured SD folder)."""
-    return str(Path(input.base).parent) if LDM_EMBEDDED else LDM_BASE
+    return str(Path(input.base).parent) if input.get("base") else LDM_BASE
 
 
 def encoder_flag(wildcards, input):

@@ -11,7 +11,7 @@ rule evaluate:
         base=ldm_base_input,
         classifier=classifier_input,
     output:
-        # Also written: ridge/ and base-true-class/ (samples.h5 + grid.png) when those rows are available.
+        # Also written: ridge/, ridge-pixels/ and base-ceiling/ (samples.h5 + grid.png) when those rows are available.
         metrics="results/{subject}/evaluation/metrics.json",
     conda:
         "../envs/mindvis.yaml"

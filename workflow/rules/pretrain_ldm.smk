@@ -3,7 +3,7 @@
 # data), and the domain classifier that scores generated images when evaluate.classifier picks it
 # (an ImageNet classifier is not trained here). Test images are never read for training.
 
-if DOMAIN_CLASSIFIER:
+if DOMAIN_CLASSIFIER and CLASSIFIER_TRAINED:
 
     rule train_classifier:
         """Domain classifier on the training images (part held out): results/classifier/."""
@@ -34,13 +34,14 @@ if DOMAIN_CLASSIFIER:
 
 
 rule pretrain_ldm:
-    """Base generator for ldm.base: embedded (vae/, unet/, scheduler/, class_conditioner/ + metrics.json).
+    """The image prior for ldm.base: embedded (vae/, unet/, scheduler/, image_conditioner/ + metrics.json).
 
-    It does not wait for the classifier (the longest stage starts first): its class-conditioned samples
-    are scored by the evaluate stage (row base-true-class), or by `mindvis pretrain-ldm --classifier`.
+    It does not wait for the classifier (the longest stage starts first): its ceiling samples are scored
+    by the evaluate stage (row base-ceiling), or by `mindvis pretrain-ldm --classifier`.
     """
     input:
         stimuli=LDM_STIMULI,
+        corpus=[] if config["ldm"]["corpus"] == "stimuli" else config["ldm"]["corpus"],
     output:
         generator="results/pretrain/ldm/generator.json",
         # class_samples.png is written too, when the stimuli have classes (NSD has none).
