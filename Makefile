@@ -61,7 +61,7 @@ prior: $(STAMP)
 	$(BIN)/mindvis pretrain-ldm --config $(PRIOR_CONFIG) --stimuli $(PRIOR_DIR)/stimuli.h5 \
 		--out-dir $(PRIOR_DIR)/ldm --threads 1
 	$(BIN)/python benchmarks/prior_quality.py --config $(PRIOR_CONFIG) --stimuli $(PRIOR_DIR)/stimuli.h5 \
-		--prior $(PRIOR_DIR)/ldm --classifier $(PRIOR_DIR)/classifier --out benchmarks/results/prior.json
+		--prior $(PRIOR_DIR)/ldm --classifier $(PRIOR_DIR)/classifier --out benchmarks/results/prior.json --n 2000
 	$(BIN)/mindvis bundle --config $(PRIOR_CONFIG) --kind classifier --source $(PRIOR_DIR)/classifier \
 		--stimuli $(PRIOR_DIR)/stimuli.h5 --quality benchmarks/results/prior.json --command "make prior"
 	$(BIN)/mindvis bundle --config $(PRIOR_CONFIG) --kind prior --source $(PRIOR_DIR)/ldm \

@@ -20,7 +20,8 @@ import json
 import sys
 from pathlib import Path
 
-COLUMNS = ("n_way_top1_mean", "n_way_top1_best_of_k", "label_top1_mean", "two_way_id", "pixcorr", "ssim", "fid")
+COLUMNS = ("n_way_top1_mean", "n_way_top1_best_of_k", "label_top1_mean", "two_way_id", "two_way_id_pixels", "pixcorr",
+           "ssim", "fid")
 #: Result parts of metrics.json (the rest records paths, timings and versions).
 RESULT_KEYS = ("rows", "per_stimulus", "per_class", "confusion")
 WEIGHTS = ("pretrain/mbm/*.safetensors", "classifier/*.safetensors", "pretrain/ldm/*/*.safetensors",
@@ -66,7 +67,7 @@ def tables(run, out=sys.stdout):
         print(file=out)
     print(f"Mean over the {len(files)} subjects:", file=out)
     for (row, key), values in means.items():
-        if key in ("n_way_top1_mean", "n_way_top1_best_of_k", "two_way_id", "pixcorr", "ssim"):
+        if key in ("n_way_top1_mean", "n_way_top1_best_of_k", "two_way_id", "two_way_id_pixels", "pixcorr", "ssim"):
             print(f"- {row} {key}: {sum(values) / len(values):.3f}", file=out)
 
 

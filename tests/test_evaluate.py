@@ -33,7 +33,7 @@ def _write_samples(path, stimulus_set, samples, seeds, subject="sub-01"):
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """Stimuli (3 classes, 9 test images), responses, a tiny untrained class-conditioned base, a domain
-    classifier (24 held-out images: enough to show it is above chance) and samples: the model's are the true
+    classifier (30 held-out training and pool images: enough to show it is above chance) and samples: the model's are the true
     images plus noise; the ablation's are another stimulus's images."""
     from mindvis.train.classifier import train_classifier
     from mindvis.models.ldm import save_generator
@@ -75,7 +75,8 @@ def test_metrics_json_has_every_contract_key_and_rows_in_order(workspace):
                 "image_size", "classifier", "ground_truth", "class_names", "rows", "per_class", "confusion",
                 "per_stimulus", "inputs", "config", "versions", "wall_time_s"):
         assert key in written, key
-    assert written["classifier"]["usable"] and written["classifier"]["check"]["n_val"] == 24
+    # Half of the 48 training images and of the labelled pool images held out (val_fraction 0.5).
+    assert written["classifier"]["usable"] and written["classifier"]["check"]["n_val"] == 30
     assert written["n_way"] == 3 and written["chance"] == pytest.approx(1 / 3) and written["n_stimuli"] == 9
     assert written["image_size"] == 16 and written["n_samples"] == N_SAMPLES
     assert set(written["classifier"]) >= {"name", "n_classes", "held_out_accuracy", "test_label_accuracy"}
@@ -397,6 +398,7 @@ def test_a_constant_classifier_makes_its_figures_unavailable_not_perfect(workspa
     assert rows["dcldm"]["metrics"]["n_way_top1_mean"]["reason"]
     assert rows["dcldm"]["metrics"]["fid"]["reason"] and rows["mean-train-image"]["metrics"]["two_way_id"]["reason"]
     assert rows["dcldm"]["metrics"]["pixcorr"]["value"] > 0.9  # pixel metrics need no classifier
+    assert rows["dcldm"]["metrics"]["two_way_id_pixels"]["value"] > 0.9  # nor does 2-way on pixels
     assert rows["fmri-linear"]["metrics"]["label_top1_mean"]["value"] >= 0.8  # nor does the fMRI probe
     assert rows["chance"]["metrics"]["label_top1_mean"]["value"] == pytest.approx(1 / 3)
     assert set(written["confusion"]) == {"fmri-linear"}  # the image rows' would be the classifier's one class
@@ -482,6 +484,7 @@ def test_shuffled_pairs_floor_equals_a_hand_computed_value():
     np.testing.assert_allclose(values["pixcorr"].mean(), -1 / 3, atol=1e-12)
     # 2-way: only the stimulus whose shuffled image is the opposite of another truth wins, once in two.
     assert values["two_way_id"].mean() == pytest.approx(1 / 6)
+    assert values["two_way_id_pixels"].mean() <= 0.5  # no better than guessing against wrong truths
     assert values["n_way_top1_mean"].tolist() == [0, 0, 0] and values["label_top1_mean"].tolist() == [0, 0, 0]
     from skimage.metrics import structural_similarity
 

@@ -134,7 +134,10 @@ def test_domain_classifier_learns_the_stimulus_classes(tmp_path):
     config = tiny_config()
     config["classifier"] = {"epochs": 20, "widths": [8, 16], "batch_size": 10, "lr": 0.01}
     metrics = train_classifier(config, tmp_path / "stimuli.h5", tmp_path / "clf")
-    assert metrics["n_val"] == 6 and metrics["n_train"] == 30  # held out from the training images only
+    # Trained on the training images and the labelled pool images (a stratified part held out), never test.
+    n_labelled_pool = int((stimuli.splits["pool"].label >= 0).sum())
+    assert metrics["n_pool_images"] == n_labelled_pool
+    assert metrics["n_val"] + metrics["n_train"] == 36 + n_labelled_pool and metrics["n_val"] >= 6
     classifier = load_classifier(tmp_path / "clf")
     test = stimuli.splits["test"]
     accuracy = top1_accuracy(classifier, test.images, test.label)

@@ -46,8 +46,8 @@ def _entry(rng, metric):
 def contract_metrics(rng, subject="sub-01", n_stimuli=6, n_samples=2, classifier_reason=None):
     """A ``metrics.json`` in the evaluate stage's contract format, with random numbers (``classifier_reason``:
     the classifier's figures withheld for it)."""
-    image_metrics = ["n_way_top1_mean", "n_way_top1_best_of_k", "label_top1_mean", "two_way_id", "pixcorr", "ssim",
-                     "fid"]
+    image_metrics = ["n_way_top1_mean", "n_way_top1_best_of_k", "label_top1_mean", "two_way_id", "two_way_id_pixels",
+                     "pixcorr", "ssim", "fid"]
     rows = []
     for row_id, label, kind in ROWS:
         row = {"id": row_id, "label": label, "kind": kind, "available": True}

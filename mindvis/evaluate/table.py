@@ -33,7 +33,8 @@ Image rows are scored by the same image classifier with the same metrics
 * ``label_top1_mean``: top-1 against the data set's label (image rows: the
   classifier's argmax, when its classes are the data set's; ``fmri-linear``:
   the fMRI probe's);
-* ``two_way_id`` (on classifier features), ``pixcorr``, ``ssim`` (MindEye,
+* ``two_way_id`` (on classifier features), ``two_way_id_pixels`` (on the pixels
+  PixCorr compares: independent of the classifier), ``pixcorr``, ``ssim`` (MindEye,
   Scotti et al., NeurIPS 2023, Sec. 3.1; Brain-Diffuser, Ozcelik & VanRullen,
   Sci. Rep. 2023, "Evaluation"), per sample and averaged over the k samples;
   ``fid`` (Heusel et al., NeurIPS 2017) on classifier features of all samples.
@@ -57,8 +58,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from mindvis.evaluate.classifier_check import CLASSIFIER_METRICS
-from mindvis.evaluate.metrics import (best_of_k, bootstrap_ci, fid, n_way_top1, pixcorr, resolve_n_way, ssim,
-                                      two_way_identification)
+from mindvis.evaluate.metrics import (best_of_k, bootstrap_ci, fid, n_way_top1, pixcorr, prepare_images,
+                                      resolve_n_way, ssim, two_way_identification)
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +79,15 @@ ROWS = (
 #: Labels of the base-ceiling row, by how the base generator is conditioned.
 BASE_CEILING_LABELS = {"image": "Prior given the true image's embedding",
                        "class": "Base generator given the true class"}
-METRICS = ("n_way_top1_mean", "n_way_top1_best_of_k", "label_top1_mean", "two_way_id", "pixcorr", "ssim", "fid")
+METRICS = ("n_way_top1_mean", "n_way_top1_best_of_k", "label_top1_mean", "two_way_id", "two_way_id_pixels",
+           "pixcorr", "ssim", "fid")
 #: The one ground truth of each column.
 GROUND_TRUTH = {
     "n_way_top1_mean": "the classifier's top-1 on the true image (MinD-Vis's protocol)",
     "n_way_top1_best_of_k": "the classifier's top-1 on the true image (MinD-Vis's protocol)",
     "label_top1_mean": "the data set's label",
     "two_way_id": "the true image's classifier features",
+    "two_way_id_pixels": "the true image's pixels (no classifier)",
     "pixcorr": "the true image's pixels",
     "ssim": "the true image's pixels",
     "fid": "the true images' classifier features (as a set)",
@@ -194,9 +197,12 @@ def score_images(classifier, images, reference):
     probs = probs.reshape(n_stimuli, n_samples, -1)
     features = features.reshape(n_stimuli, n_samples, -1)
     values, predicted = class_scores(probs, reference.gt_class, reference, reference.label_space)
-    per_sample = {"two_way_id": [], "pixcorr": [], "ssim": []}
+    per_sample = {"two_way_id": [], "two_way_id_pixels": [], "pixcorr": [], "ssim": []}
+    true_pixels = prepare_images(reference.images, reference.image_size).reshape(len(reference.images), -1)
     for j in range(n_samples):
         per_sample["two_way_id"].append(two_way_identification(features[:, j], reference.features))
+        pixels = prepare_images(images[:, j], reference.image_size).reshape(n_stimuli, -1)
+        per_sample["two_way_id_pixels"].append(two_way_identification(pixels, true_pixels))
         per_sample["pixcorr"].append(pixcorr(images[:, j], reference.images, reference.image_size))
         per_sample["ssim"].append(ssim(images[:, j], reference.images, reference.image_size))
     values.update({key: np.stack(rows, axis=1).mean(axis=1) for key, rows in per_sample.items()})
@@ -320,7 +326,7 @@ def chance_metrics(n_way, n_samples, n_classes, n_label_classes, has_labels, tri
         best_note = (f"best-of-k simulated ({CHANCE_DRAWS} stimuli of random class probabilities through the same "
                      f"n-way trials; interval: 95% Monte Carlo), as each sample's n-way score is a rate over "
                      f"trials, not a success or failure")
-    metrics.update({"n_way_top1_mean": exact(1 / n_way), "two_way_id": exact(0.5),
+    metrics.update({"n_way_top1_mean": exact(1 / n_way), "two_way_id": exact(0.5), "two_way_id_pixels": exact(0.5),
                     "pixcorr": withheld(NO_PIXEL_CHANCE), "ssim": withheld(NO_PIXEL_CHANCE)})
     if has_labels:
         metrics["label_top1_mean"] = exact(1 / n_label_classes)
@@ -430,7 +436,8 @@ def make_reference(classifier, samples, settings, seed, n_classes_match):
 def log_table(rows, n_way, n_samples):
     """Log the table compactly: one line per row, value [CI] per metric."""
     short = {"n_way_top1_mean": f"{n_way}-way", "n_way_top1_best_of_k": f"best{n_samples}",
-             "label_top1_mean": "label", "two_way_id": "2-way", "pixcorr": "PixCorr", "ssim": "SSIM", "fid": "FID"}
+             "label_top1_mean": "label", "two_way_id": "2-way", "two_way_id_pixels": "2-way px",
+             "pixcorr": "PixCorr", "ssim": "SSIM", "fid": "FID"}
     lines = [f"{'row':<16}" + "".join(f"{name:>20}" for name in short.values())]
     for row in rows:
         cells = []

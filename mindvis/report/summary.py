@@ -26,7 +26,8 @@ from mindvis.report import tables
 from mindvis.utils.io import atomic_path, software_versions
 
 MODEL_ROW = "dcldm"
-MODEL_METRICS = ("n_way_top1_mean", "n_way_top1_best_of_k", "two_way_id", "pixcorr", "ssim", "fid")
+MODEL_METRICS = ("n_way_top1_mean", "n_way_top1_best_of_k", "two_way_id", "two_way_id_pixels", "pixcorr", "ssim",
+                 "fid")
 # A baseline's or ceiling's key metric: the first of these it has.
 KEY_METRICS = ("n_way_top1_mean", "label_top1_mean", "pixcorr")
 # Where each subject's metrics.json lies relative to summary.csv (results/summary.csv).

@@ -32,6 +32,7 @@ METRIC_COLUMNS = (
     ("n_way_top1_best_of_k", "n-way top-1 vs. classifier on true image (best of k)", True),
     ("label_top1_mean", "top-1 vs. data label (mean of k)", True),
     ("two_way_id", "2-way identification (classifier features)", True),
+    ("two_way_id_pixels", "2-way identification (pixels)", True),
     ("pixcorr", "PixCorr (true pixels)", True),
     ("ssim", "SSIM (true pixels)", True),
     ("fid", "FID (classifier features)", False),

@@ -57,7 +57,7 @@ def stratified_holdout(labels, fraction, seed):
 
 
 def train_classifier(config, stimuli_path, out_dir, resume=False):
-    """Train the domain classifier on the training images; write it to ``out_dir``.
+    """Train the domain classifier on the training images and the labelled pool images; write it to ``out_dir``.
 
     Parameters
     ----------
@@ -65,7 +65,8 @@ def train_classifier(config, stimuli_path, out_dir, resume=False):
         The experiment config; its ``classifier`` section holds the
         training settings (schema defaults fill what it leaves out).
     stimuli_path : str or Path
-        ``stimuli.h5``; only its ``train`` split is read for training.
+        ``stimuli.h5``; its ``train`` split and the labelled images of its ``pool`` are read for
+        training (a stratified part held out), never ``test``.
     out_dir : str or Path
 
     Returns
@@ -78,12 +79,17 @@ def train_classifier(config, stimuli_path, out_dir, resume=False):
     seed = derive_seed(config["seed"], "classifier")
     seed_everything(seed)
     stimuli = load_stimulus_set(stimuli_path)
-    train = stimuli.splits["train"]
-    held = stratified_holdout(train.label, settings["val_fraction"], seed)
+    train, pool = stimuli.splits["train"], stimuli.splits["pool"]
+    # The labelled pool images too (never shown in the experiment, never test images): more images to learn
+    # from and to hold out, so that the held-out accuracy the evaluation checks is measured on more than a few.
+    labelled_pool = pool.label >= 0
+    all_images = np.concatenate([train.images, pool.images[labelled_pool]])
+    all_labels = np.concatenate([train.label, pool.label[labelled_pool]]).astype(np.int64)
+    held = stratified_holdout(all_labels, settings["val_fraction"], seed)
     model = DomainClassifier(image_size=int(train.images.shape[1]), in_channels=int(train.images.shape[3]),
                              n_classes=stimuli.n_classes, widths=tuple(settings["widths"]))
-    images = model.prepare(train.images)
-    labels = torch.from_numpy(train.label.astype(np.int64))
+    images = model.prepare(all_images)
+    labels = torch.from_numpy(all_labels)
     data = _ImageData(images[~held], labels[~held])
     val_images, val_labels = images[held], labels[held]
 
@@ -108,7 +114,8 @@ def train_classifier(config, stimuli_path, out_dir, resume=False):
     model.save_pretrained(out_dir)
     test = stimuli.splits["test"]
     metrics = {
-        "val_accuracy": top1_accuracy(model, train.images[held], train.label[held]),
+        "val_accuracy": top1_accuracy(model, all_images[held], all_labels[held]),
+        "n_pool_images": int(labelled_pool.sum()),
         "n_train": int((~held).sum()), "n_val": int(held.sum()),
         # Reported only (the classifier ceiling); nothing is chosen on it.
         "test_accuracy": top1_accuracy(model, test.images, test.label),
