@@ -20,7 +20,7 @@ BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.mindvis-installed
 TEST_STAMP := $(VENV)/.mindvis-test-installed
 
-.PHONY: decode test lint bench clean-results browser prior
+.PHONY: decode test lint bench clean-results browser prior fashion-mnist
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -66,6 +66,12 @@ prior: $(STAMP)
 		--stimuli $(PRIOR_DIR)/stimuli.h5 --quality benchmarks/results/prior.json --command "make prior"
 	$(BIN)/mindvis bundle --config $(PRIOR_CONFIG) --kind prior --source $(PRIOR_DIR)/ldm \
 		--stimuli $(PRIOR_DIR)/stimuli.h5 --quality benchmarks/results/prior.json --command "make prior"
+
+# Debian's full Fashion-MNIST (30 MB, Expat): the stimuli of the README's figures and the corpus of
+# `make prior`; without it the committed subset (mindvis/data/assets/fashion-mnist/) is used.
+fashion-mnist:
+	test -d /usr/share/datasets/fashion-mnist || { $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq dataset-fashion-mnist; }
 
 lint: $(TEST_STAMP)
 	$(BIN)/lint-imports
