@@ -112,23 +112,25 @@ def ridge_images(generator, responses, stimulus_set, fmri, alphas, batch_size=64
         From :func:`mindvis.models.linear.fit_ridge` (mean squared error of the scaled latents), plus
         ``latent_dim``.
     """
-    train = paired_trials(responses["train"], stimulus_set, generator.image_size, generator.image_channels)
-    val = paired_trials(responses["val"], stimulus_set, generator.image_size, generator.image_channels)
-    train_latents = vae_latents(generator, train.images, batch_size)
-    val_latents = vae_latents(generator, val.images, batch_size)
-    model, info = fit_ridge(train.fmri.numpy(), train_latents, val.fmri.numpy(), val_latents, alphas, error="mse",
-                            what="ridge fMRI -> VAE latent")
-    predicted = model.predict(np.asarray(fmri, np.float32)) if len(fmri) else np.zeros((0, train_latents.shape[1]))
-    info["latent_dim"] = int(train_latents.shape[1])
+    predicted, info = _ridge_predict(responses, stimulus_set, fmri, alphas, generator.image_size,
+                                     generator.image_channels, lambda images: vae_latents(generator, images, batch_size),
+                                     "ridge fMRI -> VAE latent")
+    info["latent_dim"] = int(predicted.shape[1])
     return decode_latents(generator, predicted, batch_size), info
 
 
+def _ridge_predict(responses, stimulus_set, fmri, alphas, image_size, image_channels, targets, what):
+    """Pair the train and val trials with their images, fit ridge fMRI -> ``targets(images)`` (alpha on val
+    by mean squared error) and predict each row of ``fmri``: float [N, T] and the fit's info."""
+    train = paired_trials(responses["train"], stimulus_set, image_size, image_channels)
+    val = paired_trials(responses["val"], stimulus_set, image_size, image_channels)
+    y_train, y_val = targets(train.images), targets(val.images)
+    model, info = fit_ridge(train.fmri.numpy(), y_train, val.fmri.numpy(), y_val, alphas, error="mse", what=what)
+    predicted = model.predict(np.asarray(fmri, np.float32)) if len(fmri) else np.zeros((0, y_train.shape[1]))
+    return predicted, info
+
+
 # -- ridge into pixels, and the mean training image --------------------------------
-
-def _pixels(pairs):
-    """float32 [N, C * S * S] in [-1, 1]: the images of fMRI-image pairs, flattened."""
-    return pairs.images.flatten(1).numpy()
-
 
 def pixel_ridge_images(responses, stimulus_set, fmri, alphas, image_size, image_channels):
     """Ridge fMRI -> pixels end to end: fit on train (alpha on val by pixel MSE), predict each row of ``fmri``.
@@ -153,12 +155,9 @@ def pixel_ridge_images(responses, stimulus_set, fmri, alphas, image_size, image_
     if image_size > MAX_PIXEL_RIDGE_SIDE:
         raise MindvisError(f"images of {image_size} px: the pixel ridge is fitted only up to "
                            f"{MAX_PIXEL_RIDGE_SIDE} px a side", key="evaluate")
-    train = paired_trials(responses["train"], stimulus_set, image_size, image_channels)
-    val = paired_trials(responses["val"], stimulus_set, image_size, image_channels)
-    model, info = fit_ridge(train.fmri.numpy(), _pixels(train), val.fmri.numpy(), _pixels(val), alphas,
-                            error="mse", what="ridge fMRI -> pixels")
+    predicted, info = _ridge_predict(responses, stimulus_set, fmri, alphas, image_size, image_channels,
+                                     lambda images: images.flatten(1).numpy(), "ridge fMRI -> pixels")
     shape = (image_channels, image_size, image_size)
-    predicted = model.predict(np.asarray(fmri, np.float32)) if len(fmri) else np.zeros((0, int(np.prod(shape))))
     info["n_pixels"] = int(np.prod(shape))
     return tensor_to_images(torch.as_tensor(predicted, dtype=torch.float32).reshape(-1, *shape)), info
 

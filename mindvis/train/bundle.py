@@ -43,7 +43,7 @@ def corpus_record(config, stimuli):
     """Where the training images came from: the Fashion-MNIST files' SHA-256 (training file; test file held out)."""
     folder = Path(config["stimuli"]["fashion_mnist_dir"])
     record = {"stimuli_file": str(stimuli), "fashion_mnist_dir": str(folder), "files": {}}
-    for part, names in FASHION_MNIST_FILES.items():
+    for names in FASHION_MNIST_FILES.values():
         for name in names:
             if (folder / name).exists():
                 record["files"][name] = sha256_file(folder / name)

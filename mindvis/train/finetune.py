@@ -338,10 +338,8 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, c
         raise MindvisError("no training trials", path=responses, key="train", fix="check the preprocessing output.")
     ridge_report = None
     if model.conditioner.voxel_map is not None and settings["ridge_init"] and generator.conditioner is not None:
-        y_train, _ = condition_targets(generator, train_trials.images, train_trials.labels)
+        y_train, train_known = condition_targets(generator, train_trials.images, train_trials.labels)
         y_val, val_known = condition_targets(generator, val_trials.images, val_trials.labels)
-        train_known = (train_trials.labels >= 0).numpy() if generator.image_conditioner is None \
-            else np.ones(len(train_trials), bool)
         if len(y_train) < 2:
             log.warning("only %d training trials of known class: the voxel path starts at zero instead of from "
                         "ridge (a class-conditioned base on a data set without classes)", len(y_train))
