@@ -20,7 +20,7 @@ BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.mindvis-installed
 TEST_STAMP := $(VENV)/.mindvis-test-installed
 
-.PHONY: decode test lint bench clean-results browser prior fashion-mnist
+.PHONY: decode test lint bench clean-results browser prior fashion-mnist sc-mbm sc-mbm-corpus
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -66,6 +66,30 @@ prior: $(STAMP)
 		--stimuli $(PRIOR_DIR)/stimuli.h5 --quality benchmarks/results/prior.json --command "make prior"
 	$(BIN)/mindvis bundle --config $(PRIOR_CONFIG) --kind prior --source $(PRIOR_DIR)/ldm \
 		--stimuli $(PRIOR_DIR)/stimuli.h5 --quality benchmarks/results/prior.json --command "make prior"
+
+# Retrain the shipped SC-MBM encoder (mindvis/models/assets/sc-mbm-sim/, about 50 minutes at 1 thread): simulate
+# and preprocess the resting-state corpus of configs/sc-mbm-corpus.yaml (40 subjects x 2 runs x 700 volumes in the
+# group-template voxel space), pretrain SC-MBM once on it, and bundle it with its provenance. `make sc-mbm-corpus`
+# stops after the corpus. Commit the new assets with their PROVENANCE.json.
+SCMBM_CONFIG ?= configs/sc-mbm-corpus.yaml
+SCMBM_DIR    ?= results/sc-mbm
+SCMBM_NICE   ?= nice -n 10
+SCMBM_REST    = $$($(BIN)/python -c 'import sys; from mindvis.config import load_config, rest_subjects; \
+	print(*(f"$(SCMBM_DIR)/rest/{s}.h5" for s in rest_subjects(load_config(sys.argv[1]))))' $(SCMBM_CONFIG))
+sc-mbm-corpus: $(STAMP)
+	$(BIN)/mindvis bids-metadata --config $(SCMBM_CONFIG) --bids-dir $(SCMBM_DIR)/bids
+	for rest in $(SCMBM_REST); do subject=$$(basename $$rest .h5); \
+		test $$rest -nt $(SCMBM_CONFIG) && continue; \
+		$(SCMBM_NICE) $(BIN)/mindvis simulate-rest --config $(SCMBM_CONFIG) --bids-dir $(SCMBM_DIR)/bids \
+			--subject $$subject --threads 1 && \
+		$(SCMBM_NICE) $(BIN)/mindvis preprocess-rest --config $(SCMBM_CONFIG) --bids-dir $(SCMBM_DIR)/bids \
+			--subject $$subject --out $$rest --threads 1 || exit 1; \
+	done
+sc-mbm: sc-mbm-corpus
+	$(SCMBM_NICE) $(BIN)/mindvis pretrain-mbm --config $(SCMBM_CONFIG) --rest $(SCMBM_REST) \
+		--out-dir $(SCMBM_DIR)/mbm --threads 1
+	$(BIN)/mindvis bundle --config $(SCMBM_CONFIG) --kind sc-mbm --source $(SCMBM_DIR)/mbm --command "make sc-mbm" \
+		--command "mindvis pretrain-mbm --config $(SCMBM_CONFIG) --rest <rest files> --out-dir $(SCMBM_DIR)/mbm"
 
 # Debian's full Fashion-MNIST (30 MB, Expat): the stimuli of the README's figures and the corpus of
 # `make prior`; without it the committed subset (mindvis/data/assets/fashion-mnist/) is used.

@@ -76,6 +76,11 @@ def cmd_pretrain_mbm(args):
           rest=args.rest, out_dir=args.out_dir, resume=args.resume)
 
 
+def cmd_adapt_mbm(args):
+    _call("mindvis.train.pretrain_mbm:adapt_mbm", _config(args), subject=args.subject, responses=args.responses,
+          out_dir=args.out_dir, resume=args.resume, config_path=args.config)
+
+
 def cmd_convert(args):
     _call("mindvis.data.sources:convert_subject", _config(args), args.subject, out_responses=args.out,
           out_stimuli=args.stimuli_out)
@@ -121,7 +126,8 @@ def cmd_finetune(args):
 
 def cmd_generate(args):
     _call("mindvis.generate.run:generate_subject", _config(args), subject=args.subject, model_dir=args.model_dir,
-          responses=args.responses, stimuli=args.stimuli, out_dir=args.out_dir, classifier_dir=args.classifier)
+          responses=args.responses, stimuli=args.stimuli, out_dir=args.out_dir, classifier_dir=args.classifier,
+          lowlevel=args.lowlevel)
 
 
 # -- reports (issue 6) --
@@ -137,7 +143,9 @@ def cmd_report(args):
     from mindvis.generate.writing import SAMPLES_FILE
 
     evaluation = Path(args.metrics).parent
-    samples = {"dcldm": args.samples, **{"dcldm-baseline": path for path in args.baseline_samples}}
+    samples = {"dcldm": args.samples, **{"dcldm-baseline": path for path in args.baseline_samples},
+               **{"dcldm-start": path for path in args.start_samples},
+               **{"dcldm-lowlevel": path for path in args.lowlevel_samples}}
     samples.update({row: evaluation / row / SAMPLES_FILE for row in IMAGE_ROWS})
     curves = {"SC-MBM: pretraining": args.mbm_curve} if args.mbm_curve else {}
     for model_json in args.finetune_models:
@@ -159,13 +167,14 @@ def cmd_summary(args):
     else:
         frame = summary.read_summary(args.csv)
     print(f"mindvis: summary of '{config['experiment']}' ({args.csv})")
-    print(summary.summary_text(frame, frame.attrs.get("notes", ())))
+    print(summary.summary_text(frame, frame.attrs.get("notes", ()), frame.attrs.get("comparisons", ())))
 
 
 def cmd_evaluate(args):
     _call("mindvis.evaluate.run:evaluate_subject", _config(args), subject=args.subject, responses=args.responses,
           stimuli=args.stimuli, samples=args.samples, base=args.base, out_dir=args.out_dir,
-          baseline_samples=args.baseline_samples, classifier_dir=args.classifier)
+          baseline_samples=args.baseline_samples, classifier_dir=args.classifier,
+          start_samples=args.start_samples, lowlevel_samples=args.lowlevel_samples)
 
 
 def cmd_where(args):
@@ -228,6 +237,14 @@ def build_parser():
     sub.add_argument("--out-dir", required=True)
     sub.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out-dir")
 
+    sub = add("adapt-mbm", cmd_adapt_mbm,
+              "adapt the pretrained SC-MBM encoder of mbm.base to one subject's fMRI (MinD-Vis's stage A2)")
+    sub.add_argument("--subject", required=True)
+    sub.add_argument("--responses", required=True,
+                     help="the subject's responses.h5 (train + val fMRI; test fMRI only if mbm.transductive)")
+    sub.add_argument("--out-dir", required=True)
+    sub.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out-dir")
+
     sub = add("convert", cmd_convert, "a real data set (data.source) to responses.h5 and a stimulus HDF5")
     sub.add_argument("--subject", required=True, help="mindvis subject label, e.g. sub-01")
     sub.add_argument("--out", required=True, help="responses.h5 to write")
@@ -265,10 +282,11 @@ def build_parser():
     sub.add_argument("--classifier", default=None, help="domain classifier folder, to score class samples")
     sub.add_argument("--resume", action="store_true")
 
-    sub = add("bundle", cmd_bundle, "ship a trained prior or classifier inside mindvis, with its provenance")
-    sub.add_argument("--kind", required=True, choices=["prior", "classifier"])
-    sub.add_argument("--source", required=True, help="the pretrain-ldm or train-classifier output folder")
-    sub.add_argument("--stimuli", required=True, help="the stimulus file it was trained on")
+    sub = add("bundle", cmd_bundle,
+              "ship a trained prior, classifier or SC-MBM encoder inside mindvis, with its provenance")
+    sub.add_argument("--kind", required=True, choices=["prior", "classifier", "sc-mbm"])
+    sub.add_argument("--source", required=True, help="the pretrain-ldm, train-classifier or pretrain-mbm output folder")
+    sub.add_argument("--stimuli", default=None, help="the stimulus file it was trained on (prior, classifier)")
     sub.add_argument("--quality", default=None, help="benchmarks/prior_quality.py's JSON")
     sub.add_argument("--command", action="append", default=[], help="a command that made it (repeatable)")
     sub.add_argument("--commit", default=None, help="the commit that trained it (default: HEAD)")
@@ -292,6 +310,8 @@ def build_parser():
     sub.add_argument("--stimuli", required=True)
     sub.add_argument("--out-dir", required=True)
     sub.add_argument("--classifier", default=None, help="domain classifier folder, to score the samples")
+    sub.add_argument("--lowlevel", action="store_true",
+                     help="start sampling from the decoder's low-level start (img2img; lowlevel.json in --model-dir)")
 
     sub = add("report", cmd_report, "write a subject's self-contained HTML report")
     sub.add_argument("--metrics", required=True, help="the subject's evaluation/metrics.json")
@@ -299,6 +319,10 @@ def build_parser():
     sub.add_argument("--samples", required=True, help="the model's samples.h5 (generate stage)")
     sub.add_argument("--baseline-samples", nargs="*", default=[],
                      help="samples.h5 of the decoder without SC-MBM pretraining, if any")
+    sub.add_argument("--start-samples", nargs="*", default=[],
+                     help="samples.h5 of the decoder at its start (0 fine-tuning steps), if any")
+    sub.add_argument("--lowlevel-samples", nargs="*", default=[],
+                     help="samples.h5 of the decoder from its low-level start (img2img), if any")
     sub.add_argument("--responses", default=None, help="the subject's responses.h5 (voxel grid of the brain map)")
     sub.add_argument("--mbm-curve", default=None, help="SC-MBM pretraining metrics.jsonl")
     sub.add_argument("--finetune-models", nargs="*", default=[],
@@ -316,6 +340,10 @@ def build_parser():
     sub.add_argument("--stimuli", required=True)
     sub.add_argument("--samples", required=True, help="the DC-LDM's samples.h5")
     sub.add_argument("--baseline-samples", default=None, help="samples.h5 of the decoder without SC-MBM pretraining")
+    sub.add_argument("--start-samples", default=None,
+                     help="samples.h5 of the DC-LDM at its start, 0 fine-tuning steps (row dcldm-start)")
+    sub.add_argument("--lowlevel-samples", default=None,
+                     help="samples.h5 of the DC-LDM started from the ridge latent, img2img (row dcldm-lowlevel)")
     sub.add_argument("--base", required=True, help="base generator folder (its VAE and class conditioner)")
     sub.add_argument("--classifier", default=None, help="domain classifier folder (evaluate.classifier auto/domain)")
     sub.add_argument("--out-dir", required=True)

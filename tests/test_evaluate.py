@@ -34,7 +34,8 @@ def _write_samples(path, stimulus_set, samples, seeds, subject="sub-01"):
 def workspace(tmp_path_factory):
     """Stimuli (3 classes, 9 test images), responses, a tiny untrained class-conditioned base, a domain
     classifier (30 held-out training and pool images: enough to show it is above chance) and samples: the model's are the true
-    images plus noise; the ablation's are another stimulus's images."""
+    images plus noise; the ablation's and the model-at-its-start's are other stimuli's images; the low-level
+    start's the true images with less noise."""
     from mindvis.train.classifier import train_classifier
     from mindvis.models.ldm import save_generator
 
@@ -55,9 +56,13 @@ def workspace(tmp_path_factory):
     seeds = sample_seeds(config["seed"], "sub-01", list(test.stimulus_id), N_SAMPLES)
     _write_samples(root / "samples.h5", stimuli, samples, seeds)
     _write_samples(root / "samples-baseline.h5", stimuli, np.roll(samples, 1, axis=0), seeds)
+    _write_samples(root / "samples-start.h5", stimuli, np.roll(samples, 2, axis=0), seeds)
+    closer = test.images[:, None].astype(float) + rng.normal(0, 4, (len(test), N_SAMPLES, *test.images.shape[1:]))
+    _write_samples(root / "samples-lowlevel.h5", stimuli, np.clip(closer, 0, 255).astype(np.uint8), seeds)
     metrics = evaluate_subject(config, "sub-01", root / "responses.h5", root / "stimuli.h5", root / "samples.h5",
                                root / "ldm", root / "evaluation", baseline_samples=root / "samples-baseline.h5",
-                               classifier_dir=root / "classifier")
+                               classifier_dir=root / "classifier", start_samples=root / "samples-start.h5",
+                               lowlevel_samples=root / "samples-lowlevel.h5")
     return {"root": root, "config": config, "stimuli": stimuli, "metrics": metrics, "seeds": seeds}
 
 
@@ -73,7 +78,7 @@ def test_metrics_json_has_every_contract_key_and_rows_in_order(workspace):
     written = _strict_json(root / "evaluation" / "metrics.json")  # no NaN: a browser's JSON.parse must read it
     for key in ("subject", "n_way", "trials", "n_samples", "n_stimuli", "chance", "ci_level", "n_bootstrap",
                 "image_size", "classifier", "ground_truth", "class_names", "rows", "per_class", "confusion",
-                "per_stimulus", "inputs", "config", "versions", "wall_time_s"):
+                "per_stimulus", "inputs", "config", "versions", "wall_time_s", "category", "subsets", "comparisons"):
         assert key in written, key
     # Half of the 48 training images and of the labelled pool images held out (val_fraction 0.5).
     assert written["classifier"]["usable"] and written["classifier"]["check"]["n_val"] == 30
@@ -84,6 +89,9 @@ def test_metrics_json_has_every_contract_key_and_rows_in_order(workspace):
     for row in written["rows"]:
         assert {"id", "label", "kind", "available", "metrics"} <= set(row)
         assert set(row["metrics"]) == set(METRICS)
+        if row["id"] == "embedding-prototype":  # the class-conditioned base has no image embedding
+            assert not row["available"] and "no image conditioner" in row["reason"]
+            continue
         assert row["available"], (row["id"], row.get("reason"))
         for key, entry in row["metrics"].items():
             if entry is None or entry["value"] is None:  # does not apply, or withheld with its reason
@@ -134,6 +142,113 @@ def test_rows_score_what_they_were_given(workspace):
     true_label = rows["true-images"]["label_top1_mean"]["value"]
     assert metrics["classifier"]["test_label_accuracy"] == pytest.approx(true_label)
     assert "shuffled-pairs" not in metrics["confusion"] and "mean-train-image" not in metrics["confusion"]
+
+
+def test_every_category_seen_makes_the_seen_subset_the_whole_table(workspace):
+    metrics = workspace["metrics"]
+    assert metrics["category"] == ["seen"] * 9
+    novel = metrics["subsets"]["novel"]
+    assert novel["n_stimuli"] == 0 and not novel["available"] and "no test stimuli" in novel["reason"]
+    seen = metrics["subsets"]["seen"]
+    assert seen["n_stimuli"] == 9 and seen["available"] and list(seen["rows"]) == [row_id for row_id, _, _ in ROWS]
+    for row in metrics["rows"]:
+        subset = seen["rows"][row["id"]]
+        assert set(subset) == set(METRICS) and subset["fid"] is None  # FID is a set figure: not per subset
+        for key in METRICS[:-1]:
+            # Every stimulus is seen, and the bootstrap draws the same resamples: the same figures.
+            assert subset[key] == row["metrics"][key], (row["id"], key)
+
+
+def test_paired_comparisons_are_the_mean_difference_with_a_paired_bootstrap(workspace):
+    from mindvis.evaluate.metrics import bootstrap_ci
+    from mindvis.utils.io import derive_seed
+
+    metrics = workspace["metrics"]
+    comparisons = metrics["comparisons"]
+    pairs = {(c["a"], c["b"]) for c in comparisons}
+    assert pairs == {("dcldm", "dcldm-start"), ("dcldm", "dcldm-baseline"), ("dcldm-lowlevel", "dcldm"),
+                     ("dcldm", "ridge")}
+    assert {c["subset"] for c in comparisons} == {"all", "seen"}  # no novel stimuli here
+    assert not any(c["metric"] == "fid" for c in comparisons)
+    entry = next(c for c in comparisons if (c["a"], c["b"], c["subset"], c["metric"]) ==
+                 ("dcldm", "dcldm-baseline", "all", "pixcorr"))
+    difference = (np.asarray(metrics["per_stimulus"]["dcldm"]["pixcorr"])
+                  - np.asarray(metrics["per_stimulus"]["dcldm-baseline"]["pixcorr"]))
+    assert entry["difference"] == pytest.approx(difference.mean()) and entry["n_stimuli"] == 9
+    # The stage's seed of the subject: every interval of a subject resamples the same stimuli.
+    low, high = bootstrap_ci(np.mean, difference, n_boot=200, level=0.95,
+                             seed=derive_seed(workspace["config"]["seed"], "evaluate", "sub-01"))
+    assert entry["ci"] == pytest.approx([low, high])
+    assert entry["ci"][0] > 0  # the model beats its shuffled ablation
+    rows = {row["id"]: row for row in metrics["rows"]}
+    assert rows["dcldm-start"]["available"] and rows["dcldm-lowlevel"]["kind"] == "model"
+    assert rows["dcldm-lowlevel"]["metrics"]["pixcorr"]["value"] > rows["dcldm-start"]["metrics"]["pixcorr"]["value"]
+
+
+def test_stimulus_categories_come_from_the_training_trials_labels():
+    from mindvis.evaluate.table import stimulus_categories
+
+    assert stimulus_categories(np.array([0, 3, -1, 1]), np.array([1, 0, 0, -1, 2])) == ["seen", "novel", None, "seen"]
+    assert stimulus_categories(np.array([4, 5]), np.array([0, 1])) == ["novel", "novel"]  # GOD: every test class
+
+
+def test_novel_categories_are_scored_apart_with_the_embedding_prototype_ceiling(workspace, tmp_path):
+    from mindvis.data.stimuli import StimulusSet, StimulusSplit
+    from mindvis.models.ldm import save_generator
+
+    root, config, stimuli = workspace["root"], workspace["config"], workspace["stimuli"]
+    # The subject never sees class 2 in training or validation trials: its 3 test stimuli are novel.
+    train = stimuli.splits["train"]
+    keep = train.label != 2
+    seen_only = StimulusSet({**stimuli.splits, "train": StimulusSplit(train.images[keep], train.label[keep],
+                                                                      train.stimulus_id[keep],
+                                                                      train.source_index[keep])},
+                            stimuli.class_names, stimuli.attrs)
+    write_synthetic_responses(tmp_path / "responses.h5", seen_only, snr=3.0)
+    save_generator(tiny_generator(**IMAGE_BASE), tmp_path / "prior")
+    metrics = evaluate_subject({**config, "evaluate": {**config["evaluate"], "n_bootstrap": 20}}, "sub-01",
+                               tmp_path / "responses.h5", root / "stimuli.h5", root / "samples.h5",
+                               tmp_path / "prior", tmp_path / "evaluation", classifier_dir=root / "classifier",
+                               baseline_samples=root / "samples-baseline.h5")
+    labels = np.asarray(metrics["labels"])
+    assert metrics["category"] == ["novel" if label == 2 else "seen" for label in labels]
+    subsets = metrics["subsets"]
+    assert subsets["seen"]["n_stimuli"] == 6 and subsets["novel"]["n_stimuli"] == 3
+    novel = labels == 2
+    for name, rows in (("seen", ~novel), ("novel", novel)):
+        entry = subsets[name]["rows"]["dcldm"]["pixcorr"]
+        assert entry["value"] == pytest.approx(np.mean(np.asarray(metrics["per_stimulus"]["dcldm"]["pixcorr"])[rows]))
+        assert entry["ci"][0] <= entry["value"] <= entry["ci"][1]
+        # Chance is exact: the same in every subset.
+        assert subsets[name]["rows"]["chance"]["n_way_top1_mean"] == next(
+            row for row in metrics["rows"] if row["id"] == "chance")["metrics"]["n_way_top1_mean"]
+    row = next(row for row in metrics["rows"] if row["id"] == "embedding-prototype")
+    assert row["available"], row.get("reason")
+    assert row["kind"] == "ceiling" and "nearest class prototype" in row["note"]
+    assert row["fit"]["refit"] == "train + val" and row["fit"]["embedding_dim"] == 4 * 4
+    assert len(row["fit"]["prototype_images"]) == 3 and min(row["fit"]["prototype_images"]) >= 1
+    assert set(key for key, entry in row["metrics"].items() if entry is not None) == {"label_top1_mean"}
+    assert subsets["novel"]["rows"]["embedding-prototype"]["label_top1_mean"] is not None
+    # The fMRI probe never saw class 2: it cannot name a novel stimulus's class.
+    assert subsets["novel"]["rows"]["fmri-linear"]["label_top1_mean"]["value"] == 0.0
+    assert {c["subset"] for c in metrics["comparisons"]} == {"all", "seen", "novel"}
+
+
+def test_embedding_prototype_needs_an_image_prior_and_every_class_in_the_pool(workspace):
+    from mindvis.data.responses import load_responses
+    from mindvis.errors import MindvisError
+    from mindvis.evaluate.baselines import embedding_prototype_similarity
+
+    root, stimuli = workspace["root"], workspace["stimuli"]
+    data = load_responses(root / "responses.h5", splits=("train", "val", "test_avg"))
+    fmri, alphas = data["test_avg"].fmri, workspace["config"]["evaluate"]["ridge_alphas"]
+    with pytest.raises(MindvisError, match="no image conditioner"):
+        embedding_prototype_similarity(tiny_generator(n_classes=3, **CLASS_BASE), data, stimuli, fmri, alphas, 3)
+    prior = tiny_generator(**IMAGE_BASE)
+    similarity, info = embedding_prototype_similarity(prior, data, stimuli, fmri, alphas, 3)
+    assert similarity.shape == (9, 3) and np.all(np.abs(similarity) <= 1 + 1e-9)
+    with pytest.raises(MindvisError, match="no labelled image of 1 of the 4 classes"):
+        embedding_prototype_similarity(prior, data, stimuli, fmri, alphas, 4)
 
 
 def test_shuffled_pairs_score_each_sample_against_the_derangements_truth(workspace):
@@ -314,6 +429,11 @@ def test_cli_parses_the_evaluate_command():
     args = build_parser().parse_args(["evaluate", "--config", "c.yaml", "--subject", "sub-01", "--responses", "r.h5",
                                       "--stimuli", "s.h5", "--samples", "x.h5", "--base", "ldm", "--out-dir", "o"])
     assert args.handler.__name__ == "cmd_evaluate" and args.baseline_samples is None and args.classifier is None
+    assert args.start_samples is None and args.lowlevel_samples is None
+    args = build_parser().parse_args(["evaluate", "--config", "c.yaml", "--subject", "sub-01", "--responses", "r.h5",
+                                      "--stimuli", "s.h5", "--samples", "x.h5", "--base", "ldm", "--out-dir", "o",
+                                      "--start-samples", "a.h5", "--lowlevel-samples", "b.h5"])
+    assert args.start_samples == "a.h5" and args.lowlevel_samples == "b.h5"
 
 
 def test_pixel_ridge_picks_alpha_on_validation_only(workspace):

@@ -99,17 +99,18 @@ def test_finetune_changes_trained_parameters_and_keeps_frozen_ones_bit_identical
     stored = load_file(str(root / "dcldm" / "dcldm.safetensors"))
     assert trained | voxel_path <= set(stored) and not any(k.startswith("unet.") and k not in trained for k in stored)
     assert stored["conditioner.voxel_map.weight"].abs().sum() > 0  # the ridge start, stored though frozen
-    changed_unet, changed_encoder = 0, 0
     for name, param in decoder.named_parameters():
-        if name in trained:
-            if name.startswith("conditioner.null"):
-                continue  # the null condition only learns from dropped trials, maybe none in 2 tiny epochs
-            differs = not torch.equal(param, before[name])
-            changed_unet += differs and name.startswith("unet.")
-            changed_encoder += differs and name.startswith("encoder.")
-        elif name.startswith(("unet.", "encoder.")) and not name.startswith(UNUSED_ENCODER_PARTS):
+        if name not in trained and name.startswith(("unet.", "encoder.")) and not name.startswith(UNUSED_ENCODER_PARTS):
             assert torch.equal(param, before[name]), f"frozen {name} changed"
-    assert changed_unet > 0 and changed_encoder > 0
+    # The decoder kept is the one val chose, maybe its untrained start (epoch -1); the last checkpoint holds
+    # what training did to the trained parts.
+    last = sorted((root / "dcldm" / "train" / "checkpoints").glob("step-*"))[-1]
+    after = load_file(str(last / "model.safetensors"))
+    changed = {prefix: sum(not torch.equal(after[name], before[name]) for name in trained
+                           if name.startswith(prefix) and not name.startswith("conditioner.null"))
+               for prefix in ("unet.", "encoder.")}
+    assert changed["unet."] > 0 and changed["encoder."] > 0
+    assert trained <= set(after)
     assert meta["n_trained_parameters"] < meta["n_parameters"]
 
 
@@ -194,7 +195,8 @@ def test_alignment_needs_a_base_with_its_own_conditions(workspace, tmp_path):
     assert info.value.key == "finetune.align_weight" and not (tmp_path / "out" / "dcldm.json").exists()
 
 
-def test_ridge_voxel_map_picks_alpha_on_val_and_refits_on_train_and_val():
+def test_ridge_voxel_map_picks_alpha_on_val_and_refits_on_train_only():
+    """The validation split goes on to select fine-tuning's checkpoint: the ridge start must not have seen it."""
     from sklearn.linear_model import Ridge
 
     from mindvis.models.conditioning import ClassConditioner
@@ -225,8 +227,7 @@ def test_ridge_voxel_map_picks_alpha_on_val_and_refits_on_train_and_val():
     assert report["alpha"] == min(brute, key=brute.get) and report["n_val"] == known.sum()
     for alpha in alphas:
         assert report["val_relative_error"][alpha] == pytest.approx(brute[alpha], rel=1e-6)
-    refit = Ridge(alpha=report["alpha"]).fit(np.concatenate([x_train, x_val[known]]),
-                                             class_condition_targets(classes, np.concatenate([y_train, y_val[known]])))
+    refit = Ridge(alpha=report["alpha"]).fit(x_train, class_condition_targets(classes, y_train))
     np.testing.assert_allclose(weight, refit.coef_, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(bias, refit.intercept_, rtol=1e-4, atol=1e-5)
 
@@ -265,3 +266,92 @@ def test_an_image_prior_gives_every_trial_a_label_free_target():
     again, _ = condition_targets(generator, images, torch.arange(5))  # labels change nothing
     np.testing.assert_array_equal(targets, again)
     assert not np.allclose(targets[0], targets[1])  # the image, not a constant, sets the target
+
+
+IMAGE_PRIOR = {"vae_block_out_channels": [8, 8], "vae_layers_per_block": 1, "latent_channels": 4,
+               "norm_num_groups": 4, "unet_block_out_channels": [8, 16], "unet_layers_per_block": 1,
+               "cross_attention_dim": 8, "attention_heads": 2, "num_train_timesteps": 10, "beta_schedule": "linear",
+               "prediction_type": "epsilon", "conditioning": "image", "token_grid": 2, "token_dim": 3,
+               "encoder_widths": [4, 8], "embedding_noise": 0.0, "context_tokens": 99}
+
+
+def test_an_embedding_space_decoder_conditions_through_the_frozen_prior():
+    """auto -> embedding space: the fMRI is mapped onto unit-scale prior tokens, which the prior's own mapping
+    turns into context and pooled vector; the null condition is the prior's; no pooled output of its own."""
+    from mindvis.models.ldm import build_embedded_generator
+
+    torch.manual_seed(0)
+    generator = build_embedded_generator(16, 1, 3, IMAGE_PRIOR).to(dtype=torch.float32)
+    generator.image_conditioner.eval()
+    config = tiny_config()
+    model = build_decoder(config, generator, 37, baseline=True).eval()
+    assert model.conditioner.config.embedding and model.prior is generator.image_conditioner
+    assert (model.conditioner.config.context_tokens, model.conditioner.config.cross_attention_dim) == (4, 3)
+    weight = torch.randn(4 * 3, 37)
+    model.conditioner.set_voxel_map(weight, torch.zeros(12))
+    fmri = torch.randn(5, 37)
+    with torch.no_grad():
+        embedding = model.embedding(fmri)
+        condition = model.condition(fmri)
+        expected = torch.nn.functional.layer_norm((fmri @ weight.T).reshape(5, 4, 3), (3,))
+    # The encoder path starts at zero beside the voxel path, so the start is the normalised linear map.
+    torch.testing.assert_close(embedding, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(embedding.pow(2).mean(-1), torch.ones(5, 4), rtol=1e-3, atol=1e-3)
+    prior_condition = generator.image_conditioner.condition(embedding)
+    torch.testing.assert_close(condition.context, prior_condition.context)
+    torch.testing.assert_close(condition.pooled, prior_condition.pooled)
+    torch.testing.assert_close(model.null(2).context, generator.image_conditioner.null(2).context)
+    with pytest.raises(MindvisError, match="condition_space"):
+        build_decoder(tiny_config(finetune={"condition_space": "embedding"}), tiny_generator_class(), 37,
+                      baseline=True)
+    other = build_decoder(tiny_config(finetune={"condition_space": "condition"}), generator, 37, baseline=True)
+    assert other.prior is None and other.condition(fmri).context.shape[1:] == (generator.context_tokens, 8)
+
+
+def tiny_generator_class():
+    from ldm_fixtures import tiny_generator
+
+    return tiny_generator()
+
+
+def test_contrastive_loss_prefers_matched_pairs():
+    from mindvis.train.finetune import contrastive_loss, embedding_alignment_loss
+
+    torch.manual_seed(0)
+    target = torch.randn(8, 4, 3)
+    near = target + 0.1 * torch.randn_like(target)
+    shuffled = near[torch.randperm(8)]
+    assert contrastive_loss(near, target, 0.1) < 0.1 < contrastive_loss(shuffled, target, 0.1)
+    assert contrastive_loss(near[:1], target[:1], 0.1) == 0
+    assert embedding_alignment_loss(target, target) == 0
+    assert embedding_alignment_loss(torch.zeros_like(target), target) == pytest.approx(1.0)
+
+
+def test_paired_trials_subset_is_seeded_and_ordered():
+    from mindvis.data.pairs import PairedTrials
+
+    trials = PairedTrials(np.arange(20, dtype=np.float32)[:, None], torch.zeros(20, 1, 2, 2), np.arange(20))
+    half = trials.subset(0.5, seed=4)
+    assert len(half) == 10 and np.all(np.diff(half.labels.numpy()) > 0)
+    np.testing.assert_array_equal(half.labels.numpy(), trials.subset(0.5, seed=4).labels.numpy())
+    assert not np.array_equal(half.labels.numpy(), trials.subset(0.5, seed=5).labels.numpy())
+    assert trials.subset(1.0, seed=0) is trials and len(trials.subset(0.01, seed=0)) == 1
+    np.testing.assert_array_equal(half.fmri[:, 0].numpy(), half.labels.numpy())
+
+
+def test_finetune_keeps_its_start_and_a_lowlevel_start_chosen_on_val(workspace, finetuned):
+    """The 0-step decoder is written beside the trained one (and loads), the low-level start's strength comes
+    from the candidates with its val scores, and the start competed for best/ (history line epoch -1)."""
+    from mindvis.models.dcldm import load_lowlevel
+
+    root, config = workspace["root"], workspace["config"]
+    folder = root / "dcldm"
+    _, start, start_meta = load_dcldm(folder / "start")
+    assert start_meta["step"] == 0
+    lowlevel = load_lowlevel(folder)
+    assert lowlevel is not None
+    candidates = sorted(set(config["finetune"]["lowlevel_strengths"]) | {1.0})
+    assert [s["strength"] for s in lowlevel.info["val_scores"]] == candidates
+    assert lowlevel.strength in candidates and lowlevel.info["ridge"]["refit"] == "train"
+    history = [json.loads(line) for line in (folder / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert history[0]["epoch"] == -1 and history[0]["step"] == 0 and "val/loss" in history[0]

@@ -146,3 +146,38 @@ def test_domain_classifier_learns_the_stimulus_classes(tmp_path):
     probabilities = classifier.predict_proba(np.repeat(test.images, 3, axis=-1))  # RGB input is converted
     assert probabilities.shape == (12, 3)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_img2img_runs_the_last_share_of_the_schedule_from_the_given_latents(generator):
+    """strength 1 ignores the start latents; a small strength runs fewer UNet calls and stays near the start."""
+
+    condition, null = _conditions(generator, [0, 1])
+    shape = generator.latent_shape(2)
+    start = torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 2
+    kwargs = dict(null_condition=null, guidance_scale=2.0, num_steps=10, seeds=[5, 6])
+    plain = sample_images(generator, condition, **kwargs)
+    torch.testing.assert_close(sample_images(generator, condition, init_latents=start, strength=1.0, **kwargs),
+                               plain, rtol=0, atol=0)
+    calls = []
+    hook = generator.unet.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        near = sample_images(generator, condition, init_latents=start, strength=0.2, **kwargs)
+    finally:
+        hook.remove()
+    assert len(calls) == 2  # round(0.2 * 10) steps, guided in one batched call each
+    start_images = generator.decode(start).clamp(-1, 1)
+    assert (near - start_images).abs().mean() < (plain - start_images).abs().mean()
+    with pytest.raises(ValueError, match="strength"):
+        sample_images(generator, condition, init_latents=start, strength=0.0, **kwargs)
+
+
+def test_a_lowlevel_start_round_trips_and_predicts_latents(tmp_path):
+    from mindvis.models.dcldm import LowLevelStart, load_lowlevel, save_lowlevel
+
+    assert load_lowlevel(tmp_path) is None
+    start = LowLevelStart(torch.randn(4 * 2 * 2, 5), torch.randn(16), 0.7, {"ridge": {"alpha": 10.0}})
+    save_lowlevel(tmp_path, start)
+    loaded = load_lowlevel(tmp_path)
+    assert loaded.strength == 0.7 and loaded.info == {"ridge": {"alpha": 10.0}}
+    fmri = torch.randn(3, 5)
+    torch.testing.assert_close(loaded.latents(fmri, (3, 4, 2, 2)), (fmri @ start.weight.T + start.bias).reshape(3, 4, 2, 2))

@@ -286,7 +286,7 @@ def test_corpus_uses_training_trials_and_rest_only(tmp_path, rng):
     from mindvis.train.pretrain_mbm import build_corpus
 
     responses, rest = write_fixture_files(tmp_path, rng)
-    train, heldout, sources = build_corpus(responses, rest, rest_holdout_fraction=0.1)
+    train, heldout, sources, space = build_corpus(responses, rest, rest_holdout_fraction=0.1)
     assert len(train) == 40 + 40 + 54 and len(heldout) == 12 + 12 + 6
     assert train.width == 110 and sorted(train.n_voxels.unique().tolist()) == [75, 90, 110]
     assert train.fmri.abs().max() < 100 and heldout.fmri.abs().max() < 100  # no test trial anywhere

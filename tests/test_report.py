@@ -82,6 +82,29 @@ def contract_metrics(rng, subject="sub-01", n_stimuli=6, n_samples=2, classifier
             "versions": {"numpy": np.__version__}, "wall_time_s": 1.5}
 
 
+def with_subsets(metrics, rng, n_seen=4, n_novel=2):
+    """Add the seen / novel subsets (random figures; a subset of fewer than 2 stimuli omitted) and comparisons."""
+    metrics["category"] = ["seen"] * n_seen + ["novel"] * n_novel
+    metrics["subsets"] = {}
+    for name, n in (("seen", n_seen), ("novel", n_novel)):
+        if n < 2:
+            metrics["subsets"][name] = {"n_stimuli": n, "available": False, "reason": f"{n} {name} test stimuli"}
+            continue
+        rows = {}
+        for row in metrics["rows"]:
+            entries = row["metrics"] or {}
+            exact = row["id"] == "chance"  # exact figures keep their value in every subset
+            rows[row["id"]] = {m: (None if e is None or m == "fid" else e if exact or e.get("value") is None
+                                   else _entry(rng, m)) for m, e in entries.items()}
+        metrics["subsets"][name] = {"n_stimuli": n, "available": True, "rows": rows}
+    metrics["comparisons"] = [
+        {"a": "dcldm", "b": "dcldm-baseline", "subset": "all", "metric": "pixcorr", "difference": 0.25,
+         "ci": [0.125, 0.375], "n_stimuli": n_seen + n_novel},
+        {"a": "dcldm", "b": "ridge", "subset": "novel", "metric": "n_way_top1_mean", "difference": -0.0625,
+         "ci": [-0.25, 0.125], "n_stimuli": n_novel}]
+    return metrics
+
+
 def _write_samples(path, rng, n_stimuli=6, n_samples=2, attention=True, model_dir=None):
     images = rng.integers(0, 256, (n_stimuli, 16, 16, 1), dtype=np.uint8)
     samples = rng.integers(0, 256, (n_stimuli, n_samples, 16, 16, 1), dtype=np.uint8)
@@ -448,3 +471,75 @@ def test_class_figures_stay_small_with_many_classes(rng):
     for png in (confusion, bars):
         width, height = Image.open(io.BytesIO(png)).size
         assert width <= figures.MAX_FIGURE_INCHES * 90 * 1.3 and height <= figures.MAX_FIGURE_INCHES * 90 * 1.3
+
+
+# -- seen and novel categories, paired comparisons ------------------------------
+
+def test_report_shows_seen_and_novel_tables_and_the_comparisons(tmp_path, rng):
+    metrics = with_subsets(contract_metrics(rng), rng)
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps(metrics))
+    html.build_report(path, tmp_path / "report.html", config={"experiment": "x", "generate": {"attention_stimuli": 2}})
+    page = (tmp_path / "report.html").read_text()
+    assert 'id="metrics-table"' in page and 'id="metrics-table-seen"' in page and 'id="metrics-table-novel"' in page
+    assert "Seen categories (in the training trials): 4 test stimuli" in page
+    assert "Novel categories (absent from the training trials): 2 test stimuli" in page
+    assert "(4 seen, 2 novel)" in page
+    # The subset tables show the subset's own figures, without FID (a set figure).
+    novel_rows = {row["id"]: row for row in tables.table_rows(metrics, "novel")}
+    cells = {cell["metric"]: cell for cell in novel_rows["dcldm"]["cells"]}
+    entry = metrics["subsets"]["novel"]["rows"]["dcldm"]["ssim"]
+    assert cells["ssim"]["value"] == tables.format_value("ssim", entry["value"]) and "fid" not in cells
+    assert cells["ssim"]["value"] in page.split('id="metrics-table-novel"')[1].split("</table>")[0]
+    assert not novel_rows["base-ceiling"]["available"]  # unavailability follows the row
+    comparisons = tables.comparison_rows(metrics)
+    assert [row["verdict"] for row in comparisons] == ["above 0", "includes 0"]
+    assert comparisons[0]["difference"] == "+0.250" and comparisons[0]["ci"] == "[0.125, 0.375]"
+    assert comparisons[0]["pair"] == "DC-LDM (SC-MBM pretrained) - DC-LDM without SC-MBM pretraining"
+    table = page.split('id="comparisons-table"')[1].split("</table>")[0]
+    assert table.count('class="above-zero"') == 1 and "-0.062" in table and "includes 0" in table
+
+
+def test_report_says_why_a_subset_is_omitted_and_reads_old_metrics(tmp_path, rng):
+    metrics = with_subsets(contract_metrics(rng), rng, n_seen=6, n_novel=0)
+    assert [s["name"] for s in tables.subsets(metrics)] == ["all", "seen", "novel"]
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps(metrics))
+    html.build_report(path, tmp_path / "report.html", config={"experiment": "x", "generate": {"attention_stimuli": 2}})
+    page = (tmp_path / "report.html").read_text()
+    assert 'id="subset-novel-omitted"' in page and "0 novel test stimuli" in page
+    assert 'id="metrics-table-novel"' not in page
+    # A metrics.json from before the subsets: the table of all stimuli only, and no comparisons.
+    old = contract_metrics(rng)
+    assert [s["name"] for s in tables.subsets(old)] == ["all"] and tables.comparison_rows(old) == []
+    path.write_text(json.dumps(old))
+    html.build_report(path, tmp_path / "old.html", config={"experiment": "x", "generate": {"attention_stimuli": 2}})
+    page = (tmp_path / "old.html").read_text()
+    assert 'id="metrics-table-seen"' not in page and "No paired comparisons" in page
+
+
+def test_summary_shows_every_subset_and_the_comparisons(tmp_path, rng):
+    paths = []
+    for subject, n_novel in (("sub-01", 2), ("sub-02", 0)):
+        path = tmp_path / subject / "evaluation" / "metrics.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(with_subsets(contract_metrics(rng, subject=subject), rng, n_seen=4,
+                                                n_novel=n_novel)))
+        paths.append(path)
+    frame = summary.write_summary(paths, tmp_path / "summary.csv", tmp_path / "summary.html")
+    first = json.loads(paths[0].read_text())
+    assert frame.loc["sub-01", "seen:dcldm/ssim"] == pytest.approx(first["subsets"]["seen"]["rows"]["dcldm"]["ssim"]
+                                                                   ["value"])
+    assert frame.loc["sub-01", "novel:n_stimuli"] == 2 and frame.loc["sub-02", "seen:n_stimuli"] == 4
+    assert np.isnan(frame.loc["sub-02", "novel:dcldm/ssim"]) and np.isnan(frame.loc["mean", "novel:dcldm/ssim"])
+    assert "seen:dcldm/fid" not in frame.columns and "dcldm/fid" in frame.columns
+    assert frame.loc["mean", "seen:dcldm/pixcorr"] == pytest.approx(frame.loc[["sub-01", "sub-02"],
+                                                                              "seen:dcldm/pixcorr"].mean())
+    assert any(note.startswith("sub-02: novel:*: novel subset omitted") for note in frame.attrs["notes"])
+    back = summary.read_summary(tmp_path / "summary.csv")
+    text = summary.summary_text(back, back.attrs["notes"], back.attrs["comparisons"])
+    for title in tables.SUBSET_TITLES.values():
+        assert title in text
+    assert "Paired comparisons" in text and "dcldm - dcldm-baseline" in text and "above 0" in text
+    page = (tmp_path / "summary.html").read_text()
+    assert page.count("<table data-subset=") == 3 and 'id="comparisons"' in page and "above-zero" in page

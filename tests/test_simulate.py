@@ -164,6 +164,148 @@ def test_category_tuning_is_spatially_clustered(rng):
     assert near > 0.5 and far < 0.2
 
 
+# -- the category model (labels vs HMAX-like C2 features) --------------------------
+
+def _small_layout(rng):
+    """80 voxels (40 early, 40 higher) on a 12 x 10 x 8 grid of 3 mm, independent of place_rois."""
+    grid = geometry.Grid(affine=np.diag([3.0, 3.0, 3.0, 1.0]), shape=(12, 10, 8))
+    flat = rng.choice(12 * 10 * 8, 80, replace=False)
+    flat.sort()
+    ijk = np.stack(np.unravel_index(flat, grid.shape), axis=1).astype(np.int32)
+    roi = np.r_[rng.integers(1, 4, 40), rng.integers(4, 6, 40)][rng.permutation(80)].astype(np.int16)
+    early = roi <= 3
+    eccentricity = np.where(early, rng.uniform(0.05, 0.9, 80), np.nan).astype(np.float32)
+    polar_angle = np.where(early, rng.uniform(-np.pi / 2, np.pi / 2, 80), np.nan).astype(np.float32)
+    return geometry.VoxelLayout(grid=grid, ijk=ijk, mni=(ijk * 3.0).astype(np.float32), roi=roi,
+                                hemisphere=np.where(ijk[:, 0] < 6, -1, 1).astype(np.int8),
+                                eccentricity=eccentricity, polar_angle=polar_angle)
+
+
+def _object_images(rng, n_per_class, size=24):
+    """Bright objects on black, four visually distinct classes with jittered position, size and contrast.
+
+    Returns uint8 [4 * n_per_class, size, size, 1] and int labels (0 horizontal bar, 1 vertical bar,
+    2 ring, 3 diagonal cross).
+    """
+    yy, xx = np.mgrid[:size, :size].astype(np.float64)
+    images, labels = [], []
+    for label in range(4):
+        for _ in range(n_per_class):
+            cy, cx = size / 2 + rng.uniform(-2.5, 2.5, 2)
+            half = size * rng.uniform(0.28, 0.36)
+            thick = size * rng.uniform(0.08, 0.12)
+            dy, dx = yy - cy, xx - cx
+            if label == 0:
+                mask = (np.abs(dx) < half) & (np.abs(dy) < thick)
+            elif label == 1:
+                mask = (np.abs(dy) < half) & (np.abs(dx) < thick)
+            elif label == 2:
+                mask = np.abs(np.hypot(dx, dy) - half * 0.8) < thick * 0.7
+            else:
+                diagonals = (np.abs(dx - dy) < thick) | (np.abs(dx + dy) < thick)
+                mask = diagonals & (np.maximum(np.abs(dx), np.abs(dy)) < half)
+            image = mask * rng.uniform(0.6, 1.0) + rng.uniform(0, 0.05, (size, size))
+            images.append(np.round(255 * np.clip(image, 0, 1)).astype(np.uint8)[:, :, None])
+            labels.append(label)
+    return np.stack(images), np.array(labels)
+
+
+def _features_model(rng, layout, train_images):
+    section = dict(validate({})["simulate"], category_model="features")
+    prototypes = encoding.draw_c2_prototypes(train_images, section["n_orientations"], section["gabor_wavelengths"],
+                                             np.random.default_rng(5))
+    return encoding.make_encoding_model(layout, 4, section, rng, c2_prototypes=prototypes)
+
+
+def test_labels_category_model_reproduces_the_original_responses():
+    # Reference values from the encoding model before category_model existed (same seed, same inputs).
+    rng = np.random.default_rng(11)
+    layout = _small_layout(rng)
+    images, labels = _object_images(rng, 5)
+    section = validate({})["simulate"]
+    assert section["category_model"] == "labels"
+    model = encoding.make_encoding_model(layout, 4, section, rng)
+    response = model.calibrate_predict(images, labels)
+    early, higher = np.flatnonzero(layout.is_early), np.flatnonzero(~layout.is_early)
+    block = response[[0, 7, 13, 19]][:, [early[0], early[1], higher[0], higher[1]]]
+    expected = [[0.8598504, 0.9062211, 1.1776097, 1.2331371],
+                [0.6625425, 0.97558415, 1.2698643, 0.64142585],
+                [0.8458362, 0.8958492, 1.7124896, 1.6824579],
+                [0.9271643, 0.96421325, 1.50045, 0.79440284]]
+    np.testing.assert_allclose(block, expected, rtol=1e-5)
+    assert response.sum() == pytest.approx(1596.8806, rel=1e-5)
+    assert model.feature_tuning is None and model.c2_prototypes is None
+    np.testing.assert_array_equal(model.predict(images, labels), response)
+
+
+def test_c2_features_peak_at_one_on_the_prototypes_source_images():
+    rng = np.random.default_rng(2)
+    images, _ = _object_images(rng, 6)
+    lum = encoding.luminance(images)
+    prototypes = encoding.draw_c2_prototypes(images, 4, (0.125, 0.25, 0.5), np.random.default_rng(3), n_prototypes=12)
+    assert prototypes.shape == (12, 4, encoding.S2_PATCH_SIDE, encoding.S2_PATCH_SIDE)
+    c2 = encoding.c2_features(lum, prototypes, 4, (0.125, 0.25, 0.5), chunk=7)
+    assert np.all((c2 > 0) & (c2 <= 1))
+    # Every prototype is a C1 patch of some image: that image matches it exactly.
+    np.testing.assert_allclose(c2.max(axis=0), 1.0, atol=1e-4)
+    assert np.median(c2) < 0.99  # and the others do not
+    # The same seed gives the same prototypes (every subject shares them).
+    again = encoding.draw_c2_prototypes(images, 4, (0.125, 0.25, 0.5), np.random.default_rng(3), n_prototypes=12)
+    np.testing.assert_array_equal(prototypes, again)
+
+
+def test_features_category_model_ignores_labels():
+    rng = np.random.default_rng(4)
+    layout = _small_layout(rng)
+    images, labels = _object_images(rng, 5)
+    model = _features_model(rng, layout, images)
+    assert np.isnan(model.category_tuning).all() and model.feature_tuning.shape == (80, encoding.C2_PROTOTYPES)
+    response = model.calibrate_predict(images, labels)
+    np.testing.assert_array_equal(model.predict(images, rng.permutation(labels)), response)
+    np.testing.assert_array_equal(model.predict(images, np.full(len(images), -1)), response)
+    np.testing.assert_array_equal(model.predict(images), response)
+    assert np.isfinite(response).all() and response[:, ~layout.is_early].std(axis=0).min() > 0
+    # The feature drive is scaled to the label drive's unit mean square over higher voxels.
+    assert np.mean(model.category_drive(images) ** 2) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_feature_category_drive_follows_visual_similarity_and_label_drive_does_not():
+    rng = np.random.default_rng(6)
+    layout = _small_layout(rng)
+    train_images, _ = _object_images(rng, 10)
+    images, labels = _object_images(rng, 10)
+    same = (labels[:, None] == labels[None]) & ~np.eye(len(labels), dtype=bool)
+    different = labels[:, None] != labels[None]
+
+    features = _features_model(rng, layout, train_images).calibrate(images)
+    similarity = np.corrcoef(features.category_drive(images))  # image x image, over higher voxels
+    within, between = similarity[same].mean(), similarity[different].mean()
+    # Images of a class look alike, so they drive the category tuning alike; other classes less so.
+    # (About 1.0 apart here; random prototypes not sampled from images give only about 0.5.)
+    assert within > between + 0.7
+    assert within < 0.99  # but not identically: the drive is the image's, not the label's
+    # The class of an image is its nearest class in drive space, for most images (visual similarity).
+    centroids = np.stack([similarity[:, labels == c].mean(axis=1) for c in range(4)], axis=1)
+    assert np.mean(centroids.argmax(axis=1) == labels) > 0.8
+
+    labelled = encoding.make_encoding_model(layout, 4, validate({})["simulate"], rng).calibrate(images, labels)
+    label_similarity = np.corrcoef(labelled.category_drive(images, labels))
+    np.testing.assert_allclose(label_similarity[same], 1.0, atol=1e-5)  # one pattern per class, whatever the image
+
+
+def test_features_category_model_simulates_task_and_rest_subjects(tmp_path):
+    config = validate({**TINY, "simulate": {**TINY["simulate"], "category_model": "features"}})
+    stimuli = tmp_path / "stimuli.h5"
+    build_stimulus_set(config, stimuli)
+    simulate_subject(config, stimuli, tmp_path / "bids", "sub-01")
+    simulate_rest_subject(config, tmp_path / "bids", "sub-rest01")
+    truth = bids.read_ground_truth(bids_layout.derivative_paths(tmp_path / "bids", "sub-01")["groundtruth"])
+    assert np.isfinite(truth["response"]).all()
+    for subject in ("sub-01", "sub-rest01"):
+        for bold in sorted((tmp_path / "bids" / subject / "func").glob("*_bold.nii.gz")):
+            assert np.isfinite(np.asarray(nib.load(bold).dataobj)).all()
+
+
 # -- time series ------------------------------------------------------------------
 
 def test_hrf_regressor_peaks_about_five_seconds_after_onset():

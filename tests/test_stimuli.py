@@ -107,3 +107,32 @@ def test_reader_names_missing_dataset(tmp_path, stimulus_file):
         del handle["test/label"]
     with pytest.raises(MindvisError, match="test/label"):
         load_stimulus_set(stimulus_file)
+
+
+def test_novel_classes_get_no_training_images_but_test_and_pool_images(tmp_path):
+    config = _config(tmp_path, novel_classes=[5, 2])
+    build_stimulus_set(config, tmp_path / "s.h5")
+    stim = load_stimulus_set(tmp_path / "s.h5")
+    assert stim.novel_classes == [2, 5]
+    counts = np.bincount(stim["train"].label, minlength=10).tolist()
+    assert counts == [3, 3, 0, 3, 3, 0, 3, 3, 3, 3] and len(stim["train"]) == 24
+    assert np.bincount(stim["test"].label, minlength=10).tolist() == [2] * 10
+    assert {2, 5} <= set(stim["pool"].label.tolist())  # the pool covers every class, novel ones too
+    assert not set(stim["train"].source_index) & set(stim["pool"].source_index)
+
+
+def test_novel_classes_attribute_defaults_to_none_on_old_files(stimulus_file):
+    assert load_stimulus_set(stimulus_file).novel_classes == []
+    with h5py.File(stimulus_file, "a") as handle:
+        del handle.attrs["novel_classes"]  # as written before the key existed
+    stim = load_stimulus_set(stimulus_file)
+    assert stim.novel_classes == [] and "novel_classes" not in stim.attrs
+
+
+@pytest.mark.parametrize("novel, message", [([3, 10], r"\[10\] are outside"), (list(range(10)), "all 10 classes")])
+def test_bad_novel_classes_are_a_clear_error(tmp_path, novel, message):
+    config = _config(tmp_path, novel_classes=novel)
+    with pytest.raises(MindvisError, match=message) as error:
+        build_stimulus_set(config, tmp_path / "s.h5")
+    assert "stimuli.novel_classes" in str(error.value)
+    assert not (tmp_path / "s.h5").exists()

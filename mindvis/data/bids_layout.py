@@ -33,3 +33,26 @@ def derivative_paths(bids_dir, subject):
         "groundtruth": folder / f"{subject}_desc-groundtruth.h5",
         "manifest": folder / f"{subject}_desc-simulation_manifest.json",
     }
+
+
+def template_dir(bids_dir):
+    """The simulator's group-template folder (one for the data set, not per subject)."""
+    return Path(bids_dir) / "derivatives" / "simulation" / "template"
+
+
+def template_paths(bids_dir):
+    """Paths of the simulated group template (keys: mask, dseg, dseg_tsv, spec).
+
+    The template is the visual ROIs at the un-jittered anchors with the nominal
+    voxel counts, on the acquisition grid: the shared voxel space of
+    ``preprocess.space: template``. ``spec`` is a JSON sidecar with its
+    resolution, field of view, grid, voxel counts and voxel order.
+    """
+    folder = template_dir(bids_dir)
+    stem = f"tpl-{SPACE}_desc-visual"
+    return {
+        "mask": folder / f"{stem}_mask.nii.gz",
+        "dseg": folder / f"{stem}_dseg.nii.gz",
+        "dseg_tsv": folder / f"{stem}_dseg.tsv",
+        "spec": folder / f"{stem}_mask.json",
+    }

@@ -30,6 +30,16 @@ class PairedTrials:
     def get_batch(self, indices):
         return {"fmri": self.fmri[indices], "images": self.images[indices], "labels": self.labels[indices]}
 
+    def subset(self, fraction, seed):
+        """A seeded random ``fraction`` of the trials (at least one), in their original order."""
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        if fraction == 1.0 or len(self) == 0:
+            return self
+        n_keep = max(1, int(round(fraction * len(self))))
+        keep = np.sort(np.random.default_rng(seed).choice(len(self), n_keep, replace=False))
+        return PairedTrials(self.fmri[keep], self.images[keep], self.labels[keep])
+
 
 def paired_trials(responses_split, stimuli, image_size, image_channels):
     """Pair a responses split with its stimulus images at the given size and channels.

@@ -13,9 +13,10 @@ dataset            dtype / shape                     meaning
 ``source_index``   int64 [N]                         index of the image in its source file
 =================  ================================  ==========================================
 
-File attributes: ``class_names`` (JSON list), ``image_size``, ``channels``,
-``source``, ``license``, ``attribution``, ``seed``, ``config`` (JSON of the
-``stimuli`` section), ``versions`` (JSON).
+File attributes: ``class_names`` (JSON list), ``novel_classes`` (JSON list of
+class indices with no training image; absent in older files, read as ``[]``),
+``image_size``, ``channels``, ``source``, ``license``, ``attribution``,
+``seed``, ``config`` (JSON of the ``stimuli`` section), ``versions`` (JSON).
 
 The split mirrors Kamitani's Generic Object Decoding: ``train`` holds distinct
 images each shown once, ``test`` holds few images shown many times, and
@@ -26,13 +27,20 @@ their class labels: they are the generator's "captions", the stand-in for the
 text that a pretrained text-to-image model learned from. They are never paired
 with fMRI, so no decoder sees a pool label; a source without labels for its
 pool writes -1.
+
+Novel categories (``stimuli.novel_classes``), as in GOD, whose 50 test
+categories are all absent from its 150 training categories: the listed classes
+get no ``train`` image (so no fMRI trial of training or validation shows one);
+``test`` still holds ``n_test_per_class`` images of every class, and ``pool``
+draws from all classes. The evaluate stage reports the test stimuli of seen and
+of novel categories apart.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -75,11 +83,15 @@ class StimulusSplit:
 
 @dataclass
 class StimulusSet:
-    """Images with labels and ids, split as in Generic Object Decoding."""
+    """Images with labels and ids, split as in Generic Object Decoding.
+
+    ``novel_classes``: class indices that have no ``train`` image (GOD's novel test categories).
+    """
 
     splits: dict
     class_names: list
     attrs: dict
+    novel_classes: list = field(default_factory=list)
 
     def __getitem__(self, split):
         return self.splits[split]
@@ -187,11 +199,12 @@ def fit_image(image, image_size, channels, pad_fraction=2 / 28):
 
 # -- building and reading -----------------------------------------------------
 
-def _pick_per_class(labels, n_per_class, n_classes, rng, exclude=()):
+def _pick_per_class(labels, n_per_class, classes, rng, exclude=()):
+    """``n_per_class`` random rows of each of ``classes``, interleaved by class."""
     excluded = np.zeros(len(labels), dtype=bool)
     excluded[list(exclude)] = True
     chosen = []
-    for cls in range(n_classes):
+    for cls in classes:
         candidates = np.flatnonzero((labels == cls) & ~excluded)
         if len(candidates) < n_per_class:
             raise MindvisError(f"class {cls} has {len(candidates)} images, {n_per_class} asked for",
@@ -200,6 +213,26 @@ def _pick_per_class(labels, n_per_class, n_classes, rng, exclude=()):
         chosen.append(np.sort(rng.choice(candidates, n_per_class, replace=False)))
     # Interleave classes so any prefix of the split is class-balanced.
     return np.stack(chosen, axis=1).reshape(-1)
+
+
+def check_novel_classes(novel_classes, n_classes):
+    """``stimuli.novel_classes`` as a sorted list of distinct ints, checked against the data set's classes.
+
+    Raises
+    ------
+    MindvisError
+        For an index outside ``[0, n_classes)``, or when every class would be novel (nothing to train on).
+    """
+    novel = sorted({int(cls) for cls in novel_classes})
+    outside = [cls for cls in novel if not 0 <= cls < n_classes]
+    if outside:
+        raise MindvisError(f"novel class indices {outside} are outside the data set's {n_classes} classes "
+                           f"(0 .. {n_classes - 1})", key="stimuli.novel_classes",
+                           fix=f"list class indices between 0 and {n_classes - 1}.")
+    if len(novel) >= n_classes:
+        raise MindvisError(f"all {n_classes} classes are listed as novel: no class would have training images",
+                           key="stimuli.novel_classes", fix="leave at least one class out of stimuli.novel_classes.")
+    return novel
 
 
 def build_stimulus_set(config, out_path):
@@ -217,11 +250,13 @@ def build_stimulus_set(config, out_path):
     folder = fashion_mnist_dir(section["fashion_mnist_dir"])
     source = load_fashion_mnist(folder)
     n_classes = len(FASHION_MNIST_CLASSES)
+    novel = check_novel_classes(section.get("novel_classes", []), n_classes)
 
     train_images, train_labels = source["train"]
     test_images, test_labels = source["test"]
-    train_rows = _pick_per_class(train_labels, section["n_train_per_class"], n_classes, rng)
-    test_rows = _pick_per_class(test_labels, section["n_test_per_class"], n_classes, rng)
+    seen = [cls for cls in range(n_classes) if cls not in novel]
+    train_rows = _pick_per_class(train_labels, section["n_train_per_class"], seen, rng)
+    test_rows = _pick_per_class(test_labels, section["n_test_per_class"], range(n_classes), rng)
     remaining = np.setdiff1d(np.arange(len(train_labels)), train_rows)
     if section["n_pool"] > len(remaining):
         raise MindvisError(f"n_pool is {section['n_pool']} but only {len(remaining)} further images exist in {folder}",
@@ -253,7 +288,7 @@ def build_stimulus_set(config, out_path):
         "config": json.dumps(section),
         "versions": json.dumps(software_versions()),
     }
-    save_stimulus_set(StimulusSet(splits, list(FASHION_MNIST_CLASSES), attrs), out_path)
+    save_stimulus_set(StimulusSet(splits, list(FASHION_MNIST_CLASSES), attrs, novel_classes=novel), out_path)
 
 
 def save_stimulus_set(stimulus_set, out_path):
@@ -263,6 +298,7 @@ def save_stimulus_set(stimulus_set, out_path):
         for key, value in stimulus_set.attrs.items():
             handle.attrs[key] = value
         handle.attrs["class_names"] = json.dumps(list(stimulus_set.class_names))
+        handle.attrs["novel_classes"] = json.dumps([int(cls) for cls in stimulus_set.novel_classes])
         for name, split in stimulus_set.splits.items():
             group = handle.create_group(name)
             # Chunks of whole images and light compression: large natural-image sets
@@ -295,7 +331,9 @@ def load_stimulus_set(path, splits=SPLITS):
         if "class_names" not in handle.attrs:
             raise MindvisError("attribute missing", path=path, key="class_names")
         class_names = json.loads(handle.attrs["class_names"])
-        attrs = {key: handle.attrs[key] for key in handle.attrs if key != "class_names"}
+        # Files written before novel categories existed have no attribute: every class was seen.
+        novel_classes = json.loads(handle.attrs.get("novel_classes", "[]"))
+        attrs = {key: handle.attrs[key] for key in handle.attrs if key not in ("class_names", "novel_classes")}
         for name in splits:
             if name not in handle:
                 raise MindvisError("group missing", path=path, key=name)
@@ -318,4 +356,4 @@ def load_stimulus_set(path, splits=SPLITS):
             if len(lengths) != 1:
                 raise MindvisError(f"datasets of split '{name}' differ in length: {sorted(lengths)}", path=path, key=name)
             out[name] = split
-    return StimulusSet(out, class_names, attrs)
+    return StimulusSet(out, class_names, attrs, novel_classes=[int(cls) for cls in novel_classes])

@@ -19,6 +19,14 @@
   logistic regression on standardised voxels, giving class probabilities per
   test fMRI pattern: how much class information the voxels hold, without any
   image generation.
+* **Embedding-prototype ceiling** (:func:`embedding_prototype_similarity`): the
+  same ridge from a trial's fMRI to the base prior's embedding of the image it
+  showed (``image_conditioner.embed``, flattened), fitted on the training trials
+  (seen classes only), and each test prediction classified as the class whose
+  prototype (the mean embedding of that class's labelled ``pool`` images, which
+  cover every class, novel ones too) is nearest by cosine similarity: how much
+  of a novel category the fMRI carries into the prior's embedding, without
+  sampling an image.
 * **Base-generator ceiling** (:func:`base_ceiling_conditioning`): an
   image-conditioned prior given each true image's own embedding
   (:func:`mindvis.generate.decode.sample_like`: what a decoder that recovered
@@ -39,7 +47,7 @@ import logging
 import numpy as np
 import torch
 
-from mindvis.data.images import tensor_to_images
+from mindvis.data.images import images_to_tensor, tensor_to_images
 from mindvis.data.pairs import paired_trials
 from mindvis.errors import MindvisError
 from mindvis.models.linear import class_probabilities, fit_fmri_classifier, fit_ridge
@@ -128,6 +136,115 @@ def _ridge_predict(responses, stimulus_set, fmri, alphas, image_size, image_chan
     model, info = fit_ridge(train.fmri.numpy(), y_train, val.fmri.numpy(), y_val, alphas, error="mse", what=what)
     predicted = model.predict(np.asarray(fmri, np.float32)) if len(fmri) else np.zeros((0, y_train.shape[1]))
     return predicted, info
+
+
+# -- ridge into the prior's image embedding, scored by class prototypes ------------
+
+@torch.no_grad()
+def prior_embeddings(conditioner, images, batch_size=256):
+    """The image conditioner's embedding of images, flattened.
+
+    Parameters
+    ----------
+    conditioner : mindvis.models.conditioning.ImageConditioner
+    images : torch.Tensor
+        float32 [N, C, S, S] in [-1, 1] at the generator's size and channels.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 [N, tokens * token_dim].
+    """
+    device = next(conditioner.parameters()).device
+    out = [conditioner.embed(images[start:start + batch_size].to(device)).float().flatten(1).cpu()
+           for start in range(0, len(images), batch_size)]
+    if not out:
+        return np.zeros((0, int(np.prod(conditioner.embedding_shape))), np.float32)
+    return torch.cat(out).numpy()
+
+
+def class_prototypes(generator, pool, n_classes, batch_size=256):
+    """Mean prior embedding of the labelled ``pool`` images of each class.
+
+    Returns
+    -------
+    prototypes : float32 [n_classes, tokens * token_dim]
+    counts : int64 [n_classes]
+        Labelled pool images of each class.
+
+    Raises
+    ------
+    MindvisError
+        When the pool has no labelled image of some class (no prototype for it).
+    """
+    missing = [cls for cls in range(n_classes) if not (np.asarray(pool.label) == cls).any()]
+    if missing:
+        raise MindvisError(f"the stimulus pool has no labelled image of {len(missing)} of the {n_classes} classes "
+                           f"(e.g. {missing[:5]}): those classes have no prototype", key="pool",
+                           fix="use a stimulus set whose pool holds labelled images of every class "
+                               "(stimuli.n_pool).")
+    sums = np.zeros((n_classes, int(np.prod(generator.image_conditioner.embedding_shape))), np.float64)
+    counts = np.zeros(n_classes, np.int64)
+    labelled = np.flatnonzero(np.asarray(pool.label) >= 0)
+    for start in range(0, len(labelled), batch_size):  # the pool's images converted a batch at a time
+        rows = labelled[start:start + batch_size]
+        tensor = images_to_tensor(pool.images[rows], generator.image_size, generator.image_channels)
+        np.add.at(sums, pool.label[rows], prior_embeddings(generator.image_conditioner, tensor, batch_size))
+        np.add.at(counts, pool.label[rows], 1)
+    return (sums / counts[:, None]).astype(np.float32), counts
+
+
+def embedding_prototype_similarity(generator, responses, stimulus_set, fmri, alphas, n_classes, batch_size=256):
+    """The embedding-prototype ceiling end to end: ridge fMRI -> prior embedding (fit on train, alpha on val, refit
+    on train + val), then the cosine similarity of each prediction for ``fmri`` with every class prototype.
+
+    Parameters
+    ----------
+    generator : mindvis.models.ldm.Generator
+        With an ``image_conditioner`` (the base prior).
+    responses : mindvis.data.responses.Responses
+        With the ``train`` and ``val`` splits loaded.
+    stimulus_set : mindvis.data.stimuli.StimulusSet
+        Its ``pool`` gives the prototypes (:func:`class_prototypes`).
+    fmri : float32 [N, V]
+        The rows to classify (the test fMRI); used for prediction only.
+    alphas : sequence of float
+    n_classes : int
+        The data set's classes.
+
+    Returns
+    -------
+    similarity : float64 [N, n_classes]
+        Cosine similarity of each predicted embedding with each class's prototype (argmax: the predicted class).
+    info : dict
+        From :func:`mindvis.models.linear.fit_ridge`, plus ``embedding_dim`` and ``prototype_images`` (labelled
+        pool images per class).
+
+    Raises
+    ------
+    MindvisError
+        When the base has no image conditioner, or the pool lacks a class.
+    """
+    conditioner = generator.image_conditioner
+    if conditioner is None:
+        raise MindvisError("the base generator has no image conditioner (it is class- or text-conditioned): there is "
+                           "no prior image embedding to regress onto", key="ldm.base")
+    prototypes, counts = class_prototypes(generator, stimulus_set["pool"], n_classes, batch_size)
+    predicted, info = _ridge_predict(responses, stimulus_set, fmri, alphas, generator.image_size,
+                                     generator.image_channels,
+                                     lambda images: prior_embeddings(conditioner, images, batch_size),
+                                     "ridge fMRI -> prior embedding")
+    info.update(embedding_dim=int(prototypes.shape[1]), prototype_images=counts.tolist())
+    return _cosine(predicted, prototypes), info
+
+
+def _cosine(first, second):
+    """Cosine similarity of every row of ``first`` [N, D] with every row of ``second`` [M, D]: [N, M]."""
+    first = np.asarray(first, np.float64)
+    second = np.asarray(second, np.float64)
+    first = first / np.maximum(np.linalg.norm(first, axis=1, keepdims=True), 1e-12)
+    second = second / np.maximum(np.linalg.norm(second, axis=1, keepdims=True), 1e-12)
+    return first @ second.T
 
 
 # -- ridge into pixels, and the mean training image --------------------------------

@@ -3,8 +3,10 @@
 The rows and metrics are defined in :mod:`mindvis.evaluate.table`; this
 module reads the inputs, checks that the image classifier can ground the
 figures it scores (:mod:`mindvis.evaluate.classifier_check`), draws or fits
-the rows that need it (the floors, the ridges, the fMRI classifier, the base
-generator's ceiling) and writes the outputs.
+the rows that need it (the floors, the ridges, the fMRI classifier, the
+embedding-prototype and base-generator ceilings), scores the seen- and
+novel-category test stimuli apart, compares rows pairwise and writes the
+outputs.
 
 Outputs in ``out_dir`` (``results/{subject}/evaluation/``)
 --------------------------------------------------------
@@ -47,6 +49,25 @@ Outputs in ``out_dir`` (``results/{subject}/evaluation/``)
     ``per_stimulus``       row id -> metric id -> N values (order: ``stimulus_ids``)
     ``stimulus_ids``,      the order of the per-stimulus lists
     ``labels``
+    ``category``           per stimulus (same order): ``"seen"`` (its label is among
+                           the labels of the subject's train and val trials),
+                           ``"novel"`` (it is not: all of GOD's test categories) or
+                           null (unlabelled: in neither subset)
+    ``subsets``            ``seen`` / ``novel`` -> ``n_stimuli``, ``available`` and
+                           ``rows``: row id -> metric id -> ``{"value", "ci"}``, the
+                           rows' per-stimulus values averaged over the subset with a
+                           bootstrap over its stimuli (same ``n_bootstrap``,
+                           ``ci_level``; withheld figures stay withheld, FID is null,
+                           exact figures such as chance keep their value; n-way top-1
+                           stays n-way among all the classifier's classes); or
+                           ``reason`` when the subset has fewer than 2 stimuli
+    ``comparisons``        paired differences: a list of ``{"a", "b", "subset"
+                           (all / seen / novel), "metric", "difference" (mean of
+                           a - b over stimuli), "ci", "n_stimuli"}``, by a paired
+                           bootstrap (the same resampled stimuli for both rows), for
+                           (dcldm, dcldm-start), (dcldm, dcldm-baseline),
+                           (dcldm-lowlevel, dcldm) and (dcldm, ridge) where both rows
+                           are available, every per-stimulus metric (not FID)
     ``inputs``             path -> sha256 of every input file (model folders: their
                            weights and configs)
     ``timings_s``,         seconds per row and for the whole stage
@@ -74,11 +95,12 @@ import numpy as np
 from mindvis.data.responses import load_responses
 from mindvis.data.stimuli import load_stimulus_set
 from mindvis.errors import MindvisError
-from mindvis.evaluate.baselines import (MAX_PIXEL_RIDGE_SIDE, base_ceiling_conditioning, fmri_linear_probabilities,
+from mindvis.evaluate.baselines import (MAX_PIXEL_RIDGE_SIDE, base_ceiling_conditioning,
+                                        embedding_prototype_similarity, fmri_linear_probabilities,
                                         mean_training_image, pixel_ridge_images, ridge_images)
 from mindvis.evaluate.classifier_check import CLASSIFIER_METRICS, check_classifier
-from mindvis.evaluate.table import (BASE_CEILING_LABELS, GROUND_TRUTH, Table, chance_metrics, class_scores,
-                                    derangement, log_table, make_reference)
+from mindvis.evaluate.table import (BASE_CEILING_LABELS, GROUND_TRUTH, SUBSETS, Table, chance_metrics, class_scores,
+                                    derangement, log_table, make_reference, stimulus_categories)
 from mindvis.generate.decode import sample_classes, sample_like
 from mindvis.generate.writing import SAMPLES_FILE, read_samples_h5, save_grid, write_samples_h5
 from mindvis.models.classifiers.load import load_image_classifier
@@ -89,6 +111,13 @@ log = logging.getLogger(__name__)
 
 #: Folders (under out_dir) of the images the stage draws itself.
 IMAGE_ROWS = ("ridge", "ridge-pixels", "base-ceiling")
+#: The optional model rows from further samples.h5: row id -> (the ``generate`` key that asks for them, the
+#: command-line flag that passes them, what is missing when they were not asked for).
+EXTRA_MODEL_ROWS = {
+    "dcldm-start": ("start_row", "--start-samples", "the DC-LDM was not sampled at its start (0 fine-tuning steps)"),
+    "dcldm-lowlevel": ("lowlevel", "--lowlevel-samples",
+                       "the DC-LDM was not sampled from the ridge latent (img2img low-level start)"),
+}
 
 
 # -- inputs -----------------------------------------------------------------------
@@ -181,15 +210,30 @@ class _Inputs:
     out_dir: Path
 
 
-def _model_rows(table, classifier, inputs, samples_path, baseline_samples):
-    """The DC-LDM row and its no-pretraining ablation (or why the ablation is missing)."""
+def _samples_row(table, classifier, inputs, row_id, path, what):
+    """Score another ``samples.h5`` of the model's stimuli as row ``row_id``."""
+    other = _load_samples(path, what)
+    _check_same_stimuli(inputs.samples, other, path)
+    table.add_images(row_id, classifier, other["samples"], n_samples=int(other["samples"].shape[1]), source=str(path))
+
+
+def _model_rows(table, classifier, inputs, samples_path, baseline_samples, extra_samples):
+    """The DC-LDM row, its start and low-level-start rows and its no-pretraining ablation (or why one is missing).
+
+    ``extra_samples``: row id of :data:`EXTRA_MODEL_ROWS` -> ``samples.h5`` path or None.
+    """
     images = inputs.samples["samples"]
     table.add_images("dcldm", classifier, images, n_samples=int(images.shape[1]), source=str(samples_path))
+    for row_id, (key, flag, missing) in EXTRA_MODEL_ROWS.items():
+        path = extra_samples.get(row_id)
+        if path is not None:
+            _samples_row(table, classifier, inputs, row_id, path, f"the {row_id} samples.h5")
+        elif inputs.config["generate"].get(key, False):
+            table.unavailable(row_id, f"generate.{key} is true but no samples were given ({flag})")
+        else:
+            table.unavailable(row_id, f"generate.{key} is false: {missing}")
     if baseline_samples is not None:
-        other = _load_samples(baseline_samples, "the baseline's samples.h5")
-        _check_same_stimuli(inputs.samples, other, baseline_samples)
-        table.add_images("dcldm-baseline", classifier, other["samples"], n_samples=int(other["samples"].shape[1]),
-                         source=str(baseline_samples))
+        _samples_row(table, classifier, inputs, "dcldm-baseline", baseline_samples, "the baseline's samples.h5")
     elif inputs.config["finetune"]["baseline"]:
         table.unavailable("dcldm-baseline", "finetune.baseline is true but no baseline samples were given "
                                             "(--baseline-samples)")
@@ -278,6 +322,27 @@ def _fmri_linear_row(table, inputs, n_classes):
                           "against the data set's label")
 
 
+def _embedding_prototype_row(table, inputs, n_classes):
+    """Ridge fMRI -> the prior's image embedding, classified by the nearest class prototype (label column only)."""
+    if not (table.reference.labels >= 0).any():
+        table.unavailable("embedding-prototype", "the test stimuli have no class labels")
+        return
+    try:
+        similarity, info = embedding_prototype_similarity(inputs.generator, inputs.responses, inputs.stimulus_set,
+                                                          inputs.test_fmri, inputs.config["evaluate"]["ridge_alphas"],
+                                                          n_classes)
+    except MindvisError as err:
+        table.unavailable("embedding-prototype", str(err))
+        return
+    # Like the fMRI probe, its ground truth is the data set's label and it uses no image classifier.
+    values, predicted = class_scores(similarity[:, None], None, table.reference, label_space=True)
+    table.add_scored("embedding-prototype", values, predicted, uses_classifier=(), fit=info,
+                     note="fMRI -> prior embedding regression fitted on seen-class trials, scored by the nearest "
+                          "class prototype among all classes (cosine similarity to the mean embedding of each "
+                          "class's labelled pool images); one prediction per stimulus, against the data set's "
+                          "label")
+
+
 def _base_ceiling_row(table, classifier, inputs, n_classes):
     """The base generator given the truth, with the model's seeds, written to ``base-ceiling/``.
 
@@ -314,7 +379,7 @@ def _timed(timings, name, func, *args):
 # -- the stage --------------------------------------------------------------------
 
 def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir, baseline_samples=None,
-                     classifier_dir=None):
+                     classifier_dir=None, start_samples=None, lowlevel_samples=None):
     """Score a subject's decoded images beside every baseline and ceiling; write ``metrics.json``.
 
     Parameters
@@ -337,6 +402,10 @@ def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir
         ``samples.h5`` of the decoder fine-tuned without SC-MBM pretraining.
     classifier_dir : path, optional
         The domain classifier folder (``evaluate.classifier`` auto / domain).
+    start_samples : path, optional
+        ``samples.h5`` of the DC-LDM at its start (0 fine-tuning steps): row ``dcldm-start``.
+    lowlevel_samples : path, optional
+        ``samples.h5`` of the DC-LDM sampled from the ridge latent (img2img): row ``dcldm-lowlevel``.
 
     Returns
     -------
@@ -376,17 +445,23 @@ def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir
                      test_fmri=test_rows.fmri, stimulus_set=stimulus_set, generator=generator, base=str(base),
                      out_dir=Path(out_dir))
     timings = {}
-    _timed(timings, "dcldm", _model_rows, table, classifier, inputs, samples, baseline_samples)
+    _timed(timings, "dcldm", _model_rows, table, classifier, inputs, samples, baseline_samples,
+           {"dcldm-start": start_samples, "dcldm-lowlevel": lowlevel_samples})
     _timed(timings, "floors", _floor_rows, table, classifier, inputs)
     _timed(timings, "ridge", _ridge_row, table, classifier, inputs)
     _timed(timings, "ridge-pixels", _pixel_ridge_row, table, classifier, inputs)
     _timed(timings, "fmri-linear", _fmri_linear_row, table, inputs, len(class_names))
+    _timed(timings, "embedding-prototype", _embedding_prototype_row, table, inputs, len(class_names))
     _timed(timings, "base-ceiling", _base_ceiling_row, table, classifier, inputs, len(class_names))
     table.add_images("true-images", classifier, reference.images[:, None], n_samples=1,
                      note="the true images scored as if decoded: n-way top-1 is 1 by definition; label top-1 is "
                           "the classifier's accuracy")
 
     rows = table.ordered()
+    categories = stimulus_categories(reference.labels, np.concatenate([data["train"].label, data["val"].label]))
+    subsets = table.subsets(categories)
+    comparisons = table.comparisons(categories)
+    log.info("%s: %s", subject, ", ".join(f"{subsets[name]['n_stimuli']} {name}" for name in SUBSETS))
     true_labels = reference.labels[reference.labelled]
     test_label_accuracy = (float(np.mean(reference.gt_class[reference.labelled] == true_labels))
                            if reference.label_space and len(true_labels) else None)
@@ -403,7 +478,9 @@ def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir
         "per_stimulus": table.per_stimulus,
         # The order of every per_stimulus list.
         "stimulus_ids": [str(s) for s in model_samples["stimulus_id"]], "labels": reference.labels.tolist(),
-        "inputs": input_hashes([responses, stimuli, samples, baseline_samples], [base, classifier_dir]),
+        "category": categories, "subsets": subsets, "comparisons": comparisons,
+        "inputs": input_hashes([responses, stimuli, samples, baseline_samples, start_samples, lowlevel_samples],
+                               [base, classifier_dir]),
         "timings_s": timings, "config": config, "versions": software_versions(),
         "wall_time_s": round(time.perf_counter() - started, 2),
     }

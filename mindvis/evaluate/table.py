@@ -13,10 +13,18 @@ id                        what it is
 ``mean-train-image``      floor: the mean of the subject's training images as
                           the decoded image of every test stimulus
 ``dcldm``                 the model
+``dcldm-start``           the model at its start (0 fine-tuning steps), when
+                          its samples are given
+``dcldm-lowlevel``        the model started from the ridge latent (img2img),
+                          when its samples are given
 ``dcldm-baseline``        the model without SC-MBM pretraining
 ``ridge``                 ridge fMRI -> VAE latent, decoded by the VAE
 ``ridge-pixels``          ridge fMRI -> pixels (images of side <= 64 px)
 ``fmri-linear``           a linear classifier on the test fMRI (label column only)
+``embedding-prototype``   ridge fMRI -> the prior's image embedding, fitted on
+                          seen-class trials, scored by the nearest class
+                          prototype among all classes (label column only): the
+                          novel-category ceiling
 ``base-ceiling``          the base generator given the true image's embedding
                           (image-conditioned prior) or the true class
 ``true-images``           the true images scored as if decoded
@@ -47,6 +55,15 @@ finds it unable to ground them, and the chance row's PixCorr and SSIM (see the f
 Every figure has a bootstrap confidence interval over test stimuli; all rows
 and metrics resample the same stimuli (one seed), so intervals are paired.
 
+Seen and novel categories (:func:`stimulus_categories`): a test stimulus is
+``novel`` when its label is not among the labels of the subject's training
+trials (as GOD's 50 test categories, none of them trained on), ``seen`` when it
+is; an unlabelled one is in neither subset. :meth:`Table.subsets` scores every
+row again on each subset from the same per-stimulus values (no FID: it is a set
+figure; exact rows keep their value), and :meth:`Table.comparisons` gives the
+paired differences of :data:`COMPARISONS` (a paired bootstrap: the same
+resampled stimuli for both rows).
+
 The stage that fills it and writes ``metrics.json`` is :mod:`mindvis.evaluate.run`.
 """
 
@@ -69,10 +86,13 @@ ROWS = (
     ("shuffled-pairs", "Shuffled pairs (DC-LDM samples vs. another stimulus's truth)", "floor"),
     ("mean-train-image", "Mean training image as every decoding", "floor"),
     ("dcldm", "DC-LDM (SC-MBM pretrained)", "model"),
+    ("dcldm-start", "DC-LDM at its start (0 fine-tuning steps)", "model"),
+    ("dcldm-lowlevel", "DC-LDM, low-level start (img2img from the ridge latent)", "model"),
     ("dcldm-baseline", "DC-LDM without SC-MBM pretraining", "baseline"),
     ("ridge", "Ridge fMRI -> VAE latent", "baseline"),
     ("ridge-pixels", "Ridge fMRI -> pixels", "baseline"),
     ("fmri-linear", "Linear classifier on test fMRI", "ceiling"),
+    ("embedding-prototype", "Ridge fMRI -> prior embedding, nearest class prototype", "ceiling"),
     ("base-ceiling", "Base generator given the truth", "ceiling"),
     ("true-images", "Classifier on the true images", "ceiling"),
 )
@@ -102,6 +122,12 @@ STIMULUS_METRICS = METRICS[:-1]
 #: Why an FID interval may not contain the FID (stated beside it in metrics.json).
 FID_CI_NOTE = ("percentile bootstrap over stimuli, like every figure; a resampled set repeats stimuli, which "
                "biases FID upwards, so the interval can lie above the full-set value")
+#: The test-stimulus subsets scored apart (beside all stimuli).
+SUBSETS = ("seen", "novel")
+#: Paired comparisons (a, b) of metrics.json: the mean over stimuli of a - b, when both rows are available.
+COMPARISONS = (("dcldm", "dcldm-start"), ("dcldm", "dcldm-baseline"), ("dcldm-lowlevel", "dcldm"), ("dcldm", "ridge"))
+#: Fewest stimuli a subset is scored on (a bootstrap of one stimulus has no spread).
+MIN_SUBSET_STIMULI = 2
 
 def n_way_for(setting, n_classes):
     """n of the n-way top-1 (:func:`mindvis.evaluate.metrics.resolve_n_way`), capped at the number of classes
@@ -421,6 +447,119 @@ class Table:
 
     def ordered(self):
         return [self.rows[row_id] for row_id, _, _ in ROWS]
+
+    def subsets(self, categories):
+        """Every row scored on the seen and on the novel test stimuli (the ``subsets`` of metrics.json).
+
+        Parameters
+        ----------
+        categories : list of {"seen", "novel", None}
+            Per stimulus (:func:`stimulus_categories`).
+
+        Returns
+        -------
+        dict
+            ``seen`` / ``novel`` -> ``{"n_stimuli", "available": True, "rows": {row id: {metric id: entry}}}``
+            (entries as in the rows: a value with its bootstrap interval over the subset's stimuli, withheld as
+            withheld, FID null, exact figures as they are), or ``{"n_stimuli", "available": False, "reason"}``
+            for a subset of fewer than :data:`MIN_SUBSET_STIMULI` stimuli.
+        """
+        out = {}
+        for name in SUBSETS:
+            index = np.flatnonzero(np.asarray(categories, dtype=object) == name)
+            if len(index) < MIN_SUBSET_STIMULI:
+                out[name] = {"n_stimuli": int(len(index)), "available": False,
+                             "reason": _subset_reason(name, len(index))}
+                continue
+            rows = {}
+            for row_id, row in self.rows.items():
+                values = self.per_stimulus.get(row_id)
+                rows[row_id] = {metric: self._subset_entry(entry, metric, values, index)
+                                for metric, entry in row["metrics"].items()}
+            out[name] = {"n_stimuli": int(len(index)), "available": True,
+                         "rows": {row_id: rows[row_id] for row_id, _, _ in ROWS}}
+        return out
+
+    def _subset_entry(self, entry, metric, values, index):
+        if entry is None or metric == "fid":  # FID compares sets: not a per-stimulus figure to subset
+            return None
+        if entry.get("value") is None or values is None:  # withheld, or an exact row (chance): as it is
+            return dict(entry)
+        if metric not in values:
+            return None
+        array = np.asarray(values[metric], dtype=np.float64)[index]
+        if np.isnan(array).all():
+            return None
+        low, high = bootstrap_ci(_nanmean, (array,), n_boot=self.n_boot, level=self.level, seed=self.reference.seed)
+        return {"value": _nanmean(array), "ci": [float(low), float(high)]}
+
+    def comparisons(self, categories):
+        """Paired differences of :data:`COMPARISONS` on all, seen and novel stimuli (``comparisons`` of metrics.json).
+
+        For each pair whose rows are both available, each subset scored (all stimuli, and seen / novel when they
+        have at least :data:`MIN_SUBSET_STIMULI`) and each per-stimulus metric both rows report (not FID, not a
+        withheld figure): the mean over stimuli of a - b and its percentile interval from a paired bootstrap
+        (the same resampled stimuli for both rows).
+
+        Returns
+        -------
+        list of dict
+            ``a``, ``b``, ``subset``, ``metric``, ``difference``, ``ci`` ([low, high]), ``n_stimuli``.
+        """
+        categories = np.asarray(categories, dtype=object)
+        subsets = {"all": np.arange(len(categories))}
+        for name in SUBSETS:
+            index = np.flatnonzero(categories == name)
+            if len(index) >= MIN_SUBSET_STIMULI:
+                subsets[name] = index
+        out = []
+        for first, second in COMPARISONS:
+            if not (self.rows.get(first, {}).get("available") and self.rows.get(second, {}).get("available")):
+                continue
+            values_a, values_b = self.per_stimulus.get(first, {}), self.per_stimulus.get(second, {})
+            for subset, index in subsets.items():
+                for metric in STIMULUS_METRICS:
+                    if metric not in values_a or metric not in values_b:
+                        continue
+                    difference = (np.asarray(values_a[metric], np.float64)[index]
+                                  - np.asarray(values_b[metric], np.float64)[index])
+                    if np.isnan(difference).all():
+                        continue
+                    low, high = bootstrap_ci(_nanmean, (difference,), n_boot=self.n_boot, level=self.level,
+                                             seed=self.reference.seed)
+                    out.append({"a": first, "b": second, "subset": subset, "metric": metric,
+                                "difference": _nanmean(difference), "ci": [float(low), float(high)],
+                                "n_stimuli": int(np.isfinite(difference).sum())})
+        return out
+
+
+def _subset_reason(name, n_stimuli):
+    what = ("test stimuli of categories absent from the training trials" if name == "novel"
+            else "test stimuli of categories among the training trials")
+    return (f"{n_stimuli} {what}: a subset is scored from {MIN_SUBSET_STIMULI} stimuli up"
+            if n_stimuli else f"no {what}")
+
+
+def stimulus_categories(labels, training_labels):
+    """Whether each test stimulus's category was seen in training: ``"seen"``, ``"novel"`` or None.
+
+    Data-driven, so it holds for any data set: ``novel`` when the stimulus's label (>= 0) is not among the
+    labels of the subject's training trials (the ``train`` and ``val`` splits of ``responses.h5``; all of
+    GOD's test categories), ``seen`` when it is; None for an unlabelled stimulus (in neither subset).
+
+    Parameters
+    ----------
+    labels : int [N]
+        The test stimuli's labels (-1 unknown).
+    training_labels : int [M]
+        The labels of the training trials (-1 entries are ignored).
+
+    Returns
+    -------
+    list of str or None, length N
+    """
+    trained = {int(label) for label in np.asarray(training_labels).ravel() if label >= 0}
+    return [None if label < 0 else ("seen" if int(label) in trained else "novel") for label in np.asarray(labels)]
 
 
 def make_reference(classifier, samples, settings, seed, n_classes_match):

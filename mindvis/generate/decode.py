@@ -23,7 +23,8 @@ from mindvis.generate.sampling import make_scheduler, sample_images, sample_late
 
 
 @torch.no_grad()
-def sample_conditions(generator, condition, null_condition, seeds, settings, batch_size=None, num_steps=None):
+def sample_conditions(generator, condition, null_condition, seeds, settings, batch_size=None, num_steps=None,
+                      init_latents=None, strength=1.0):
     """``k`` images per row of ``condition`` with classifier-free guidance.
 
     Parameters
@@ -42,6 +43,10 @@ def sample_conditions(generator, condition, null_condition, seeds, settings, bat
         default ``settings['batch_size']``.
     num_steps : int, optional
         Overrides ``settings['steps']``.
+    init_latents : torch.Tensor, optional
+        ``[N, C, h, w]``: start each row's samples from these latents noised to ``strength``
+        (img2img; :func:`mindvis.generate.sampling.sample_latents`).
+    strength : float
 
     Returns
     -------
@@ -63,14 +68,16 @@ def sample_conditions(generator, condition, null_condition, seeds, settings, bat
         images = sample_images(generator, condition.select(rows), null_condition=null_condition(len(rows)),
                                sampler=settings["sampler"], num_steps=num_steps or settings["steps"],
                                guidance_scale=settings["guidance_scale"],
-                               seeds=flat_seeds[start:start + batch_size].tolist(), eta=settings["eta"])
+                               seeds=flat_seeds[start:start + batch_size].tolist(), eta=settings["eta"],
+                               init_latents=None if init_latents is None else init_latents[rows],
+                               strength=strength)
         out.append(tensor_to_images(images))
     images = np.concatenate(out)
     return images.reshape(n_rows, n_samples, *images.shape[1:])
 
 
 @torch.no_grad()
-def decode(decoder, generator, fmri, seeds, settings, batch_size=None, num_steps=None):
+def decode(decoder, generator, fmri, seeds, settings, batch_size=None, num_steps=None, lowlevel=None):
     """Decode ``k`` images per fMRI row.
 
     Parameters
@@ -82,6 +89,8 @@ def decode(decoder, generator, fmri, seeds, settings, batch_size=None, num_steps
     seeds : int [N, k]
     settings, batch_size, num_steps
         As in :func:`sample_conditions`.
+    lowlevel : mindvis.models.dcldm.LowLevelStart, optional
+        Start from its linear prediction of each row's VAE latent, noised to its strength (img2img).
 
     Returns
     -------
@@ -89,8 +98,13 @@ def decode(decoder, generator, fmri, seeds, settings, batch_size=None, num_steps
         uint8 [N, k, H, W, C].
     """
     device = next(decoder.parameters()).device
-    condition = decoder.condition(torch.as_tensor(fmri, dtype=torch.float32, device=device))
-    return sample_conditions(generator, condition, decoder.conditioner.null, seeds, settings, batch_size, num_steps)
+    fmri = torch.as_tensor(fmri, dtype=torch.float32, device=device)
+    condition = decoder.condition(fmri)
+    init, strength = None, 1.0
+    if lowlevel is not None:
+        init, strength = lowlevel.latents(fmri, generator.latent_shape(len(fmri))), lowlevel.strength
+    return sample_conditions(generator, condition, decoder.null, seeds, settings, batch_size, num_steps,
+                             init_latents=init, strength=strength)
 
 
 @torch.no_grad()
@@ -162,7 +176,7 @@ def capture_attention(decoder, generator, fmri, seeds, settings):
     scheduler = make_scheduler(settings["sampler"], generator.scheduler_config, eta=settings["eta"])
     steps = sampler_steps(settings["sampler"], settings["steps"], generator.scheduler_config)
     with CrossAttentionRecorder(generator.unet) as recorder:
-        sample_latents(generator.unet, scheduler, condition, null_condition=decoder.conditioner.null(len(seeds)),
+        sample_latents(generator.unet, scheduler, condition, null_condition=decoder.null(len(seeds)),
                        guidance_scale=settings["guidance_scale"], num_steps=steps,
                        generators=seeded_generators(seeds), latent_shape=generator.latent_shape(len(seeds)),
                        eta=settings["eta"], recorder=recorder)

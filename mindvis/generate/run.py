@@ -27,7 +27,8 @@ from mindvis.data.stimuli import load_stimulus_set
 from mindvis.generate.decode import capture_attention, decode
 from mindvis.generate.writing import SAMPLES_FILE, save_grid, save_png, write_samples_h5
 from mindvis.models.classifiers.domain import load_classifier
-from mindvis.models.dcldm import load_dcldm
+from mindvis.errors import MindvisError
+from mindvis.models.dcldm import LOWLEVEL_FILE, load_dcldm, load_lowlevel
 from mindvis.utils.io import derive_seed, software_versions, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def sample_seeds(seed, subject, stimulus_ids, n_samples):
 
 
 def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, classifier_dir=None, base=None,
-                     batch_size=None):
+                     batch_size=None, lowlevel=False):
     """Decode the subject's test fMRI and write PNGs, a grid, ``samples.h5`` and ``summary.json``.
 
     Parameters
@@ -59,6 +60,9 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
         Override the base generator folder recorded by ``finetune``.
     batch_size : int, optional
         Default ``generate.batch_size``.
+    lowlevel : bool
+        Start from the decoder's low-level start (img2img from its ridge-predicted VAE latent, at the
+        strength chosen on the val split; ``lowlevel.json`` in ``model_dir``).
 
     Returns
     -------
@@ -69,19 +73,28 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
     settings = config["generate"]
     out_dir = Path(out_dir)
     generator, decoder, meta = load_dcldm(model_dir, base=base)
+    start = None
+    if lowlevel:
+        start = load_lowlevel(model_dir)
+        if start is None:
+            raise MindvisError("this decoder has no low-level start", path=Path(model_dir) / LOWLEVEL_FILE,
+                               key="generate.lowlevel",
+                               fix="rerun finetune with generate.lowlevel: true, or decode without --lowlevel.")
     split = load_responses(responses, splits=(settings["split"],))[settings["split"]]
     stimulus_set = load_stimulus_set(stimuli)
     stimulus_ids = [str(s) for s in split.stimulus_id]
     true_images, labels = stimulus_set.lookup(stimulus_ids) if stimulus_ids else (
         np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int64))
     seeds = sample_seeds(config["seed"], subject, stimulus_ids, settings["n_samples"])
-    log.info("%s: %d stimuli x %d samples, %s %d steps, guidance %.2f", subject, len(stimulus_ids),
-             settings["n_samples"], settings["sampler"], settings["steps"], settings["guidance_scale"])
+    log.info("%s: %d stimuli x %d samples, %s %d steps, guidance %.2f%s", subject, len(stimulus_ids),
+             settings["n_samples"], settings["sampler"], settings["steps"], settings["guidance_scale"],
+             "" if start is None else f", from the low-level start at strength {start.strength:.2f}")
     tick = time.perf_counter()
-    samples = decode(decoder, generator, split.fmri, seeds, settings, batch_size=batch_size)
+    samples = decode(decoder, generator, split.fmri, seeds, settings, batch_size=batch_size, lowlevel=start)
     sampling_s = time.perf_counter() - tick
 
     summary = {"stage": "generate", "subject": subject, "model_dir": str(model_dir), "baseline": meta.get("baseline"),
+               "lowlevel_strength": None if start is None else start.strength,
                "n_stimuli": len(stimulus_ids), "n_samples": int(settings["n_samples"]), "split": settings["split"],
                **{k: settings[k] for k in ("sampler", "steps", "guidance_scale", "eta")},
                "sampling_s": round(sampling_s, 2),
@@ -122,6 +135,7 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
     attrs = {"subject": subject, "model_dir": str(model_dir), "n_samples": int(settings["n_samples"]),
              "split": settings["split"], "class_names": list(stimulus_set.class_names),
              "patch_size": int(decoder.encoder.config.patch_size), "n_voxels": int(split.fmri.shape[1]),
+             "lowlevel_strength": -1.0 if start is None else float(start.strength),
              **{k: settings[k] for k in ("sampler", "steps", "guidance_scale", "eta")},
              "config": config, "versions": software_versions()}
     attrs.update({k: summary[k] for k in ("classifier_top1_mean", "classifier_top1_best_of_k") if k in summary})

@@ -71,7 +71,8 @@ def initial_noise(shape, generators, dtype=torch.float32, device="cpu"):
 
 @torch.no_grad()
 def sample_latents(unet, scheduler, condition, *, null_condition=None, guidance_scale=1.0, num_steps=50,
-                   generators, latent_shape, eta=0.0, recorder=None, autocast_dtype=None):
+                   generators, latent_shape, eta=0.0, recorder=None, autocast_dtype=None, init_latents=None,
+                   strength=1.0):
     """Run a sampler from noise to clean latents.
 
     Parameters
@@ -99,6 +100,13 @@ def sample_latents(unet, scheduler, condition, *, null_condition=None, guidance_
         Told the step index and which batch rows are conditioned before each UNet call.
     autocast_dtype : torch.dtype, optional
         E.g. torch.bfloat16 for the UNet forward passes.
+    init_latents : torch.Tensor, optional
+        ``[B, C, h, w]`` scaled latents to start from instead of pure noise (img2img, as in
+        Brain-Diffuser's and MindEye's low-level start): they are noised to the timestep at
+        ``strength`` of the schedule with each sample's own noise, and only the remaining
+        ``round(strength * num_steps)`` steps are run.
+    strength : float
+        In (0, 1]; 1 (or no ``init_latents``) samples from pure noise.
 
     Returns
     -------
@@ -114,9 +122,21 @@ def sample_latents(unet, scheduler, condition, *, null_condition=None, guidance_
         raise ValueError("classifier-free guidance (guidance_scale != 1) needs a null condition")
     device = next(unet.parameters()).device
     dtype = next(unet.parameters()).dtype
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
     scheduler.set_timesteps(num_steps, device=device)
+    timesteps = scheduler.timesteps
     latents = initial_noise(latent_shape, generators, dtype=torch.float32, device=device)
-    latents = latents * scheduler.init_noise_sigma
+    if init_latents is not None and strength < 1.0:
+        # As diffusers' img2img pipelines: skip the first (1 - strength) of the steps, noise the start to the first kept one.
+        n_run = max(1, min(num_steps, int(round(strength * num_steps))))
+        start = (num_steps - n_run) * scheduler.order
+        timesteps = timesteps[start:]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start)
+        latents = scheduler.add_noise(init_latents.to(device, torch.float32), latents, timesteps[:1])
+    else:
+        latents = latents * scheduler.init_noise_sigma
     if guided:
         # Null rows first, then conditioned rows: one UNet pass for both branches.
         both = Condition.cat([null_condition, condition])
@@ -131,7 +151,7 @@ def sample_latents(unet, scheduler, condition, *, null_condition=None, guidance_
         step_kwargs = {}
     cast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
             else contextlib.nullcontext())
-    for index, timestep in enumerate(scheduler.timesteps):
+    for index, timestep in enumerate(timesteps):
         model_input = torch.cat([latents, latents]) if guided else latents
         model_input = scheduler.scale_model_input(model_input, timestep)
         if recorder is not None:
@@ -148,8 +168,10 @@ def sample_latents(unet, scheduler, condition, *, null_condition=None, guidance_
 
 @torch.no_grad()
 def sample_images(generator, condition, *, null_condition=None, sampler="ddim", num_steps=50,
-                  guidance_scale=1.0, seeds, eta=0.0, recorder=None, autocast_dtype=None):
-    """Sample images for a batch of conditions with a :class:`~mindvis.models.ldm.Generator`.
+                  guidance_scale=1.0, seeds, eta=0.0, recorder=None, autocast_dtype=None, init_latents=None,
+                  strength=1.0):
+    """Sample images for a batch of conditions with a :class:`~mindvis.models.ldm.Generator`
+    (from ``init_latents`` at ``strength``: see :func:`sample_latents`).
 
     Returns
     -------
@@ -161,6 +183,7 @@ def sample_images(generator, condition, *, null_condition=None, sampler="ddim", 
     latents = sample_latents(generator.unet, scheduler, condition, null_condition=null_condition,
                              guidance_scale=guidance_scale, num_steps=steps,
                              generators=seeded_generators(seeds), latent_shape=generator.latent_shape(len(seeds)),
-                             eta=eta, recorder=recorder, autocast_dtype=autocast_dtype)
+                             eta=eta, recorder=recorder, autocast_dtype=autocast_dtype, init_latents=init_latents,
+                             strength=strength)
     vae_dtype = next(generator.vae.parameters()).dtype
     return generator.decode(latents.to(vae_dtype)).float().clamp(-1, 1)

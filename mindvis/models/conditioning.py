@@ -14,7 +14,13 @@ during training and as the unconditional branch of classifier-free guidance.
   *voxel path* from the fMRI itself adds to both, around the encoder: the
   fine-tuning stage can start it from a closed-form ridge fit
   (:meth:`FmriConditioner.set_voxel_map`), and the encoder path then starts at
-  zero and learns what the linear map misses.
+  zero and learns what the linear map misses. With ``embedding=True`` it
+  speaks an image-conditioned prior's own language instead: its output is a
+  grid of unit-scale embedding tokens of the prior's :class:`ImageConditioner`
+  (each token standardised as the prior's are), which the frozen prior's
+  :meth:`ImageConditioner.condition` turns into the UNet's condition, both its
+  cross-attention context and its pooled timestep vector (so the double
+  conditioning of MinD-Vis is kept, through the prior's own mapping).
 * :class:`ClassConditioner` is the embedded base generator's stand-in for a
   text encoder: one learned context and pooled vector per class, plus null.
 
@@ -76,25 +82,36 @@ class FmriConditioner(_NullMixin, ModelMixin, ConfigMixin):
     n_voxels : int
         Width of the fMRI vectors for the linear voxel path; 0 (MinD-Vis's
         mapper) leaves it out.
+    embedding : bool
+        Output an image prior's embedding instead of the UNet condition:
+        ``context_tokens`` x ``cross_attention_dim`` are then the prior's
+        token count and token width, each output token is standardised by a
+        LayerNorm without weights (as the prior's own tokens are), ``pooled``
+        is empty (``[B, 0]``; the prior derives its own) and the null condition
+        is the prior's (:class:`DCLDM` holds it).
     """
 
     @register_to_config
     def __init__(self, input_tokens: int, input_dim: int, context_tokens: int, cross_attention_dim: int,
-                 pooled_dim: int, dropout: float = 0.0, n_voxels: int = 0):
+                 pooled_dim: int, dropout: float = 0.0, n_voxels: int = 0, embedding: bool = False):
         super().__init__()
+        pooled_dim = 0 if embedding else pooled_dim
         self.norm = nn.LayerNorm(input_dim)
         self.width_map = nn.Linear(input_dim, cross_attention_dim)
         # A 1x1 convolution over the token axis: each context token is a learned mix of encoder tokens.
         self.token_map = nn.Conv1d(input_tokens, context_tokens, kernel_size=1)
         self.token_dropout = nn.Dropout(dropout)
-        self.pooled_proj = nn.Sequential(nn.Linear(cross_attention_dim, pooled_dim), nn.SiLU(),
-                                         nn.Linear(pooled_dim, pooled_dim))
+        self.pooled_proj = None
+        if pooled_dim:
+            self.pooled_proj = nn.Sequential(nn.Linear(cross_attention_dim, pooled_dim), nn.SiLU(),
+                                             nn.Linear(pooled_dim, pooled_dim))
+        self.output_norm = nn.LayerNorm(cross_attention_dim, elementwise_affine=False) if embedding else None
         self.voxel_map = None
         if n_voxels:
             # The encoder path starts at exactly zero beside the voxel path (as ControlNet's zero convolutions
             # do), so a ridge-initialised voxel map alone sets the starting condition; gradients still reach
             # every layer once the zeroed ones move.
-            for layer in (self.width_map, self.pooled_proj[-1]):
+            for layer in (self.width_map,) + ((self.pooled_proj[-1],) if pooled_dim else ()):
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
             nn.init.zeros_(self.token_map.bias)
@@ -126,7 +143,7 @@ class FmriConditioner(_NullMixin, ModelMixin, ConfigMixin):
         if token_mask is not None:
             hidden = hidden * token_mask[..., None].to(hidden.dtype)
         context = self.token_dropout(self.token_map(hidden))
-        pooled = self.pooled_proj(context.mean(dim=1))
+        pooled = self.pooled_proj(context.mean(dim=1)) if self.pooled_proj is not None else context[:, 0, :0]
         if self.voxel_map is not None:
             if fmri is None or fmri.shape[-1] != self.config.n_voxels:
                 got = None if fmri is None else fmri.shape[-1]
@@ -135,6 +152,8 @@ class FmriConditioner(_NullMixin, ModelMixin, ConfigMixin):
             n_context = context.shape[1] * context.shape[2]
             context = context + direct[:, :n_context].reshape(context.shape)
             pooled = pooled + direct[:, n_context:]
+        if self.output_norm is not None:
+            context = self.output_norm(context)
         return Condition(context, pooled)
 
     @torch.no_grad()
@@ -164,7 +183,7 @@ class FmriConditioner(_NullMixin, ModelMixin, ConfigMixin):
     @torch.no_grad()
     def init_null_from(self, other):
         """Start the null condition from another conditioner's (e.g. the base generator's)."""
-        if other is None:
+        if other is None or self.config.embedding:  # an embedding-space conditioner uses the prior's null
             return
         if tuple(other.null_context.shape) != tuple(self.null_context.shape) or \
                 tuple(other.null_pooled.shape) != tuple(self.null_pooled.shape):

@@ -16,25 +16,36 @@ A decoder folder (``results/{subject}/dcldm/``)
     Base generator folder, trained groups, subject, voxel count, best epoch and
     metric, final validation metrics, input hashes, resolved config, versions
     (written by the fine-tuning stage).
+``lowlevel.safetensors``, ``lowlevel.json`` (optional)
+    The low-level start (:class:`LowLevelStart`): a linear map fMRI -> the
+    VAE latent of the image seen and the img2img strength chosen on the
+    validation split.
+``start/`` (optional)
+    The same decoder at its start, before any fine-tuning step (a decoder
+    folder of its own), so that what fine-tuning adds can be measured.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from mindvis.errors import MindvisError
 from mindvis.models.conditioning import FmriConditioner
 from mindvis.models.ldm import load_generator
 from mindvis.models.mbm import MBMAutoencoder, mbm_from_config
 from mindvis.models.weights import save_weights
-from mindvis.utils.io import write_json_atomic
+from mindvis.utils.io import atomic_path, write_json_atomic
 
 MODEL_FILE = "dcldm.safetensors"
 META_FILE = "dcldm.json"
+LOWLEVEL_FILE = "lowlevel.safetensors"
+LOWLEVEL_META = "lowlevel.json"
+START_DIR = "start"
 
 
 class DCLDM(torch.nn.Module):
@@ -48,13 +59,21 @@ class DCLDM(torch.nn.Module):
         Only its encoder (``encode``) is used.
     conditioner : mindvis.models.conditioning.FmriConditioner
     unet : diffusers.UNet2DConditionModel
+    prior : mindvis.models.conditioning.ImageConditioner, optional
+        Required by an embedding-space conditioner (``conditioner.config.embedding``):
+        the base prior's frozen image conditioner, whose :meth:`condition` maps the
+        decoded embedding to the UNet condition and whose null condition is used.
+        Not stored with the decoder (it is the base's).
     """
 
-    def __init__(self, encoder, conditioner, unet):
+    def __init__(self, encoder, conditioner, unet, prior=None):
         super().__init__()
+        if conditioner.config.embedding and prior is None:
+            raise ValueError("an embedding-space conditioner needs the prior's image conditioner")
         self.encoder = encoder
         self.conditioner = conditioner
         self.unet = unet
+        self.prior = prior if conditioner.config.embedding else None
 
     def token_mask(self, fmri):
         """``[B, 1 + n_tokens]`` bool: the class token and every token holding a real voxel."""
@@ -62,9 +81,20 @@ class DCLDM(torch.nn.Module):
         real = self.encoder.token_padding_mask(voxel_mask)
         return torch.cat([torch.ones_like(real[:, :1]), real], dim=1)
 
+    def embedding(self, fmri):
+        """What the conditioner outputs for fmri [B, V]: the prior embedding ``[B, tokens, dim]`` in
+        embedding space, else the UNet condition (a :class:`~mindvis.models.conditioning.Condition`)."""
+        output = self.conditioner(self.encoder.encode(fmri), self.token_mask(fmri), fmri=fmri)
+        return output.context if self.prior is not None else output
+
     def condition(self, fmri):
         """fmri: float32 [B, V] -> :class:`~mindvis.models.conditioning.Condition`."""
-        return self.conditioner(self.encoder.encode(fmri), self.token_mask(fmri), fmri=fmri)
+        output = self.embedding(fmri)
+        return self.prior.condition(output) if self.prior is not None else output
+
+    def null(self, batch_size):
+        """The null condition (classifier-free guidance's unconditional branch): the prior's in embedding space."""
+        return (self.prior if self.prior is not None else self.conditioner).null(batch_size)
 
     def forward(self, noisy_latents, timesteps, fmri, drop=None, return_condition=False):
         """Predict the noise (or v) of noisy latents given fMRI.
@@ -86,15 +116,16 @@ class DCLDM(torch.nn.Module):
             [B, 4, h, w], the UNet's prediction (and the condition).
         """
         noisy_latents = noisy_latents.contiguous()  # see Generator.encode
-        condition = used = self.condition(fmri)
+        output = self.embedding(fmri)
+        condition = used = self.prior.condition(output) if self.prior is not None else output
         if drop is not None:
-            null = self.conditioner.null(len(condition))
+            null = self.null(len(condition))
             used = type(condition)(
                 torch.where(drop[:, None, None], null.context.to(condition.context.dtype), condition.context),
                 torch.where(drop[:, None], null.pooled.to(condition.pooled.dtype), condition.pooled))
         prediction = self.unet(noisy_latents, timesteps, encoder_hidden_states=used.context,
                                class_labels=used.pooled).sample
-        return (prediction, condition) if return_condition else prediction
+        return (prediction, output) if return_condition else prediction
 
 
 def build_decoder(config, generator, n_voxels, mbm_dir=None, baseline=False):
@@ -122,15 +153,36 @@ def build_decoder(config, generator, n_voxels, mbm_dir=None, baseline=False):
     if n_voxels > encoder.capacity:
         # More voxels than the pretrained table covers: interpolate positions (logged by the encoder).
         encoder.resize_positions(n_voxels)
+    space = condition_space(config, generator)
+    prior = generator.image_conditioner if space == "embedding" else None
+    tokens, width = prior.embedding_shape if prior is not None else (generator.context_tokens,
+                                                                       generator.cross_attention_dim)
     conditioner = FmriConditioner(input_tokens=1 + encoder.n_tokens, input_dim=encoder.config.embed_dim,
-                                  context_tokens=generator.context_tokens,
-                                  cross_attention_dim=generator.cross_attention_dim,
+                                  context_tokens=tokens, cross_attention_dim=width,
                                   pooled_dim=generator.pooled_dim, dropout=config["finetune"]["mapper_dropout"],
-                                  n_voxels=int(n_voxels) if config["finetune"]["voxel_path"] else 0)
+                                  n_voxels=int(n_voxels) if config["finetune"]["voxel_path"] else 0,
+                                  embedding=prior is not None)
     # The base was trained with its own null condition: starting from it keeps the unconditional branch intact.
     if generator.conditioner is not None:
         conditioner.init_null_from(generator.conditioner)
-    return DCLDM(encoder, conditioner, generator.unet)
+    return DCLDM(encoder, conditioner, generator.unet, prior=prior)
+
+
+def condition_space(config, generator):
+    """``embedding`` or ``condition``: what the fMRI conditioner outputs (``finetune.condition_space``).
+
+    ``auto`` is the prior's image-embedding space when the base has an image
+    conditioner (the embedded and shipped priors), else the UNet condition itself
+    (a class base, Stable Diffusion: MinD-Vis's mapping onto the cross-attention).
+    """
+    space = config["finetune"].get("condition_space", "auto")
+    if space == "auto":
+        return "embedding" if generator.image_conditioner is not None else "condition"
+    if space == "embedding" and generator.image_conditioner is None:
+        raise MindvisError("finetune.condition_space is 'embedding' but the base generator has no image "
+                           "conditioner (a class-conditioned or Stable Diffusion base)",
+                           key="finetune.condition_space", fix="set it to auto or condition.")
+    return space
 
 
 def load_dcldm(folder, base=None, dtype=None):
@@ -161,7 +213,11 @@ def load_dcldm(folder, base=None, dtype=None):
     generator = load_generator(base or meta["base"], image_size=meta.get("image_size"), dtype=dtype)
     encoder = MBMAutoencoder.from_config(MBMAutoencoder.load_config(folder / "encoder"))
     conditioner = FmriConditioner.from_config(FmriConditioner.load_config(folder / "conditioner"))
-    decoder = DCLDM(encoder, conditioner, generator.unet)
+    if conditioner.config.embedding and generator.image_conditioner is None:
+        raise MindvisError("this decoder outputs an image prior's embedding, and its base has no image conditioner",
+                           path=folder / "conditioner", key="embedding",
+                           fix="load it with the base generator it was fine-tuned on (dcldm.json 'base').")
+    decoder = DCLDM(encoder, conditioner, generator.unet, prior=generator.image_conditioner)
     tensors = load_file(str(folder / MODEL_FILE))
     if "encoder.pos_embed" in tensors:
         # The stored table may have been interpolated to the subject's token count.
@@ -201,3 +257,58 @@ def save_dcldm(decoder, out_dir, meta, metadata=None):
     save_weights(decoder, out_dir / MODEL_FILE, which="trainable", always=("encoder.", "conditioner."),
                  metadata=metadata)
     write_json_atomic(out_dir / META_FILE, meta)
+
+
+@dataclass
+class LowLevelStart:
+    """Where img2img sampling starts: a linear prediction of the seen image's VAE latent from fMRI.
+
+    The low-level route of Brain-Diffuser (Ozcelik & VanRullen 2023, VDVAE
+    first stage) and MindEye (Scotti et al. 2023, its low-level submodule):
+    the decoder's sampling starts from this latent noised to ``strength``
+    instead of from pure noise, so the layout of the image comes from the
+    linear map and its content from the fMRI condition.
+
+    Attributes
+    ----------
+    weight : float32 [L, V]
+    bias : float32 [L]
+        ``latent = weight @ fmri + bias``, flattened scaled latents (the VAE's ``scaling_factor`` applied).
+    strength : float
+        In (0, 1]: the share of the sampling schedule that is run (1 = from pure noise).
+    info : dict
+        How it was fitted and chosen (ridge alpha, the validation scores of every strength).
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    strength: float
+    info: dict = field(default_factory=dict)
+
+    def latents(self, fmri, shape):
+        """fmri float [B, V] -> scaled latents of ``shape`` ``(B, C, h, w)``."""
+        weight = self.weight.to(fmri.device)
+        return (fmri.float() @ weight.T + self.bias.to(fmri.device)).reshape(shape)
+
+
+def save_lowlevel(folder, start):
+    """Write ``lowlevel.safetensors`` and ``lowlevel.json`` (the strength and fit record) into a decoder folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / LOWLEVEL_FILE) as tmp:
+        save_file({"weight": start.weight.contiguous().float(), "bias": start.bias.contiguous().float()}, str(tmp))
+    write_json_atomic(folder / LOWLEVEL_META, {"strength": float(start.strength), **start.info})
+
+
+def load_lowlevel(folder):
+    """The decoder folder's :class:`LowLevelStart`, or None when it has none."""
+    folder = Path(folder)
+    if not (folder / LOWLEVEL_FILE).exists():
+        return None
+    if not (folder / LOWLEVEL_META).exists():
+        raise MindvisError("lowlevel.safetensors without lowlevel.json", path=folder, key=LOWLEVEL_META,
+                           fix="rerun finetune for this subject; the folder is incomplete.")
+    tensors = load_file(str(folder / LOWLEVEL_FILE))
+    info = json.loads((folder / LOWLEVEL_META).read_text())
+    strength = float(info.pop("strength"))
+    return LowLevelStart(tensors["weight"], tensors["bias"], strength, info)

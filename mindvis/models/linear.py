@@ -65,8 +65,12 @@ def select_on_validation(estimator, grid, scoring, train_x, train_y, val_x, val_
     return search
 
 
-def fit_ridge(train_x, train_y, val_x, val_y, alphas, error="mse", what="ridge"):
+def fit_ridge(train_x, train_y, val_x, val_y, alphas, error="mse", what="ridge", refit="train + val"):
     """Ridge regression ``x -> y``, ``alpha`` chosen by the validation ``error``, refitted on train + val.
+
+    With ``refit="train"`` the chosen alpha is refitted on the training rows only: for a fit that
+    the validation split then goes on to judge (fine-tuning's ridge start, whose checkpoints and
+    img2img strength are selected on val), which must not have seen those rows.
 
     Parameters
     ----------
@@ -78,6 +82,7 @@ def fit_ridge(train_x, train_y, val_x, val_y, alphas, error="mse", what="ridge")
         See :data:`RIDGE_ERRORS`.
     what : str
         Names the fit in errors and the log.
+    refit : {'train + val', 'train'}
 
     Returns
     -------
@@ -92,12 +97,17 @@ def fit_ridge(train_x, train_y, val_x, val_y, alphas, error="mse", what="ridge")
     alphas = [float(alpha) for alpha in alphas]
     search = select_on_validation(Ridge(), {"alpha": alphas}, scoring, train_x, train_y, val_x, val_y)
     val_error = (-search.cv_results_["mean_test_score"]).tolist()
+    if refit not in ("train + val", "train"):
+        raise ValueError(f"refit must be 'train + val' or 'train', got {refit!r}")
     info = {"alpha": float(search.best_params_["alpha"]), "alphas": alphas, "val_error": val_error,
-            "selection": f"val split, {description}", "refit": "train + val", "n_train": len(train_x),
+            "selection": f"val split, {description}", "refit": refit, "n_train": len(train_x),
             "n_val": len(val_x)}
-    log.info("%s: alpha %.3g chosen on %d val trials (val %s %.4g); refitted on train + val", what, info["alpha"],
-             len(val_x), error, min(val_error))
-    return search.best_estimator_, info
+    model = search.best_estimator_
+    if refit == "train":
+        model = Ridge(alpha=info["alpha"]).fit(train_x, train_y)
+    log.info("%s: alpha %.3g chosen on %d val trials (val %s %.4g); refitted on %s", what, info["alpha"],
+             len(val_x), error, min(val_error), refit)
+    return model, info
 
 
 def fit_fmri_classifier(train_fmri, train_labels, val_fmri, val_labels, Cs, seed=0):

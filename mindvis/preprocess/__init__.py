@@ -1,7 +1,8 @@
 """BIDS runs to per-trial voxel responses (``responses.h5``) and cleaned rest runs.
 
 Modules: :mod:`~mindvis.preprocess.bids` (find and read runs, events, sidecars,
-confounds, ROI masks, with validation), :mod:`~mindvis.preprocess.clean`
+confounds, ROI masks and the group template of ``preprocess.space: template``, with
+validation), :mod:`~mindvis.preprocess.clean`
 (nilearn signal cleaning), :mod:`~mindvis.preprocess.estimate` (LSS / LSA
 single-trial betas with nilearn's GLM, lag averages), :mod:`~mindvis.preprocess.quality`
 (tSNR, noise ceiling) and :mod:`~mindvis.preprocess.run` (the two entry points

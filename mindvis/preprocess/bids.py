@@ -16,6 +16,12 @@ Files read (``{sub}`` is e.g. ``sub-01``; sessions ``{sub}/ses-*/func`` also wor
   (index, name) for voxel ROI names; any other value is the path of a NIfTI
   mask (non-zero = in the ROI). An integer label image with a TSV of the same
   stem (``index``, ``name``) beside it names its voxels by label.
+- the group template (``preprocess.space: template``): ``preprocess.template_mask``
+  = ``simulation`` reads the simulator's
+  ``derivatives/simulation/template/tpl-MNI152NLin2009aAsym_desc-visual_mask.nii.gz``
+  (with its dseg and TSV); any other value is a NIfTI path read like a mask
+  path above. Every subject is then read at the same voxels in the same order
+  (:func:`load_voxels`).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from mindvis.errors import MindvisError
-from mindvis.data.bids_layout import derivative_paths
+from mindvis.data.bids_layout import derivative_paths, template_paths
 
 #: Trial types that become responses; any other type is a nuisance condition.
 STIMULUS_TRIAL_TYPES = ("train", "test")
@@ -61,12 +67,15 @@ class RoiMask:
         ROI name of each voxel, in ``np.nonzero(mask)`` order.
     files : list of Path
         The files read (for input hashes).
+    key : str
+        The config key that chose the mask (named in errors).
     """
 
     mask: np.ndarray
     affine: np.ndarray
     voxel_roi: np.ndarray
     files: list
+    key: str = "preprocess.roi"
 
     @property
     def voxel_ijk(self):
@@ -297,13 +306,60 @@ def load_roi(roi, bids_dir, subject, labels=()):
     -------
     RoiMask
     """
+    return _load_mask(roi, derivative_paths(bids_dir, subject) if roi == "simulation" else None, labels,
+                      key="preprocess.roi",
+                      fix="run the 'simulate' stage, or set preprocess.roi to a NIfTI mask path.")
+
+
+def load_template(template_mask, bids_dir, labels=()):
+    """Read the group template mask of ``preprocess.space: template`` (the same for every subject).
+
+    Parameters
+    ----------
+    template_mask : str
+        ``simulation`` (the simulator's template, see the module docstring) or a NIfTI path.
+    bids_dir : Path
+    labels : sequence of str, optional
+        ``preprocess.roi_labels``.
+
+    Returns
+    -------
+    RoiMask
+    """
+    return _load_mask(template_mask, template_paths(bids_dir) if template_mask == "simulation" else None, labels,
+                      key="preprocess.template_mask",
+                      fix="run the 'bids_metadata' rule (mindvis bids-metadata), which writes the simulator's "
+                          "template, or set preprocess.template_mask to a NIfTI mask path.")
+
+
+def load_voxels(section, bids_dir, subject):
+    """The voxels to read for one subject: its own ROI (``space: native``) or the group template (``template``).
+
+    Parameters
+    ----------
+    section : dict
+        The ``preprocess`` config section.
+    bids_dir : Path
+    subject : str
+
+    Returns
+    -------
+    RoiMask
+    """
+    if section["space"] == "template":
+        return load_template(section["template_mask"], bids_dir, section["roi_labels"])
+    return load_roi(section["roi"], bids_dir, subject, section["roi_labels"])
+
+
+def _load_mask(value, simulator_paths, labels, key, fix):
+    """Read a mask: the simulator's (``simulator_paths``: mask, dseg, dseg_tsv) or the NIfTI path ``value``."""
     wanted = list(labels)
-    if roi == "simulation":
-        paths = derivative_paths(bids_dir, subject)
-        mask_path, dseg_path, table_path = paths["mask"], paths["dseg"], paths["dseg_tsv"]
+    roi = value
+    if simulator_paths is not None:
+        mask_path, dseg_path, table_path = simulator_paths["mask"], simulator_paths["dseg"], simulator_paths["dseg_tsv"]
         if not mask_path.exists():
-            raise MindvisError("the simulator's ROI mask is missing", path=mask_path, key="preprocess.roi",
-                               fix="run the 'simulate' stage, or set preprocess.roi to a NIfTI mask path.")
+            raise MindvisError("the simulator's mask is missing", path=mask_path, key=key, fix=fix)
+        roi = "simulation"
     else:
         mask_path, dseg_path = Path(roi), None
         table_path = Path(str(mask_path).replace(".nii.gz", "").replace(".nii", "") + ".tsv")
@@ -312,13 +368,12 @@ def load_roi(roi, bids_dir, subject, labels=()):
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
-        raise MindvisError(f"an ROI mask must be 3-D, found shape {data.shape}", path=mask_path,
-                           key="preprocess.roi")
+        raise MindvisError(f"an ROI mask must be 3-D, found shape {data.shape}", path=mask_path, key=key)
     if not np.all(np.isfinite(data)):
-        raise MindvisError("the ROI mask holds NaN values", path=mask_path, key="preprocess.roi")
+        raise MindvisError("the ROI mask holds NaN values", path=mask_path, key=key)
     mask = data != 0
     if not mask.any():
-        raise MindvisError("the ROI mask is empty", path=mask_path, key="preprocess.roi")
+        raise MindvisError("the ROI mask is empty", path=mask_path, key=key)
     files = [mask_path]
     voxel_roi = np.full(int(mask.sum()), "roi" if roi != "simulation" else "visual", dtype=object)
     label_values = None
@@ -344,7 +399,8 @@ def load_roi(roi, bids_dir, subject, labels=()):
         mask = mask.copy()
         mask[mask] = chosen
         voxel_roi = voxel_roi[chosen]
-    return RoiMask(mask=mask, affine=np.asarray(image.affine, dtype=np.float64), voxel_roi=voxel_roi, files=files)
+    return RoiMask(mask=mask, affine=np.asarray(image.affine, dtype=np.float64), voxel_roi=voxel_roi, files=files,
+                   key=key)
 
 
 # -- BOLD -----------------------------------------------------------------------
@@ -375,12 +431,12 @@ def open_bold(path, roi):
         raise MindvisError(f"a run needs at least 3 volumes, found {image.shape[3]}", path=path)
     if tuple(image.shape[:3]) != roi.mask.shape:
         raise MindvisError(f"BOLD grid {tuple(image.shape[:3])} differs from the ROI mask grid {roi.mask.shape}",
-                           path=path, key="preprocess.roi",
+                           path=path, key=roi.key,
                            fix="resample the mask to the BOLD grid (nilearn.image.resample_to_img, "
                                "interpolation='nearest').")
     if not np.allclose(image.affine, roi.affine, atol=1e-3):
         raise MindvisError("BOLD affine differs from the ROI mask's affine (different space or voxel size)",
-                           path=path, key="preprocess.roi",
+                           path=path, key=roi.key,
                            fix="resample the mask to the BOLD grid (nilearn.image.resample_to_img, "
                                "interpolation='nearest').")
     return image

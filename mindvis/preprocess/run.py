@@ -17,7 +17,14 @@ Then trials are split: ``train`` trials of the validation runs (whole runs,
 chosen with the config seed) go to ``val``, the other ``train`` trials to
 ``train``, ``test`` trials to ``test`` (repeats kept) and, averaged per
 stimulus, to ``test_avg``. Every voxel is z-scored with the mean and standard
-deviation of the ``train`` trials only. Quality measures
+deviation of the ``train`` trials only.
+
+Voxels are the subject's own ROI (``preprocess.space: native``) or the group
+template (``template``: :func:`mindvis.preprocess.bids.load_voxels`), the same
+voxels in the same order for every subject. In the template space no voxel is
+ever dropped (that would shift every later voxel's meaning): a voxel that is
+bad in this subject is kept as 0 (the training mean) and flagged in
+``quality/valid_voxel``. Quality measures
 (:mod:`mindvis.preprocess.quality`) go in the file's ``quality/`` group and in
 ``preprocess_report.json`` beside it; when the simulator's ground truth is
 present, the report also compares the estimates with it.
@@ -34,6 +41,7 @@ import numpy as np
 
 from mindvis.data.reliability import noise_ceiling
 from mindvis.data.responses import ResponseSplit, write_responses, write_rest
+from mindvis.data.voxel_space import space_spec
 from mindvis.errors import MindvisError
 from mindvis.preprocess import bids, clean, estimate, quality
 from mindvis.utils.io import derive_seed, sha256_file, software_versions, write_json_atomic
@@ -64,6 +72,13 @@ def _relative(path, root):
         return str(path.resolve().relative_to(Path(root).resolve()))
     except ValueError:
         return str(path)
+
+
+def _voxel_space(section, roi, voxel_ijk, voxel_roi):
+    """The written voxels' spec (:mod:`mindvis.data.voxel_space`), with the template mask's SHA-256 when shared."""
+    extra = {"mask": str(roi.files[0]), "mask_sha256": sha256_file(roi.files[0])} \
+        if section["space"] == "template" else {}
+    return space_spec(voxel_ijk, roi.affine, roi.mask.shape, voxel_roi, space=section["space"], **extra)
 
 
 def _hash_inputs(paths, root):
@@ -268,9 +283,10 @@ def preprocess_subject(config, bids_dir, subject, out_path, stimuli_path=None):
     section = config["preprocess"]
     bids_dir, out_path = Path(bids_dir), Path(out_path)
     runs = bids.find_runs(bids_dir, subject, section["task"], need_events=True)
-    roi = bids.load_roi(section["roi"], bids_dir, subject, section["roi_labels"])
+    roi = bids.load_voxels(section, bids_dir, subject)
     n_roi_voxels = int(roi.mask.sum())
-    logger.info("%s: %d runs, %d ROI voxels, method %s", subject, len(runs), n_roi_voxels, section["method"])
+    logger.info("%s: %d runs, %d %s voxels, method %s", subject, len(runs), n_roi_voxels,
+                "template" if section["space"] == "template" else "ROI", section["method"])
 
     estimates, trs = [], []
     for files in runs:
@@ -319,14 +335,21 @@ def preprocess_subject(config, bids_dir, subject, out_path, stimuli_path=None):
                            path=runs[0].bold, fix="check the BOLD data and that the ROI mask lies inside the brain.")
     dropped = {"non_finite": int(non_finite.sum()), "constant": int(constant.sum()),
                "no_training_variance": int(flat.sum())}
+    template = section["space"] == "template"
+    valid = keep.copy()
     if sum(dropped.values()):
-        message = (f"dropped {sum(dropped.values())} of {n_roi_voxels} voxels: {dropped['non_finite']} non-finite "
+        verb = "kept as 0 (template space: no voxel is dropped)" if template else "dropped"
+        message = (f"{verb} {sum(dropped.values())} of {n_roi_voxels} voxels: {dropped['non_finite']} non-finite "
                    f"and {dropped['constant']} constant in at least one run, {dropped['no_training_variance']} "
                    "without variance over training trials")
         logger.warning("%s: %s", subject, message)
         warnings.append(message)
+    if template:
+        mean, std = np.where(valid, mean, 0.0), np.where(valid, std, 1.0)
+        keep = np.ones_like(valid)
     for split in splits.values():
         split.fmri = ((split.fmri[:, keep] - mean[keep]) / std[keep]).astype(np.float32)
+        split.fmri[:, ~valid[keep]] = 0.0
     averaged, avg_ids, avg_labels, n_repeats = quality.average_repeats(
         splits["test"].fmri, splits["test"].stimulus_id, splits["test"].label)
     splits["test_avg"] = ResponseSplit(averaged, avg_ids, avg_labels, np.full(len(avg_ids), -1, np.int64),
@@ -340,7 +363,8 @@ def preprocess_subject(config, bids_dir, subject, out_path, stimuli_path=None):
     quality_arrays = {"tsnr": tsnr.astype(np.float32), "ncsnr": ncsnr.astype(np.float32),
                       "noise_ceiling": ceiling.astype(np.float32), "trials_per_class": per_class["train"],
                       "trials_per_class_val": per_class["val"], "trials_per_class_test": per_class["test"],
-                      "train_mean": mean[keep].astype(np.float32), "train_std": std[keep].astype(np.float32)}
+                      "train_mean": mean[keep].astype(np.float32), "train_std": std[keep].astype(np.float32),
+                      "valid_voxel": valid[keep]}
 
     inputs = [path for files in runs for path in (files.bold, files.sidecar, files.events, files.confounds)]
     inputs += roi.files + ([Path(stimuli_path)] if stimuli_path is not None else [])
@@ -350,7 +374,9 @@ def preprocess_subject(config, bids_dir, subject, out_path, stimuli_path=None):
         "subject": subject, "method": section["method"], "tr": tr,
         "runs": {"train": sorted(set(train_runs) - set(val_runs)), "val": val_runs, "test": test_runs},
         "n_trials": {name: len(split) for name, split in splits.items()},
-        "n_voxels": {"roi": n_roi_voxels, "kept": int(keep.sum()), "dropped": dropped},
+        "space": section["space"],
+        "n_voxels": {"roi": n_roi_voxels, "kept": int(keep.sum()), "valid": int(valid.sum()),
+                     "dropped": {} if template else dropped, "zeroed": dropped if template else {}},
         "trials_per_class": {name: dict(zip(class_names, per_class[name].tolist())) for name in ("train", "val",
                                                                                                    "test")},
         "quality": quality.summarise(tsnr, ncsnr, ceiling, voxel_roi),
@@ -362,10 +388,12 @@ def preprocess_subject(config, bids_dir, subject, out_path, stimuli_path=None):
         "versions": versions,
     }
     report["seconds"] = round(time.perf_counter() - started, 2)
+    extra_attrs = {"val_runs": val_runs, "dropped_voxels": {} if template else dropped,
+                   "voxel_space": _voxel_space(section, roi, voxel_ijk, voxel_roi)}
     write_responses(out_path, splits=splits, voxel_ijk=voxel_ijk, affine=roi.affine, volume_shape=roi.mask.shape,
                     voxel_roi=voxel_roi, class_names=class_names, tr=tr, subject=subject, method=section["method"],
                     preprocess_config=section, config=config, input_hashes=input_hashes, quality=quality_arrays,
-                    versions=versions, extra_attrs={"val_runs": val_runs, "dropped_voxels": dropped})
+                    versions=versions, extra_attrs=extra_attrs)
     write_json_atomic(out_path.with_name(REPORT_NAME), report)
     logger.info("%s: wrote %s (%s trials, %d voxels) in %.1f s", subject, out_path, report["n_trials"],
                 int(keep.sum()), report["seconds"])
@@ -395,7 +423,7 @@ def preprocess_rest_subject(config, bids_dir, subject, out_path):
     section = config["preprocess"]
     bids_dir = Path(bids_dir)
     runs = bids.find_runs(bids_dir, subject, section["rest_task"], need_events=False)
-    roi = bids.load_roi(section["roi"], bids_dir, subject, section["roi_labels"])
+    roi = bids.load_voxels(section, bids_dir, subject)
     cleaned_runs, run_index, trs, bad = [], [], [], np.zeros(int(roi.mask.sum()), dtype=bool)
     for files in runs:
         tr = bids.read_tr(files.sidecar)
@@ -414,18 +442,23 @@ def preprocess_rest_subject(config, bids_dir, subject, out_path):
         run_index.append(np.full(raw.shape[0], files.run, dtype=np.int64))
     if bad.all():
         raise MindvisError("every ROI voxel is non-finite or constant in some run", path=runs[0].bold)
+    template = section["space"] == "template"
     if bad.any():
-        logger.warning("%s: dropped %d of %d voxels non-finite or constant in at least one run", subject,
-                       int(bad.sum()), len(bad))
-    keep = ~bad
+        logger.warning("%s: %s %d of %d voxels non-finite or constant in at least one run", subject,
+                       "kept as 0 (template space)" if template else "dropped", int(bad.sum()), len(bad))
+    keep = np.ones_like(bad) if template else ~bad
     fmri = np.concatenate([run[:, keep] for run in cleaned_runs])
+    fmri[:, bad[keep]] = 0.0
     inputs = [path for files in runs for path in (files.bold, files.sidecar, files.confounds)] + roi.files
     write_rest(out_path, fmri=fmri, run=np.concatenate(run_index), voxel_ijk=roi.voxel_ijk[keep], affine=roi.affine,
                volume_shape=roi.mask.shape, voxel_roi=roi.voxel_roi[keep], tr=trs[0], subject=subject,
                preprocess_config=section, config=config, input_hashes=_hash_inputs(inputs, bids_dir),
-               extra_attrs={"dropped_voxels": int(bad.sum())})
+               extra_attrs={"dropped_voxels": 0 if template else int(bad.sum()),
+                            "zeroed_voxels": int(bad.sum()) if template else 0,
+                            "voxel_space": _voxel_space(section, roi, roi.voxel_ijk[keep], roi.voxel_roi[keep])})
     summary = {"subject": subject, "runs": [files.run for files in runs], "n_timepoints": int(fmri.shape[0]),
-               "n_voxels": int(keep.sum()), "dropped_voxels": int(bad.sum()),
+               "n_voxels": int(keep.sum()), "dropped_voxels": 0 if template else int(bad.sum()),
+               "zeroed_voxels": int(bad.sum()) if template else 0, "space": section["space"],
                "seconds": round(time.perf_counter() - started, 2)}
     logger.info("%s: wrote %s %s", subject, out_path, summary)
     return summary

@@ -6,7 +6,10 @@ no external URL. Sections: header (subject, date, config name); the metrics
 table of ``metrics.json`` with confidence intervals, floors, baselines and
 ceilings marked, each column's ground truth in its header, n, k and chance
 stated, unavailable rows and withheld figures with their reason (a degenerate
-image classifier withholds every figure it computes); image grids (model,
+image classifier withholds every figure it computes), shown for all test
+stimuli and again for the seen- and novel-category stimuli (n of each stated,
+or why a subset is omitted), then the paired comparisons (a - b with its
+interval, marked where the interval lies above 0); image grids (model,
 ablation, ridge baselines, the base generator's ceiling); per-class accuracy
 and the confusion matrix; SC-MBM and fine-tuning curves; cross-attention maps
 over denoising steps; the brain maps, each drawn only through a decoder path
@@ -43,6 +46,8 @@ FIGURE_FILES = {"grid": "grid.png", "per_class": "per_class.png", "confusion": "
 # Which samples.h5 grids the report shows, in order, with their titles.
 GRID_TITLES = {
     "dcldm": "DC-LDM (SC-MBM pretrained)",
+    "dcldm-start": "DC-LDM at its start (0 fine-tuning steps)",
+    "dcldm-lowlevel": "DC-LDM, low-level start (img2img from the ridge latent)",
     "dcldm-baseline": "DC-LDM without SC-MBM pretraining",
     "ridge": "Ridge fMRI -> VAE latent (baseline)",
     "ridge-pixels": "Ridge fMRI -> pixels (baseline)",
@@ -172,6 +177,24 @@ def attention_figures(samples, n_stimuli, responses, path, metrics=None):
     return out
 
 
+def metrics_tables(metrics):
+    """The metrics table for all test stimuli, then for each recorded subset (seen, novel categories).
+
+    Returns
+    -------
+    list of dict
+        :func:`mindvis.report.tables.subsets` entries with ``table_id`` (``metrics-table`` for all stimuli,
+        ``metrics-table-{subset}`` else), ``columns`` and ``rows`` (:func:`mindvis.report.tables.table_rows`).
+    """
+    out = []
+    for subset in tables.subsets(metrics):
+        name = subset["name"]
+        out.append({**subset, "table_id": "metrics-table" if name == "all" else f"metrics-table-{name}",
+                    "columns": tables.metric_columns(metrics, name),
+                    "rows": tables.table_rows(metrics, name) if subset["available"] else []})
+    return out
+
+
 def _confusion_row(metrics):
     """The row whose confusion matrix the report draws: the model's, else the first available."""
     confusion = metrics.get("confusion") or {}
@@ -261,8 +284,8 @@ def build_report(metrics_path, out_path, *, config, samples=None, responses=None
         "experiment": config.get("experiment", ""),
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "metrics": metrics,
-        "columns": tables.metric_columns(metrics),
-        "rows": tables.table_rows(metrics),
+        "tables": metrics_tables(metrics),
+        "comparisons": tables.comparison_rows(metrics),
         "fmt": tables.format_value,
         "grids": [{**grid, "uri": data_uri(grid["png"])} for grid in grids],
         "figures": {name: data_uri(png) for name, png in drawn.items()},

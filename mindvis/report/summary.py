@@ -5,11 +5,17 @@ column). Columns: for the model (``dcldm``) n-way top-1 as the mean over the k
 samples and as best-of-k, 2-way identification, PixCorr, SSIM and FID; for
 every floor, baseline and ceiling of ``metrics.json`` its key metric, n-way
 top-1 (mean of k), or, where a row has none, its top-1 against the labels,
-else its PixCorr. Numbers in the CSV are unrounded (empty where unavailable);
-the HTML and the printed table use :func:`mindvis.report.tables.format_value`
-and list below the table why each empty cell is empty (:func:`summary_notes`:
-an unavailable row, or a figure withheld, such as every figure of a classifier
-that cannot ground them).
+else its PixCorr. The same columns follow for the seen- and novel-category
+test stimuli (``seen:`` and ``novel:`` before the column name, no FID: it is a
+set figure), each subset led by its number of stimuli (``n_stimuli``,
+``seen:n_stimuli``, ``novel:n_stimuli``). Numbers in the CSV are unrounded
+(empty where unavailable); the HTML and the printed table show one table per
+subset, use :func:`mindvis.report.tables.format_value` and list below the
+tables why each empty cell is empty (:func:`summary_notes`: an unavailable
+row, an omitted subset, or a figure withheld, such as every figure of a
+classifier that cannot ground them), then each subject's paired comparisons
+of the key metrics (:data:`COMPARISON_METRICS`: a - b with its interval, and
+whether the interval lies above 0).
 """
 
 from __future__ import annotations
@@ -32,6 +38,29 @@ MODEL_METRICS = ("n_way_top1_mean", "n_way_top1_best_of_k", "two_way_id", "two_w
 KEY_METRICS = ("n_way_top1_mean", "label_top1_mean", "pixcorr")
 # Where each subject's metrics.json lies relative to summary.csv (results/summary.csv).
 METRICS_BESIDE_SUMMARY = "{subject}/evaluation/metrics.json"
+#: The subsets of the table, in order (``all``: the columns without a prefix).
+SUBSETS = ("all", "seen", "novel")
+#: The column of each subset's number of test stimuli (before the prefix).
+N_STIMULI = "n_stimuli"
+#: The metrics whose paired comparisons the summary lists (the per-subject report lists every one).
+COMPARISON_METRICS = ("n_way_top1_mean", "label_top1_mean", "two_way_id", "pixcorr", "ssim")
+
+
+def column_name(subset, row_id, metric):
+    """``{row}/{metric}`` for all stimuli, ``{subset}:{row}/{metric}`` for a subset (``row_id`` None: the subset's
+    ``n_stimuli`` column)."""
+    name = N_STIMULI if row_id is None else f"{row_id}/{metric}"
+    return name if subset == "all" else f"{subset}:{name}"
+
+
+def parse_column(column):
+    """``(subset, row_id, metric)`` of a column name (row_id None for an ``n_stimuli`` column)."""
+    subset, _, name = column.rpartition(":")
+    subset = subset or "all"
+    if name == N_STIMULI:
+        return subset, None, N_STIMULI
+    row_id, metric = name.split("/", 1)
+    return subset, row_id, metric
 
 
 def _key_metric(metrics, row_id):
@@ -39,6 +68,13 @@ def _key_metric(metrics, row_id):
         if tables.metric_value(metrics, row_id, metric) is not None:
             return metric
     return KEY_METRICS[0]
+
+
+def _n_stimuli(metrics, subset):
+    if subset == "all":
+        return metrics["n_stimuli"]
+    entry = (metrics.get("subsets") or {}).get(subset)
+    return None if entry is None else entry.get("n_stimuli")
 
 
 def summary_table(metrics_list):
@@ -52,27 +88,33 @@ def summary_table(metrics_list):
     Returns
     -------
     pandas.DataFrame
-        Index ``subject`` (the subjects, then ``mean``); columns ``{row_id}/{metric_id}``
-        (NaN where unavailable); ``attrs['titles']`` maps columns to display titles.
+        Index ``subject`` (the subjects, then ``mean``); columns :func:`column_name` (NaN where unavailable):
+        all stimuli, then the seen and novel subsets when ``metrics.json`` records them; ``attrs['titles']`` maps
+        columns to display titles (without the subset, which heads each table).
     """
     if not metrics_list:
         raise MindvisError("no metrics.json given", key="metrics", fix="run the evaluate stage first.")
-    columns, titles = [], {}
     reference = metrics_list[0]
     labels = {row["id"]: row["label"] for row in reference["rows"]}
-    for metric in MODEL_METRICS:
-        columns.append((MODEL_ROW, metric))
-        titles[f"{MODEL_ROW}/{metric}"] = f"{labels.get(MODEL_ROW, MODEL_ROW)}: {tables.METRIC_TITLES[metric]}"
-    for row in reference["rows"]:
-        if row["id"] != MODEL_ROW:
-            metric = _key_metric(reference, row["id"])
-            columns.append((row["id"], metric))
-            titles[f"{row['id']}/{metric}"] = f"{row['label']}: {tables.METRIC_TITLES[metric]}"
+    picked = [(MODEL_ROW, metric) for metric in MODEL_METRICS]
+    picked += [(row["id"], _key_metric(reference, row["id"])) for row in reference["rows"] if row["id"] != MODEL_ROW]
+    has_subsets = any(metrics.get("subsets") for metrics in metrics_list)
+    columns, titles = [], {}
+    for subset in SUBSETS if has_subsets else ("all",):
+        columns.append((subset, None, N_STIMULI))
+        titles[column_name(subset, None, N_STIMULI)] = "test stimuli"
+        for row_id, metric in picked:
+            if subset != "all" and metric in tables.SET_METRICS:
+                continue
+            columns.append((subset, row_id, metric))
+            title = f"{labels.get(row_id, row_id)}: {tables.METRIC_TITLES[metric]}"
+            titles[column_name(subset, row_id, metric)] = title
     records = {}
     for metrics in metrics_list:
-        values = [tables.metric_value(metrics, row_id, metric) for row_id, metric in columns]
+        values = [_n_stimuli(metrics, subset) if row_id is None else
+                  tables.metric_value(metrics, row_id, metric, subset) for subset, row_id, metric in columns]
         records[metrics["subject"]] = [np.nan if value is None else float(value) for value in values]
-    frame = pd.DataFrame.from_dict(records, orient="index", columns=[f"{r}/{m}" for r, m in columns])
+    frame = pd.DataFrame.from_dict(records, orient="index", columns=[column_name(*column) for column in columns])
     frame.loc["mean"] = frame.mean(axis=0, skipna=False)
     frame.index.name = "subject"
     frame.attrs["titles"] = titles
@@ -87,7 +129,7 @@ def summary_notes(metrics_list, frame):
     metrics_list : list of dict
         Parsed ``metrics.json`` of each subject.
     frame : pandas.DataFrame
-        :func:`summary_table` (its columns ``{row_id}/{metric}``).
+        :func:`summary_table` (its columns :func:`column_name`).
 
     Returns
     -------
@@ -98,11 +140,22 @@ def summary_notes(metrics_list, frame):
     for metrics in metrics_list:
         reasons = {}
         for column in frame.columns:
-            row_id, metric = column.split("/", 1)
+            subset, row_id, metric = parse_column(column)
+            if subset != "all":
+                entry = (metrics.get("subsets") or {}).get(subset)
+                if entry is None or not entry.get("available", True):
+                    reason = (f"{subset} subset omitted ({entry.get('reason') or 'no reason given'})" if entry
+                              else "no seen / novel subsets in this metrics.json (evaluated by an older mindvis)")
+                    listed = reasons.setdefault(reason, [])
+                    if f"{subset}:*" not in listed:  # every column of the subset: named once
+                        listed.append(f"{subset}:*")
+                    continue
+            if row_id is None:
+                continue
             row = tables.row_by_id(metrics, row_id)
             if row is None:
                 continue
-            entry = (row.get("metrics") or {}).get(metric)
+            entry = tables.row_metrics(metrics, row, subset).get(metric)
             if not row["available"]:
                 reason = f"row not available ({row.get('reason') or 'no reason given'})"
             elif entry is not None and entry.get("value") is None and entry.get("reason"):
@@ -114,27 +167,61 @@ def summary_notes(metrics_list, frame):
     return lines
 
 
+def summary_comparisons(metrics_list):
+    """Each subject's paired comparisons of :data:`COMPARISON_METRICS`, formatted.
+
+    Returns
+    -------
+    list of dict
+        :func:`mindvis.report.tables.comparison_rows` entries with ``subject`` added.
+    """
+    return [{"subject": metrics["subject"], **row} for metrics in metrics_list
+            for row in tables.comparison_rows(metrics, COMPARISON_METRICS)]
+
+
+def _format_cell(metric, value):
+    if value is None or np.isnan(value):
+        return "n/a"
+    if metric == N_STIMULI:
+        return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+    return tables.format_value(metric, value)
+
+
 def _formatted(frame):
     """The table with every number formatted as the report shows it."""
     out = frame.copy().astype(object)
     for column in frame.columns:
-        metric = column.split("/", 1)[1]
-        out[column] = [tables.format_value(metric, None if np.isnan(v) else v) for v in frame[column]]
+        metric = parse_column(column)[2]
+        out[column] = [_format_cell(metric, v) for v in frame[column]]
     return out
 
 
-def summary_html(frame, title, notes=()):
-    """A self-contained HTML page of the summary table (inline CSS, no script); ``notes``: :func:`summary_notes`."""
+def _subset_columns(frame):
+    """Subset -> its columns of ``frame``, in :data:`SUBSETS` order (subsets without a column left out)."""
+    groups = {}
+    for column in frame.columns:
+        groups.setdefault(parse_column(column)[0], []).append(column)
+    return {subset: groups[subset] for subset in SUBSETS if subset in groups}
+
+
+def summary_html(frame, title, notes=(), comparisons=()):
+    """A self-contained HTML page of the summary tables (inline CSS, no script): one per subset of
+    :func:`summary_table`; ``notes``: :func:`summary_notes`; ``comparisons``: :func:`summary_comparisons`."""
     versions = software_versions()
     written = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     formatted = _formatted(frame)
     titles = frame.attrs.get("titles", {})
-    head = "".join(f'<th data-column="{html.escape(c)}">{html.escape(titles.get(c, c))}</th>' for c in frame.columns)
-    body = []
-    for subject, row in formatted.iterrows():
-        cells = "".join(f'<td data-column="{html.escape(c)}">{html.escape(v)}</td>' for c, v in row.items())
-        css = ' class="mean"' if subject == "mean" else ""
-        body.append(f'<tr{css}><td class="label">{html.escape(str(subject))}</td>{cells}</tr>')
+    sections = []
+    for subset, columns in _subset_columns(frame).items():
+        head = "".join(f'<th data-column="{html.escape(c)}">{html.escape(titles.get(c, c))}</th>' for c in columns)
+        body = []
+        for subject, row in formatted[columns].iterrows():
+            cells = "".join(f'<td data-column="{html.escape(c)}">{html.escape(v)}</td>' for c, v in row.items())
+            css = ' class="mean"' if subject == "mean" else ""
+            body.append(f'<tr{css}><td class="label">{html.escape(str(subject))}</td>{cells}</tr>')
+        sections.append(f'<h2>{html.escape(tables.SUBSET_TITLES[subset])}</h2>\n'
+                        f'<table data-subset="{subset}"><thead><tr><th>subject</th>{head}</tr></thead><tbody>\n'
+                        f'{chr(10).join(body)}\n</tbody></table>')
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -143,17 +230,33 @@ table {{ border-collapse: collapse; font-size: 0.9em; }}
 th, td {{ border: 1px solid #ddd; padding: 0.3em 0.55em; text-align: right; }}
 th {{ background: #f3f3f3; max-width: 11em; }} td.label {{ text-align: left; }}
 tr.mean td {{ font-weight: 600; border-top: 2px solid #888; }}
+tr.above-zero td {{ font-weight: 600; background: #eefbea; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
-<p>One row per subject and the mean over subjects. DC-LDM columns: the model; the others: each baseline's
-and ceiling's key metric (n-way top-1, mean of k). FID: lower is better. Per-subject reports with confidence
+<p>One row per subject and the mean over subjects, for all test stimuli and again for the seen categories (among
+the subject's training trials) and the novel ones (absent from them), each with its number of test stimuli.
+DC-LDM columns: the model; the others: each baseline's and ceiling's key metric (n-way top-1, mean of k). FID:
+lower is better (not per subset: it compares whole sets). Per-subject reports with confidence
 intervals: <code>results/&lt;subject&gt;/report.html</code>. Written {html.escape(written)} by mindvis
 {html.escape(versions.get("mindvis", "?"))} (torch {html.escape(versions.get("torch", "?"))}).</p>
-<table><thead><tr><th>subject</th>{head}</tr></thead><tbody>
-{chr(10).join(body)}
-</tbody></table>
-{_notes_html(notes)}</body></html>
+{chr(10).join(sections)}
+{_notes_html(notes)}{_comparisons_html(comparisons)}</body></html>
 """
+
+
+def _comparisons_html(comparisons):
+    if not comparisons:
+        return ""
+    rows = []
+    for row in comparisons:
+        css = "above-zero" if row["above_zero"] else "not-above-zero"
+        cells = [row["subject"], row["pair"], row["subset"], row["title"], row["difference"], row["ci"], row["verdict"]]
+        rows.append(f'<tr class="{css}">' + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in cells) + "</tr>")
+    return ('<h2>Paired comparisons</h2><p>Mean over test stimuli of a - b with its paired-bootstrap interval '
+            '(the same resampled stimuli for both rows); in bold where the interval lies above 0.</p>'
+            '<table id="comparisons"><thead><tr><th>subject</th><th>a - b</th><th>stimuli</th><th>metric</th>'
+            '<th>difference</th><th>interval</th><th>interval</th></tr></thead><tbody>'
+            + "".join(rows) + "</tbody></table>")
 
 
 def _notes_html(notes):
@@ -164,14 +267,24 @@ def _notes_html(notes):
 
 
 
-def summary_text(frame, notes=()):
-    """The table as plain text for the terminal: one line per ``row/metric``, one column per subject and the mean;
-    then why cells are empty (``notes``: :func:`summary_notes`)."""
-    table = _formatted(frame).T
-    table.index.name = "row/metric"
-    text = table.to_string()
+def summary_text(frame, notes=(), comparisons=()):
+    """The tables as plain text for the terminal, one per subset: one line per ``row/metric``, one column per
+    subject and the mean; then why cells are empty (``notes``: :func:`summary_notes`) and the paired comparisons
+    (``comparisons``: :func:`summary_comparisons`)."""
+    formatted = _formatted(frame)
+    blocks = []
+    for subset, columns in _subset_columns(frame).items():
+        table = formatted[columns].T
+        table.index = [column.rpartition(":")[2] for column in columns]
+        table.index.name = "row/metric"
+        blocks.append(f"{tables.SUBSET_TITLES[subset]}:\n{table.to_string()}")
+    text = "\n\n".join(blocks)
     if notes:
         text += "\n\nEmpty cells (n/a):\n" + "\n".join(f"  {note}" for note in notes)
+    if comparisons:
+        lines = [f"  {row['subject']}  {row['a']} - {row['b']}  {row['subset']:<5}  {row['metric']:<16}"
+                 f"{row['difference']:>8} {row['ci']:<18} {row['verdict']}" for row in comparisons]
+        text += "\n\nPaired comparisons (a - b, paired bootstrap interval):\n" + "\n".join(lines)
     return text
 
 
@@ -185,16 +298,18 @@ def write_summary(metrics_paths, csv_path, html_path, title="mindvis summary"):
     metrics_list = [tables.load_metrics(path) for path in metrics_paths]
     frame = summary_table(metrics_list)
     frame.attrs["notes"] = summary_notes(metrics_list, frame)
+    frame.attrs["comparisons"] = summary_comparisons(metrics_list)
     with atomic_path(csv_path) as tmp:
         frame.to_csv(tmp, float_format="%.6g")
     with atomic_path(html_path) as tmp:
-        Path(tmp).write_text(summary_html(frame, title, frame.attrs["notes"]), encoding="utf-8")
+        Path(tmp).write_text(summary_html(frame, title, frame.attrs["notes"], frame.attrs["comparisons"]),
+                             encoding="utf-8")
     return frame
 
 
 def read_summary(csv_path):
-    """Read ``summary.csv`` back (for printing it); ``attrs['notes']`` from the subjects' ``metrics.json`` beside it
-    (:data:`METRICS_BESIDE_SUMMARY`), where they exist."""
+    """Read ``summary.csv`` back (for printing it); ``attrs['notes']`` and ``attrs['comparisons']`` from the
+    subjects' ``metrics.json`` beside it (:data:`METRICS_BESIDE_SUMMARY`), where they exist."""
     csv_path = Path(csv_path)
     if not csv_path.exists():
         raise MindvisError("summary table not found", path=csv_path, fix="run `snakemake decode` first.")
@@ -202,5 +317,7 @@ def read_summary(csv_path):
     paths = [csv_path.parent / METRICS_BESIDE_SUMMARY.format(subject=subject) for subject in frame.index
              if subject != "mean"]
     existing = [path for path in paths if path.exists()]
-    frame.attrs["notes"] = summary_notes([tables.load_metrics(path) for path in existing], frame) if existing else []
+    metrics_list = [tables.load_metrics(path) for path in existing]
+    frame.attrs["notes"] = summary_notes(metrics_list, frame) if existing else []
+    frame.attrs["comparisons"] = summary_comparisons(metrics_list)
     return frame

@@ -14,8 +14,16 @@ Layout of ``results/{subject}/evaluation/metrics.json`` (written by the
 in floor / model / baseline / ceiling, ``available``, ``reason`` when not
 available, ``metrics``: metric id -> ``{"value", "ci"}``, null where it does
 not apply, or ``{"value": null, "reason"}`` where it is withheld),
-``per_class``, ``confusion``, ``per_stimulus``, ``inputs``, ``config``,
-``versions``, ``wall_time_s``.
+``per_class``, ``confusion``, ``per_stimulus``, ``category`` (per stimulus:
+seen / novel / null), ``subsets`` (``seen`` / ``novel`` -> ``n_stimuli``,
+``available``, ``rows``: row id -> metric id -> entry, or ``reason``),
+``comparisons`` (list of ``a``, ``b``, ``subset``, ``metric``, ``difference``,
+``ci``), ``inputs``, ``config``, ``versions``, ``wall_time_s``.
+
+Every table is shown for all test stimuli and for the seen- and
+novel-category subsets (:func:`subsets`, ``subset=`` of :func:`table_rows`);
+the paired comparisons by :func:`comparison_rows`. A ``metrics.json`` from
+before the subsets existed shows the ``all`` table only.
 """
 
 from __future__ import annotations
@@ -41,6 +49,11 @@ METRIC_COLUMNS = (
 WITHHELD = "–"
 METRIC_TITLES = {metric: title for metric, title, _ in METRIC_COLUMNS}
 _REQUIRED_KEYS = ("subject", "n_way", "n_samples", "n_stimuli", "chance", "rows")
+#: The test-stimulus subsets of every table, in order, with their titles.
+SUBSET_TITLES = {"all": "All test stimuli", "seen": "Seen categories (in the training trials)",
+                 "novel": "Novel categories (absent from the training trials)"}
+#: Metrics that are not shown per subset (FID compares sets of images).
+SET_METRICS = ("fid",)
 # Decimals shown: FID is a distance in feature units, the rest are fractions or correlations.
 _DECIMALS = {"fid": 2}
 _DEFAULT_DECIMALS = 3
@@ -88,11 +101,37 @@ def load_metrics(path):
     return metrics
 
 
-def metric_columns(metrics):
-    """The metric columns any available row of ``metrics`` has a value for, in table order."""
+def metric_columns(metrics, subset="all"):
+    """The metric columns any available row of ``metrics`` has a value for, in table order (no FID in a subset)."""
     present = {metric for row in metrics["rows"] if row["available"]
                for metric, entry in (row.get("metrics") or {}).items() if entry is not None}
-    return [(metric, title, higher) for metric, title, higher in METRIC_COLUMNS if metric in present]
+    return [(metric, title, higher) for metric, title, higher in METRIC_COLUMNS
+            if metric in present and (subset == "all" or metric not in SET_METRICS)]
+
+
+def subsets(metrics):
+    """The subsets a table is shown for: all test stimuli, then the seen and novel categories where recorded.
+
+    Returns
+    -------
+    list of dict
+        ``name`` (all / seen / novel), ``title``, ``n_stimuli``, ``available``, ``reason`` (why a subset is
+        omitted: fewer than 2 stimuli).
+    """
+    out = [{"name": "all", "title": SUBSET_TITLES["all"], "n_stimuli": metrics["n_stimuli"], "available": True,
+            "reason": ""}]
+    for name, entry in (metrics.get("subsets") or {}).items():
+        out.append({"name": name, "title": SUBSET_TITLES.get(name, name), "n_stimuli": entry.get("n_stimuli", 0),
+                    "available": bool(entry.get("available", "rows" in entry)), "reason": entry.get("reason", "")})
+    return out
+
+
+def row_metrics(metrics, row, subset="all"):
+    """A row's metric entries on ``subset`` (``all``: the row's own; else from ``subsets``; {} when absent)."""
+    if subset == "all":
+        return row.get("metrics") or {}
+    entry = (metrics.get("subsets") or {}).get(subset) or {}
+    return (entry.get("rows") or {}).get(row["id"]) or {}
 
 
 def withheld_notes(metrics):
@@ -115,8 +154,8 @@ def withheld_notes(metrics):
             for number, (reason, cells) in enumerate(notes.items(), start=1)]
 
 
-def table_rows(metrics):
-    """Rows of the report's metrics table.
+def table_rows(metrics, subset="all"):
+    """Rows of the report's metrics table, for all test stimuli or a subset (``seen``, ``novel``).
 
     Returns
     -------
@@ -125,13 +164,13 @@ def table_rows(metrics):
         ``{"metric", "value", "ci", "note"}`` of formatted strings per column of :func:`metric_columns`
         (``note``: the number of the :func:`withheld_notes` entry of a withheld figure, else None).
     """
-    columns = metric_columns(metrics)
+    columns = metric_columns(metrics, subset)
     numbers = {note["reason"]: note["number"] for note in withheld_notes(metrics)}
     out = []
     for row in metrics["rows"]:
         cells = []
         for metric, _, _ in columns:
-            entry = (row.get("metrics") or {}).get(metric)
+            entry = row_metrics(metrics, row, subset).get(metric)
             if entry is not None and entry.get("value") is None and entry.get("reason"):
                 cells.append({"metric": metric, "value": WITHHELD, "ci": "", "note": numbers.get(entry["reason"])})
                 continue
@@ -147,10 +186,63 @@ def row_by_id(metrics, row_id):
     return next((row for row in metrics["rows"] if row["id"] == row_id), None)
 
 
-def metric_value(metrics, row_id, metric):
-    """A row's metric value, or None when the row is missing, unavailable or lacks it."""
+def metric_entry(metrics, row_id, metric, subset="all"):
+    """A row's metric entry on ``subset``, or None when the row is missing, unavailable or lacks it."""
     row = row_by_id(metrics, row_id)
     if row is None or not row["available"]:
         return None
-    entry = (row.get("metrics") or {}).get(metric)
+    return row_metrics(metrics, row, subset).get(metric)
+
+
+def metric_value(metrics, row_id, metric, subset="all"):
+    """A row's metric value on ``subset``, or None when the row is missing, unavailable or lacks it."""
+    entry = metric_entry(metrics, row_id, metric, subset)
     return None if entry is None else entry.get("value")
+
+
+def comparison_verdict(ci):
+    """Where a difference's interval lies: ``above 0``, ``below 0`` or ``includes 0`` (None: no interval)."""
+    if not ci or ci[0] is None or ci[1] is None:
+        return None
+    if ci[0] > 0:
+        return "above 0"
+    if ci[1] < 0:
+        return "below 0"
+    return "includes 0"
+
+
+def comparison_rows(metrics, metrics_shown=None):
+    """The paired comparisons of ``metrics.json`` (a - b), formatted.
+
+    Parameters
+    ----------
+    metrics_shown : sequence of str, optional
+        Only these metrics (default: all).
+
+    Returns
+    -------
+    list of dict
+        ``a``, ``b``, ``pair`` (``"{a label} - {b label}"``), ``subset``, ``subset_title``, ``metric``, ``title``,
+        ``difference`` (formatted with its sign), ``ci``, ``verdict`` (:func:`comparison_verdict`) and
+        ``above_zero`` (the interval lies above 0), in the order of ``metrics.json``.
+    """
+    labels = {row["id"]: row["label"] for row in metrics["rows"]}
+    out = []
+    for entry in metrics.get("comparisons") or []:
+        if metrics_shown is not None and entry["metric"] not in metrics_shown:
+            continue
+        metric = entry["metric"]
+        difference = entry.get("difference")
+        verdict = comparison_verdict(entry.get("ci"))
+        out.append({"a": entry["a"], "b": entry["b"],
+                    "pair": f"{labels.get(entry['a'], entry['a'])} - {labels.get(entry['b'], entry['b'])}",
+                    "subset": entry["subset"], "subset_title": SUBSET_TITLES.get(entry["subset"], entry["subset"]),
+                    "metric": metric, "title": METRIC_TITLES.get(metric, metric),
+                    "difference": "n/a" if difference is None else f"{float(difference):+.{_decimals(metric)}f}",
+                    "ci": format_ci(metric, entry.get("ci")) if verdict else "", "verdict": verdict or "",
+                    "above_zero": verdict == "above 0"})
+    return out
+
+
+def _decimals(metric):
+    return _DECIMALS.get(metric, _DEFAULT_DECIMALS)

@@ -5,7 +5,8 @@ simulation that writes a BIDS dataset a real pipeline would accept.
 
 Modules
 -------
-geometry    the acquisition grid, the brain, and each subject's visual ROIs (V1-V3, LOC, VOT)
+geometry    the acquisition grid, the brain, each subject's visual ROIs (V1-V3, LOC, VOT) and the
+            group template (the ROIs at the un-jittered anchors: the shared voxel space)
 encoding    voxel tuning: pRFs over a Gabor energy pyramid; category and shape tuning
 design      event-related runs (training images once, test images repeated)
 timeseries  HRF, AR(1) / physiological / drift noise, head motion, raw intensities

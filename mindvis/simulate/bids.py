@@ -50,6 +50,17 @@ derivatives live in ``{bids}/derivatives/simulation/{sub}/``:
 ``{sub}_desc-simulation_manifest.json``
     Written last: files written (path, bytes, sha256), config section, seed,
     versions, wall time.
+
+The group template (one per data set, written with the dataset metadata) lives in
+``{bids}/derivatives/simulation/template/``:
+
+``tpl-MNI152NLin2009aAsym_desc-visual_mask.nii.gz``, ``..._dseg.nii.gz``, ``..._dseg.tsv``
+    The visual ROIs placed at the un-jittered anchors with the nominal voxel
+    counts (``simulate.n_early_voxels``, ``simulate.n_higher_voxels``), on the
+    BOLD grid: the shared voxel space of ``preprocess.space: template``.
+``tpl-MNI152NLin2009aAsym_desc-visual_mask.json``
+    Its spec (:mod:`mindvis.data.voxel_space`): affine, grid shape, voxel
+    count and order, ROI counts, resolution, field of view, nominal counts.
 """
 
 from __future__ import annotations
@@ -60,7 +71,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mindvis.data.bids_layout import derivative_paths
+from mindvis.data.bids_layout import derivative_paths, template_paths
 from mindvis.utils.io import atomic_path, software_versions, write_json_atomic, write_text_atomic
 
 BIDS_VERSION = "1.9.0"
@@ -136,6 +147,39 @@ def write_roi_files(bids_dir, subject, layout):
     return [paths["mask"], paths["dseg"], paths["dseg_tsv"]]
 
 
+def write_template_files(bids_dir, section):
+    """Write the group template (mask, label image, label table and spec) of the ``simulate`` section.
+
+    Parameters
+    ----------
+    bids_dir : str or Path
+    section : dict
+        The ``simulate`` config section (resolution, field of view, nominal voxel counts).
+
+    Returns
+    -------
+    list of Path
+    """
+    from mindvis.data.voxel_space import space_spec
+    from mindvis.simulate.geometry import ROI_NAMES, template_layout
+
+    layout = template_layout(section["resolution_mm"], section["field_of_view"], section["n_early_voxels"],
+                             section["n_higher_voxels"])
+    paths = template_paths(bids_dir)
+    labels = layout.label_volume()
+    write_nifti(paths["mask"], (labels > 0).astype(np.uint8), layout.grid.affine)
+    write_nifti(paths["dseg"], labels, layout.grid.affine)
+    write_tsv(paths["dseg_tsv"], pd.DataFrame({"index": np.arange(1, len(ROI_NAMES) + 1), "name": ROI_NAMES}))
+    spec = space_spec(layout.ijk, layout.grid.affine, layout.grid.shape, layout.roi_names,
+                      template="simulation", resolution_mm=float(section["resolution_mm"]),
+                      field_of_view=[float(v) for v in section["field_of_view"]],
+                      n_early_voxels=int(section["n_early_voxels"]), n_higher_voxels=int(section["n_higher_voxels"]),
+                      voxel_order="np.nonzero of the mask (C order over i, j, k)",
+                      description="visual ROIs at the un-jittered anchors with the nominal voxel counts")
+    write_json_atomic(paths["spec"], spec)
+    return [paths["mask"], paths["dseg"], paths["dseg_tsv"], paths["spec"]]
+
+
 def write_ground_truth(path, layout, model, noise_sd, baseline, attrs, class_names,
                        stimulus_ids=None, labels=None, response=None):
     """Write the ground-truth HDF5 (layout in the module docstring), atomically.
@@ -203,7 +247,8 @@ def read_ground_truth(path):
 
 
 def write_dataset_metadata(config, bids_dir):
-    """Write ``dataset_description.json``, ``participants.tsv`` (+ ``.json``) and the derivatives' description.
+    """Write ``dataset_description.json``, ``participants.tsv`` (+ ``.json``), the derivatives' description
+    and the group template (:func:`write_template_files`).
 
     Parameters
     ----------
@@ -247,3 +292,4 @@ def write_dataset_metadata(config, bids_dir):
         "DatasetType": "derivative",
         "GeneratedBy": generated_by,
     })
+    write_template_files(bids_dir, config["simulate"])

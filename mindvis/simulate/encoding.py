@@ -16,6 +16,28 @@ sampled at the voxels, so neighbouring voxels prefer similar categories and
 shapes (category- and shape-selective patches). LOC leans to shape, VOT to
 category.
 
+The category drive comes in two forms (``simulate.category_model``):
+
+``labels``
+    A smooth random preference per class (``category_tuning [V, C]``), read
+    through the image's label. What one class evokes cannot be predicted from
+    the others, so a decoder trained on some classes decodes novel ones at
+    chance.
+``features``
+    A smooth random tuning (``feature_tuning [V, K]``) over ``K`` HMAX-like C2
+    features of the image (Riesenhuber & Poggio 1999, Nat. Neurosci. 2:1019;
+    Serre, Oliva & Poggio 2007, PNAS 104:6424): S1 is the Gabor energy
+    pyramid; C1 takes the local maximum over position and over neighbouring
+    wavelengths; S2 is a Gaussian RBF match of 3 x 3-position, all-orientation
+    C1 patches to ``K`` prototype patches sampled once from C1 maps of the
+    training images; C2 is the maximum over positions and bands. The label is
+    not read. Ventral responses are well predicted as linear combinations of
+    such hierarchical features (Yamins et al. 2014, PNAS 111:8619;
+    Khaligh-Razavi & Kriegeskorte 2014, PLoS Comput. Biol. 10:e1003915), and
+    this is what lets a feature decoder trained on some categories identify
+    novel ones (Horikawa & Kamitani 2017, Nat. Commun. 8:15037): visually
+    similar images evoke similar patterns, whatever their class.
+
 Visual-field coordinates are in image half-widths: the image spans [-1, 1] in
 x (left to right) and y (bottom to top).
 
@@ -51,6 +73,16 @@ GAIN_SPREAD = 0.25
 SILHOUETTE_THRESHOLD = 0.1
 #: Side of the block grid whose occupancy describes the silhouette.
 SHAPE_BLOCKS = 4
+
+#: Forms of the higher voxels' category drive (``simulate.category_model``).
+CATEGORY_MODELS = ("labels", "features")
+#: Number of C2 features (S2 prototype patches) of the ``features`` category model.
+C2_PROTOTYPES = 48
+#: Side, in C1 positions, of an S2 patch (each patch spans all orientations).
+S2_PATCH_SIDE = 3
+#: Width of the S2 radial basis function relative to the prototype's norm: a C1 patch that
+#: differs from the prototype by this fraction of the prototype's norm gives exp(-1/2).
+S2_TOLERANCE = 0.5
 
 SHAPE_FEATURE_NAMES = tuple(
     [f"occupancy_{row}_{col}" for row in range(SHAPE_BLOCKS) for col in range(SHAPE_BLOCKS)]
@@ -220,6 +252,149 @@ def shape_features(lum):
     return features.astype(np.float32)
 
 
+# -- HMAX-like C2 features (the ``features`` category model) -----------------------
+
+def c1_maps(energy, n_orientations, wavelengths, height):
+    """C1: local maximum of the S1 (Gabor energy) maps over position and neighbouring wavelengths.
+
+    Bands pair adjacent wavelengths (a single wavelength is one band of its
+    own), as HMAX pools pairs of S1 scales. Each band takes the maximum over
+    its two wavelengths, then over square windows as wide as its finer
+    wavelength, stepped by half a window. Bands too small to hold one S2 patch
+    are left out.
+
+    Parameters
+    ----------
+    energy : float32 [S, F, H, W]
+        :func:`gabor_energy` output (``f = sf_index * n_orientations + orientation_index``).
+    n_orientations : int
+    wavelengths : sequence of float
+        Fractions of the image side, in the order ``energy`` was computed with.
+    height : int
+        Image side in pixels.
+
+    Returns
+    -------
+    list of float32 [S, O, h_b, w_b]
+        One map per band, coarser bands last.
+    """
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    n_images, _, rows, cols = energy.shape
+    by_scale = energy.reshape(n_images, len(wavelengths), n_orientations, rows, cols)
+    order = np.argsort(wavelengths)
+    pairs = [order[i:i + 2] for i in range(len(order) - 1)] if len(order) > 1 else [order]
+    bands = []
+    for pair in pairs:
+        merged = by_scale[:, pair].max(axis=1)
+        window = max(2, int(round(min(wavelengths[i] for i in pair) * height)))
+        window = min(window, rows, cols)
+        step = max(1, window // 2)
+        # A square window's maximum is separable: rows first, then columns (several times faster).
+        pooled = sliding_window_view(merged, window, axis=2)[:, :, ::step].max(axis=-1)
+        pooled = sliding_window_view(pooled, window, axis=3)[:, :, :, ::step].max(axis=-1)
+        if min(pooled.shape[2:]) >= S2_PATCH_SIDE:
+            bands.append(np.ascontiguousarray(pooled, dtype=np.float32))
+    return bands
+
+
+def _c1_patches(band):
+    """All S2-sized patches of one C1 band, float32 [S, N, O * P * P] (N positions)."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    n_images, n_orientations = band.shape[:2]
+    patches = sliding_window_view(band, (S2_PATCH_SIDE, S2_PATCH_SIDE), axis=(2, 3))  # [S, O, h, w, P, P]
+    patches = patches.transpose(0, 2, 3, 1, 4, 5)
+    return patches.reshape(n_images, -1, n_orientations * S2_PATCH_SIDE ** 2)
+
+
+def _c1_bands(lum, n_orientations, wavelengths):
+    bands = c1_maps(gabor_energy(lum, n_orientations, wavelengths), n_orientations, wavelengths, lum.shape[1])
+    if not bands:
+        from mindvis.errors import MindvisError
+
+        raise MindvisError(f"images of {lum.shape[1]} x {lum.shape[2]} px give C1 maps smaller than one "
+                           f"{S2_PATCH_SIDE} x {S2_PATCH_SIDE} S2 patch", key="simulate.gabor_wavelengths",
+                           fix="use shorter Gabor wavelengths or larger images (stimuli.image_size), "
+                               "or simulate.category_model: labels.")
+    return bands
+
+
+def draw_c2_prototypes(images, n_orientations, wavelengths, rng, n_prototypes=C2_PROTOTYPES):
+    """Sample the S2 prototype patches from C1 maps of (training) images, as HMAX does.
+
+    Each prototype comes from a different image (while there are enough), a
+    random band, and a random position drawn with probability proportional to
+    the patch's C1 energy, so that blank background is rarely picked.
+
+    Parameters
+    ----------
+    images : uint8 [S, H, W, C] or [S, H, W]
+        The stimulus set's training split.
+    n_orientations : int
+    wavelengths : sequence of float
+        Fractions of the image side (``simulate.gabor_wavelengths``).
+    rng : numpy.random.Generator
+        Draw it from the config seed alone, so every subject shares the prototypes.
+    n_prototypes : int
+
+    Returns
+    -------
+    float32 [K, O, P, P]
+        ``K = n_prototypes`` patches of ``O`` orientations by ``P = S2_PATCH_SIDE`` positions.
+    """
+    if len(images) == 0:
+        from mindvis.errors import MindvisError
+
+        raise MindvisError("the stimulus set has no training images to sample the C2 prototypes from",
+                           key="stimuli.n_train_per_class",
+                           fix="give the stimulus set training images, or simulate.category_model: labels.")
+    picks = rng.choice(len(images), n_prototypes, replace=len(images) < n_prototypes)
+    bands = _c1_bands(luminance(images[picks]), n_orientations, wavelengths)
+    prototypes = np.empty((n_prototypes, n_orientations * S2_PATCH_SIDE ** 2), dtype=np.float32)
+    for index in range(n_prototypes):
+        patches = _c1_patches(bands[rng.integers(len(bands))][index:index + 1])[0]  # [N, O * P * P]
+        norms = np.linalg.norm(patches, axis=1).astype(np.float64)
+        weights = norms / norms.sum() if norms.sum() > 0 else None
+        prototypes[index] = patches[rng.choice(len(patches), p=weights)]
+    return prototypes.reshape(n_prototypes, n_orientations, S2_PATCH_SIDE, S2_PATCH_SIDE)
+
+
+def c2_features(lum, prototypes, n_orientations, wavelengths, chunk=256):
+    """HMAX-like C2 features: the best S2 (RBF) match of each prototype over positions and bands.
+
+    ``S2 = exp(-|x - p|^2 / (2 (S2_TOLERANCE |p|)^2))`` for a C1 patch ``x``
+    and prototype ``p``; C2 is its maximum over all positions of all C1 bands,
+    in (0, 1].
+
+    Parameters
+    ----------
+    lum : float32 [S, H, W]
+    prototypes : float32 [K, O, P, P]
+        From :func:`draw_c2_prototypes`.
+    n_orientations : int
+    wavelengths : sequence of float
+    chunk : int
+        Images processed at once (bounds memory).
+
+    Returns
+    -------
+    float32 [S, K]
+    """
+    flat = prototypes.reshape(len(prototypes), -1).astype(np.float32)
+    squared_norm = (flat.astype(np.float64) ** 2).sum(axis=1)
+    width = 2 * S2_TOLERANCE ** 2 * np.maximum(squared_norm, 1e-12)
+    out = np.empty((len(lum), len(flat)), dtype=np.float32)
+    for start in range(0, len(lum), chunk):
+        nearest = np.full((len(lum[start:start + chunk]), len(flat)), np.inf)
+        for band in _c1_bands(lum[start:start + chunk], n_orientations, wavelengths):
+            patches = _c1_patches(band)  # [s, N, D]
+            distance = (patches ** 2).sum(axis=2)[:, :, None] - 2 * patches @ flat.T + squared_norm
+            nearest = np.minimum(nearest, distance.min(axis=1))
+        # The maximum of the RBF over positions is the RBF of the nearest patch.
+        out[start:start + chunk] = np.exp(-np.maximum(nearest, 0) / width)
+    return out
+
 # -- the model --------------------------------------------------------------------
 
 @dataclass
@@ -240,7 +415,8 @@ class EncodingModel:
     feature_weights : float32 [V, F]
         Weights over the Gabor pyramid (``F = n_sf * n_orientations``; sum to 1).
     category_tuning : float32 [V, C]
-        Preference for each object category (z-scored over higher voxels).
+        Preference for each object category (z-scored over higher voxels);
+        NaN everywhere under the ``features`` category model.
     shape_weights : float32 [V, K]
         Weights on the z-scored shape features.
     category_weight, shape_weight : float32 [V]
@@ -251,9 +427,27 @@ class EncodingModel:
         Fractions of the image side.
     percent_signal_change : float
         Mean evoked response over voxels and calibration images.
+    category_model : {'labels', 'features'}
+        What drives the category part of the higher voxels (module docstring).
+    feature_tuning : float32 [V, K_c2] or None
+        ``features`` only: weights on the z-scored C2 features (z-scored over higher voxels).
+    c2_prototypes : float32 [K_c2, O, P, P] or None
+        ``features`` only: the S2 prototypes (:func:`draw_c2_prototypes`);
+        a model without them (a rest subject's) has tuning but cannot predict.
     early_scale_, higher_scale_ : float
     shape_mean_, shape_std_ : float32 [K]
-        Set by :meth:`calibrate` on the experiment's stimulus set.
+    c2_mean_, c2_std_ : float32 [K_c2]
+        ``features`` only: C2 normalisation, like the shape features'.
+    category_scale_ : float
+        ``features`` only: root mean square of the raw C2 drive over the
+        calibration images and higher voxels. Dividing by it gives the feature
+        drive the unit mean square that the label drive has (each class's
+        tuning is z-scored over higher voxels, so for every image the label
+        drive has mean 0 and variance 1 over them); ``HIGHER_WEIGHTS`` then
+        weigh category against shape as before.
+
+    The trailing-underscore attributes are set by :meth:`calibrate` on the
+    experiment's stimulus set.
     """
 
     is_early: np.ndarray
@@ -270,16 +464,31 @@ class EncodingModel:
     n_orientations: int
     wavelengths: tuple
     percent_signal_change: float
+    category_model: str = "labels"
+    feature_tuning: np.ndarray = field(default=None)
+    c2_prototypes: np.ndarray = field(default=None)
     early_scale_: float = 1.0
     higher_scale_: float = 1.0
     shape_mean_: np.ndarray = field(default=None)
     shape_std_: np.ndarray = field(default=None)
+    c2_mean_: np.ndarray = field(default=None)
+    c2_std_: np.ndarray = field(default=None)
+    category_scale_: float = 1.0
 
     @property
     def n_voxels(self):
         return len(self.is_early)
 
+    @property
+    def category_maps(self):
+        """The tuning that carries the category drive: ``category_tuning [V, C]`` or ``feature_tuning [V, K_c2]``."""
+        return self.feature_tuning if self.category_model == "features" else self.category_tuning
+
     def _check_labels(self, labels, n_images):
+        if self.category_model == "features":
+            return None  # the label is not read
+        if labels is None:
+            raise ValueError("the labels category model needs one label per image")
         labels = np.asarray(labels, dtype=np.int64)
         n_classes = self.category_tuning.shape[1]
         if labels.shape != (n_images,) or (n_images and (labels.min() < 0 or labels.max() >= n_classes)):
@@ -299,18 +508,57 @@ class EncodingModel:
             pooled += (energy[:, feature].reshape(n_images, -1) @ fields.T) * self.feature_weights[early, feature]
         return np.power(np.maximum(pooled, 0), self.exponent[early])
 
-    def _higher_drive(self, lum, labels, shape_mean, shape_std):
+    def _c2(self, lum):
+        """C2 features of the images, float32 [S, K_c2]."""
+        if self.c2_prototypes is None:
+            raise RuntimeError("this features-model has no C2 prototypes (a rest subject's): "
+                               "build it with make_encoding_model(..., c2_prototypes=...) to predict")
+        return c2_features(lum, self.c2_prototypes, self.n_orientations, self.wavelengths)
+
+    def _c2_drive(self, c2):
+        """Unscaled feature drive: z-scored C2 features through the voxels' tuning, float [S, V_higher]."""
+        higher = np.flatnonzero(~self.is_early)
+        return ((c2 - self.c2_mean_) / self.c2_std_) @ self.feature_tuning[higher].T
+
+    def _category_drive(self, lum, labels):
+        """Category drive of the higher voxels, unit mean square over them, float [S, V_higher]."""
+        if self.category_model == "features":
+            return self._c2_drive(self._c2(lum)) / self.category_scale_
+        return self.category_tuning[np.flatnonzero(~self.is_early)][:, labels].T
+
+    def _higher_drive(self, lum, category):
         """Category and shape drive through a soft rectifier, float32 [S, V_higher]."""
         higher = np.flatnonzero(~self.is_early)
-        shapes = (shape_features(lum) - shape_mean) / shape_std
+        shapes = (shape_features(lum) - self.shape_mean_) / self.shape_std_
         n_shape = shapes.shape[1]
-        category = self.category_tuning[higher][:, labels].T
         shape = shapes @ self.shape_weights[higher].T / np.sqrt(n_shape)
         drive = 1.0 + self.category_weight[higher] * category + self.shape_weight[higher] * shape
         return np.logaddexp(0, drive).astype(np.float32)  # softplus: responses stay positive
 
-    def calibrate(self, images, labels):
-        """Fix the response scale and shape-feature normalisation on a stimulus set.
+    def category_drive(self, images, labels=None):
+        """The category drive of the higher voxels alone, before weighting, shape and rectification.
+
+        Under both category models it has unit mean square over higher voxels
+        (on the calibration set, for ``features``).
+
+        Parameters
+        ----------
+        images : uint8 [S, H, W, C]
+        labels : int [S], optional
+            Needed by the ``labels`` category model only.
+
+        Returns
+        -------
+        float32 [S, V_higher]
+            Columns in the order of ``np.flatnonzero(~is_early)``.
+        """
+        if self.category_model == "features" and self.c2_mean_ is None:
+            raise RuntimeError("call calibrate() on the stimulus set before category_drive()")
+        labels = self._check_labels(labels, len(images))
+        return np.asarray(self._category_drive(luminance(images), labels), dtype=np.float32)
+
+    def calibrate(self, images, labels=None):
+        """Fix the response scale and the shape- (and C2-) feature normalisation on a stimulus set.
 
         After calibration the mean response over the set and over voxels of a
         kind (early or higher) is ``percent_signal_change``.
@@ -318,7 +566,8 @@ class EncodingModel:
         Parameters
         ----------
         images : uint8 [S, H, W, C]
-        labels : int [S]
+        labels : int [S], optional
+            Needed by the ``labels`` category model only.
 
         Returns
         -------
@@ -327,7 +576,7 @@ class EncodingModel:
         self.calibrate_predict(images, labels)
         return self
 
-    def calibrate_predict(self, images, labels):
+    def calibrate_predict(self, images, labels=None):
         """:meth:`calibrate` on a stimulus set and return :meth:`predict` of it, computing the drives once.
 
         Returns
@@ -346,19 +595,29 @@ class EncodingModel:
             self.early_scale_ = float(drive.mean())
             out[:, early] = drive / self.early_scale_
         if (~early).any():
-            drive = self._higher_drive(lum, labels, self.shape_mean_, self.shape_std_)
+            if self.category_model == "features":
+                c2 = self._c2(lum)
+                self.c2_mean_ = c2.mean(axis=0)
+                self.c2_std_ = np.maximum(c2.std(axis=0), 1e-3)
+                raw = self._c2_drive(c2)
+                self.category_scale_ = float(np.sqrt(np.mean(raw ** 2)))
+                category = raw / self.category_scale_
+            else:
+                category = self._category_drive(lum, labels)
+            drive = self._higher_drive(lum, category)
             self.higher_scale_ = float(drive.mean())
             out[:, ~early] = drive / self.higher_scale_
         return out * self.gain * self.percent_signal_change
 
-    def predict(self, images, labels, chunk=256):
+    def predict(self, images, labels=None, chunk=256):
         """Noise-free evoked response to each image.
 
         Parameters
         ----------
         images : uint8 [S, H, W, C]
-        labels : int [S]
-            Category of each image (drives the category tuning).
+        labels : int [S], optional
+            Category of each image: drives the category tuning of the
+            ``labels`` model (required there); the ``features`` model ignores it.
         chunk : int
             Images processed at once (bounds memory).
 
@@ -378,8 +637,8 @@ class EncodingModel:
             if early.any():
                 out[rows, early] = self._early_drive(lum) / self.early_scale_
             if (~early).any():
-                out[rows, ~early] = self._higher_drive(lum, labels[rows], self.shape_mean_,
-                                                       self.shape_std_) / self.higher_scale_
+                category = self._category_drive(lum, None if labels is None else labels[rows])
+                out[rows, ~early] = self._higher_drive(lum, category) / self.higher_scale_
         return out * self.gain * self.percent_signal_change
 
 
@@ -404,18 +663,23 @@ def _zscore_columns(values):
     return (values - values.mean(axis=0)) / np.maximum(values.std(axis=0), 1e-9)
 
 
-def make_encoding_model(layout, n_classes, section, rng):
+def make_encoding_model(layout, n_classes, section, rng, c2_prototypes=None):
     """Draw one subject's voxel tuning.
 
     Parameters
     ----------
     layout : mindvis.simulate.geometry.VoxelLayout
     n_classes : int
-        Object categories the higher voxels are tuned to.
+        Object categories the higher voxels are tuned to (``labels`` category model).
     section : dict
         The ``simulate`` config section (``n_orientations``, ``gabor_wavelengths``,
-        ``percent_signal_change``).
+        ``percent_signal_change``, ``category_model``).
     rng : numpy.random.Generator
+    c2_prototypes : float32 [K_c2, O, P, P], optional
+        ``features`` category model: the S2 prototypes, shared by all subjects
+        (:func:`draw_c2_prototypes`). Without them the model has its tuning
+        (``C2_PROTOTYPES`` features) but cannot predict, which is all a rest
+        subject needs. Under the ``labels`` model it must be None.
 
     Returns
     -------
@@ -429,12 +693,28 @@ def make_encoding_model(layout, n_classes, section, rng):
     wavelengths = tuple(float(w) for w in section["gabor_wavelengths"])
     n_features = n_orientations * len(wavelengths)
     n_shape = len(SHAPE_FEATURE_NAMES)
+    category_model = section["category_model"]
+    if category_model not in CATEGORY_MODELS:
+        from mindvis.errors import MindvisError
+
+        raise MindvisError(f"unknown category model '{category_model}'", key="simulate.category_model",
+                           fix=f"use one of {', '.join(CATEGORY_MODELS)}.")
+    if category_model == "labels" and c2_prototypes is not None:
+        raise ValueError("C2 prototypes are only used by the features category model")
+    if c2_prototypes is not None and np.shape(c2_prototypes)[1:] != (n_orientations, S2_PATCH_SIDE, S2_PATCH_SIDE):
+        raise ValueError(f"C2 prototypes must be [K, {n_orientations}, {S2_PATCH_SIDE}, {S2_PATCH_SIDE}], "
+                         f"got {np.shape(c2_prototypes)}")
+    # The label model's maps are one per class; the feature model's one per C2 feature.
+    n_category_maps = n_classes if category_model == "labels" else (
+        C2_PROTOTYPES if c2_prototypes is None else len(c2_prototypes))
 
     nan = np.full(n_voxels, np.nan, dtype=np.float32)
     prf_x, prf_y, prf_sigma, exponent = nan.copy(), nan.copy(), nan.copy(), nan.copy()
     feature_weights = np.full((n_voxels, n_features), np.nan, dtype=np.float32)
     category_tuning = np.full((n_voxels, n_classes), np.nan, dtype=np.float32)
     shape_weights = np.full((n_voxels, n_shape), np.nan, dtype=np.float32)
+    feature_tuning = (np.full((n_voxels, n_category_maps), np.nan, dtype=np.float32)
+                      if category_model == "features" else None)
     category_weight, shape_weight = nan.copy(), nan.copy()
 
     # Early: receptive fields on the retinotopic map.
@@ -463,11 +743,11 @@ def make_encoding_model(layout, n_classes, section, rng):
     higher = ~early
     if higher.any():
         smoothness_vox = TUNING_SMOOTHNESS_MM / layout.grid.resolution_mm
-        maps = smooth_fields(layout.grid.shape, n_classes + n_shape, smoothness_vox, rng)
+        maps = smooth_fields(layout.grid.shape, n_category_maps + n_shape, smoothness_vox, rng)
         sampled = maps[:, layout.ijk[higher, 0], layout.ijk[higher, 1], layout.ijk[higher, 2]].T
         sampled = _zscore_columns(sampled)
-        category_tuning[higher] = sampled[:, :n_classes]
-        shape_weights[higher] = sampled[:, n_classes:]
+        (category_tuning if category_model == "labels" else feature_tuning)[higher] = sampled[:, :n_category_maps]
+        shape_weights[higher] = sampled[:, n_category_maps:]
         category_weight[higher] = [HIGHER_WEIGHTS[n]["category"] for n in names[higher]]
         shape_weight[higher] = [HIGHER_WEIGHTS[n]["shape"] for n in names[higher]]
 
@@ -481,4 +761,6 @@ def make_encoding_model(layout, n_classes, section, rng):
         gain=(gain / gain.mean()).astype(np.float32),
         n_orientations=n_orientations, wavelengths=wavelengths,
         percent_signal_change=float(section["percent_signal_change"]),
+        category_model=category_model, feature_tuning=feature_tuning,
+        c2_prototypes=None if c2_prototypes is None else np.asarray(c2_prototypes, dtype=np.float32),
     )

@@ -7,7 +7,9 @@ bundled MNI152 brain mask (no download), box-averaged onto the grid so edge
 voxels carry a partial-volume fraction.
 
 Visual ROIs are placed per subject and per hemisphere around stylised
-anatomical anchors whose positions jitter from subject to subject:
+anatomical anchors whose positions jitter from subject to subject (the group
+template, :func:`template_layout`, places them at the un-jittered anchors with
+the nominal voxel counts):
 
 - early visual cortex (V1, V2, V3) is the brain tissue nearest a segment along
   the calcarine sulcus, from the occipital pole forward; V1 is the innermost
@@ -216,7 +218,7 @@ def _segment_coordinates(points, start, end):
     return along, distance, angle
 
 
-def place_rois(resolution_mm, field_of_view, n_early, n_higher, rng):
+def place_rois(resolution_mm, field_of_view, n_early, n_higher, rng, anchor_jitter_mm=ANCHOR_JITTER_MM):
     """Place one subject's early and higher visual voxels in the brain.
 
     Parameters
@@ -225,8 +227,11 @@ def place_rois(resolution_mm, field_of_view, n_early, n_higher, rng):
     field_of_view : sequence of 6 float
     n_early, n_higher : int
         Voxel counts (split evenly over the hemispheres).
-    rng : numpy.random.Generator
-        Draws the anchor jitter (each subject its own anatomy).
+    rng : numpy.random.Generator or None
+        Draws the anchor jitter (each subject its own anatomy); None (or
+        ``anchor_jitter_mm`` 0) places the ROIs at the anchors themselves.
+    anchor_jitter_mm : float
+        Standard deviation of the jitter per axis.
 
     Returns
     -------
@@ -247,7 +252,9 @@ def place_rois(resolution_mm, field_of_view, n_early, n_higher, rng):
         side = candidate_mni[:, 0] * hemisphere > half
 
         def jitter(anchor):
-            return anchor * mirror + rng.normal(0.0, ANCHOR_JITTER_MM, 3)
+            if rng is None or anchor_jitter_mm == 0:
+                return anchor * mirror
+            return anchor * mirror + rng.normal(0.0, anchor_jitter_mm, 3)
 
         start, end = jitter(CALCARINE_POSTERIOR), jitter(CALCARINE_ANTERIOR)
         count = _hemisphere_count(n_early, hemisphere)
@@ -287,6 +294,29 @@ def place_rois(resolution_mm, field_of_view, n_early, n_higher, rng):
         eccentricity=eccentricity[keep].astype(np.float32),
         polar_angle=polar_angle[keep].astype(np.float32),
     )
+
+
+def template_layout(resolution_mm, field_of_view, n_early, n_higher):
+    """The group template: every ROI at its un-jittered anchor with the nominal voxel counts.
+
+    It is the shared voxel space of ``preprocess.space: template`` (the role HCP
+    grayordinates play for real data): every subject's responses are read at
+    these voxels, in this order (C order over i, j, k), so voxel (and SC-MBM
+    token) ``i`` is the same place of the brain in every subject, whatever that
+    subject's own (jittered, larger or smaller) ROIs.
+
+    Parameters
+    ----------
+    resolution_mm : float
+    field_of_view : sequence of 6 float
+    n_early, n_higher : int
+        ``simulate.n_early_voxels`` and ``simulate.n_higher_voxels``.
+
+    Returns
+    -------
+    VoxelLayout
+    """
+    return place_rois(resolution_mm, field_of_view, n_early, n_higher, rng=None, anchor_jitter_mm=0.0)
 
 
 def _take_nearest(pool, distance, count, key):

@@ -153,7 +153,14 @@ def simulate_subject(config, stimuli_path, bids_dir, subject):
 
     _remove_previous(bids_dir, subject)
     layout, fraction = _anatomy(config, subject, traits)
-    model = encoding.make_encoding_model(layout, len(class_names), section, _rng(config, subject, "tuning"))
+    prototypes = None
+    if section["category_model"] == "features":
+        # Drawn from the config seed alone: every subject's C2 features are the same features.
+        prototypes = encoding.draw_c2_prototypes(train.images, section["n_orientations"], section["gabor_wavelengths"],
+                                                 np.random.default_rng(derive_seed(config["seed"], "simulate",
+                                                                                   "c2_prototypes")))
+    model = encoding.make_encoding_model(layout, len(class_names), section, _rng(config, subject, "tuning"),
+                                         c2_prototypes=prototypes)
     response = model.calibrate_predict(images, labels)  # [S, V], percent signal change
 
     # Noise level: mean stimulus-driven sd over ROI voxels / mean noise sd = this subject's SNR.
@@ -230,9 +237,9 @@ def spontaneous_signal(model, layout, n_volumes, tr, rng):
         drive[:, early] = field @ (fields / np.maximum(fields.sum(axis=1, keepdims=True), 1e-12)).T
     higher = ~early
     if higher.any():
-        categories = latent(model.category_tuning.shape[1])
+        categories = latent(model.category_maps.shape[1])
         shapes = latent(model.shape_weights.shape[1])
-        drive[:, higher] = (model.category_weight[higher] * (categories @ model.category_tuning[higher].T)
+        drive[:, higher] = (model.category_weight[higher] * (categories @ model.category_maps[higher].T)
                             + model.shape_weight[higher] * (shapes @ model.shape_weights[higher].T)
                             / np.sqrt(shapes.shape[1]))
     drive = (drive - drive.mean(axis=0)) / np.maximum(drive.std(axis=0), 1e-9)

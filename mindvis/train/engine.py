@@ -140,6 +140,9 @@ class TrainConfig:
         Seed of the data order and of every step's random draws.
     eval_every : int
         Run the eval hook every this many epochs (and after the last one).
+    eval_at_start : bool
+        Also run it once before the first step (history line ``epoch`` -1, ``step`` 0), so that the
+        untrained model competes for ``best/`` too and what training adds is on record.
     checkpoint_every_steps : int
         Also checkpoint every this many optimiser steps (0: at epoch ends only).
     keep_checkpoints : int
@@ -179,6 +182,7 @@ class TrainConfig:
     mixed_precision: str = "no"
     seed: int = 0
     eval_every: int = 1
+    eval_at_start: bool = False
     checkpoint_every_steps: int = 0
     keep_checkpoints: int = 1
     select_metric: str | None = None
@@ -450,6 +454,8 @@ class Trainer:
             # In a log file (Snakemake), refresh rarely: every refresh is a new line there.
             progress = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
                             mininterval=2.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
+        if cfg.eval_at_start and self.eval_fn is not None and self.step == 0:
+            self._evaluate_start()
         self._wrapped.train()
         while self.epoch < self.n_epochs and not stopped:
             epoch_start = time.perf_counter()
@@ -517,6 +523,16 @@ class Trainer:
         total, count = self._epoch_sums.get(name, (0.0, 0))
         self._epoch_sums[name] = (total + _to_float(value), count + 1)
 
+    def _evaluate_start(self):
+        line = {"epoch": -1, "step": 0, **self._evaluate()}
+        self.history.append(line)
+        log.info("before training: %s", ", ".join(f"{k}={v:.4g}" for k, v in line.items()
+                                                   if isinstance(v, float)))
+        self._maybe_save_best(line)
+        if self.accelerator.is_main_process:
+            write_text_atomic(self.out_dir / "metrics.jsonl",
+                              "".join(json.dumps(entry) + "\n" for entry in self.history))
+
     def _end_epoch(self, seconds):
         cfg = self.config
         line = {"epoch": self.epoch, "step": self.step, "lr": self._last_lr}
@@ -577,7 +593,8 @@ class Trainer:
                                         else value < self.best["value"]))
         if not better or not math.isfinite(value):
             return
-        self.best = {"metric": cfg.select_metric, "value": value, "epoch": self.epoch, "step": self.step}
+        self.best = {"metric": cfg.select_metric, "value": value, "epoch": line.get("epoch", self.epoch),
+                     "step": self.step}
         if self.accelerator.is_main_process:
             with self.averaged_weights():
                 self._write_folder(self.out_dir / "best", with_optimizer=False)

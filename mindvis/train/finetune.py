@@ -45,7 +45,7 @@ from mindvis.generate.decode import decode
 from mindvis.models.augment import augment_images
 from mindvis.models.conditioning import Condition
 from mindvis.models.classifiers.domain import load_classifier
-from mindvis.models.dcldm import build_decoder, save_dcldm
+from mindvis.models.dcldm import START_DIR, LowLevelStart, build_decoder, save_dcldm, save_lowlevel
 from mindvis.models.ldm import load_generator
 from mindvis.models.linear import fit_ridge
 from mindvis.train.diffusion import diffusion_target
@@ -127,8 +127,26 @@ def base_conditions(generator, images, labels):
     return condition, labels.to(device) >= 0
 
 
-def condition_targets(generator, images, labels):
-    """Flattened base conditions (context, then pooled): float64 [M, T * D + P], and the mask of trials kept."""
+@torch.no_grad()
+def prior_embeddings(generator, images):
+    """The image prior's own embedding of each image: float32 ``[N, tokens, token_dim]`` (label-free)."""
+    conditioner = generator.image_conditioner
+    device = next(conditioner.parameters()).device
+    if len(images) == 0:
+        return torch.zeros(0, *conditioner.embedding_shape, device=device)
+    return torch.cat([conditioner.embed(images[i:i + 256].to(device)) for i in range(0, len(images), 256)])
+
+
+def condition_targets(generator, images, labels, space="condition"):
+    """What the voxel path regresses onto, flattened: float64 [M, ...], and the mask of trials kept.
+
+    In ``embedding`` space each trial's target is the prior's embedding of the image it showed
+    (:func:`prior_embeddings`, every trial kept); in ``condition`` space the base's condition of it,
+    context then pooled (:func:`base_conditions`).
+    """
+    if space == "embedding":
+        flat = prior_embeddings(generator, images).flatten(1)
+        return flat.double().cpu().numpy(), np.ones(len(flat), dtype=bool)
     condition, known = base_conditions(generator, images, labels)
     flat = torch.cat([condition.context.flatten(1), condition.pooled], dim=1)[known]
     return flat.double().cpu().numpy(), known.cpu().numpy()
@@ -142,8 +160,9 @@ def fit_ridge_voxel_map(train_fmri, train_targets, val_fmri, val_targets, alphas
     (:func:`condition_targets`: the seen image's own embedding for an
     image-conditioned prior, label-free; its class's condition for a class
     base); the alpha with the lowest relative squared error on the validation
-    trials (the alignment loss's measure) is refitted on training + validation
-    trials. Without validation trials the median alpha is fitted on the
+    trials (the alignment loss's measure) is refitted on the training trials
+    only, since the validation split goes on to select fine-tuning's checkpoint
+    (and the low-level strength) with this map inside. Without validation trials the median alpha is fitted on the
     training trials, with a warning.
 
     Returns
@@ -161,7 +180,8 @@ def fit_ridge_voxel_map(train_fmri, train_targets, val_fmri, val_targets, alphas
                            fix="set finetune.ridge_init: false, or check the labels in responses.h5.")
     errors = {}
     if len(x_val):
-        model, info = fit_ridge(x_train, y_train, x_val, y_val, alphas, error="relative", what="voxel path ridge")
+        model, info = fit_ridge(x_train, y_train, x_val, y_val, alphas, error="relative", what="voxel path ridge",
+                                refit="train")
         alpha, errors = info["alpha"], dict(zip(info["alphas"], info["val_error"]))
     else:
         alpha = float(np.median(alphas))
@@ -172,6 +192,36 @@ def fit_ridge_voxel_map(train_fmri, train_targets, val_fmri, val_targets, alphas
 
 
 # -- losses and validation -----------------------------------------------------
+
+def embedding_alignment_loss(embedding, target):
+    """Relative squared error between the decoded and the seen image's prior embedding, per sample.
+
+    ``||e - t||^2 / ||t||^2``, averaged over the batch: both are grids of
+    unit-scale tokens, so this is a regression onto the image's own
+    instance-level embedding (no class enters), the image-embedding analogue
+    of MindEye's and Brain-Diffuser's regression onto CLIP image embeddings.
+    """
+    ours, theirs = embedding.flatten(1).float(), target.flatten(1).float()
+    return ((ours - theirs) ** 2).sum(1).div(theirs.pow(2).sum(1).clamp_min(1e-8)).mean()
+
+
+def contrastive_loss(embedding, target, temperature):
+    """Symmetric InfoNCE between decoded and seen-image embeddings within the batch (cosine / temperature).
+
+    Each trial's decoded embedding should be nearer its own image's embedding
+    than the other images' of the batch, and vice versa: the contrastive
+    objective with which MindEye (Scotti et al., NeurIPS 2023) maps fMRI into
+    CLIP image space beside its regression, which keeps decoded embeddings
+    apart instead of shrinking them towards the mean. 0 for a batch of one.
+    """
+    if len(embedding) < 2:
+        return embedding.sum() * 0.0
+    ours = F.normalize(embedding.flatten(1).float(), dim=1)
+    theirs = F.normalize(target.flatten(1).float(), dim=1)
+    logits = ours @ theirs.T / temperature
+    index = torch.arange(len(ours), device=ours.device)
+    return (F.cross_entropy(logits, index) + F.cross_entropy(logits.T, index)) / 2
+
 
 def alignment_loss(condition, target, known):
     """Relative squared error between the fMRI condition and the base's own condition of the seen image.
@@ -194,11 +244,13 @@ def alignment_loss(condition, target, known):
 def make_loss_fn(generator, scheduler, settings):
     """The fine-tuning loss: encode (augmented) images with the frozen VAE, noise them, predict.
 
-    With ``finetune.align_weight`` > 0, adds that weight x :func:`alignment_loss`
-    against the base generator's own condition of each trial's image (:func:`base_conditions`).
+    With ``finetune.align_weight`` > 0, adds that weight x the alignment loss against the base's own
+    reading of each trial's image: :func:`embedding_alignment_loss` against the prior's embedding of it
+    in embedding space, else :func:`alignment_loss` against its condition (:func:`base_conditions`).
     """
     align_weight = float(settings["align_weight"])
-    aligned = align_weight > 0 and generator.conditioner is not None
+    contrastive_weight = float(settings["contrastive_weight"])
+    aligned = (align_weight > 0 or contrastive_weight > 0) and generator.conditioner is not None
 
     def loss_fn(model, batch):
         images = augment_images(batch["images"], settings["crop_pixels"], settings["hflip"])
@@ -208,13 +260,22 @@ def make_loss_fn(generator, scheduler, settings):
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), device=latents.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         drop = torch.rand(len(latents), device=latents.device) < settings["cond_dropout"]
-        prediction, condition = model(noisy, timesteps, batch["fmri"], drop=drop, return_condition=True)
+        prediction, output = model(noisy, timesteps, batch["fmri"], drop=drop, return_condition=True)
         diffusion = F.mse_loss(prediction.float(), diffusion_target(scheduler, latents, noise, timesteps))
         if not aligned:
             return diffusion, {}
-        target, known = base_conditions(generator, batch["images"], batch["labels"])
-        align = alignment_loss(condition, target, known)
-        return diffusion + align_weight * align, {"diffusion": diffusion.detach(), "align": align.detach()}
+        logged = {"diffusion": diffusion.detach()}
+        if model.prior is not None:
+            target = prior_embeddings(generator, batch["images"])
+            align = embedding_alignment_loss(output, target)
+            contrast = contrastive_loss(output, target, settings["contrastive_temperature"])
+        else:
+            target, known = base_conditions(generator, batch["images"], batch["labels"])
+            align = alignment_loss(output, target, known)
+            contrast = contrastive_loss(output.context[known], target.context[known],
+                                        settings["contrastive_temperature"])
+        logged.update(align=align.detach(), contrastive=contrast.detach())
+        return diffusion + align_weight * align + contrastive_weight * contrast, logged
 
     return loss_fn
 
@@ -282,6 +343,81 @@ def finetune_param_groups(model, settings, ridge_started=False):
             for key, params in groups.items() if params]
 
 
+# -- the low-level start (img2img) ----------------------------------------------
+
+@torch.no_grad()
+def vae_latent_targets(generator, images, batch_size=64):
+    """Posterior-mean scaled VAE latents of images, flattened: float64 [N, C * h * w]."""
+    device = next(generator.vae.parameters()).device
+    parts = [generator.encode(images[i:i + batch_size].to(device, generator.vae.dtype), sample=False).float()
+             for i in range(0, len(images), batch_size)]
+    return torch.cat(parts).flatten(1).double().cpu().numpy()
+
+
+def _pixcorr(decoded, truth):
+    """Mean Pearson correlation over pixels between uint8 images [N, H, W, C] (one per row)."""
+    a = decoded.reshape(len(decoded), -1).astype(np.float64)
+    b = truth.reshape(len(truth), -1).astype(np.float64)
+    a, b = a - a.mean(1, keepdims=True), b - b.mean(1, keepdims=True)
+    return float(np.mean((a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)))
+
+
+def fit_lowlevel_start(model, generator, train_trials, val_trials, settings, generate_settings, classifier, seed):
+    """Fit the low-level start and choose its img2img strength on the validation split.
+
+    A ridge from fMRI to the VAE latent of the seen image (alpha chosen on the
+    val split by mean squared error, refitted on train only, as val then chooses the strength:
+    :func:`mindvis.models.linear.fit_ridge`), then, for every candidate of
+    ``finetune.lowlevel_strengths`` (1 = from pure noise, the decoder alone),
+    quick DDIM samples of the validation trials scored by PixCorr against the
+    seen image and, with a classifier, by top-1 against the label. The strength
+    chosen is the one of highest PixCorr among those whose validation top-1
+    is at most ``finetune.lowlevel_tolerance`` below that of strength 1, so the
+    low-level start may not cost the semantic score (without a classifier: the
+    highest PixCorr). Validation trials only; never a test trial.
+
+    Returns
+    -------
+    LowLevelStart
+    """
+    y_train = vae_latent_targets(generator, train_trials.images)
+    y_val = vae_latent_targets(generator, val_trials.images)
+    ridge, info = fit_ridge(train_trials.fmri.numpy().astype(np.float64), y_train,
+                            val_trials.fmri.numpy().astype(np.float64), y_val, settings["ridge_alphas"],
+                            error="mse", what="low-level start, ridge fMRI -> VAE latent", refit="train")
+    start = LowLevelStart(torch.from_numpy(ridge.coef_.astype(np.float32)),
+                          torch.from_numpy(ridge.intercept_.astype(np.float32)), 1.0)
+    n_quick = min(len(val_trials), settings["val_max_trials"])
+    fmri = val_trials.fmri[:n_quick]
+    truth = np.clip((val_trials.images[:n_quick].permute(0, 2, 3, 1).numpy() + 1) * 127.5, 0, 255).round()
+    seeds = np.array([[derive_seed(seed, "lowlevel-sample", i)] for i in range(n_quick)], dtype=np.int64)
+    quick = {**generate_settings, "sampler": "ddim"}
+    scores = []
+    for strength in sorted(set(float(x) for x in settings["lowlevel_strengths"]) | {1.0}):
+        start.strength = strength
+        images = decode(model, generator, fmri, seeds, quick, batch_size=n_quick,
+                        num_steps=settings["val_sample_steps"], lowlevel=start)[:, 0]
+        score = {"strength": strength, "val_pixcorr": _pixcorr(images, truth)}
+        if classifier is not None:
+            predicted = classifier.predict_proba(images).argmax(axis=1)
+            score["val_accuracy"] = float(np.mean(predicted == val_trials.labels[:n_quick].numpy()))
+        scores.append(score)
+    full = next(score for score in scores if score["strength"] == 1.0)
+    tolerance = float(settings["lowlevel_tolerance"])
+    allowed = [score for score in scores
+               if "val_accuracy" not in full or score["val_accuracy"] >= full["val_accuracy"] - tolerance]
+    chosen = max(allowed, key=lambda score: (score["val_pixcorr"], score["strength"]))
+    start.strength = chosen["strength"]
+    start.info = {"ridge": info, "latent_dim": int(y_train.shape[1]), "val_scores": scores,
+                  "tolerance": tolerance, "n_val_sampled": int(n_quick),
+                  "selection": "highest val PixCorr among strengths whose val top-1 is within the tolerance of "
+                               "strength 1 (the decoder from pure noise)"}
+    log.info("low-level start: strength %.2f chosen on %d val trials (%s)", start.strength, n_quick,
+             ", ".join(f"{s['strength']:.2f}: PixCorr {s['val_pixcorr']:.3f}"
+                       + (f" top-1 {s['val_accuracy']:.3f}" if "val_accuracy" in s else "") for s in scores))
+    return start
+
+
 # -- the stage -----------------------------------------------------------------
 
 def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, classifier_dir=None,
@@ -333,13 +469,20 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, c
     model = build_decoder(config, generator, data.n_voxels, mbm_dir=mbm_dir, baseline=baseline)
     freeze_for_finetuning(model, settings["train"])
     train_trials = paired_trials(data["train"], stimulus_set, generator.image_size, generator.image_channels)
+    if settings["train_fraction"] < 1.0:
+        # The learning curve (benchmarks/learning_curve.py): fewer labelled trials, the same val split.
+        n_all = len(train_trials)
+        train_trials = train_trials.subset(settings["train_fraction"], derive_seed(config["seed"], "train-fraction"))
+        log.info("finetune.train_fraction %.2f: %d of %d training trials", settings["train_fraction"],
+                 len(train_trials), n_all)
     val_trials = paired_trials(data["val"], stimulus_set, generator.image_size, generator.image_channels)
     if len(train_trials) == 0:
         raise MindvisError("no training trials", path=responses, key="train", fix="check the preprocessing output.")
     ridge_report = None
+    space = "embedding" if model.prior is not None else "condition"
     if model.conditioner.voxel_map is not None and settings["ridge_init"] and generator.conditioner is not None:
-        y_train, train_known = condition_targets(generator, train_trials.images, train_trials.labels)
-        y_val, val_known = condition_targets(generator, val_trials.images, val_trials.labels)
+        y_train, train_known = condition_targets(generator, train_trials.images, train_trials.labels, space)
+        y_val, val_known = condition_targets(generator, val_trials.images, val_trials.labels, space)
         if len(y_train) < 2:
             log.warning("only %d training trials of known class: the voxel path starts at zero instead of from "
                         "ridge (a class-conditioned base on a data set without classes)", len(y_train))
@@ -347,7 +490,9 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, c
             weight, bias, ridge_report = fit_ridge_voxel_map(
                 train_trials.fmri.numpy()[train_known], y_train, val_trials.fmri.numpy()[val_known], y_val,
                 settings["ridge_alphas"])
-            ridge_report["target"] = "image embedding" if generator.image_conditioner is not None else "class"
+            ridge_report["target"] = {"embedding": "prior image embedding",
+                                      "condition": "image condition" if generator.image_conditioner is not None
+                                      else "class condition"}[space]
             model.conditioner.set_voxel_map(torch.from_numpy(weight), torch.from_numpy(bias))
             frozen = settings["ridge_lr_scale"] == 0
             if frozen:
@@ -359,6 +504,13 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, c
     trained = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
+    start_meta = None
+    if generate_settings.get("start_row", False) and not baseline:  # the rows are of the main decoder
+        # The decoder before any fine-tuning step (ridge start, zero encoder path), to measure what training adds.
+        start_meta = {"stage": "finetune", "subject": subject, "baseline": bool(baseline), "base": str(base),
+                      "image_size": generator.image_size, "n_voxels": int(data.n_voxels), "step": 0,
+                      "start_of": str(out_dir), "voxel_path_ridge": ridge_report, "config": config,
+                      "versions": software_versions()}
     log.info("%s%s: training %d of %d decoder parameters (%s); %d training, %d validation trials",
              subject, " (baseline, random encoder)" if baseline else "", n_trained, n_total,
              ", ".join(settings["train"]), len(train_trials), len(val_trials))
@@ -382,7 +534,7 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, c
         epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"],
         weight_decay=settings["weight_decay"], warmup_epochs=settings["warmup_epochs"], betas=(0.9, 0.999),
         clip_grad_norm=settings["clip_grad_norm"] or None, mixed_precision=settings["mixed_precision"], seed=seed,
-        eval_every=settings["eval_every"], select_metric=select,
+        eval_every=settings["eval_every"], eval_at_start=select is not None, select_metric=select,
         select_mode="max" if select == "val/accuracy" else "min")
     trainer = Trainer(model, train_trials, make_loss_fn(generator, scheduler, settings), train_config,
                       out_dir / "train", eval_fn=eval_fn, run_config=config, param_groups=param_groups,
@@ -390,16 +542,24 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, c
     generator.vae.to(trainer.device)  # outside the trained model, so the engine does not place it
     if generator.conditioner is not None:
         generator.conditioner.to(trainer.device)
+    if start_meta is not None and trainer.accelerator.is_main_process:
+        save_dcldm(model, out_dir / START_DIR, start_meta, metadata={"subject": subject, "step": "0"})
     result = trainer.fit(resume=resume)
     if result["stopped_early"]:
         return result
     model = trainer.load_best().eval()
+    lowlevel = None
+    if generate_settings.get("lowlevel", False) and len(val_trials) and not baseline:
+        generator.vae.eval()
+        lowlevel = fit_lowlevel_start(model, generator, train_trials, val_trials, settings, generate_settings,
+                                      classifier, seed)
     meta = {
         "stage": "finetune", "subject": subject, "baseline": bool(baseline), "base": str(base),
         "image_size": generator.image_size, "n_voxels": int(data.n_voxels), "trained_groups": list(settings["train"]),
         "n_trained_parameters": int(n_trained), "n_parameters": int(n_total), "trained_parameter_names": trained,
         "select_metric": select, "best": result["best"], "final_metrics": result["last_metrics"],
-        "voxel_path_ridge": ridge_report,
+        "voxel_path_ridge": ridge_report, "condition_space": space,
+        "lowlevel": None if lowlevel is None else {"strength": lowlevel.strength, **lowlevel.info},
         "step": result["step"], "epochs": result["epochs_done"],
         "training": {"peak_lr": result["peak_lr"], "effective_batch": result["effective_batch"],
                      "mixed_precision": result["mixed_precision"], "device": str(trainer.device),
@@ -410,6 +570,8 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, c
         "wall_time_s": round(time.perf_counter() - started, 2), "config": config, "versions": software_versions(),
     }
     if trainer.accelerator.is_main_process:
+        if lowlevel is not None:
+            save_lowlevel(out_dir, lowlevel)
         save_dcldm(model, out_dir, meta, metadata={"subject": subject})
     log.info("wrote %s (best %s)", out_dir, result["best"])
     return meta

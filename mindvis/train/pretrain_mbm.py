@@ -22,8 +22,26 @@ Outputs in ``out_dir`` (``results/pretrain/mbm/``)
     Resolved config, software versions, steps, best epoch and metric, final
     metrics, the corpus (files, SHA-256, subjects, voxel and vector counts)
     and timings.
+``space.json``, ``template_dseg.nii.gz``, ``template_dseg.tsv``
+    Only when every corpus file was read in one shared template space
+    (``preprocess.space: template``): the space's spec
+    (:mod:`mindvis.data.voxel_space`: grid, voxel count, order and digest, ROI
+    counts, the template's settings) with the voxel indices and ROI names, and
+    the template as a label image a lab can use as ``preprocess.template_mask``.
+    :func:`adapt_mbm` refuses a subject whose voxels differ from it.
 ``checkpoints/``, ``best/``
     The engine's resumable state (``--resume``).
+
+Per-subject adaptation (MinD-Vis's stage A2)
+--------------------------------------------
+With ``mbm.base`` other than ``embedded`` (``bundled``: the encoder shipped in
+:data:`mindvis.models.bundled.BUNDLED_MBM`; otherwise an SC-MBM folder),
+:func:`adapt_mbm` starts from that encoder and continues masked brain modelling
+for ``mbm.adapt_epochs`` on one subject's ``train`` and ``val`` fMRI (and its
+``test`` fMRI only when ``mbm.transductive``; images and labels are never
+read), writing the same files into ``results/{subject}/mbm/``; its
+``summary.json`` records ``transductive`` and ``adapted_on`` (the splits and
+their vector counts) so that reports can flag a transductive encoder.
 """
 
 from __future__ import annotations
@@ -39,12 +57,18 @@ import numpy as np
 import torch
 
 from mindvis.errors import MindvisError
-from mindvis.utils.io import derive_seed, seed_everything, sha256_file, software_versions, write_json_atomic
+from mindvis.utils.io import (derive_seed, seed_everything, sha256_file, software_versions, write_json_atomic,
+                              write_text_atomic)
 
 log = logging.getLogger(__name__)
 
-#: Files ``pretrain_mbm`` publishes in its output folder (the Snakemake rule declares these).
+#: Files ``pretrain_mbm`` and ``adapt_mbm`` publish in their output folder (the Snakemake rules declare these).
 OUTPUT_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "metrics.jsonl", "summary.json")
+#: The shared voxel space of a model pretrained in one template space, and the template as a label image.
+SPACE_FILE = "space.json"
+TEMPLATE_FILES = ("template_dseg.nii.gz", "template_dseg.tsv")
+#: Adaptation vectors the in-sample reconstruction metric of adapt_mbm scores (a fixed, seeded subset).
+ADAPT_EVAL_VECTORS = 512
 
 
 class VoxelCorpus:
@@ -130,12 +154,13 @@ def build_corpus(responses_paths, rest_paths, rest_holdout_fraction=0.1):
         ``n_train``, ``n_heldout``.
     """
     from mindvis.data.responses import load_responses, load_rest
+    from mindvis.data.voxel_space import ijk_digest
 
     if not responses_paths and not rest_paths:
         raise MindvisError("no pretraining data: neither responses nor resting-state files were given",
                            key="pretrain-mbm --responses/--rest",
                            fix="pass at least one responses.h5 or rest HDF5 (the workflow does this for you).")
-    train_blocks, heldout_blocks, sources = [], [], []
+    train_blocks, heldout_blocks, sources, geometries = [], [], [], []
     for path in responses_paths:
         responses = load_responses(path, splits=("train", "val"))
         train, val = responses["train"].fmri, responses["val"].fmri
@@ -143,7 +168,10 @@ def build_corpus(responses_paths, rest_paths, rest_holdout_fraction=0.1):
         heldout_blocks.append(val)
         sources.append({"path": str(path), "sha256": sha256_file(path), "kind": "responses",
                         "subject": responses.subject, "n_voxels": responses.n_voxels, "n_train": len(train),
-                        "n_heldout": len(val)})
+                        "n_heldout": len(val), "bytes": Path(path).stat().st_size,
+                        "voxel_ijk_sha256": ijk_digest(responses.voxel_ijk),
+                        "space": _space_of(responses.attrs)})
+        geometries.append(_geometry(responses))
     for path in rest_paths:
         rest = load_rest(path)
         held = _holdout_tail(rest.run, rest_holdout_fraction)
@@ -151,13 +179,110 @@ def build_corpus(responses_paths, rest_paths, rest_holdout_fraction=0.1):
         heldout_blocks.append(rest.fmri[held])
         sources.append({"path": str(path), "sha256": sha256_file(path), "kind": "rest",
                         "subject": str(rest.attrs.get("subject", Path(path).stem)), "n_voxels": rest.n_voxels,
-                        "n_train": int((~held).sum()), "n_heldout": int(held.sum())})
+                        "n_train": int((~held).sum()), "n_heldout": int(held.sum()),
+                        "bytes": Path(path).stat().st_size, "voxel_ijk_sha256": ijk_digest(rest.voxel_ijk),
+                        "space": _space_of(rest.attrs)})
+        geometries.append(_geometry(rest))
     train, heldout = VoxelCorpus(train_blocks), VoxelCorpus(heldout_blocks)
+    del train_blocks, heldout_blocks
     if len(train) == 0:
         raise MindvisError("the pretraining corpus is empty (no training trials and no resting-state time points)",
                            path=(list(responses_paths) + list(rest_paths))[0],
                            fix="check that preprocessing wrote a non-empty train split or rest runs.")
-    return train, heldout, sources
+    return train, heldout, sources, shared_space(geometries, sources)
+
+
+def _geometry(data):
+    """The voxel geometry of a loaded file, without its data (so the corpus is held once)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(voxel_ijk=data.voxel_ijk, affine=data.affine, volume_shape=data.volume_shape,
+                           voxel_roi=data.voxel_roi, attrs=data.attrs)
+
+
+def _space_of(attrs):
+    """``template`` or ``native``: how a preprocessed file chose its voxels (older files: native)."""
+    return (attrs.get("voxel_space") or {}).get("space", "native")
+
+
+def shared_space(geometries, sources):
+    """The template space every corpus file shares, or None.
+
+    Parameters
+    ----------
+    geometries : list
+        The corpus files' ``voxel_ijk``, ``affine``, ``volume_shape``, ``voxel_roi`` and ``attrs``.
+    sources : list of dict
+        :func:`build_corpus`'s records, in the same order.
+
+    Returns
+    -------
+    dict or None
+        The spec (:func:`mindvis.data.voxel_space.space_spec`) with ``voxel_ijk``
+        and ``voxel_roi`` lists and the template's settings (``template``: the
+        ``preprocess.template_mask``, its SHA-256 and the simulator's
+        resolution, field of view and nominal voxel counts), when every file was
+        read at the same template voxels; None otherwise.
+    """
+    from mindvis.data.voxel_space import SIMULATE_SPACE_KEYS, space_spec
+
+    if not geometries or any(source["space"] != "template" for source in sources):
+        return None
+    first = geometries[0]
+    spec = space_spec(first.voxel_ijk, first.affine, first.volume_shape, first.voxel_roi)
+    for other, source in zip(geometries[1:], sources[1:]):
+        if (source["voxel_ijk_sha256"] != spec["voxel_ijk_sha256"]
+                or tuple(other.volume_shape) != tuple(first.volume_shape)
+                or not np.allclose(other.affine, first.affine, atol=1e-3)):
+            log.warning("%s was read in another template space than %s: no shared space is recorded",
+                        source["path"], sources[0]["path"])
+            return None
+    run_config = first.attrs.get("config") or {}
+    simulate = run_config.get("simulate") or {}
+    preprocess = first.attrs.get("preprocess_config") or {}
+    spec["template"] = {
+        "template_mask": preprocess.get("template_mask"),
+        "mask_sha256": (first.attrs.get("voxel_space") or {}).get("mask_sha256"),
+        "source": (run_config.get("data") or {}).get("source"),
+        "simulate": {key: simulate.get(key) for key in SIMULATE_SPACE_KEYS} if simulate else None,
+    }
+    spec["voxel_order"] = "np.nonzero of the template mask (C order over i, j, k); token t holds voxels " \
+                          "t * patch_size .. (t + 1) * patch_size - 1"
+    spec["voxel_ijk"] = np.asarray(first.voxel_ijk, dtype=int).tolist()
+    spec["voxel_roi"] = [str(name) for name in first.voxel_roi]
+    return spec
+
+
+def write_space(spec, out_dir):
+    """Write ``space.json`` and the template label image + table (see the module docstring) into ``out_dir``."""
+    import nibabel as nib
+    import pandas as pd
+
+    from mindvis.data.responses import voxels_to_nifti
+    from mindvis.utils.io import atomic_path
+
+    out_dir = Path(out_dir)
+    names = sorted(set(spec["voxel_roi"]))
+    index = {name: i + 1 for i, name in enumerate(names)}
+    labels = np.array([index[name] for name in spec["voxel_roi"]], dtype=np.int16)
+    image = voxels_to_nifti(labels, np.asarray(spec["voxel_ijk"], dtype=np.int32), np.asarray(spec["affine"]),
+                            tuple(spec["volume_shape"]))
+    image = nib.Nifti1Image(np.asarray(image.dataobj).astype(np.int16), image.affine)
+    image.set_sform(image.affine, code=4)  # MNI
+    image.set_qform(image.affine, code=4)
+    with atomic_path(out_dir / TEMPLATE_FILES[0]) as tmp:
+        nib.save(image, tmp)
+    write_text_atomic(out_dir / TEMPLATE_FILES[1],
+                      pd.DataFrame({"index": list(index.values()), "name": names}).to_csv(sep="\t", index=False))
+    write_json_atomic(out_dir / SPACE_FILE, spec)
+
+
+def corpus_digest(sources):
+    """One SHA-256 over the corpus files' SHA-256 (sorted by subject, then path): equal digests, equal corpora."""
+    import hashlib
+
+    lines = sorted(f"{source['subject']}\t{Path(source['path']).name}\t{source['sha256']}\n" for source in sources)
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
 def masked_correlation(pred, target, weight):
@@ -275,7 +400,7 @@ def pretrain_mbm(config, responses, rest, out_dir, resume=False):
     started = time.perf_counter()
     out_dir = Path(out_dir)
     mbm = config["mbm"]
-    train, heldout, sources = build_corpus(list(responses), list(rest), mbm["rest_holdout_fraction"])
+    train, heldout, sources, space = build_corpus(list(responses), list(rest), mbm["rest_holdout_fraction"])
     log.info("pretraining corpus: %d vectors (%d held out) from %d files, %d to %d voxels", len(train), len(heldout),
              len(sources), min(s["n_voxels"] for s in sources), train.width)
 
@@ -311,14 +436,198 @@ def pretrain_mbm(config, responses, rest, out_dir, resume=False):
         "training": {"peak_lr": result["peak_lr"], "effective_batch": result["effective_batch"],
                      "mixed_precision": result["mixed_precision"], "device": str(trainer.device),
                      "processes": trainer.world_size, "torch_threads": torch.get_num_threads()},
-        "corpus": {"n_train": len(train), "n_heldout": len(heldout), "sources": sources},
+        "corpus": {"n_train": len(train), "n_heldout": len(heldout), "n_vectors": len(train) + len(heldout),
+                   "n_subjects": len({source["subject"] for source in sources}),
+                   "bytes": sum(source["bytes"] for source in sources), "sha256": corpus_digest(sources),
+                   "sources": sources},
+        "space": None if space is None else {key: value for key, value in space.items()
+                                             if key not in ("voxel_ijk", "voxel_roi")},
         "wall_time_s": round(time.perf_counter() - started, 2),
     }
     if trainer.accelerator.is_main_process:
         _publish(model, out_dir)
+        if space is not None:
+            write_space(space, out_dir)
+        else:
+            for name in (SPACE_FILE,) + TEMPLATE_FILES:  # an older run's, not this model's
+                (out_dir / name).unlink(missing_ok=True)
         write_json_atomic(out_dir / "summary.json", summary)
     trainer.accelerator.wait_for_everyone()
     best = result["best"]
     log.info("wrote %s (best %s)", out_dir,
              f"{best['metric']} = {best['value']:.4f} at epoch {best['epoch']}" if best else "n/a")
+    return summary
+
+
+# -- per-subject adaptation (MinD-Vis's stage A2) ---------------------------------
+
+def adaptation_splits(transductive):
+    """The splits of a subject's ``responses.h5`` that adaptation reads: ``train`` and ``val`` (+ ``test`` if
+    ``transductive``; ``test_avg`` never, it only repeats ``test``)."""
+    return ("train", "val", "test") if transductive else ("train", "val")
+
+
+def adaptation_corpus(responses_path, transductive):
+    """One subject's fMRI for adaptation: only the splits :func:`adaptation_splits` names are read.
+
+    Parameters
+    ----------
+    responses_path : path
+    transductive : bool
+
+    Returns
+    -------
+    responses : Responses
+        The loaded file (its ``splits`` hold only those splits).
+    vectors : float32 [N, V]
+        Their fMRI, stacked in split order.
+    counts : dict
+        Vectors per split.
+    """
+    from mindvis.data.responses import load_responses
+
+    splits = adaptation_splits(transductive)
+    responses = load_responses(responses_path, splits=splits)
+    vectors = np.concatenate([responses[name].fmri for name in splits]).astype(np.float32)
+    return responses, vectors, {name: len(responses[name]) for name in splits}
+
+
+def resolve_base(config, config_path=None):
+    """The SC-MBM folder ``mbm.base`` names, verified, and its template space (or None).
+
+    ``bundled`` is :data:`mindvis.models.bundled.BUNDLED_MBM` (hash-checked); any
+    other value but ``embedded`` is a folder. When the folder holds a
+    ``space.json``, the config must read its subjects in that space
+    (:func:`mindvis.data.voxel_space.check_space_config`).
+
+    Returns
+    -------
+    folder : Path
+    space : dict or None
+    """
+    import json
+
+    from mindvis.data.voxel_space import check_space_config
+    from mindvis.models.bundled import BUNDLED_MBM, resolve_bundled
+
+    value = config["mbm"]["base"]
+    if value == "embedded":
+        raise MindvisError("mbm.base is 'embedded': the encoder is pretrained here (pretrain-mbm), not adapted",
+                           path=config_path, key="mbm.base",
+                           fix="set mbm.base: bundled (or an SC-MBM folder) to adapt a pretrained encoder per subject.")
+    folder = resolve_bundled(value, BUNDLED_MBM, "mbm.base")
+    if not (folder / "config.json").exists():
+        raise MindvisError("not an SC-MBM folder (config.json + diffusion_pytorch_model.safetensors)", path=folder,
+                           key="mbm.base", fix="point mbm.base at a pretrain-mbm output folder, or use bundled.")
+    space = json.loads((folder / SPACE_FILE).read_text()) if (folder / SPACE_FILE).exists() else None
+    if space is not None:
+        what = "the shipped SC-MBM encoder (mbm.base: bundled)" if value == "bundled" else f"the encoder in {folder}"
+        check_space_config(config, space, what, path=config_path)
+    return folder, space
+
+
+def adapt_mbm(config, subject, responses, out_dir, resume=False, config_path=None):
+    """Adapt a pretrained SC-MBM encoder to one subject (MinD-Vis's stage A2); write ``out_dir``.
+
+    Masked brain modelling continues from ``mbm.base`` for ``mbm.adapt_epochs``
+    on the subject's ``train`` and ``val`` fMRI, and its ``test`` fMRI only when
+    ``mbm.transductive`` (no image or label is read). No epoch is selected (the
+    last is kept): the metric in ``metrics.jsonl`` (``adapt/loss``,
+    ``adapt/recon_corr``) scores a fixed subset of the adaptation vectors
+    themselves, in-sample, with the same masks every epoch.
+
+    Parameters
+    ----------
+    config : dict
+    subject : str
+    responses : path
+        The subject's ``responses.h5``.
+    out_dir : path
+        ``results/{subject}/mbm/``.
+    resume : bool
+    config_path : path, optional
+        The config file, named in errors.
+
+    Returns
+    -------
+    dict
+        The summary written to ``summary.json``: ``transductive``, ``adapted_on``
+        (``splits``, ``n_vectors`` per split), ``base`` (value, folder, bundle
+        SHA-256), the in-sample metric before and after, config, versions.
+    """
+    import json
+
+    from mindvis.data.voxel_space import check_same_space
+    from mindvis.models.augment import FmriAugment
+    from mindvis.models.bundled import PROVENANCE_FILE
+    from mindvis.models.mbm import MBMAutoencoder
+    from mindvis.train.engine import TrainConfig, Trainer
+
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    mbm = config["mbm"]
+    base_dir, space = resolve_base(config, config_path)
+    data, vectors, counts = adaptation_corpus(responses, mbm["transductive"])
+    if space is not None:
+        what = "the shipped SC-MBM encoder" if mbm["base"] == "bundled" else f"the SC-MBM encoder in {base_dir}"
+        check_same_space(space, data.voxel_ijk, data.affine, data.volume_shape, path=responses, what=what)
+    log.info("%s: adapting %s on %d vectors (%s)%s", subject, base_dir, len(vectors),
+             ", ".join(f"{name} {n}" for name, n in counts.items()),
+             " -- transductive: test fMRI included" if mbm["transductive"] else "")
+
+    model = MBMAutoencoder.from_pretrained(base_dir, local_files_only=True)
+    model.resize_positions(data.n_voxels)  # a no-op in the encoder's own space
+    corpus = VoxelCorpus([vectors])
+    generator = np.random.default_rng(derive_seed(config["seed"], "mbm", "adapt-eval", subject))
+    scored = VoxelCorpus([vectors[np.sort(generator.permutation(len(vectors))[:ADAPT_EVAL_VECTORS])]])
+    eval_seed = derive_seed(config["seed"], "mbm", "adapt-masks", subject)
+
+    def eval_fn(model, epoch):
+        metrics = reconstruction_metrics(model, scored, model.config.mask_ratio, eval_seed, mbm["batch_size"])
+        return {"adapt/loss": metrics["val/loss"], "adapt/recon_corr": metrics["val/recon_corr"]}
+
+    model.eval()
+    before = eval_fn(model, -1)
+    base_provenance = base_dir / PROVENANCE_FILE
+    base_record = {"value": mbm["base"], "folder": str(base_dir),
+                   "bundle_sha256": json.loads(base_provenance.read_text()).get("bundle_sha256")
+                   if base_provenance.exists() else None}
+    if mbm["adapt_epochs"] == 0:
+        result = {"step": 0, "epochs_done": 0, "last_metrics": before, "peak_lr": None, "effective_batch": None}
+        log.info("%s: mbm.adapt_epochs is 0: the base encoder is used as it is", subject)
+    else:
+        seed_everything(derive_seed(config["seed"], "mbm", "adapt", subject))
+        settings = {**mbm, "epochs": mbm["adapt_epochs"], "base_lr": mbm["adapt_base_lr"]}
+        train_config = TrainConfig.from_mapping(settings, seed=derive_seed(config["seed"], "mbm", "adapt", subject),
+                                                select_metric=None)
+        trainer = Trainer(model, corpus, make_loss_fn(FmriAugment(mbm["voxel_dropout"], mbm["noise_std"])),
+                          train_config, out_dir, eval_fn=eval_fn, run_config=config)
+        result = trainer.fit(resume=resume)
+        if result["stopped_early"]:
+            return result
+        model = trainer.load_best()
+    summary = {
+        "stage": "adapt_mbm", "subject": subject, "transductive": bool(mbm["transductive"]),
+        "adapted_on": {"splits": list(counts), "n_vectors": counts, "images_or_labels_read": False},
+        "base": base_record, "config": config, "versions": software_versions(),
+        "step": result["step"], "epochs": result["epochs_done"],
+        "metric_note": "adapt/* score a fixed subset of the adaptation vectors themselves (in-sample)",
+        "before": before, "final_metrics": result["last_metrics"],
+        "model": {"class": type(model).__name__, "n_tokens": model.n_tokens, "n_voxels": model.config.n_voxels},
+        "responses": {"path": str(responses), "sha256": sha256_file(responses)},
+        "space": None if space is None else {key: value for key, value in space.items()
+                                             if key not in ("voxel_ijk", "voxel_roi")},
+        "wall_time_s": round(time.perf_counter() - started, 2),
+    }
+    _publish(model, out_dir)
+    for name in (SPACE_FILE,) + TEMPLATE_FILES:
+        if (base_dir / name).exists():
+            shutil.copy2(base_dir / name, out_dir / name)
+        else:
+            (out_dir / name).unlink(missing_ok=True)
+    if mbm["adapt_epochs"] == 0:  # one line: the base's in-sample metric
+        write_text_atomic(out_dir / "metrics.jsonl", json.dumps({"epoch": -1, "step": 0, **before}) + "\n")
+    write_json_atomic(out_dir / "summary.json", summary)
+    log.info("%s: wrote %s (adapt/recon_corr %.4f -> %.4f)", subject, out_dir, before["adapt/recon_corr"],
+             (result["last_metrics"] or before).get("adapt/recon_corr", float("nan")))
     return summary

@@ -49,6 +49,8 @@ SIMULATED = config["data"]["source"] == "simulated"
 USES_ADAPTER = is_adapter_source(config)
 BIDS = config["data"]["bids_dir"] if config["data"]["source"] == "bids" else "results/bids"
 STIMULI = config["data"]["bids_stimuli"] or f"{BIDS}/stimuli/stimuli.h5"
+# The simulator's group template (preprocess.space: template), written with the dataset metadata.
+SIMULATED_TEMPLATE = f"{BIDS}/derivatives/simulation/template/tpl-MNI152NLin2009aAsym_desc-visual_mask.nii.gz"
 
 
 wildcard_constraints:
@@ -107,6 +109,16 @@ def subject_manifest(wildcards):
     return [str(run) for run in runs]
 
 
+def template_mask_input(wildcards):
+    """Input function: the group template mask of preprocess.space template (the simulator's or a file), else nothing."""
+    section = config["preprocess"]
+    if section["space"] != "template":
+        return []
+    if section["template_mask"] == "simulation":
+        return SIMULATED_TEMPLATE
+    return section["template_mask"]
+
+
 def manifest_bids_root(wildcards, input):
     """The BIDS root a preprocessing job reads."""
     return str(Path(input.manifest).parents[3]) if SIMULATED else BIDS
@@ -120,7 +132,7 @@ def decode_targets():
         targets += [simulation_manifest(subject) for subject in SUBJECTS + REST_SUBJECTS]
     targets += [f"results/{subject}/responses.h5" for subject in SUBJECTS]
     targets += [f"results/pretrain/rest/{subject}.h5" for subject in REST_SUBJECTS]
-    targets += ["results/pretrain/mbm/summary.json"]
+    targets += mbm_targets()
     targets += dcldm_targets()
     # Reports (workflow/rules/report.smk): each subject's report.html, then the table over subjects.
     targets += [f"results/{subject}/report.html" for subject in SUBJECTS]
@@ -229,6 +241,40 @@ def ldm_base_dir(wildcards, input):
     return str(Path(input.base).parent) if input.get("base") else LDM_BASE
 
 
+# mbm.base 'embedded': SC-MBM is pretrained here (pretrain_mbm); otherwise the shipped encoder ('bundled',
+# hash-checked) or a folder, adapted per subject (adapt_mbm) into results/{subject}/mbm/.
+MBM_EMBEDDED = config["mbm"]["base"] == "embedded"
+if not MBM_EMBEDDED:
+    from mindvis.train.pretrain_mbm import resolve_base
+
+    try:
+        MBM_BASE = str(resolve_base(config, _CONFIG_SOURCES)[0])
+    except MindvisError as error:
+        raise WorkflowError(f"invalid configuration: {error}")
+
+
+def mbm_folder(wildcards):
+    """The SC-MBM folder a subject's decoder starts from: the shared pretraining, or the subject's adaptation."""
+    return "results/pretrain/mbm" if MBM_EMBEDDED else f"results/{wildcards.subject}/mbm"
+
+
+def mbm_input(wildcards):
+    """Input function: the SC-MBM encoder's config.json a subject's fine-tuning reads."""
+    return f"{mbm_folder(wildcards)}/config.json"
+
+
+def mbm_curve_input(wildcards):
+    """Input function: the SC-MBM training curve a subject's report shows (pretraining, or its adaptation)."""
+    return f"{mbm_folder(wildcards)}/metrics.jsonl"
+
+
+def mbm_targets():
+    """SC-MBM outputs the `decode` target asks for."""
+    if MBM_EMBEDDED:
+        return ["results/pretrain/mbm/summary.json"]
+    return [f"results/{subject}/mbm/summary.json" for subject in SUBJECTS]
+
+
 def encoder_flag(wildcards, input):
     """Params function: the pretrained SC-MBM folder, or --baseline (random encoder) when it is not an input."""
     return f"--mbm {Path(input.mbm).parent}" if "mbm" in input.keys() else "--baseline"
@@ -251,3 +297,25 @@ def baseline_samples_input(wildcards):
 def baseline_samples_flag(wildcards, input):
     """Params function: --baseline-samples <file> when the ablation's samples are an input, else nothing."""
     return f"--baseline-samples {input.baseline}" if input.get("baseline") else ""
+
+
+def start_samples_input(wildcards):
+    """Input function: the DC-LDM's samples at its start (0 fine-tuning steps) when generate.start_row, else nothing."""
+    wanted = config["generate"].get("start_row", False)
+    return f"results/{wildcards.subject}/samples-start/samples.h5" if wanted else []
+
+
+def start_samples_flag(wildcards, input):
+    """Params function: --start-samples <file> when the start row's samples are an input, else nothing."""
+    return f"--start-samples {input.start}" if input.get("start") else ""
+
+
+def lowlevel_samples_input(wildcards):
+    """Input function: the DC-LDM's samples from the ridge latent (img2img) when generate.lowlevel, else nothing."""
+    wanted = config["generate"].get("lowlevel", False)
+    return f"results/{wildcards.subject}/samples-lowlevel/samples.h5" if wanted else []
+
+
+def lowlevel_samples_flag(wildcards, input):
+    """Params function: --lowlevel-samples <file> when the low-level start's samples are an input, else nothing."""
+    return f"--lowlevel-samples {input.lowlevel}" if input.get("lowlevel") else ""

@@ -2,10 +2,13 @@
 
 
 rule evaluate:
-    """One subject's metrics with CIs: chance, DC-LDM (and its ablation), ridge, fMRI classifier, ceilings."""
+    """One subject's metrics with CIs (all, seen- and novel-category stimuli): chance, DC-LDM (at its start, from
+    the ridge latent, without pretraining), ridge, fMRI classifier, ceilings, and paired comparisons."""
     input:
         samples="results/{subject}/samples/samples.h5",
         baseline=baseline_samples_input,
+        start=start_samples_input,
+        lowlevel=lowlevel_samples_input,
         responses="results/{subject}/responses.h5",
         stimuli=subject_stimuli,
         base=ldm_base_input,
@@ -18,6 +21,8 @@ rule evaluate:
     params:
         config=RESOLVED_CONFIG,
         baseline=baseline_samples_flag,
+        start=start_samples_flag,
+        lowlevel=lowlevel_samples_flag,
         base=ldm_base_dir,
         classifier=classifier_flag,
         out_dir=output_dir,
@@ -31,5 +36,6 @@ rule evaluate:
         mem_mb=4000,
     shell:
         "mindvis evaluate --config {params.config} --subject {wildcards.subject} --responses {input.responses}"
-        " --stimuli {input.stimuli} --samples {input.samples} {params.baseline} --base {params.base}"
+        " --stimuli {input.stimuli} --samples {input.samples} {params.baseline} {params.start}"
+        " {params.lowlevel} --base {params.base}"
         " {params.classifier} --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"

@@ -8,7 +8,7 @@ rule finetune:
         responses="results/{subject}/responses.h5",
         stimuli=subject_stimuli,
         base=ldm_base_input,
-        mbm="results/pretrain/mbm/config.json",
+        mbm=mbm_input,
         classifier=classifier_input,
     output:
         weights="results/{subject}/dcldm/dcldm.safetensors",
@@ -21,7 +21,7 @@ rule finetune:
         classifier=classifier_flag,
         out_dir=output_dir,
         encoder=encoder_flag,
-        digest=config_digest("ldm", "mbm", "finetune"),
+        digest=config_digest("ldm", "mbm", "finetune", "generate"),  # generate: the start and low-level start it writes
     log:
         "logs/finetune/{subject}.log",
     benchmark:

@@ -20,6 +20,7 @@ rule generate:
         model_dir=input_dir("model"),
         out_dir=output_dir,
         digest=config_digest("generate"),
+        extra="",
     log:
         "logs/generate/{subject}.log",
     benchmark:
@@ -32,7 +33,7 @@ rule generate:
     shell:
         "mindvis generate --config {params.config} --subject {wildcards.subject} --model-dir {params.model_dir}"
         " --responses {input.responses} --stimuli {input.stimuli} --out-dir {params.out_dir}"
-        " {params.classifier} --threads {threads} > {log} 2>&1"
+        " {params.classifier} {params.extra} --threads {threads} > {log} 2>&1"
 
 
 use rule generate as generate_baseline with:
@@ -50,3 +51,48 @@ use rule generate as generate_baseline with:
     benchmark:
         "logs/benchmarks/generate/{subject}-baseline.tsv",
     priority: 15
+
+
+def start_model_dir(wildcards, input):
+    """Params function: the decoder as it was before fine-tuning (dcldm/start/, written by finetune)."""
+    return os.path.join(os.path.dirname(input.model), "start")
+
+
+use rule generate as generate_start with:
+    # The decoder at 0 fine-tuning steps (generate.start_row): what fine-tuning adds is measured against it.
+    output:
+        samples="results/{subject}/samples-start/samples.h5",
+        grid="results/{subject}/samples-start/grid.png",
+        summary="results/{subject}/samples-start/summary.json",
+    params:
+        config=RESOLVED_CONFIG,
+        classifier=classifier_flag,
+        model_dir=start_model_dir,
+        out_dir=output_dir,
+        digest=config_digest("generate"),
+        extra="",
+    log:
+        "logs/generate/{subject}-start.log",
+    benchmark:
+        "logs/benchmarks/generate/{subject}-start.tsv",
+    priority: 12
+
+
+use rule generate as generate_lowlevel with:
+    # The same decoder started from its low-level start (generate.lowlevel; img2img from the ridge latent).
+    output:
+        samples="results/{subject}/samples-lowlevel/samples.h5",
+        grid="results/{subject}/samples-lowlevel/grid.png",
+        summary="results/{subject}/samples-lowlevel/summary.json",
+    log:
+        "logs/generate/{subject}-lowlevel.log",
+    benchmark:
+        "logs/benchmarks/generate/{subject}-lowlevel.tsv",
+    params:
+        config=RESOLVED_CONFIG,
+        classifier=classifier_flag,
+        model_dir=input_dir("model"),
+        out_dir=output_dir,
+        digest=config_digest("generate"),
+        extra="--lowlevel",
+    priority: 25

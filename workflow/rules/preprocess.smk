@@ -9,6 +9,7 @@ if not USES_ADAPTER:
         input:
             manifest=subject_manifest,
             stimuli=STIMULI,
+            template=template_mask_input,
         output:
             responses="results/{subject}/responses.h5",
             report="results/{subject}/preprocess_report.json",
@@ -36,6 +37,7 @@ rule preprocess_rest:
     """One resting-state subject's runs to cleaned, per-run z-scored time points."""
     input:
         manifest=subject_manifest,
+        template=template_mask_input,
     output:
         rest="results/pretrain/rest/{subject}.h5",
     conda:

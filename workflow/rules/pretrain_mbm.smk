@@ -1,6 +1,8 @@
 # SC-MBM pretraining: one job over every subject's training trials and the resting-state
 # corpus: the simulated rest subjects for the embedded default, HCP subjects (data.hcp.subjects)
 # when listed. Test trials are never read; see mindvis.train.pretrain_mbm.
+# With mbm.base other than 'embedded', adapt_mbm instead adapts that pretrained encoder (the shipped
+# one for 'bundled') to each subject's train + val fMRI (+ test fMRI only if mbm.transductive).
 
 
 rule pretrain_mbm:
@@ -30,4 +32,32 @@ rule pretrain_mbm:
         mem_mb=4000,
     shell:
         "mindvis pretrain-mbm --config {params.config} --responses {input.responses} --rest {input.rest}"
+        " --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
+
+
+rule adapt_mbm:
+    """One subject's SC-MBM encoder: the pretrained mbm.base adapted to its fMRI (MinD-Vis's stage A2)."""
+    input:
+        responses="results/{subject}/responses.h5",
+    output:
+        config="results/{subject}/mbm/config.json",
+        weights="results/{subject}/mbm/diffusion_pytorch_model.safetensors",
+        metrics="results/{subject}/mbm/metrics.jsonl",
+        summary="results/{subject}/mbm/summary.json",
+    conda:
+        "../envs/mindvis.yaml"
+    params:
+        config=RESOLVED_CONFIG,
+        out_dir=output_dir,
+        digest=config_digest("mbm"),
+    log:
+        "logs/adapt_mbm/{subject}.log",
+    benchmark:
+        "logs/benchmarks/adapt_mbm/{subject}.tsv",
+    threads: 1
+    priority: 40
+    resources:
+        mem_mb=2000,
+    shell:
+        "mindvis adapt-mbm --config {params.config} --subject {wildcards.subject} --responses {input.responses}"
         " --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"

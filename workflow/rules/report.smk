@@ -10,8 +10,10 @@ rule report:
         metrics="results/{subject}/evaluation/metrics.json",
         samples="results/{subject}/samples/samples.h5",
         baseline=baseline_samples_input,
+        start=start_samples_input,
+        lowlevel=lowlevel_samples_input,
         responses="results/{subject}/responses.h5",
-        mbm="results/pretrain/mbm/metrics.jsonl",
+        mbm=mbm_curve_input,
         models=expand("results/{{subject}}/{model}/dcldm.json", model=DCLDM_VARIANTS),
     output:
         html=report("results/{subject}/report.html", caption="../report/report.rst", category="{subject}",
@@ -45,7 +47,8 @@ rule report:
         mem_mb=2000,
     shell:
         "mindvis report --config {params.config} --metrics {input.metrics} --out {output.html}"
-        " --samples {input.samples} --baseline-samples {input.baseline} --responses {input.responses}"
+        " --samples {input.samples} --baseline-samples {input.baseline} --start-samples {input.start}"
+        " --lowlevel-samples {input.lowlevel} --responses {input.responses}"
         " --mbm-curve {input.mbm} --finetune-models {input.models} --figures-dir {params.figures}"
         " --threads {threads} > {log} 2>&1"
 

@@ -55,10 +55,11 @@ if SIMULATED:
 
 
     rule bids_metadata:
-        """dataset_description.json and participants.tsv of the simulated BIDS dataset."""
+        """dataset_description.json and participants.tsv of the simulated BIDS dataset, and its group template."""
         output:
             description=f"{BIDS}/dataset_description.json",
             participants=f"{BIDS}/participants.tsv",
+            template=SIMULATED_TEMPLATE,
         conda:
             "../envs/mindvis.yaml"
         params:
