@@ -20,7 +20,7 @@ BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.mindvis-installed
 TEST_STAMP := $(VENV)/.mindvis-test-installed
 
-.PHONY: decode test lint bench clean-results browser prior fashion-mnist sc-mbm sc-mbm-corpus
+.PHONY: decode test lint bench clean-results browser prior fashion-mnist sc-mbm sc-mbm-corpus learning-curve
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -103,3 +103,8 @@ lint: $(TEST_STAMP)
 
 clean-results:
 	rm -rf results logs
+
+# The learning curve of benchmarks/results/learning_curve.md (after `make decode`; QUICK= for all subjects, ~1 h).
+QUICK ?= --quick
+learning-curve: $(STAMP)
+	$(BIN)/python benchmarks/learning_curve.py --results results --config $(CONFIG) $(QUICK) --resume

@@ -173,7 +173,7 @@ def test_nsd_decode_runs_without_classes(tmp_path):
     subject = config["subjects"][0]
     meta = json.loads((results / subject / "dcldm/dcldm.json").read_text())
     # The image prior gives every trial a target (the seen image's embedding): a ridge start without labels.
-    assert meta["voxel_path_ridge"]["target"] == "image embedding"
+    assert meta["voxel_path_ridge"]["target"] == "prior image embedding"
     metrics = json.loads((results / subject / "evaluation/metrics.json").read_text())
     rows = {row["id"]: row for row in metrics["rows"]}
     assert metrics["classifier"]["n_classes"] == 1000 and rows["dcldm"]["available"]
