@@ -62,30 +62,6 @@ MAX_PIXEL_RIDGE_SIDE = 64
 # -- ridge regression into the VAE latent -----------------------------------------
 
 @torch.no_grad()
-def vae_latents(generator, images, batch_size=64):
-    """Posterior-mean VAE latents of images, flattened.
-
-    Parameters
-    ----------
-    generator : mindvis.models.ldm.Generator
-    images : torch.Tensor
-        float32 [N, C, S, S] in [-1, 1] at the generator's size and channels.
-
-    Returns
-    -------
-    numpy.ndarray
-        float32 [N, c * h * w], scaled by the VAE's scaling factor (the UNet's latent space).
-    """
-    device = next(generator.vae.parameters()).device
-    dtype = next(generator.vae.parameters()).dtype
-    out = [generator.encode(images[start:start + batch_size].to(device, dtype), sample=False).float().cpu()
-           for start in range(0, len(images), batch_size)]
-    if not out:
-        return np.zeros((0, int(np.prod(generator.latent_shape(1)[1:]))), np.float32)
-    return torch.cat(out).flatten(1).numpy()
-
-
-@torch.no_grad()
 def decode_latents(generator, latents, batch_size=64):
     """Flattened scaled latents [N, D] -> uint8 images [N, H, W, C] through the VAE decoder."""
     shape = generator.latent_shape(1)[1:]
@@ -121,7 +97,7 @@ def ridge_images(generator, responses, stimulus_set, fmri, alphas, batch_size=64
         ``latent_dim``.
     """
     predicted, info = _ridge_predict(responses, stimulus_set, fmri, alphas, generator.image_size,
-                                     generator.image_channels, lambda images: vae_latents(generator, images, batch_size),
+                                     generator.image_channels, lambda images: generator.encode_all(images, batch_size).flatten(1).cpu().numpy(),
                                      "ridge fMRI -> VAE latent")
     info["latent_dim"] = int(predicted.shape[1])
     return decode_latents(generator, predicted, batch_size), info
@@ -139,29 +115,6 @@ def _ridge_predict(responses, stimulus_set, fmri, alphas, image_size, image_chan
 
 
 # -- ridge into the prior's image embedding, scored by class prototypes ------------
-
-@torch.no_grad()
-def prior_embeddings(conditioner, images, batch_size=256):
-    """The image conditioner's embedding of images, flattened.
-
-    Parameters
-    ----------
-    conditioner : mindvis.models.conditioning.ImageConditioner
-    images : torch.Tensor
-        float32 [N, C, S, S] in [-1, 1] at the generator's size and channels.
-
-    Returns
-    -------
-    numpy.ndarray
-        float32 [N, tokens * token_dim].
-    """
-    device = next(conditioner.parameters()).device
-    out = [conditioner.embed(images[start:start + batch_size].to(device)).float().flatten(1).cpu()
-           for start in range(0, len(images), batch_size)]
-    if not out:
-        return np.zeros((0, int(np.prod(conditioner.embedding_shape))), np.float32)
-    return torch.cat(out).numpy()
-
 
 def class_prototypes(generator, pool, n_classes, batch_size=256):
     """Mean prior embedding of the labelled ``pool`` images of each class.
@@ -189,7 +142,7 @@ def class_prototypes(generator, pool, n_classes, batch_size=256):
     for start in range(0, len(labelled), batch_size):  # the pool's images converted a batch at a time
         rows = labelled[start:start + batch_size]
         tensor = images_to_tensor(pool.images[rows], generator.image_size, generator.image_channels)
-        np.add.at(sums, pool.label[rows], prior_embeddings(generator.image_conditioner, tensor, batch_size))
+        np.add.at(sums, pool.label[rows], generator.embed_all(tensor, batch_size).flatten(1).cpu().numpy())
         np.add.at(counts, pool.label[rows], 1)
     return (sums / counts[:, None]).astype(np.float32), counts
 
@@ -232,7 +185,7 @@ def embedding_prototype_similarity(generator, responses, stimulus_set, fmri, alp
     prototypes, counts = class_prototypes(generator, stimulus_set["pool"], n_classes, batch_size)
     predicted, info = _ridge_predict(responses, stimulus_set, fmri, alphas, generator.image_size,
                                      generator.image_channels,
-                                     lambda images: prior_embeddings(conditioner, images, batch_size),
+                                     lambda images: generator.embed_all(images, batch_size).flatten(1).cpu().numpy(),
                                      "ridge fMRI -> prior embedding")
     info.update(embedding_dim=int(prototypes.shape[1]), prototype_images=counts.tolist())
     return _cosine(predicted, prototypes), info

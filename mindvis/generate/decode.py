@@ -149,11 +149,8 @@ def sample_like(generator, images, seeds, settings, batch_size=None):
     from mindvis.data.images import images_to_tensor
 
     conditioner = generator.image_conditioner
-    device = next(conditioner.parameters()).device
-    tensors = images_to_tensor(images, generator.image_size, generator.image_channels)
-    embeddings = torch.cat([conditioner.embed(tensors[i:i + 256].to(device)) for i in range(0, len(tensors), 256)]) \
-        if len(tensors) else torch.zeros(0, *conditioner.embedding_shape, device=device)
-    condition = conditioner.condition(embeddings)
+    condition = conditioner.condition(
+        generator.embed_all(images_to_tensor(images, generator.image_size, generator.image_channels)))
     return sample_conditions(generator, condition, conditioner.null, seeds, settings, batch_size)
 
 

@@ -124,6 +124,31 @@ class Generator:
         """Scaled latents -> images ``[B, C, H, W]`` in [-1, 1] (not clamped)."""
         return self.vae.decode(latents / self.scaling_factor).sample.contiguous()
 
+    def encode_all(self, images, batch_size=64):
+        """Posterior-mean scaled latents of any number of images, a batch at a time: float32 ``[N, 4, h, w]``
+        on the VAE's device (the ridge targets of the low-level start and of the ridge baseline)."""
+        import torch
+
+        parameter = next(self.vae.parameters())
+        with torch.no_grad():
+            parts = [self.encode(images[i:i + batch_size].to(parameter.device, parameter.dtype), sample=False).float()
+                     for i in range(0, len(images), batch_size)]
+        return torch.cat(parts) if parts else torch.zeros(0, *self.latent_shape(1)[1:], device=parameter.device)
+
+    def embed_all(self, images, batch_size=256):
+        """The image prior's embedding of any number of images ``[N, C, S, S]`` in [-1, 1], a batch at a time:
+        float32 ``[N, tokens, token_dim]`` on the image conditioner's device (label-free)."""
+        import torch
+
+        conditioner = self.image_conditioner
+        if conditioner is None:
+            raise ValueError("this generator has no image conditioner")
+        device = next(conditioner.parameters()).device
+        with torch.no_grad():
+            parts = [conditioner.embed(images[i:i + batch_size].to(device)).float()
+                     for i in range(0, len(images), batch_size)]
+        return torch.cat(parts) if parts else torch.zeros(0, *conditioner.embedding_shape, device=device)
+
     def to(self, device=None, dtype=None):
         for module in (self.vae, self.unet, self.class_conditioner, self.image_conditioner):
             if module is not None:

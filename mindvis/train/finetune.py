@@ -43,7 +43,6 @@ from mindvis.data.stimuli import load_stimulus_set
 from mindvis.errors import MindvisError
 from mindvis.generate.decode import decode
 from mindvis.models.augment import augment_images
-from mindvis.models.conditioning import Condition
 from mindvis.models.classifiers.domain import load_classifier
 from mindvis.models.dcldm import START_DIR, LowLevelStart, build_decoder, save_dcldm, save_lowlevel
 from mindvis.models.ldm import load_generator
@@ -108,44 +107,31 @@ def class_condition_targets(class_conditioner, labels):
 
 @torch.no_grad()
 def base_conditions(generator, images, labels):
-    """The base's own condition of each trial's image (:class:`Condition`) and which trials have one.
+    """The base's own condition of each trial's image (:class:`~mindvis.models.conditioning.Condition`) and which trials have one.
 
     An image-conditioned prior encodes the image itself, so every trial has a
     target and no label is read; a class-conditioned base takes the trial's
     class, and trials of unknown class (-1) have none.
     """
     if generator.image_conditioner is not None:
-        conditioner = generator.image_conditioner
-        device = next(conditioner.parameters()).device
-        parts = [conditioner.condition(conditioner.embed(images[i:i + 256].to(device)))
-                 for i in range(0, len(images), 256)]
-        condition = Condition.cat(parts) if parts else conditioner.null(0)
-        return condition, torch.ones(len(images), dtype=torch.bool, device=device)
+        embedding = generator.embed_all(images)
+        return (generator.image_conditioner.condition(embedding),
+                torch.ones(len(images), dtype=torch.bool, device=embedding.device))
     labels = torch.as_tensor(labels, dtype=torch.int64)
     device = generator.class_conditioner.context.device
     condition = generator.class_conditioner(labels.to(device).clamp_min(0))
     return condition, labels.to(device) >= 0
 
 
-@torch.no_grad()
-def prior_embeddings(generator, images):
-    """The image prior's own embedding of each image: float32 ``[N, tokens, token_dim]`` (label-free)."""
-    conditioner = generator.image_conditioner
-    device = next(conditioner.parameters()).device
-    if len(images) == 0:
-        return torch.zeros(0, *conditioner.embedding_shape, device=device)
-    return torch.cat([conditioner.embed(images[i:i + 256].to(device)) for i in range(0, len(images), 256)])
-
-
 def condition_targets(generator, images, labels, space="condition"):
     """What the voxel path regresses onto, flattened: float64 [M, ...], and the mask of trials kept.
 
     In ``embedding`` space each trial's target is the prior's embedding of the image it showed
-    (:func:`prior_embeddings`, every trial kept); in ``condition`` space the base's condition of it,
+    (:meth:`~mindvis.models.ldm.Generator.embed_all`, every trial kept); in ``condition`` space the base's condition of it,
     context then pooled (:func:`base_conditions`).
     """
     if space == "embedding":
-        flat = prior_embeddings(generator, images).flatten(1)
+        flat = generator.embed_all(images).flatten(1)
         return flat.double().cpu().numpy(), np.ones(len(flat), dtype=bool)
     condition, known = base_conditions(generator, images, labels)
     flat = torch.cat([condition.context.flatten(1), condition.pooled], dim=1)[known]
@@ -266,7 +252,7 @@ def make_loss_fn(generator, scheduler, settings):
             return diffusion, {}
         logged = {"diffusion": diffusion.detach()}
         if model.prior is not None:
-            target = prior_embeddings(generator, batch["images"])
+            target = generator.embed_all(batch["images"])
             align = embedding_alignment_loss(output, target)
             contrast = contrastive_loss(output, target, settings["contrastive_temperature"])
         else:
@@ -345,15 +331,6 @@ def finetune_param_groups(model, settings, ridge_started=False):
 
 # -- the low-level start (img2img) ----------------------------------------------
 
-@torch.no_grad()
-def vae_latent_targets(generator, images, batch_size=64):
-    """Posterior-mean scaled VAE latents of images, flattened: float64 [N, C * h * w]."""
-    device = next(generator.vae.parameters()).device
-    parts = [generator.encode(images[i:i + batch_size].to(device, generator.vae.dtype), sample=False).float()
-             for i in range(0, len(images), batch_size)]
-    return torch.cat(parts).flatten(1).double().cpu().numpy()
-
-
 def _pixcorr(decoded, truth):
     """Mean Pearson correlation over pixels between uint8 images [N, H, W, C] (one per row)."""
     a = decoded.reshape(len(decoded), -1).astype(np.float64)
@@ -380,8 +357,8 @@ def fit_lowlevel_start(model, generator, train_trials, val_trials, settings, gen
     -------
     LowLevelStart
     """
-    y_train = vae_latent_targets(generator, train_trials.images)
-    y_val = vae_latent_targets(generator, val_trials.images)
+    y_train = generator.encode_all(train_trials.images).flatten(1).double().cpu().numpy()
+    y_val = generator.encode_all(val_trials.images).flatten(1).double().cpu().numpy()
     ridge, info = fit_ridge(train_trials.fmri.numpy().astype(np.float64), y_train,
                             val_trials.fmri.numpy().astype(np.float64), y_val, settings["ridge_alphas"],
                             error="mse", what="low-level start, ridge fMRI -> VAE latent", refit="train")
