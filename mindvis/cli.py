@@ -16,6 +16,9 @@ from pathlib import Path
 
 from mindvis.errors import MindvisError
 
+DEVICE_HELP = ("where the models run: auto (the GPU Accelerate picks for this process, else the CPU), cpu, "
+               "cuda, cuda:N or mps")
+
 
 def _call(target, *args, **kwargs):
     module_name, func_name = target.split(":")
@@ -121,13 +124,23 @@ def cmd_bundle(args):
 def cmd_finetune(args):
     _call("mindvis.train.finetune:finetune", _config(args), subject=args.subject, responses=args.responses,
           stimuli=args.stimuli, base=args.base, out_dir=args.out_dir, mbm_dir=args.mbm,
-          classifier_dir=args.classifier, baseline=args.baseline, resume=args.resume)
+          classifier_dir=args.classifier, baseline=args.baseline, resume=args.resume, released=args.released)
+
+
+def cmd_import_ldm(args):
+    _call("mindvis.models.compvis:import_compvis_checkpoint", args.checkpoint, args.out_dir,
+          config=args.ldm_config, image_size=args.image_size)
+
+
+def cmd_import_finetuned(args):
+    _call("mindvis.models.mindvis_release:import_mindvis_finetuned", args.checkpoint, args.out_dir, base=args.base,
+          ldm_config=args.ldm_config, subject=args.subject, num_heads=args.num_heads, strict=not args.no_strict)
 
 
 def cmd_generate(args):
     _call("mindvis.generate.run:generate_subject", _config(args), subject=args.subject, model_dir=args.model_dir,
           responses=args.responses, stimuli=args.stimuli, out_dir=args.out_dir, classifier_dir=args.classifier,
-          lowlevel=args.lowlevel)
+          lowlevel=args.lowlevel, device=args.device)
 
 
 # -- reports (issue 6) --
@@ -174,7 +187,7 @@ def cmd_evaluate(args):
     _call("mindvis.evaluate.run:evaluate_subject", _config(args), subject=args.subject, responses=args.responses,
           stimuli=args.stimuli, samples=args.samples, base=args.base, out_dir=args.out_dir,
           baseline_samples=args.baseline_samples, classifier_dir=args.classifier,
-          start_samples=args.start_samples, lowlevel_samples=args.lowlevel_samples)
+          start_samples=args.start_samples, lowlevel_samples=args.lowlevel_samples, device=args.device)
 
 
 def cmd_where(args):
@@ -302,6 +315,28 @@ def build_parser():
     sub.add_argument("--classifier", default=None, help="domain classifier folder (enables val/accuracy)")
     sub.add_argument("--baseline", action="store_true", help="random encoder: no SC-MBM pretraining (ablation)")
     sub.add_argument("--resume", action="store_true")
+    sub.add_argument("--released", default=None,
+                     help="import this MinD-Vis finetuned.pth as the subject's decoder instead of training one")
+
+    sub = add("import-ldm", cmd_import_ldm,
+              "a CompVis latent-diffusion checkpoint (cin256-v2's model.ckpt) to a diffusers-format base generator")
+    sub.add_argument("--checkpoint", required=True, help="the .ckpt file (weights under 'state_dict')")
+    sub.add_argument("--out-dir", required=True)
+    sub.add_argument("--ldm-config", default=None,
+                     help="its latent-diffusion YAML (default: cin256-v2's, as MinD-Vis's label2img/config.yaml)")
+    sub.add_argument("--image-size", type=int, default=None, help="generated image size (default: the first stage's)")
+
+    sub = add("import-finetuned", cmd_import_finetuned,
+              "MinD-Vis's released finetuned.pth to a mindvis decoder folder that generate and evaluate read")
+    sub.add_argument("--checkpoint", required=True, help="finetuned.pth (GOD subject 3 or BOLD5000 CSI1)")
+    sub.add_argument("--out-dir", required=True, help="the decoder folder, e.g. results/sub-03/dcldm")
+    sub.add_argument("--base", default=None,
+                     help="the converted cin256-v2 folder (import-ldm); without it the checkpoint's own UNet and "
+                          "first stage are written to <out-dir>/generator/")
+    sub.add_argument("--ldm-config", default=None, help="latent-diffusion YAML (default: cin256-v2's)")
+    sub.add_argument("--subject", default=None)
+    sub.add_argument("--num-heads", type=int, default=None, help="encoder heads (not in the file; MinD-Vis: 16)")
+    sub.add_argument("--no-strict", action="store_true", help="import what maps and list the rest")
 
     sub = add("generate", cmd_generate, "decode a subject's test fMRI into k images per stimulus")
     sub.add_argument("--subject", required=True)
@@ -312,6 +347,7 @@ def build_parser():
     sub.add_argument("--classifier", default=None, help="domain classifier folder, to score the samples")
     sub.add_argument("--lowlevel", action="store_true",
                      help="start sampling from the decoder's low-level start (img2img; lowlevel.json in --model-dir)")
+    sub.add_argument("--device", default="auto", help=DEVICE_HELP)
 
     sub = add("report", cmd_report, "write a subject's self-contained HTML report")
     sub.add_argument("--metrics", required=True, help="the subject's evaluation/metrics.json")
@@ -347,6 +383,7 @@ def build_parser():
     sub.add_argument("--base", required=True, help="base generator folder (its VAE and class conditioner)")
     sub.add_argument("--classifier", default=None, help="domain classifier folder (evaluate.classifier auto/domain)")
     sub.add_argument("--out-dir", required=True)
+    sub.add_argument("--device", default="auto", help=DEVICE_HELP)
 
     sub = add("where", cmd_where, "print where a run's outputs are")
     sub.add_argument("--results", default="results")

@@ -41,11 +41,13 @@ def tiny_generator(image_size=16, image_channels=1, n_classes=3, seed=0, **overr
     return generator
 
 
-def save_tiny_sd(folder, seed=0, sample_size=8, cross_attention_dim=12):
+def save_tiny_sd(folder, seed=0, sample_size=8, cross_attention_dim=12, text_encoder=False):
     """Write a tiny Stable-Diffusion-layout folder (vae/, unet/, scheduler/, tokenizer config) and return it.
 
     Like SD 1.x: RGB VAE with 4 latent channels and scaling 0.18215, a UNet with
-    no class embedding, a PNDM scheduler, and a 77-token tokenizer config.
+    no class embedding, a PNDM scheduler, and a 77-token tokenizer config. With
+    ``text_encoder``, also a tiny CLIP text encoder and a CLIP tokenizer (a
+    byte-level BPE vocabulary of single characters) as SD ships them.
     """
     import json
     from pathlib import Path
@@ -70,6 +72,20 @@ def save_tiny_sd(folder, seed=0, sample_size=8, cross_attention_dim=12):
     (folder / "tokenizer").mkdir(parents=True, exist_ok=True)
     (folder / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    if text_encoder:
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+        vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{f"{c}</w>": 2 + i for i, c in
+                                                             enumerate("abcdefghijklmnopqrstuvwxyz")}}
+        (folder / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
+        (folder / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
+        CLIPTokenizer(str(folder / "tokenizer" / "vocab.json"), str(folder / "tokenizer" / "merges.txt"),
+                      model_max_length=77).save_pretrained(folder / "tokenizer")
+        model = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=cross_attention_dim,
+                                             intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                             max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                                             pad_token_id=1))
+        model.save_pretrained(folder / "text_encoder")
     return folder
 
 

@@ -105,6 +105,7 @@ from mindvis.generate.decode import sample_classes, sample_like
 from mindvis.generate.writing import SAMPLES_FILE, read_samples_h5, save_grid, write_samples_h5
 from mindvis.models.classifiers.load import load_image_classifier
 from mindvis.models.ldm import load_generator
+from mindvis.utils.device import device_name, resolve_precision, select_device
 from mindvis.utils.io import derive_seed, sha256_file, software_versions, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -379,7 +380,7 @@ def _timed(timings, name, func, *args):
 # -- the stage --------------------------------------------------------------------
 
 def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir, baseline_samples=None,
-                     classifier_dir=None, start_samples=None, lowlevel_samples=None):
+                     classifier_dir=None, start_samples=None, lowlevel_samples=None, device="auto"):
     """Score a subject's decoded images beside every baseline and ceiling; write ``metrics.json``.
 
     Parameters
@@ -406,6 +407,9 @@ def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir
         ``samples.h5`` of the DC-LDM at its start (0 fine-tuning steps): row ``dcldm-start``.
     lowlevel_samples : path, optional
         ``samples.h5`` of the DC-LDM sampled from the ridge latent (img2img): row ``dcldm-lowlevel``.
+    device : str
+        Where the classifier and the base generator run (:func:`mindvis.utils.device.select_device`),
+        the classifier under ``evaluate.mixed_precision`` autocast.
 
     Returns
     -------
@@ -423,7 +427,9 @@ def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir
     split_name, test_rows = _test_split(data, model_samples, samples)
     stimulus_set = load_stimulus_set(stimuli)
     class_names = list(stimulus_set.class_names)
-    classifier = load_image_classifier(config, classifier_dir)
+    device = select_device(device)
+    classifier = load_image_classifier(config, classifier_dir).to(
+        device, resolve_precision(settings["mixed_precision"], device))
     reference = make_reference(classifier, model_samples, settings, derive_seed(config["seed"], "evaluate", subject),
                                list(classifier.class_names) == class_names)
     log.info("%s: %d stimuli x %d samples; classifier %s (%d classes), %d-way top-1 (%d trials); PixCorr and SSIM "
@@ -438,7 +444,7 @@ def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir
     # The label chance level also serves the fMRI probe, which uses no image classifier.
     table.add_exact("chance", chance, uses_classifier=tuple(k for k in CLASSIFIER_METRICS if k != "label_top1_mean"),
                     note=note)
-    generator = load_generator(base, image_size=int(model_samples["samples"].shape[2]))
+    generator = load_generator(base, image_size=int(model_samples["samples"].shape[2])).to(device)
     generator.vae.eval()
     generator.unet.eval()
     inputs = _Inputs(config=config, subject=subject, samples=model_samples, responses=data, split_name=split_name,
@@ -481,7 +487,11 @@ def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir
         "category": categories, "subsets": subsets, "comparisons": comparisons,
         "inputs": input_hashes([responses, stimuli, samples, baseline_samples, start_samples, lowlevel_samples],
                                [base, classifier_dir]),
-        "timings_s": timings, "config": config, "versions": software_versions(),
+        "timings_s": timings,
+        "throughput": {"device": device_name(device), "classifier_precision": classifier.precision,
+                       "classifier_images": int(classifier.images_scored),
+                       "classifier_images_per_s": round(classifier.images_scored / max(classifier.seconds, 1e-9), 2)},
+        "config": config, "versions": software_versions(),
         "wall_time_s": round(time.perf_counter() - started, 2),
     }
     metrics = _finite(metrics)

@@ -20,6 +20,7 @@ import torch
 from mindvis.data.images import tensor_to_images
 from mindvis.generate.attention import CrossAttentionRecorder
 from mindvis.generate.sampling import make_scheduler, sample_images, sample_latents, sampler_steps, seeded_generators
+from mindvis.utils.device import autocast_dtype, resolve_precision
 
 
 @torch.no_grad()
@@ -37,7 +38,9 @@ def sample_conditions(generator, condition, null_condition, seeds, settings, bat
         (a conditioner's ``null``).
     seeds : int [N, k]
     settings : dict
-        The ``generate`` config section (sampler, steps, guidance_scale, eta, batch_size).
+        The ``generate`` config section (sampler, steps, guidance_scale, eta, batch_size and
+        ``mixed_precision``: the UNet's autocast on the condition's device, ``auto`` = bf16 / fp16 on a
+        GPU, float32 on the CPU).
     batch_size : int, optional
         Images per sampler call (the null and conditioned branches together make twice that);
         default ``settings['batch_size']``.
@@ -62,6 +65,7 @@ def sample_conditions(generator, condition, null_condition, seeds, settings, bat
     flat_rows = np.repeat(np.arange(n_rows), n_samples)
     flat_seeds = seeds.reshape(-1)
     device = condition.context.device
+    precision = autocast_dtype(resolve_precision(settings.get("mixed_precision", "no"), device))
     out = []
     for start in range(0, len(flat_rows), batch_size):
         rows = torch.as_tensor(flat_rows[start:start + batch_size], device=device)
@@ -70,7 +74,7 @@ def sample_conditions(generator, condition, null_condition, seeds, settings, bat
                                guidance_scale=settings["guidance_scale"],
                                seeds=flat_seeds[start:start + batch_size].tolist(), eta=settings["eta"],
                                init_latents=None if init_latents is None else init_latents[rows],
-                               strength=strength)
+                               strength=strength, autocast_dtype=precision)
         out.append(tensor_to_images(images))
     images = np.concatenate(out)
     return images.reshape(n_rows, n_samples, *images.shape[1:])
@@ -176,7 +180,9 @@ def capture_attention(decoder, generator, fmri, seeds, settings):
         sample_latents(generator.unet, scheduler, condition, null_condition=decoder.null(len(seeds)),
                        guidance_scale=settings["guidance_scale"], num_steps=steps,
                        generators=seeded_generators(seeds), latent_shape=generator.latent_shape(len(seeds)),
-                       eta=settings["eta"], recorder=recorder)
+                       eta=settings["eta"], recorder=recorder,
+                       autocast_dtype=autocast_dtype(resolve_precision(settings.get("mixed_precision", "no"),
+                                                                       condition.context.device)))
     # At most 32 x 32 per map: SD's 64 x 64 latents x 77 tokens x 50 steps would otherwise take ~100 MB per stimulus.
     size = min(generator.latent_size, 32)
     return recorder.aggregate(size).numpy(), scheduler.timesteps.cpu().numpy().astype(np.int64)

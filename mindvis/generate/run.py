@@ -29,6 +29,7 @@ from mindvis.generate.writing import SAMPLES_FILE, save_grid, save_png, write_sa
 from mindvis.models.classifiers.domain import load_classifier
 from mindvis.errors import MindvisError
 from mindvis.models.dcldm import LOWLEVEL_FILE, load_dcldm, load_lowlevel
+from mindvis.utils.device import device_name, resolve_precision, select_device, synchronize
 from mindvis.utils.io import derive_seed, software_versions, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def sample_seeds(seed, subject, stimulus_ids, n_samples):
 
 
 def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, classifier_dir=None, base=None,
-                     batch_size=None, lowlevel=False):
+                     batch_size=None, lowlevel=False, device="auto"):
     """Decode the subject's test fMRI and write PNGs, a grid, ``samples.h5`` and ``summary.json``.
 
     Parameters
@@ -63,6 +64,9 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
     lowlevel : bool
         Start from the decoder's low-level start (img2img from its ridge-predicted VAE latent, at the
         strength chosen on the val split; ``lowlevel.json`` in ``model_dir``).
+    device : str
+        Where the models run (:func:`mindvis.utils.device.select_device`; ``auto``: the GPU Accelerate
+        picks, else the CPU), under ``generate.mixed_precision`` autocast.
 
     Returns
     -------
@@ -73,6 +77,10 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
     settings = config["generate"]
     out_dir = Path(out_dir)
     generator, decoder, meta = load_dcldm(model_dir, base=base)
+    device = select_device(device)
+    precision = resolve_precision(settings["mixed_precision"], device)
+    generator.to(device)
+    decoder.to(device)
     start = None
     if lowlevel:
         start = load_lowlevel(model_dir)
@@ -91,17 +99,22 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
              "" if start is None else f", from the low-level start at strength {start.strength:.2f}")
     tick = time.perf_counter()
     samples = decode(decoder, generator, split.fmri, seeds, settings, batch_size=batch_size, lowlevel=start)
+    synchronize(device)
     sampling_s = time.perf_counter() - tick
+    log.info("%s: %d images in %.1f s on %s (%s autocast): %.2f images/s", subject, samples.shape[0] * samples.shape[1],
+             sampling_s, device_name(device), precision, samples.shape[0] * samples.shape[1] / max(sampling_s, 1e-9))
 
     summary = {"stage": "generate", "subject": subject, "model_dir": str(model_dir), "baseline": meta.get("baseline"),
                "lowlevel_strength": None if start is None else start.strength,
                "n_stimuli": len(stimulus_ids), "n_samples": int(settings["n_samples"]), "split": settings["split"],
                **{k: settings[k] for k in ("sampler", "steps", "guidance_scale", "eta")},
                "sampling_s": round(sampling_s, 2),
-               "samples_per_s": round(samples.shape[0] * samples.shape[1] / max(sampling_s, 1e-9), 3)}
+               "images_per_s": round(samples.shape[0] * samples.shape[1] / max(sampling_s, 1e-9), 3),
+               "device": device_name(device), "mixed_precision": precision,
+               "batch_size": int(batch_size or settings["batch_size"])}
     predicted = None
     if classifier_dir is not None and len(stimulus_ids):
-        classifier = load_classifier(classifier_dir)
+        classifier = load_classifier(classifier_dir).to(device)
         flat = samples.reshape(-1, *samples.shape[2:])
         predicted = classifier.predict_proba(flat).argmax(axis=1).reshape(samples.shape[:2])
         correct = predicted == labels[:, None]

@@ -89,11 +89,19 @@ class FmriConditioner(_NullMixin, ModelMixin, ConfigMixin):
         LayerNorm without weights (as the prior's own tokens are), ``pooled``
         is empty (``[B, 0]``; the prior derives its own) and the null condition
         is the prior's (:class:`DCLDM` holds it).
+    voxel_rank : int
+        0: the voxel path is one full linear map (``n_voxels`` x outputs). r > 0: a rank-r map,
+        ``voxel_down`` (``n_voxels`` -> r, no bias) then ``voxel_map`` (r -> outputs), for a
+        condition too wide for a full map: Stable Diffusion's 77 x 768 context from 15,000 voxels
+        would take 0.9 B parameters; rank 128 takes 9.7 M. It starts at zero (``voxel_map``
+        zeroed, ``voxel_down`` random, as LoRA starts), or from the best rank-r approximation of a
+        ridge fit (:meth:`set_voxel_map`).
     """
 
     @register_to_config
     def __init__(self, input_tokens: int, input_dim: int, context_tokens: int, cross_attention_dim: int,
-                 pooled_dim: int, dropout: float = 0.0, n_voxels: int = 0, embedding: bool = False):
+                 pooled_dim: int, dropout: float = 0.0, n_voxels: int = 0, embedding: bool = False,
+                 voxel_rank: int = 0):
         super().__init__()
         pooled_dim = 0 if embedding else pooled_dim
         self.norm = nn.LayerNorm(input_dim)
@@ -106,7 +114,7 @@ class FmriConditioner(_NullMixin, ModelMixin, ConfigMixin):
             self.pooled_proj = nn.Sequential(nn.Linear(cross_attention_dim, pooled_dim), nn.SiLU(),
                                              nn.Linear(pooled_dim, pooled_dim))
         self.output_norm = nn.LayerNorm(cross_attention_dim, elementwise_affine=False) if embedding else None
-        self.voxel_map = None
+        self.voxel_map = self.voxel_down = None
         if n_voxels:
             # The encoder path starts at exactly zero beside the voxel path (as ControlNet's zero convolutions
             # do), so a ridge-initialised voxel map alone sets the starting condition; gradients still reach
@@ -115,7 +123,11 @@ class FmriConditioner(_NullMixin, ModelMixin, ConfigMixin):
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
             nn.init.zeros_(self.token_map.bias)
-            self.voxel_map = nn.Linear(n_voxels, context_tokens * cross_attention_dim + pooled_dim)
+            width = voxel_rank if 0 < voxel_rank < n_voxels else n_voxels
+            if width < n_voxels:
+                self.voxel_down = nn.Linear(n_voxels, width, bias=False)
+                nn.init.normal_(self.voxel_down.weight, std=n_voxels ** -0.5)
+            self.voxel_map = nn.Linear(width, context_tokens * cross_attention_dim + pooled_dim)
             nn.init.zeros_(self.voxel_map.weight)
             nn.init.zeros_(self.voxel_map.bias)
         self.null_context = nn.Parameter(torch.zeros(context_tokens, cross_attention_dim))
@@ -148,7 +160,8 @@ class FmriConditioner(_NullMixin, ModelMixin, ConfigMixin):
             if fmri is None or fmri.shape[-1] != self.config.n_voxels:
                 got = None if fmri is None else fmri.shape[-1]
                 raise ValueError(f"this conditioner's voxel path takes {self.config.n_voxels} voxels, got {got}")
-            direct = self.voxel_map(fmri.to(self.voxel_map.weight.dtype))
+            voxels = fmri.to(self.voxel_map.weight.dtype)
+            direct = self.voxel_map(self.voxel_down(voxels) if self.voxel_down is not None else voxels)
             n_context = context.shape[1] * context.shape[2]
             context = context + direct[:, :n_context].reshape(context.shape)
             pooled = pooled + direct[:, n_context:]
@@ -160,6 +173,9 @@ class FmriConditioner(_NullMixin, ModelMixin, ConfigMixin):
     def set_voxel_map(self, weight, bias):
         """Set the voxel path: ``condition = weight @ fmri + bias`` (flattened context, then pooled).
 
+        A rank-r path takes the best rank-r approximation of ``weight`` (its truncated SVD,
+        ``U_r S_r V_r^T``, split as ``voxel_down = S_r^1/2 V_r^T`` and ``voxel_map = U_r S_r^1/2``).
+
         Parameters
         ----------
         weight : [context_tokens * cross_attention_dim + pooled_dim, n_voxels] tensor
@@ -167,7 +183,14 @@ class FmriConditioner(_NullMixin, ModelMixin, ConfigMixin):
         """
         if self.voxel_map is None:
             raise ValueError("this conditioner has no voxel path (n_voxels = 0)")
-        self.voxel_map.weight.copy_(torch.as_tensor(weight, dtype=self.voxel_map.weight.dtype))
+        weight = torch.as_tensor(weight, dtype=torch.float32)
+        if self.voxel_down is not None:
+            rank = self.voxel_down.weight.shape[0]
+            left, singular, right = torch.linalg.svd(weight.double(), full_matrices=False)
+            root = singular[:rank].sqrt()
+            self.voxel_down.weight.copy_((root[:, None] * right[:rank]).to(self.voxel_down.weight.dtype))
+            weight = left[:, :rank] * root[None]
+        self.voxel_map.weight.copy_(weight.to(self.voxel_map.weight.dtype))
         self.voxel_map.bias.copy_(torch.as_tensor(bias, dtype=self.voxel_map.bias.dtype))
 
     def token_weights(self):
@@ -179,6 +202,12 @@ class FmriConditioner(_NullMixin, ModelMixin, ConfigMixin):
         """
         weights = self.token_map.weight.detach()[..., 0].abs().float()
         return weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def set_null(self, condition):
+        """Start the null condition from a :class:`Condition` of one row (e.g. a text encoder's empty prompt)."""
+        self.null_context.copy_(condition.context.reshape(self.null_context.shape))
+        self.null_pooled.copy_(condition.pooled.reshape(self.null_pooled.shape))
 
     @torch.no_grad()
     def init_null_from(self, other):
@@ -319,3 +348,86 @@ class ImageConditioner(_NullMixin, ModelMixin, ConfigMixin):
         null = self.null(len(images))
         return Condition(torch.where(drop[:, None, None], null.context, condition.context),
                          torch.where(drop[:, None], null.pooled, condition.pooled))
+
+
+class MindVisConditioner(_NullMixin, ModelMixin, ConfigMixin):
+    """MinD-Vis's own mapping from SC-MBM tokens to the LDM condition, layer for layer (imported decoders).
+
+    MinD-Vis's ``cond_stage_model`` (``global_pool: false``): the encoder's patch
+    tokens (no class token) go through a token mapper (two 1x1 convolutions over
+    the token axis, ``L -> L // 2 -> context_tokens``) and a width mapper
+    (``embed_dim -> cross_attention_dim``) into the cross-attention context. Its
+    UNet's ``time_embed_condtion`` (two 1x1 convolutions ``context_tokens ->
+    context_tokens // 2 -> 1`` and a linear map to the timestep width) turns
+    that context into the vector added to the timestep embedding; here it is the
+    pooled condition, so the UNet stays diffusers' own.
+
+    Parameters
+    ----------
+    input_tokens : int
+        The encoder's patch tokens ``L`` (MinD-Vis's ``num_patches``).
+    input_dim : int
+        Encoder width (1024 in MinD-Vis).
+    context_tokens : int
+        77 in MinD-Vis.
+    cross_attention_dim : int
+        The UNet's context width (512 for ``cin256-v2``).
+    pooled_dim : int
+        The UNet's timestep-embedding width (768 for ``cin256-v2``); 0 without
+        MinD-Vis's time conditioning (``use_time_cond: false``).
+    n_voxels : int
+        The encoder's capacity ``L * patch_size``: MinD-Vis pads each vector to it
+        by wrapping (``numpy.pad(..., 'wrap')``), which :meth:`pad_fmri` repeats.
+
+    Attributes
+    ----------
+    voxel_map : None
+        No voxel path (kept so that code that asks finds none).
+    """
+
+    #: The encoder runs without its class token (``DCLDM`` reads this).
+    class_token = False
+
+    @register_to_config
+    def __init__(self, input_tokens: int, input_dim: int = 1024, context_tokens: int = 77,
+                 cross_attention_dim: int = 512, pooled_dim: int = 768, n_voxels: int = 0, embedding: bool = False):
+        super().__init__()
+        if embedding:
+            raise ValueError("MinD-Vis's mapper outputs the UNet condition, not an image embedding")
+        self.channel_mapper = nn.Sequential(nn.Conv1d(input_tokens, input_tokens // 2, 1),
+                                            nn.Conv1d(input_tokens // 2, context_tokens, 1))
+        self.dim_mapper = nn.Linear(input_dim, cross_attention_dim)
+        self.time_condition = None
+        if pooled_dim:
+            self.time_condition = nn.Sequential(nn.Conv1d(context_tokens, context_tokens // 2, 1),
+                                                nn.Conv1d(context_tokens // 2, 1, 1),
+                                                nn.Linear(cross_attention_dim, pooled_dim))
+        self.voxel_map = self.voxel_down = None
+        self.null_context = nn.Parameter(torch.zeros(context_tokens, cross_attention_dim))
+        self.null_pooled = nn.Parameter(torch.zeros(pooled_dim))
+
+    def pad_fmri(self, fmri):
+        """fmri [B, V] -> [B, n_voxels], wrapped as MinD-Vis's ``pad_to_length`` does (V <= n_voxels)."""
+        target = int(self.config.n_voxels)
+        if not target or fmri.shape[-1] == target:
+            return fmri
+        if fmri.shape[-1] > target:
+            raise ValueError(f"{fmri.shape[-1]} voxels exceed the imported encoder's {target}")
+        repeats = -(-target // fmri.shape[-1])
+        return fmri.repeat(1, repeats)[:, :target]
+
+    def forward(self, tokens, token_mask=None, fmri=None):
+        """Patch tokens ``[B, L, input_dim]`` -> :class:`Condition` (``token_mask`` and ``fmri`` are unused)."""
+        if tokens.shape[1] != self.config.input_tokens:
+            raise ValueError(f"expected {self.config.input_tokens} encoder tokens, got {tokens.shape[1]}")
+        context = self.dim_mapper(self.channel_mapper(tokens))
+        if self.time_condition is None:
+            return Condition(context, context[:, 0, :0])
+        return Condition(context, self.time_condition(context)[:, 0])
+
+    def token_weights(self):
+        """``[context_tokens, input_tokens]``: the token mapper's two convolutions multiplied, absolute,
+        normalised per context token (as :meth:`FmriConditioner.token_weights`)."""
+        first, second = (layer.weight.detach()[..., 0].float() for layer in self.channel_mapper)
+        weights = (second @ first).abs()
+        return weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-12)

@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mindvis.errors import MindvisError
-from mindvis.models.conditioning import FmriConditioner
+from mindvis.models.conditioning import FmriConditioner, MindVisConditioner
 from mindvis.models.ldm import load_generator
 from mindvis.models.mbm import MBMAutoencoder, mbm_from_config
 from mindvis.models.weights import save_weights
@@ -84,7 +84,10 @@ class DCLDM(torch.nn.Module):
     def embedding(self, fmri):
         """What the conditioner outputs for fmri [B, V]: the prior embedding ``[B, tokens, dim]`` in
         embedding space, else the UNet condition (a :class:`~mindvis.models.conditioning.Condition`)."""
-        output = self.conditioner(self.encoder.encode(fmri), self.token_mask(fmri), fmri=fmri)
+        if not getattr(self.conditioner, "class_token", True):  # MinD-Vis's own mapper: its encoder layout
+            output = self.conditioner(self.encoder.encode(self.conditioner.pad_fmri(fmri), class_token=False))
+        else:
+            output = self.conditioner(self.encoder.encode(fmri), self.token_mask(fmri), fmri=fmri)
         return output.context if self.prior is not None else output
 
     def condition(self, fmri):
@@ -157,15 +160,59 @@ def build_decoder(config, generator, n_voxels, mbm_dir=None, baseline=False):
     prior = generator.image_conditioner if space == "embedding" else None
     tokens, width = prior.embedding_shape if prior is not None else (generator.context_tokens,
                                                                        generator.cross_attention_dim)
+    settings = config["finetune"]
+    if settings.get("mapper", "mindvis-ext") == "mindvis":
+        return DCLDM(encoder, mindvis_mapper(encoder, generator, settings, prior), generator.unet)
+    n_outputs = tokens * width + (0 if prior is not None else generator.pooled_dim)
+    rank = voxel_path_rank(int(n_voxels), n_outputs, settings.get("voxel_path_max_params", 8_000_000),
+                           settings.get("voxel_path_rank"))
     conditioner = FmriConditioner(input_tokens=1 + encoder.n_tokens, input_dim=encoder.config.embed_dim,
                                   context_tokens=tokens, cross_attention_dim=width,
-                                  pooled_dim=generator.pooled_dim, dropout=config["finetune"]["mapper_dropout"],
-                                  n_voxels=int(n_voxels) if config["finetune"]["voxel_path"] else 0,
-                                  embedding=prior is not None)
-    # The base was trained with its own null condition: starting from it keeps the unconditional branch intact.
+                                  pooled_dim=generator.pooled_dim, dropout=settings["mapper_dropout"],
+                                  n_voxels=int(n_voxels) if settings["voxel_path"] else 0,
+                                  embedding=prior is not None, voxel_rank=rank)
+    # The base was trained with its own null condition: starting from it keeps the unconditional branch intact
+    # (a Stable Diffusion's is its text encoder's empty prompt).
     if generator.conditioner is not None:
         conditioner.init_null_from(generator.conditioner)
+    elif generator.null_condition is not None and not conditioner.config.embedding:
+        conditioner.set_null(generator.null_condition)
     return DCLDM(encoder, conditioner, generator.unet, prior=prior)
+
+
+def mindvis_mapper(encoder, generator, settings, prior):
+    """MinD-Vis's own mapper (``finetune.mapper: mindvis``): patch tokens -> 77 context tokens, and its
+    time conditioning as the pooled vector (:class:`~mindvis.models.conditioning.MindVisConditioner`)."""
+    if prior is not None:
+        raise MindvisError("finetune.mapper 'mindvis' maps onto the UNet condition, and condition_space is "
+                           "'embedding'", key="finetune.mapper",
+                           fix="set finetune.condition_space: condition, or mapper: mindvis-ext.")
+    if settings["voxel_path"]:
+        raise MindvisError("finetune.mapper 'mindvis' has no voxel path", key="finetune.voxel_path",
+                           fix="set finetune.voxel_path: false (MinD-Vis's mapper alone).")
+    conditioner = MindVisConditioner(input_tokens=encoder.n_tokens, input_dim=encoder.config.embed_dim,
+                                     context_tokens=generator.context_tokens,
+                                     cross_attention_dim=generator.cross_attention_dim,
+                                     pooled_dim=generator.pooled_dim, n_voxels=encoder.capacity)
+    if generator.null_condition is not None:
+        conditioner.set_null(generator.null_condition)
+    return conditioner
+
+
+def voxel_path_rank(n_voxels, n_outputs, max_params, rank=None):
+    """The voxel path's rank: 0 (a full ``n_voxels`` x ``n_outputs`` map) when it fits ``max_params``,
+    else the largest r whose rank-r map (``r * n_voxels + r * n_outputs + n_outputs`` parameters) does;
+    ``rank`` fixes it instead (``finetune.voxel_path_rank``)."""
+    if rank:
+        return 0 if int(rank) >= min(n_voxels, n_outputs) else int(rank)
+    if n_voxels * n_outputs + n_outputs <= max_params:
+        return 0
+    fitted = (int(max_params) - n_outputs) // (n_voxels + n_outputs)
+    if fitted < 1:
+        raise MindvisError(f"finetune.voxel_path_max_params {max_params} cannot hold even a rank-1 voxel path "
+                           f"({n_voxels} voxels -> {n_outputs} condition values needs {n_voxels + 2 * n_outputs})",
+                           key="finetune.voxel_path_max_params", fix="raise it, or set finetune.voxel_path: false.")
+    return min(fitted, n_voxels, n_outputs)
 
 
 def condition_space(config, generator):
@@ -212,7 +259,9 @@ def load_dcldm(folder, base=None, dtype=None):
     meta = json.loads(meta_path.read_text())
     generator = load_generator(base or meta["base"], image_size=meta.get("image_size"), dtype=dtype)
     encoder = MBMAutoencoder.from_config(MBMAutoencoder.load_config(folder / "encoder"))
-    conditioner = FmriConditioner.from_config(FmriConditioner.load_config(folder / "conditioner"))
+    conditioner_config = FmriConditioner.load_config(folder / "conditioner")
+    kind = MindVisConditioner if conditioner_config.get("_class_name") == "MindVisConditioner" else FmriConditioner
+    conditioner = kind.from_config(conditioner_config)
     if conditioner.config.embedding and generator.image_conditioner is None:
         raise MindvisError("this decoder outputs an image prior's embedding, and its base has no image conditioner",
                            path=folder / "conditioner", key="embedding",

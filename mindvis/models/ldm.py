@@ -44,7 +44,7 @@ class Generator:
 
     Attributes
     ----------
-    vae : diffusers.AutoencoderKL
+    vae : diffusers.AutoencoderKL or diffusers.VQModel
     unet : diffusers.UNet2DConditionModel
         Its ``class_embed_type`` is ``"identity"`` (pooled condition added to
         the timestep embedding).
@@ -61,6 +61,10 @@ class Generator:
     image_conditioner : mindvis.models.conditioning.ImageConditioner or None
         The label-free image encoder an embedded prior is conditioned on
         (``ldm.conditioning: image``, the default); None for SD and class bases.
+    null_condition : mindvis.models.conditioning.Condition or None
+        A text-to-image base's own unconditional condition (one row): its text
+        encoder's embedding of the empty prompt, with a zero pooled vector; the
+        start of a decoder's null condition. None when the folder has no text encoder.
     source : str
         Where it was loaded from.
     """
@@ -73,6 +77,7 @@ class Generator:
     class_conditioner: object = None
     source: str = ""
     image_conditioner: object = None
+    null_condition: object = None
 
     @property
     def conditioner(self):
@@ -112,8 +117,19 @@ class Generator:
     def latent_shape(self, batch_size):
         return (batch_size, int(self.unet.config.in_channels), self.latent_size, self.latent_size)
 
+    @property
+    def is_vq(self):
+        """Whether the first stage is a VQ autoencoder (CompVis's cin256-v2) rather than a KL one."""
+        return type(self.vae).__name__ == "VQModel"
+
     def encode(self, images, sample=True, generator=None):
-        """Images ``[B, C, H, W]`` in [-1, 1] -> scaled latents ``[B, 4, H/f, W/f]``."""
+        """Images ``[B, C, H, W]`` in [-1, 1] -> scaled latents ``[B, c, H/f, W/f]``.
+
+        A VQ first stage returns its pre-quantisation latents, as latent-diffusion's
+        ``VQModelInterface.encode`` does (``sample`` and ``generator`` do not apply).
+        """
+        if self.is_vq:
+            return (self.vae.encode(images).latents * self.scaling_factor).contiguous()
         posterior = self.vae.encode(images).latent_dist
         latents = posterior.sample(generator) if sample else posterior.mode()
         # The VAE returns channels-last strides on CPU; a UNet backward pass through such an input
@@ -121,7 +137,8 @@ class Generator:
         return (latents * self.scaling_factor).contiguous()
 
     def decode(self, latents):
-        """Scaled latents -> images ``[B, C, H, W]`` in [-1, 1] (not clamped)."""
+        """Scaled latents -> images ``[B, C, H, W]`` in [-1, 1] (not clamped); a VQ first stage quantises
+        them first, as latent-diffusion's ``VQModelInterface.decode`` does."""
         return self.vae.decode(latents / self.scaling_factor).sample.contiguous()
 
     def encode_all(self, images, batch_size=64):
@@ -299,7 +316,7 @@ def load_generator(folder, image_size=None, dtype=None):
     MindvisError
         When a sub-folder is missing or the UNet cannot take a pooled condition.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, VQModel
 
     folder = Path(folder)
     for sub in ("vae", "unet", "scheduler"):
@@ -317,7 +334,8 @@ def load_generator(folder, image_size=None, dtype=None):
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
     try:
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kwargs)
+        vae_class = json.loads((folder / "vae" / "config.json").read_text()).get("_class_name")
+        vae = (VQModel if vae_class == "VQModel" else AutoencoderKL).from_pretrained(folder, subfolder="vae", **kwargs)
         # 'identity' adds class_labels (our pooled condition) to the timestep embedding; it has no weights.
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", class_embed_type="identity", **kwargs)
         scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
@@ -334,6 +352,8 @@ def load_generator(folder, image_size=None, dtype=None):
     context = meta.get("context_tokens") or _sd_context_tokens(folder)
     generator = Generator(vae=vae, unet=unet, scheduler_config=dict(scheduler.config), image_size=int(size),
                           context_tokens=int(context), source=str(folder))
+    if (folder / "text_encoder").is_dir() and (folder / "tokenizer").is_dir():
+        generator.null_condition = empty_prompt_condition(folder, generator.pooled_dim, generator.context_tokens)
     if (folder / "class_conditioner").is_dir():
         from mindvis.models.conditioning import ClassConditioner
 
@@ -347,6 +367,45 @@ def load_generator(folder, image_size=None, dtype=None):
              generator.latent_shape(1)[1:], generator.context_tokens, generator.cross_attention_dim,
              generator.pooled_dim)
     return generator
+
+
+def empty_prompt_condition(folder, pooled_dim, context_tokens):
+    """A Stable Diffusion folder's unconditional condition: its CLIP text encoder's embedding of ``""``.
+
+    The empty prompt padded to the context length, as diffusers' pipelines encode
+    a negative prompt, run once on the CPU in float32 (the text encoder is then
+    freed); the pooled part is zero, as the base adds nothing to its timestep
+    embedding. Needs ``transformers``.
+
+    Returns
+    -------
+    Condition
+        ``context`` [1, context_tokens, D], ``pooled`` [1, pooled_dim].
+    """
+    import torch
+
+    from mindvis.models.conditioning import Condition
+
+    try:
+        from transformers import CLIPTextModel, CLIPTokenizer
+    except ImportError as error:
+        raise MindvisError(f"encoding the empty prompt needs transformers, which does not import ({error})",
+                           path=Path(folder) / "text_encoder", key="ldm.base", fix="pip install transformers.") \
+            from None
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True,
+                                                     torch_dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        raise MindvisError(f"cannot load the text encoder or tokenizer ({err})", path=folder, key="text_encoder",
+                           fix="use a complete Stable Diffusion folder, or remove text_encoder/ and tokenizer/ "
+                               "(the null condition then starts at zeros).") from None
+    ids = tokenizer([""], padding="max_length", max_length=context_tokens, truncation=True,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        context = text_encoder(ids).last_hidden_state.float()
+    log.info("null condition: the text encoder's empty prompt (%s), norm %.2f", folder, float(context.norm()))
+    return Condition(context, torch.zeros(1, pooled_dim))
 
 
 def cross_attention_modules(unet):

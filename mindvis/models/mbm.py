@@ -480,13 +480,18 @@ class MBMAutoencoder(ModelMixin, ConfigMixin):
         loss = self.forward_loss(padded_target, pred, mask, full_mask)
         return loss, pred, mask
 
-    def encode(self, fmri, voxel_mask=None):
+    def encode(self, fmri, voxel_mask=None, class_token=True):
         """Encode whole (unmasked) voxel vectors: the features the decoder stage conditions on.
 
         Parameters
         ----------
         fmri : [B, V] float32, V <= capacity
         voxel_mask : [B, V] bool, optional
+        class_token : bool
+            False: the patch tokens alone, as MinD-Vis's fine-tuning encoder
+            (``fmri_encoder.forward_encoder``) runs them: no class token, and
+            every token attends to every other (give it whole-capacity vectors,
+            padded as MinD-Vis pads them).
 
         Returns
         -------
@@ -494,10 +499,13 @@ class MBMAutoencoder(ModelMixin, ConfigMixin):
             [B, 1 + n_tokens, embed_dim]: class token first, then one token per
             patch; rows of padding tokens are zero (use
             ``token_padding_mask(pad(...)[1])`` to pool over real tokens).
+            [B, n_tokens, embed_dim] without the class token.
         """
         padded, full_mask = self.pad(fmri, voxel_mask)
         token_real = self.token_padding_mask(full_mask)
         tokens = self._embed(padded)
+        if not class_token:
+            return self._run(self.blocks, self.norm, tokens, None)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1).to(tokens.dtype)
         key_valid = torch.cat([torch.ones_like(token_real[:, :1]), token_real], dim=1)
         latent = self._run(self.blocks, self.norm, torch.cat([cls, tokens], dim=1), key_valid)

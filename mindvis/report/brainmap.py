@@ -134,6 +134,8 @@ def voxel_path_importance(model_dir):
         if "conditioner.voxel_map.weight" not in handle.keys():
             return None
         weight = handle.get_tensor("conditioner.voxel_map.weight").astype(np.float64)
+        if "conditioner.voxel_down.weight" in handle.keys():  # a rank-r path: its product is the voxel map
+            weight = weight @ handle.get_tensor("conditioner.voxel_down.weight").astype(np.float64)
     norms = np.linalg.norm(weight, axis=0)
     return norms / max(norms.sum(), 1e-12)
 

@@ -100,6 +100,7 @@ from mindvis.models.weights import load_weights
 from mindvis.train.checkpoint import (CHECKPOINT_FORMAT, latest_checkpoint, point_latest, prune_checkpoints,
                                      read_checkpoint_state, read_optimizer, write_checkpoint)
 from mindvis.utils.io import derive_seed, software_versions, write_text_atomic
+from mindvis.utils.device import accelerator_available, is_cuda, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,9 @@ class TrainConfig:
         Train this many optimiser steps in all (the epoch count becomes
         ``ceil(max_steps / steps_per_epoch)``, the last epoch ends early), so a
         small data set trains as long as a large one; None: ``epochs`` decides.
+    optimizer : {'adamw', 'adamw8bit'}
+        torch's AdamW, or bitsandbytes' 8-bit AdamW (optimizer state in 8 bits: about
+        6 bytes less per trained parameter; CUDA only, ``pip install bitsandbytes``).
     """
 
     epochs: int = 10
@@ -192,6 +196,7 @@ class TrainConfig:
     progress: bool = True
     ema_decay: float = 0.0
     max_steps: int | None = None
+    optimizer: str = "adamw"
 
     def __post_init__(self):
         if self.mixed_precision not in MIXED_PRECISION_CHOICES:
@@ -231,18 +236,40 @@ def lr_factor(step, warmup_steps, total_steps, min_ratio=0.0):
 
 
 def resolve_mixed_precision(value, device):
-    """Turn 'auto' into 'bf16' or 'no' for ``device``.
+    """Turn 'auto' into 'bf16' or 'no' for training on ``device``.
 
     bf16 on a GPU that supports it natively; 'no' on CPU, where bf16 autocast
     is emulated on most cores and slowed small models down in our benchmarks
     (benchmarks/results/mbm.md); choose 'bf16' explicitly for large CPU models.
+    An older GPU without bf16 trains in float32: fp16 training would need a
+    loss scaler, which this engine does not have.
     """
     if value != "auto":
         return value
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "no"
+    return "bf16" if resolve_precision("auto", device) == "bf16" else "no"
+
+
+def make_optimizer(name, param_groups, lr, betas, weight_decay, device):
+    """AdamW over ``param_groups``: torch's (``adamw``) or bitsandbytes' 8-bit one (``adamw8bit``).
+
+    Raises
+    ------
+    MindvisError
+        For ``adamw8bit`` without bitsandbytes, or off a CUDA device (its 8-bit kernels are CUDA's).
+    """
+    if name == "adamw":
+        return torch.optim.AdamW(param_groups, lr=lr, betas=betas, weight_decay=weight_decay)
+    if name != "adamw8bit":
+        raise MindvisError(f"unknown optimizer '{name}'", key="optimizer", fix="use adamw or adamw8bit.")
+    if not is_cuda(device):
+        raise MindvisError(f"8-bit AdamW needs a CUDA device; this run is on {device}", key="optimizer",
+                           fix="use optimizer: adamw here (8-bit Adam saves memory on 24 GB GPUs only).")
+    try:
+        import bitsandbytes
+    except ImportError as error:
+        raise MindvisError(f"8-bit AdamW needs bitsandbytes, which does not import ({error})", key="optimizer",
+                           fix="pip install bitsandbytes, or use optimizer: adamw.") from None
+    return bitsandbytes.optim.AdamW8bit(param_groups, lr=lr, betas=betas, weight_decay=weight_decay)
 
 
 def _to_float(value):
@@ -291,7 +318,7 @@ class Trainer:
         # accelerate's state is process-global and refuses a second precision in the same process
         # (tests, notebooks, a fine-tuning stage after pretraining).
         # Without a GPU, say so: accelerate only sets up multi-process CPU training (gloo) when told cpu=True.
-        self.accelerator = Accelerator(cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()))
+        self.accelerator = Accelerator(cpu=not accelerator_available())
         self.device = self.accelerator.device
         self.mixed_precision = resolve_mixed_precision(config.mixed_precision, self.device)
         self.world_size = self.accelerator.num_processes
@@ -322,8 +349,8 @@ class Trainer:
         self.peak_lr = float(config.lr) if config.lr is not None else scaled_lr(config.base_lr, self.effective_batch)
 
         model.to(self.device)
-        self.optimizer = torch.optim.AdamW(self._param_groups(model, param_groups), lr=self.peak_lr,
-                                           betas=config.betas, weight_decay=config.weight_decay)
+        self.optimizer = make_optimizer(config.optimizer, self._param_groups(model, param_groups), self.peak_lr,
+                                        config.betas, config.weight_decay, self.device)
         min_ratio = config.min_lr / self.peak_lr if self.peak_lr > 0 else 0.0
         # Each group's lr is peak_lr x its lr_scale; the schedule multiplies all of them alike.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -47,6 +47,7 @@ from mindvis.models.classifiers.domain import load_classifier
 from mindvis.models.dcldm import START_DIR, LowLevelStart, build_decoder, save_dcldm, save_lowlevel
 from mindvis.models.ldm import load_generator
 from mindvis.models.linear import fit_ridge
+from mindvis.models.mindvis_release import import_mindvis_finetuned
 from mindvis.train.diffusion import diffusion_target
 from mindvis.train.engine import Trainer, TrainConfig
 from mindvis.utils.io import derive_seed, seed_everything, sha256_file, software_versions
@@ -175,6 +176,16 @@ def fit_ridge_voxel_map(train_fmri, train_targets, val_fmri, val_targets, alphas
         model = Ridge(alpha=alpha).fit(x_train, y_train)
     report = {"alpha": alpha, "val_relative_error": errors, "n_train": int(len(x_train)), "n_val": int(len(x_val))}
     return model.coef_.astype(np.float32), model.intercept_.astype(np.float32), report
+
+
+def voxel_path_record(conditioner):
+    """The voxel path's shape for ``dcldm.json``: voxels, outputs, rank (0 = full) and parameter count."""
+    if conditioner.voxel_map is None:
+        return None
+    n_parameters = sum(p.numel() for name, p in conditioner.named_parameters() if name.startswith("voxel_"))
+    return {"n_voxels": int(conditioner.config.n_voxels), "n_outputs": int(conditioner.voxel_map.out_features),
+            "rank": 0 if conditioner.voxel_down is None else int(conditioner.voxel_down.out_features),
+            "n_parameters": int(n_parameters)}
 
 
 # -- losses and validation -----------------------------------------------------
@@ -319,7 +330,7 @@ def finetune_param_groups(model, settings, ridge_started=False):
             continue
         if name.startswith("encoder."):
             groups["encoder"].append(parameter)
-        elif name.startswith("conditioner.voxel_map."):
+        elif name.startswith(("conditioner.voxel_map.", "conditioner.voxel_down.")):
             groups["voxel"].append(parameter)
         else:
             groups["other"].append(parameter)
@@ -398,7 +409,7 @@ def fit_lowlevel_start(model, generator, train_trials, val_trials, settings, gen
 # -- the stage -----------------------------------------------------------------
 
 def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, classifier_dir=None,
-             baseline=False, resume=False):
+             baseline=False, resume=False, released=None):
     """Fine-tune the DC-LDM decoder for one subject and write ``out_dir`` (see the module docstring).
 
     Parameters
@@ -422,6 +433,10 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, c
         Fine-tune from a random encoder (no SC-MBM pretraining).
     resume : bool
         Continue from the last checkpoint in ``out_dir/train``.
+    released : path, optional
+        MinD-Vis's released ``finetuned.pth`` for this subject (``finetune.released``): it is imported
+        as the decoder (:func:`mindvis.models.mindvis_release.import_mindvis_finetuned`, against ``base``)
+        instead of training one. Ignored for the ``baseline`` ablation, which is trained.
 
     Returns
     -------
@@ -431,6 +446,12 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, c
     started = time.perf_counter()
     settings, generate_settings = config["finetune"], config["generate"]
     out_dir = Path(out_dir)
+    if released and not baseline:
+        n_voxels = load_responses(responses, splits=("train",)).n_voxels
+        log.info("%s: importing MinD-Vis's released decoder %s (nothing is trained)", subject, released)
+        meta = import_mindvis_finetuned(released, out_dir, base=base, ldm_config=config["ldm"].get("compvis_config"),
+                                        subject=subject, n_voxels=n_voxels, config=config)
+        return meta
     seed = derive_seed(config["seed"], "finetune", subject, "baseline" if baseline else "pretrained")
     seed_everything(seed)
     data = load_responses(responses, splits=("train", "val"))
@@ -445,6 +466,8 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, c
                            fix="set finetune.align_weight: 0 for a Stable Diffusion base (MinD-Vis's own loss).")
     model = build_decoder(config, generator, data.n_voxels, mbm_dir=mbm_dir, baseline=baseline)
     freeze_for_finetuning(model, settings["train"])
+    if settings["gradient_checkpointing"]:
+        generator.unet.enable_gradient_checkpointing()  # active in train mode only, so sampling is unchanged
     train_trials = paired_trials(data["train"], stimulus_set, generator.image_size, generator.image_channels)
     if settings["train_fraction"] < 1.0:
         # The learning curve (benchmarks/learning_curve.py): fewer labelled trials, the same val split.
@@ -474,6 +497,8 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, c
             frozen = settings["ridge_lr_scale"] == 0
             if frozen:
                 model.conditioner.voxel_map.requires_grad_(False)
+                if model.conditioner.voxel_down is not None:
+                    model.conditioner.voxel_down.requires_grad_(False)
             log.info("voxel path starts from ridge onto the base's %s conditions (alpha %g chosen on val; val "
                      "relative error %s)%s", ridge_report["target"], ridge_report["alpha"],
                      {a: round(e, 3) for a, e in ridge_report["val_relative_error"].items()},
@@ -512,7 +537,7 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, c
         weight_decay=settings["weight_decay"], warmup_epochs=settings["warmup_epochs"], betas=(0.9, 0.999),
         clip_grad_norm=settings["clip_grad_norm"] or None, mixed_precision=settings["mixed_precision"], seed=seed,
         eval_every=settings["eval_every"], eval_at_start=select is not None, select_metric=select,
-        select_mode="max" if select == "val/accuracy" else "min")
+        select_mode="max" if select == "val/accuracy" else "min", optimizer=settings["optimizer"])
     trainer = Trainer(model, train_trials, make_loss_fn(generator, scheduler, settings), train_config,
                       out_dir / "train", eval_fn=eval_fn, run_config=config, param_groups=param_groups,
                       checkpoint_params="trainable")
@@ -536,6 +561,7 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, c
         "n_trained_parameters": int(n_trained), "n_parameters": int(n_total), "trained_parameter_names": trained,
         "select_metric": select, "best": result["best"], "final_metrics": result["last_metrics"],
         "voxel_path_ridge": ridge_report, "condition_space": space,
+        "voxel_path": voxel_path_record(model.conditioner),
         "lowlevel": None if lowlevel is None else {"strength": lowlevel.strength, **lowlevel.info},
         "step": result["step"], "epochs": result["epochs_done"],
         "training": {"peak_lr": result["peak_lr"], "effective_batch": result["effective_batch"],

@@ -208,8 +208,12 @@ def classifier_flag(wildcards, input):
     return f"--classifier {Path(input.classifier).parent}" if input.get("classifier") else ""
 # 'embedded': the prior is trained by pretrain_ldm; 'bundled': the one shipped with mindvis (hash-checked
 # here); otherwise ldm.base is a folder (a prior written by pretrain_ldm, or a Stable Diffusion).
+# A CompVis single-file checkpoint (.ckpt, e.g. cin256-v2's model.ckpt that MinD-Vis fine-tunes) is converted
+# once by import_ldm into results/pretrain/ldm-compvis/.
 LDM_EMBEDDED = config["ldm"]["base"] == "embedded"
+LDM_COMPVIS = str(config["ldm"]["base"]).endswith((".ckpt", ".pth"))
 LDM_BASE = ("results/pretrain/ldm" if LDM_EMBEDDED
+            else "results/pretrain/ldm-compvis" if LDM_COMPVIS
             else str(resolve_bundled(config["ldm"]["base"], BUNDLED_PRIOR, "ldm.base")))
 # Fine-tuned decoders per subject: with SC-MBM pretraining, and the no-pretraining ablation if asked.
 DCLDM_VARIANTS = {"dcldm": "samples"}
@@ -219,7 +223,12 @@ if config["finetune"]["baseline"]:
 
 def ldm_base_input(wildcards):
     """Input function: the base generator a fine-tuning job needs (none to build for an external folder)."""
-    return f"{LDM_BASE}/generator.json" if LDM_EMBEDDED or config["ldm"]["base"] == BUNDLED else []
+    return f"{LDM_BASE}/generator.json" if LDM_EMBEDDED or LDM_COMPVIS or config["ldm"]["base"] == BUNDLED else []
+
+
+def released_flag(wildcards):
+    """Params function: --released <finetuned.pth> for a subject whose decoder is imported (finetune.released)."""
+    return f"--released {RELEASED[wildcards.subject]}" if wildcards.subject in RELEASED else ""
 
 
 def output_dir(wildcards, output):
@@ -244,7 +253,10 @@ def ldm_base_dir(wildcards, input):
 # mbm.base 'embedded': SC-MBM is pretrained here (pretrain_mbm); otherwise the shipped encoder ('bundled',
 # hash-checked) or a folder, adapted per subject (adapt_mbm) into results/{subject}/mbm/.
 MBM_EMBEDDED = config["mbm"]["base"] == "embedded"
-if not MBM_EMBEDDED:
+# Subjects whose decoder is imported whole (finetune.released: MinD-Vis's finetuned.pth) need no SC-MBM stage.
+RELEASED = {subject: path for subject, path in (config["finetune"].get("released") or {}).items() if path}
+MBM_SUBJECTS = [subject for subject in SUBJECTS if subject not in RELEASED]
+if not MBM_EMBEDDED and MBM_SUBJECTS:
     from mindvis.train.pretrain_mbm import resolve_base
 
     try:
@@ -259,25 +271,32 @@ def mbm_folder(wildcards):
 
 
 def mbm_input(wildcards):
-    """Input function: the SC-MBM encoder's config.json a subject's fine-tuning reads."""
-    return f"{mbm_folder(wildcards)}/config.json"
+    """Input function: the SC-MBM encoder's config.json a subject's fine-tuning reads (none for a released decoder)."""
+    return [] if wildcards.subject in RELEASED else f"{mbm_folder(wildcards)}/config.json"
 
 
 def mbm_curve_input(wildcards):
     """Input function: the SC-MBM training curve a subject's report shows (pretraining, or its adaptation)."""
-    return f"{mbm_folder(wildcards)}/metrics.jsonl"
+    return [] if wildcards.subject in RELEASED else f"{mbm_folder(wildcards)}/metrics.jsonl"
+
+
+def mbm_curve_flag(wildcards, input):
+    """Params function: --mbm-curve <metrics.jsonl> when the subject has an SC-MBM curve."""
+    return f"--mbm-curve {input.mbm}" if input.mbm else ""
 
 
 def mbm_targets():
     """SC-MBM outputs the `decode` target asks for."""
     if MBM_EMBEDDED:
-        return ["results/pretrain/mbm/summary.json"]
-    return [f"results/{subject}/mbm/summary.json" for subject in SUBJECTS]
+        return ["results/pretrain/mbm/summary.json"] if MBM_SUBJECTS else []
+    return [f"results/{subject}/mbm/summary.json" for subject in MBM_SUBJECTS]
 
 
 def encoder_flag(wildcards, input):
     """Params function: the pretrained SC-MBM folder, or --baseline (random encoder) when it is not an input."""
-    return f"--mbm {Path(input.mbm).parent}" if "mbm" in input.keys() else "--baseline"
+    if "mbm" not in input.keys():
+        return "--baseline"
+    return f"--mbm {Path(input.mbm).parent}" if input.mbm else ""  # a released decoder brings its own encoder
 
 
 def dcldm_targets():

@@ -22,6 +22,7 @@ rule finetune:
         out_dir=output_dir,
         encoder=encoder_flag,
         digest=config_digest("ldm", "mbm", "finetune", "generate"),  # generate: the start and low-level start it writes
+        released=released_flag,
     log:
         "logs/finetune/{subject}.log",
     benchmark:
@@ -34,7 +35,7 @@ rule finetune:
     shell:
         "mindvis finetune --config {params.config} --subject {wildcards.subject} --responses {input.responses}"
         " --stimuli {input.stimuli} --base {params.base} --out-dir {params.out_dir} {params.encoder}"
-        " {params.classifier} --threads {threads} > {log} 2>&1"
+        " {params.classifier} {params.released} --threads {threads} > {log} 2>&1"
 
 
 use rule finetune as finetune_baseline with:

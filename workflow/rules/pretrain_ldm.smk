@@ -64,3 +64,25 @@ rule pretrain_ldm:
     shell:
         "mindvis pretrain-ldm --config {params.config} --stimuli {input.stimuli} --out-dir {params.out_dir}"
         " --threads {threads} > {log} 2>&1"
+
+
+rule import_ldm:
+    """A CompVis latent-diffusion checkpoint (ldm.base: a .ckpt file) as a diffusers-format base generator."""
+    input:
+        checkpoint=config["ldm"]["base"] if LDM_COMPVIS else [],
+    output:
+        generator="results/pretrain/ldm-compvis/generator.json",
+    conda:
+        "../envs/mindvis.yaml"
+    params:
+        out_dir=output_dir,
+        ldm_config=f"--ldm-config {config['ldm']['compvis_config']}" if config["ldm"].get("compvis_config") else "",
+        image_size=f"--image-size {config['ldm']['image_size']}" if config["ldm"].get("image_size") else "",
+    log:
+        "logs/import_ldm.log",
+    threads: 1
+    resources:
+        mem_mb=8000,
+    shell:
+        "mindvis import-ldm --checkpoint {input.checkpoint} --out-dir {params.out_dir} {params.ldm_config}"
+        " {params.image_size} > {log} 2>&1"

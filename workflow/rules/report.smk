@@ -38,6 +38,7 @@ rule report:
     params:
         config=RESOLVED_CONFIG,
         figures="results/{subject}/report",
+        mbm_curve=mbm_curve_flag,
     log:
         "logs/report/{subject}.log",
     benchmark:
@@ -49,7 +50,7 @@ rule report:
         "mindvis report --config {params.config} --metrics {input.metrics} --out {output.html}"
         " --samples {input.samples} --baseline-samples {input.baseline} --start-samples {input.start}"
         " --lowlevel-samples {input.lowlevel} --responses {input.responses}"
-        " --mbm-curve {input.mbm} --finetune-models {input.models} --figures-dir {params.figures}"
+        " {params.mbm_curve} --finetune-models {input.models} --figures-dir {params.figures}"
         " --threads {threads} > {log} 2>&1"
 
 

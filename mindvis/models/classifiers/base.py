@@ -8,11 +8,14 @@ picks one from the config.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from mindvis.errors import MindvisError
+from mindvis.utils.device import autocast
 
 
 class ImageClassifier:
@@ -51,13 +54,17 @@ class ImageClassifier:
         self.n_features = int(n_features)
         self.batch_size = int(batch_size)
         self.info = {"name": name, "n_classes": self.n_classes, "n_features": self.n_features, **(info or {})}
+        self.precision = "no"
+        self.images_scored, self.seconds = 0, 0.0  # throughput, for the stage summaries
 
     def __repr__(self):
         return f"ImageClassifier({self.name!r}, n_classes={self.n_classes}, n_features={self.n_features})"
 
-    def to(self, device):
-        """Move the network to ``device``; returns self."""
+    def to(self, device, precision="no"):
+        """Move the network to ``device`` and run it under ``precision`` autocast (resolved:
+        ``no``, ``bf16`` or ``fp16``; :mod:`mindvis.utils.device`); returns self."""
         self.network.to(device)
+        self.precision = precision
         return self
 
     def predict_proba(self, images):
@@ -79,10 +86,15 @@ class ImageClassifier:
                                key="images")
         self.network.eval()
         device = next(self.network.parameters()).device
+        tick = time.perf_counter()
         probs, features = [np.zeros((0, self.n_classes), np.float32)], [np.zeros((0, self.n_features), np.float32)]
         for start in range(0, len(images), self.batch_size):
             batch = self.prepare(images[start:start + self.batch_size]).to(device)
-            pooled = self.features_fn(batch).float()
-            probs.append(F.softmax(self.head_fn(pooled).float(), dim=1).cpu().numpy())
+            with autocast(device, self.precision):
+                pooled = self.features_fn(batch).float()
+                logits = self.head_fn(pooled)
+            probs.append(F.softmax(logits.float(), dim=1).cpu().numpy())
             features.append(pooled.cpu().numpy())
+        self.images_scored += len(images)
+        self.seconds += time.perf_counter() - tick  # .cpu() above has synchronised the device
         return np.concatenate(probs), np.concatenate(features)
