@@ -229,27 +229,38 @@ def mindvis_cond_stage_state(n_patches, embed_dim, depth, patch_size, context_di
     return {"cond_stage_model." + k: v for k, v in w.state.items()}
 
 
-def tiny_mindvis_release(path, monkeypatch, params=None, n_patches=6, embed_dim=32, depth=2, patch_size=4):
-    """A MinD-Vis finetuned.pth at test size, saved as MinD-Vis saves it (its config class pickled).
-    Returns the state dict."""
+def save_mindvis_release(path, base_state, monkeypatch, n_patches=6, embed_dim=32, depth=2, patch_size=4,
+                         attn2_shift=0.05, extra=None, params=None):
+    """A MinD-Vis finetuned.pth made from a base LDM state dict as MinD-Vis's fine-tuning makes one: the
+    base's cross-attention moved by ``attn2_shift``, its time conditioning and cond_stage_model added, saved
+    with MinD-Vis's config class pickled. Returns the state dict."""
     import sys
     import types
 
-    params = copy.deepcopy(params or TINY_LDM_PARAMS)
+    params = params or TINY_LDM_PARAMS
+    state = {k: v.clone() for k, v in base_state.items() if not k.startswith("cond_stage_model.")}
+    for key in state:
+        if ".attn2." in key:
+            state[key] += attn2_shift
+    w = _Writer(5)
     context = params["unet_config"]["params"]["context_dim"]
-    state = {**ldm_unet_state(params, time_condition=True), **ldm_vq_state(params), **ldm_schedule_buffers(params),
-             **mindvis_cond_stage_state(n_patches, embed_dim, depth, patch_size, context)}
+    w.conv1d("time_embed_condtion.0", 77, 38)
+    w.conv1d("time_embed_condtion.1", 38, 1)
+    w.linear("time_embed_condtion.2", context, params["unet_config"]["params"]["model_channels"] * 4)
+    state.update({"model.diffusion_model." + k: v for k, v in w.state.items()})
+    state.update(mindvis_cond_stage_state(n_patches, embed_dim, depth, patch_size, context))
+    state.update(extra or {})
     module = types.ModuleType("config")
 
     class Config_Generative_Model:  # noqa: N801 - MinD-Vis's name
         def __init__(self):
             self.patch_size, self.img_size, self.global_pool, self.use_time_cond = patch_size, 16, False, True
-            self.dataset, self.kam_subs, self.num_samples, self.ddim_steps = "GOD", ["sbj_3"], 5, 250
+            self.dataset, self.kam_subs = "GOD", ["sbj_3"]
 
     Config_Generative_Model.__module__, Config_Generative_Model.__qualname__ = "config", "Config_Generative_Model"
     module.Config_Generative_Model = Config_Generative_Model
     monkeypatch.setitem(sys.modules, "config", module)
-    torch.save({"model_state_dict": state, "config": Config_Generative_Model(),
-                "state": torch.random.get_rng_state()}, path)
+    torch.save({"model_state_dict": state, "config": Config_Generative_Model(), "state": torch.random.get_rng_state()},
+               path)
     monkeypatch.delitem(sys.modules, "config")
     return state

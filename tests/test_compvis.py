@@ -9,9 +9,9 @@ import torch
 from compvis_fixtures import TINY_LDM_PARAMS, ldm_schedule_buffers, tiny_ldm_checkpoint
 
 from mindvis.errors import MindvisError
-from mindvis.models.compvis import (CIN256_V2, convert_unet_state, convert_vq_state, import_compvis_checkpoint,
-                                    load_ldm_config, scheduler_config_from_ldm, split_ldm_state,
-                                    unet_config_from_ldm, vq_config_from_ldm)
+from mindvis.models.compvis import (CIN256_V2, compvis_generator_modules, convert_unet_state, convert_vq_state,
+                                    import_compvis_checkpoint, load_ldm_config, scheduler_config_from_ldm,
+                                    split_ldm_state, unet_config_from_ldm, vq_config_from_ldm)
 from mindvis.models.ldm import load_generator
 
 UNET_PARAMS = TINY_LDM_PARAMS["unet_config"]["params"]
@@ -104,18 +104,23 @@ def test_errors_name_the_tensor_and_the_file(checkpoint, tmp_path):
     with pytest.raises(MindvisError, match="out.2.weight|conv_out.weight") as info:
         import_compvis_checkpoint(tmp_path / "missing.ckpt", tmp_path / "out1", config=TINY_LDM_PARAMS)
     assert info.value.path == tmp_path / "missing.ckpt" and not (tmp_path / "out1").exists()
+    assert info.value.key == "model.diffusion_model.out.2.weight"  # the name the checkpoint lacks
     wrong = dict(state)
     wrong["first_stage_model.quant_conv.weight"] = torch.zeros(3, 3, 3, 3)
     torch.save({"state_dict": wrong}, tmp_path / "wrong.ckpt")
     with pytest.raises(MindvisError, match="quant_conv.weight") as info:
         import_compvis_checkpoint(tmp_path / "wrong.ckpt", tmp_path / "out2", config=TINY_LDM_PARAMS)
-    assert "(3, 3, 3, 3)" in str(info.value)
+    assert "(3, 3, 3, 3)" in str(info.value) and "(3, 3, 1, 1)" in str(info.value)
+    assert info.value.key == "first_stage_model.quant_conv.weight"
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(MindvisError) as info:
         import_compvis_checkpoint(tmp_path / "junk.ckpt", tmp_path / "out3")
     assert info.value.path == tmp_path / "junk.ckpt"
+    assert "fmri_encoder" not in str(info.value)  # the fix speaks of CompVis checkpoints
     with pytest.raises(MindvisError, match="not found"):
         import_compvis_checkpoint(tmp_path / "absent.ckpt", tmp_path / "out4")
+    # failed imports leave neither an output nor a staging folder behind
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == []
 
 
 def test_unsupported_configs_are_refused_with_the_key(tmp_path):
@@ -129,3 +134,88 @@ def test_unsupported_configs_are_refused_with_the_key(tmp_path):
     with pytest.raises(MindvisError, match="unet_config") as info:
         load_ldm_config(tmp_path / "bad.yaml")
     assert info.value.path == tmp_path / "bad.yaml"
+
+
+def test_every_tensor_is_its_source_and_extras_are_reported(checkpoint, tmp_path):
+    """Every imported tensor equals the one diffusers' own converter picks; MinD-Vis's extra is listed."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    from mindvis.utils.io import sha256_file
+
+    _, state = checkpoint
+    state = {**state, "model.diffusion_model.time_embed_condtion.2.weight": torch.randn(128, 16)}
+    torch.save({"state_dict": state, "global_step": 1}, tmp_path / "mindvis_style.ckpt")
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "stale.txt").write_text("an older import")  # replaced as a whole
+    report = import_compvis_checkpoint(tmp_path / "mindvis_style.ckpt", tmp_path / "base", config=TINY_LDM_PARAMS)
+    assert "model.diffusion_model.time_embed_condtion.2.weight" in report["not_mapped"]
+    assert not (tmp_path / "base" / "stale.txt").exists()
+    assert report["source_sha256"] == sha256_file(tmp_path / "mindvis_style.ckpt")
+    meta = json.loads((tmp_path / "base" / "generator.json").read_text())
+    assert meta["source"] == "compvis" and meta["ldm_config"]["unet_config"]["params"]["model_channels"] == 32
+    generator = load_generator(tmp_path / "base")
+    unet_reference = convert_ldm_unet_checkpoint(state, dict(generator.unet.config))
+    vq_reference = convert_ldm_vae_checkpoint(state, dict(generator.vae.config))
+    vq_reference["quantize.embedding.weight"] = state["first_stage_model.quantize.embedding.weight"]
+    unet_state, vq_state = generator.unet.state_dict(), generator.vae.state_dict()
+    assert set(unet_state) == set(unet_reference) and set(vq_state) == set(vq_reference)
+    assert all(torch.equal(unet_state[k], unet_reference[k]) for k in unet_state)
+    assert all(torch.equal(vq_state[k], vq_reference[k].reshape(vq_state[k].shape)) for k in vq_state)
+
+
+def test_vq_encode_is_the_pre_quantisation_latent(checkpoint, tmp_path):
+    path, _ = checkpoint
+    import_compvis_checkpoint(path, tmp_path / "base", config=TINY_LDM_PARAMS)
+    generator = load_generator(tmp_path / "base")
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with torch.no_grad():
+        latents = generator.encode(images, sample=True)
+        torch.testing.assert_close(latents, generator.vae.encode(images).latents * generator.scaling_factor)
+        torch.testing.assert_close(generator.encode(images, sample=False), latents)
+        quantised = generator.vae.quantize(latents)[0]  # decode quantises, as VQModelInterface.decode does
+        torch.testing.assert_close(generator.decode(latents), generator.vae.decode(quantised,
+                                                                                   force_not_quantize=True).sample)
+
+
+def test_converters_read_the_layout_from_the_diffusers_config(checkpoint):
+    _, state = checkpoint
+    parts = split_ldm_state(state)
+    config = unet_config_from_ldm(UNET_PARAMS)
+    with_params, _ = convert_unet_state(parts["unet"], config, UNET_PARAMS)
+    without, report = convert_unet_state(parts["unet"], config)
+    assert report["missing"] == [] and set(with_params) == set(without)
+    vq_config = vq_config_from_ldm(FIRST_STAGE)
+    vq_with, _ = convert_vq_state(parts["first_stage"], vq_config, FIRST_STAGE)
+    vq_without, _ = convert_vq_state(parts["first_stage"], vq_config)
+    assert set(vq_with) == set(vq_without)
+
+
+def test_a_stored_scale_factor_is_the_vq_scaling_factor(checkpoint):
+    """A scale_by_std LDM keeps the scale it measured as a buffer; the config's 1.0 applies otherwise."""
+    _, state = checkpoint
+    vq, _, _, report = compvis_generator_modules({**state, "scale_factor": torch.tensor(0.25)}, TINY_LDM_PARAMS)
+    assert vq.config.scaling_factor == 0.25 and "scale_factor" in report["not_mapped"]
+    vq, _, _, _ = compvis_generator_modules(state, TINY_LDM_PARAMS)
+    assert vq.config.scaling_factor == 1.0
+
+
+def test_schedule_defaults_are_latent_diffusions():
+    from diffusers import DDPMScheduler
+
+    config = scheduler_config_from_ldm({})
+    betas = DDPMScheduler.from_config(config).betas.double()
+    expected = torch.linspace(1e-4 ** 0.5, 2e-2 ** 0.5, 1000, dtype=torch.float64) ** 2
+    torch.testing.assert_close(betas, expected, rtol=1e-6, atol=1e-9)
+    assert config["prediction_type"] == "epsilon" and config["clip_sample"] is False
+    assert scheduler_config_from_ldm({"parameterization": "v"})["prediction_type"] == "v_prediction"
+    with pytest.raises(MindvisError, match="x0"):
+        scheduler_config_from_ldm({"parameterization": "x0"})
+
+
+def test_cin256_vq_size():
+    from diffusers import VQModel
+
+    with torch.device("meta"):
+        vq = VQModel(**vq_config_from_ldm(CIN256_V2["first_stage_config"]))
+    assert sum(p.numel() for p in vq.parameters()) == 55_322_782
+    assert vq.config.scaling_factor == 1.0 and vq.config.block_out_channels == (128, 256, 512)

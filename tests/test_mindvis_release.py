@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from compvis_fixtures import TINY_LDM_PARAMS, mindvis_cond_stage_state, tiny_ldm_checkpoint
+from compvis_fixtures import TINY_LDM_PARAMS, save_mindvis_release, tiny_ldm_checkpoint
 from ldm_fixtures import tiny_config, write_synthetic_responses, write_synthetic_stimuli
 
 from mindvis.errors import MindvisError
@@ -19,41 +19,8 @@ N_PATCHES, EMBED, DEPTH, PATCH, HEADS = 6, 32, 2, 4, 16  # 16 heads: MinD-Vis's,
 N_VOXELS = 22  # < 6 x 4 = 24: padded by wrapping, as MinD-Vis pads
 
 
-def save_release(path, base_state, monkeypatch, attn2_shift=0.05, extra=None):
-    """A finetuned.pth: the base LDM with its cross-attention moved (what MinD-Vis's fine-tuning trains), its
-    time conditioning and its cond_stage_model, saved with MinD-Vis's config class pickled."""
-    import sys
-    import types
-
-    state = {k: v.clone() for k, v in base_state.items() if not k.startswith("cond_stage_model.")}
-    for key in state:
-        if ".attn2." in key:
-            state[key] += attn2_shift
-    generator = torch.Generator().manual_seed(5)
-    context = TINY_LDM_PARAMS["unet_config"]["params"]["context_dim"]
-    emb = TINY_LDM_PARAMS["unet_config"]["params"]["model_channels"] * 4
-    state.update({"model.diffusion_model.time_embed_condtion.0.weight": torch.randn(38, 77, 1, generator=generator) * .1,
-                  "model.diffusion_model.time_embed_condtion.0.bias": torch.randn(38, generator=generator) * .1,
-                  "model.diffusion_model.time_embed_condtion.1.weight": torch.randn(1, 38, 1, generator=generator) * .1,
-                  "model.diffusion_model.time_embed_condtion.1.bias": torch.randn(1, generator=generator) * .1,
-                  "model.diffusion_model.time_embed_condtion.2.weight": torch.randn(emb, context, generator=generator) * .1,
-                  "model.diffusion_model.time_embed_condtion.2.bias": torch.randn(emb, generator=generator) * .1})
-    state.update(mindvis_cond_stage_state(N_PATCHES, EMBED, DEPTH, PATCH, context))
-    state.update(extra or {})
-    module = types.ModuleType("config")
-
-    class Config_Generative_Model:  # noqa: N801 - MinD-Vis's name
-        def __init__(self):
-            self.patch_size, self.img_size, self.global_pool, self.use_time_cond = PATCH, 16, False, True
-            self.dataset, self.kam_subs = "GOD", ["sbj_3"]
-
-    Config_Generative_Model.__module__, Config_Generative_Model.__qualname__ = "config", "Config_Generative_Model"
-    module.Config_Generative_Model = Config_Generative_Model
-    monkeypatch.setitem(sys.modules, "config", module)
-    torch.save({"model_state_dict": state, "config": Config_Generative_Model(), "state": torch.random.get_rng_state()},
-               path)
-    monkeypatch.delitem(sys.modules, "config")
-    return state
+def save_release(path, base_state, monkeypatch, extra=None):
+    return save_mindvis_release(path, base_state, monkeypatch, N_PATCHES, EMBED, DEPTH, PATCH, extra=extra)
 
 
 def mindvis_condition(state, fmri):

@@ -176,7 +176,12 @@ def vq_config_from_ldm(first_stage_params, scale_factor=1.0):
 
 
 def scheduler_config_from_ldm(params):
-    """A DDPMScheduler config of the LDM's training schedule (``linear`` = diffusers' ``scaled_linear``)."""
+    """A DDPMScheduler config of the LDM's training schedule.
+
+    latent-diffusion's ``linear`` schedule, ``linspace(sqrt(linear_start), sqrt(linear_end), timesteps) ** 2``,
+    is diffusers' ``scaled_linear``; ``parameterization`` eps / v is ``epsilon`` / ``v_prediction``.
+    Absent keys take latent-diffusion's defaults (1e-4, 2e-2, 1000, eps).
+    """
     from diffusers import DDPMScheduler
 
     if params.get("beta_schedule", "linear") != "linear":
@@ -188,8 +193,9 @@ def scheduler_config_from_ldm(params):
         raise MindvisError(f"parameterization {parameterization!r} is not supported", key="parameterization",
                            fix="use an eps- or v-parameterised LDM.")
     scheduler = DDPMScheduler(num_train_timesteps=int(params.get("timesteps", 1000)), beta_schedule="scaled_linear",
-                              beta_start=float(params.get("linear_start", 0.00085)),
-                              beta_end=float(params.get("linear_end", 0.012)), prediction_type=prediction,
+                              # latent-diffusion's DDPM defaults (not Stable Diffusion's 0.00085 / 0.012)
+                              beta_start=float(params.get("linear_start", 1e-4)),
+                              beta_end=float(params.get("linear_end", 2e-2)), prediction_type=prediction,
                               clip_sample=False)
     return dict(scheduler.config)
 
@@ -271,8 +277,22 @@ def vq_key_map(first_stage_params):
     return table
 
 
-def _convert(source, table, target_state, inner_for, what, strict, squeeze=()):
-    """Map ``source`` onto ``target_state`` by ``table``; check every shape. Returns (state, report)."""
+def _source_name(target, table, inner_for):
+    """The checkpoint name (prefix removed) that ``table`` maps onto the diffusers name ``target``."""
+    for prefix, (name, kind) in sorted(table.items(), key=lambda item: -len(item[1][0])):
+        if target.startswith(name + "."):
+            head, _, tail = target[len(name) + 1:].rpartition(".")
+            inverse = {v: k for k, v in inner_for.get(kind, {}).items()}
+            inner = inverse.get(head, head) if kind in inner_for else head
+            return ".".join(part for part in (prefix, inner, tail) if part)
+    return None
+
+
+def _convert(source, table, target_state, inner_for, what, strict, squeeze=(), key_prefix=""):
+    """Map ``source`` onto ``target_state`` by ``table``; check every shape. Returns (state, report).
+
+    ``key_prefix`` (e.g. ``model.diffusion_model.``) goes before checkpoint names in error messages only.
+    """
     import torch
 
     new_state, not_mapped, mismatch, mapped_keys = {}, {}, {}, []
@@ -306,10 +326,15 @@ def _convert(source, table, target_state, inner_for, what, strict, squeeze=()):
     report = {"mapped": len(new_state), "mapped_keys": mapped_keys, "not_mapped": not_mapped, "missing": missing,
               "shape_mismatch": mismatch}
     if strict and (mismatch or missing):
-        key = next(iter(mismatch), None) or missing[0]
-        detail = mismatch.get(key) or "not in the checkpoint"
-        raise MindvisError(f"the checkpoint's {what} does not fit its config: {key}: {detail} "
-                           f"({len(mismatch)} shape mismatches, {len(missing)} missing tensors)", key=key,
+        if mismatch:
+            key = next(iter(mismatch))
+            name, detail = key_prefix + key, mismatch[key]
+        else:
+            source_name = _source_name(missing[0], table, inner_for)
+            name = key_prefix + source_name if source_name else missing[0]
+            detail = f"not in the checkpoint (it fills {missing[0]})"
+        raise MindvisError(f"the checkpoint's {what} does not fit its config: {name}: {detail} "
+                           f"({len(mismatch)} shape mismatches, {len(missing)} missing tensors)", key=name,
                            fix="check that the latent-diffusion config is the checkpoint's own (ldm.compvis_config).")
     return new_state, report
 
@@ -322,8 +347,21 @@ def _meta_state(cls, config):
         return cls(**config).state_dict()
 
 
-def convert_unet_state(ldm_state, unet_config, unet_params, strict=True):
+def convert_unet_state(ldm_state, unet_config, unet_params=None, strict=True):
     """openaimodel UNet tensors (``model.diffusion_model.`` removed) -> a ``UNet2DConditionModel`` state dict.
+
+    Parameters
+    ----------
+    ldm_state : dict of str -> Tensor
+        The UNet's tensors (``split_ldm_state(state)["unet"]``).
+    unet_config : dict
+        :func:`unet_config_from_ldm` of the UNet's ``unet_config.params``; every tensor is checked
+        against a model built from it on the meta device.
+    unet_params : dict, optional
+        ``unet_config.params``; default: the block layout read back from ``unet_config``.
+    strict : bool
+        Raise (naming the checkpoint key and both shapes) on a missing or mis-shaped tensor;
+        otherwise only report it.
 
     Returns
     -------
@@ -334,18 +372,32 @@ def convert_unet_state(ldm_state, unet_config, unet_params, strict=True):
     """
     from diffusers import UNet2DConditionModel
 
+    if unet_params is None:  # the key map needs only the number of levels, blocks and attention levels
+        kinds = unet_config["down_block_types"]
+        unet_params = {"channel_mult": [1] * len(kinds), "num_res_blocks": unet_config["layers_per_block"],
+                       "attention_resolutions": [2 ** level for level, kind in enumerate(kinds)
+                                                 if kind.startswith("CrossAttn")]}
     target = _meta_state(UNet2DConditionModel, unet_config)
-    return _convert(ldm_state, unet_key_map(unet_params), target, {"resnet": _RESNET}, "UNet", strict)
+    return _convert(ldm_state, unet_key_map(unet_params), target, {"resnet": _RESNET}, "UNet", strict,
+                    key_prefix=UNET_PREFIX)
 
 
-def convert_vq_state(ldm_state, vq_config, first_stage_params, strict=True):
-    """taming VQ first-stage tensors (``first_stage_model.`` removed) -> a ``VQModel`` state dict (see above)."""
+def convert_vq_state(ldm_state, vq_config, first_stage_params=None, strict=True):
+    """taming VQ first-stage tensors (``first_stage_model.`` removed) -> a ``VQModel`` state dict.
+
+    As :func:`convert_unet_state`; ``first_stage_params`` (``first_stage_config.params``) defaults to the
+    layout read back from ``vq_config``. The mid attention's 1 x 1 convolutions ``[C, C, 1, 1]`` become
+    linear weights ``[C, C]``.
+    """
     from diffusers import VQModel
 
+    if first_stage_params is None:
+        first_stage_params = {"ddconfig": {"ch_mult": [1] * len(vq_config["block_out_channels"]),
+                                           "num_res_blocks": vq_config["layers_per_block"]}}
     target = _meta_state(VQModel, vq_config)
     return _convert(ldm_state, vq_key_map(first_stage_params), target,
                     {"vq_resnet": _VQ_RESNET, "vq_attention": _VQ_ATTENTION}, "VQ first stage", strict,
-                    squeeze=("to_q", "to_k", "to_v", "to_out.0"))
+                    squeeze=("to_q", "to_k", "to_v", "to_out.0"), key_prefix=FIRST_STAGE_PREFIX)
 
 
 def compvis_generator_modules(ldm_state, params=None, strict=True):
@@ -377,7 +429,10 @@ def compvis_generator_modules(ldm_state, params=None, strict=True):
                            fix="give a latent-diffusion checkpoint (its weights under 'state_dict').")
     unet_params = params["unet_config"].get("params", params["unet_config"])
     unet_config = unet_config_from_ldm(unet_params)
-    vq_config = vq_config_from_ldm(params["first_stage_config"], params.get("scale_factor", 1.0))
+    # A scale_by_std LDM stores the scale it measured as a buffer; otherwise the config's (default 1.0) holds.
+    stored_scale = parts["other"].get("scale_factor")
+    scale_factor = float(stored_scale) if stored_scale is not None else float(params.get("scale_factor", 1.0))
+    vq_config = vq_config_from_ldm(params["first_stage_config"], scale_factor)
     unet_state, unet_report = convert_unet_state(parts["unet"], unet_config, unet_params, strict)
     vq_state, vq_report = convert_vq_state(parts["first_stage"], vq_config, params["first_stage_config"], strict)
     torch.manual_seed(0)  # tensors left unfilled (strict=False) get a reproducible start
@@ -392,7 +447,8 @@ def compvis_generator_modules(ldm_state, params=None, strict=True):
                        for k in parts["cond_stage"]})
     not_mapped.update({"model_ema." + k: "EMA copy (the non-EMA weights are converted)" for k in parts["ema"]})
     _check_schedule(parts["other"], scheduler_config)
-    not_mapped.update({k: "schedule buffer (recomputed by the scheduler)" for k in parts["other"]})
+    not_mapped.update({k: "schedule buffer (recomputed by the scheduler)" if k != "scale_factor" else
+                       "the latent scale: the VQModel's scaling_factor" for k in parts["other"]})
     mapped = [UNET_PREFIX + k for k in unet_report.pop("mapped_keys")]
     mapped += [FIRST_STAGE_PREFIX + k for k in vq_report.pop("mapped_keys")]
     return vq.eval(), unet.eval(), scheduler_config, {"unet": unet_report, "first_stage": vq_report,
@@ -447,7 +503,12 @@ def import_compvis_checkpoint(checkpoint, out_dir, config=None, image_size=None,
         raise MindvisError("checkpoint not found", path=path, key="ldm.base",
                            fix="point ldm.base at the .ckpt file (cin256-v2: pretrains/ldm/label2img/model.ckpt).")
     params = config if isinstance(config, dict) else (load_ldm_config(config) if config else CIN256_V2)
-    loaded, stand_ins = load_pickled_checkpoint(path)
+    try:
+        loaded, stand_ins = load_pickled_checkpoint(path)
+    except MindvisError as error:  # its fix names MinD-Vis's encoder file
+        raise MindvisError(error.message, path=path, key=error.key,
+                           fix="give a CompVis latent-diffusion checkpoint (.ckpt, weights under 'state_dict').") \
+            from None
     state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
     if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
         raise MindvisError("no state dict of tensors (under 'state_dict') in the file", path=path, key="state_dict",
@@ -464,18 +525,33 @@ def import_compvis_checkpoint(checkpoint, out_dir, config=None, image_size=None,
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-import-"))
     try:
-        save_generator(generator, staging, extra={"source": "compvis", "checkpoint": str(path)})
+        save_generator(generator, staging, extra={"source": "compvis", "checkpoint": str(path),
+                                                  "ldm_config": params})
         full_report = {"source": str(path), "source_sha256": sha256_file(path), "pickled_classes_replaced": stand_ins,
                        "ldm_config": params, "n_tensors": len(state), "n_mapped": len(report["mapped_keys"]),
                        "unet": report["unet"], "first_stage": report["first_stage"],
                        "not_mapped": report["not_mapped"], "versions": software_versions()}
         write_json_atomic(staging / "import_report.json", json.loads(json.dumps(full_report, default=str)))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
+        _replace_folder(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("converted %s: %d of %d tensors into %s (%d not mapped)", path, len(report["mapped_keys"]), len(state),
              out_dir, len(report["not_mapped"]))
     return full_report
 
+
+def _replace_folder(staging, out_dir):
+    """Rename ``staging`` onto ``out_dir``; an older ``out_dir`` is moved aside first and deleted only once
+    the new one is in place (restored if the rename fails)."""
+    if not out_dir.exists():
+        os.replace(staging, out_dir)
+        return
+    aside = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-old-"))
+    os.replace(out_dir, aside / "previous")
+    try:
+        os.replace(staging, out_dir)
+    except OSError:
+        os.replace(aside / "previous", out_dir)
+        aside.rmdir()
+        raise
+    shutil.rmtree(aside, ignore_errors=True)

@@ -75,6 +75,7 @@ rule import_ldm:
     conda:
         "../envs/mindvis.yaml"
     params:
+        config=RESOLVED_CONFIG,
         out_dir=output_dir,
         ldm_config=f"--ldm-config {config['ldm']['compvis_config']}" if config["ldm"].get("compvis_config") else "",
         image_size=f"--image-size {config['ldm']['image_size']}" if config["ldm"].get("image_size") else "",
@@ -84,5 +85,5 @@ rule import_ldm:
     resources:
         mem_mb=8000,
     shell:
-        "mindvis import-ldm --checkpoint {input.checkpoint} --out-dir {params.out_dir} {params.ldm_config}"
+        "mindvis import-ldm --config {params.config} --checkpoint {input.checkpoint} --out-dir {params.out_dir} {params.ldm_config}"
         " {params.image_size} > {log} 2>&1"

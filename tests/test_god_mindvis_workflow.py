@@ -1,0 +1,66 @@
+"""configs/god_mindvis.yaml end to end: `snakemake decode` converts a CompVis .ckpt (import_ldm), imports a
+MinD-Vis finetuned.pth as the subject's decoder (finetune.released), samples with PLMS and evaluates, with
+no SC-MBM stage and nothing trained. Tiny fixtures in the real layouts (GOD npz, latent-diffusion .ckpt,
+MinD-Vis's pickled checkpoint); the ViT-H/14 classifier is replaced by the offline EfficientNet-Lite0."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from compvis_fixtures import TINY_LDM_PARAMS, save_mindvis_release, tiny_ldm_checkpoint
+from test_sources import write_god_npz
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = [pytest.mark.real_data, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def god_mindvis_run(tmp_path_factory):
+    data = tmp_path_factory.mktemp("data")
+    write_god_npz(data / "npz", np.random.default_rng(3))  # sbj_1.npz: 24 VC voxels
+    base_state = tiny_ldm_checkpoint(data / "model.ckpt")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        save_mindvis_release(data / "finetuned.pth", base_state, monkeypatch, n_patches=6, patch_size=4)
+    (data / "label2img.yaml").write_text(yaml.safe_dump({"model": {"params": TINY_LDM_PARAMS}}))
+    config = yaml.safe_load((ROOT / "configs/god_mindvis.yaml").read_text())
+    config["subjects"] = ["sub-01"]
+    config["stimuli"]["image_size"] = 16
+    config["preprocess"]["val_fraction"] = 0.25
+    config["data"].update(trials_per_block=3, god_npz={**config["data"]["god_npz"], "dir": str(data / "npz")})
+    config["mbm"]["base"] = "bundled"  # unused: every subject's decoder is released
+    config["ldm"].update(base=str(data / "model.ckpt"), compvis_config=str(data / "label2img.yaml"), image_size=16)
+    config["finetune"]["released"] = {"sub-01": str(data / "finetuned.pth")}
+    config["generate"].update(steps=3, n_samples=2, batch_size=8, attention_stimuli=1)
+    config["evaluate"] = {"classifier": "efficientnet_lite0", "n_way": 50, "trials": 20, "n_bootstrap": 20}
+    configfile = data / "god_mindvis.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    workdir = tmp_path_factory.mktemp("work")
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory",
+               str(workdir), "--configfile", str(configfile), "--cores", "2"]
+    dry = subprocess.run(command + ["-n", "decode"], capture_output=True, text=True)
+    result = subprocess.run(command + ["decode"], capture_output=True, text=True)
+    if result.returncode != 0:
+        logs = "\n".join(f"--- {log}\n{log.read_text()[-3000:]}" for log in sorted(workdir.glob("logs/**/*.log")))
+        pytest.fail(f"snakemake failed:\n{result.stderr[-6000:]}\n{logs}")
+    return workdir, dry.stdout + dry.stderr
+
+
+def test_released_decoder_is_imported_sampled_and_scored(god_mindvis_run):
+    workdir, dry = god_mindvis_run
+    jobs = {parts[0]: int(parts[1]) for line in dry.splitlines() if len(parts := line.split()) == 2
+            and parts[1].isdigit()}
+    assert jobs["import_ldm"] == jobs["finetune"] == jobs["generate"] == jobs["evaluate"] == 1
+    assert not {"adapt_mbm", "pretrain_mbm", "pretrain_ldm", "finetune_baseline", "train_classifier"} & set(jobs)
+    meta = json.loads((workdir / "results/sub-01/dcldm/dcldm.json").read_text())
+    assert meta["imported_from"] == "mindvis-release" and meta["base"] == "results/pretrain/ldm-compvis"
+    assert meta["unet_tensors_stored"] > 0 and not (workdir / "results/sub-01/dcldm/train").exists()
+    samples = json.loads((workdir / "results/sub-01/samples/summary.json").read_text())
+    assert samples["sampler"] == "plms" and samples["guidance_scale"] == 1.0 and samples["images_per_s"] > 0
+    metrics = json.loads((workdir / "results/sub-01/evaluation/metrics.json").read_text())
+    assert metrics["n_way"] == 50 and metrics["n_samples"] == 2 and metrics["classifier"]["name"] == "efficientnet_lite0"
+    assert (workdir / "results/sub-01/report.html").exists()
