@@ -13,7 +13,7 @@ imports included (the ``layers`` contract in ``pyproject.toml``, checked by
     simulate | preprocess  producers of data (independent of each other)
     data                   file contracts (stimuli, responses, BIDS names) and real-data sources
     config                 the schema and its validation
-    utils                  atomic writes, hashes, seeds, threads
+    utils                  atomic writes, hashes, seeds, threads, the device and precision
     errors                 MindvisError
 
 What two layers share lives in the lower one: a stage never reaches up.
