@@ -22,14 +22,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-#: Stable Diffusion 1.5's unet/config.json (the sizes that matter), with mindvis's pooled-condition entry.
-SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-                 block_out_channels=(320, 640, 1280, 1280),
-                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                                   "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                 cross_attention_dim=768, attention_head_dim=8, class_embed_type="identity")
+from gpu import SD15_UNET_CONFIG  # noqa: E402 - SD 1.5's UNet config, written once (benchmarks/gpu.py)
+
+
 DEFAULT_TRAIN = ["encoder", "conditioner", "attn2", "norms"]
 
 
@@ -47,7 +44,7 @@ def measure(n_voxels, preset, budget):
     from mindvis.train.finetune import trainable_parameter_names
 
     with init_empty_weights():
-        unet = UNet2DConditionModel(**SD15_UNET)
+        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
         encoder = MBMAutoencoder.from_preset(preset, n_voxels=n_voxels)
     pooled = int(unet.time_embedding.linear_2.out_features)
     n_outputs = 77 * 768 + pooled

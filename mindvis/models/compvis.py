@@ -47,9 +47,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from mindvis.errors import MindvisError
@@ -494,7 +491,7 @@ def import_compvis_checkpoint(checkpoint, out_dir, config=None, image_size=None,
     """
     from mindvis.models.ldm import Generator, save_generator
     from mindvis.models.mindvis_checkpoint import load_pickled_checkpoint
-    from mindvis.utils.io import sha256_file, software_versions, write_json_atomic
+    from mindvis.utils.io import atomic_folder, sha256_file, software_versions, write_json_atomic
 
     import torch
 
@@ -522,9 +519,7 @@ def import_compvis_checkpoint(checkpoint, out_dir, config=None, image_size=None,
     generator = Generator(vae=vq, unet=unet, scheduler_config=scheduler_config, image_size=size,
                           context_tokens=int(context_tokens or 77), source=str(path))
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-import-"))
-    try:
+    with atomic_folder(out_dir) as staging:
         save_generator(generator, staging, extra={"source": "compvis", "checkpoint": str(path),
                                                   "ldm_config": params})
         full_report = {"source": str(path), "source_sha256": sha256_file(path), "pickled_classes_replaced": stand_ins,
@@ -532,26 +527,6 @@ def import_compvis_checkpoint(checkpoint, out_dir, config=None, image_size=None,
                        "unet": report["unet"], "first_stage": report["first_stage"],
                        "not_mapped": report["not_mapped"], "versions": software_versions()}
         write_json_atomic(staging / "import_report.json", json.loads(json.dumps(full_report, default=str)))
-        _replace_folder(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     log.info("converted %s: %d of %d tensors into %s (%d not mapped)", path, len(report["mapped_keys"]), len(state),
              out_dir, len(report["not_mapped"]))
     return full_report
-
-
-def _replace_folder(staging, out_dir):
-    """Rename ``staging`` onto ``out_dir``; an older ``out_dir`` is moved aside first and deleted only once
-    the new one is in place (restored if the rename fails)."""
-    if not out_dir.exists():
-        os.replace(staging, out_dir)
-        return
-    aside = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-old-"))
-    os.replace(out_dir, aside / "previous")
-    try:
-        os.replace(staging, out_dir)
-    except OSError:
-        os.replace(aside / "previous", out_dir)
-        aside.rmdir()
-        raise
-    shutil.rmtree(aside, ignore_errors=True)

@@ -35,15 +35,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from mindvis.errors import MindvisError
-from mindvis.utils.io import sha256_file, software_versions, write_json_atomic
+from mindvis.utils.io import atomic_folder, sha256_file, software_versions, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +129,7 @@ def _conditioner(state, encoder, unet, use_time_cond, path):
     if int(first.shape[1]) != encoder.n_tokens:
         raise MindvisError(f"channel_mapper.0 takes {first.shape[1]} tokens but the encoder makes {encoder.n_tokens}",
                            path=path, key=MAPPER_PREFIX + "channel_mapper.0.weight")
-    pooled_dim = int(unet.config.block_out_channels[0]) * 4 if use_time_cond else 0
+    pooled_dim = int(unet.time_embedding.linear_2.out_features) if use_time_cond else 0
     conditioner = MindVisConditioner(input_tokens=encoder.n_tokens, input_dim=int(width.shape[1]),
                                      context_tokens=int(last.shape[0]), cross_attention_dim=int(width.shape[0]),
                                      pooled_dim=pooled_dim, n_voxels=encoder.capacity)
@@ -223,9 +220,8 @@ def import_mindvis_finetuned(checkpoint, out_dir, base=None, ldm_config=None, su
                                                    "is listed in import_report.json.")
 
     image_size = int(settings["img_size"])
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-import-"))
-    try:
+    # An interrupted import leaves the older folder (or none), never half of one.
+    with atomic_folder(out_dir) as staging:
         if base is None:
             generator = Generator(vae=vq, unet=unet, scheduler_config=scheduler_config, image_size=image_size,
                                   context_tokens=conditioner.config.context_tokens, source=str(path))
@@ -263,17 +259,6 @@ def import_mindvis_finetuned(checkpoint, out_dir, base=None, ldm_config=None, su
                   "not_mapped": unmapped, "ignored": ignored, "unet_tensors_changed_from_base": changed if base is not None else None,
                   "versions": software_versions()}
         write_json_atomic(staging / "import_report.json", report)
-        # Swap the finished folder in: an interrupted import leaves the old folder (or none), never half of one.
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}-old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(staging, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     log.info("imported MinD-Vis's decoder %s -> %s (%d encoder tensors, %d conditioner tensors, %d UNet tensors "
              "changed from the base; %d not mapped)", path, out_dir, len(encoder_report["mapped"]),
              len(conditioner_keys), len(changed), len(unmapped))

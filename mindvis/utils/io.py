@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import sys
 import tempfile
 from importlib import metadata
@@ -50,6 +51,36 @@ def atomic_path(path):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_folder(path):
+    """Yield an empty temporary folder beside ``path``; swap it in for ``path`` on success.
+
+    The folder counterpart of :func:`atomic_path`: when the body raises, the
+    temporary folder is removed and an older ``path`` is kept; on success the
+    older one is moved aside, the new one renamed into place (the older one
+    restored if that fails), then the older one deleted.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-new-"))
+    try:
+        yield staging
+        if not path.exists():
+            os.replace(staging, path)
+            return
+        aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-old-"))
+        os.replace(path, aside / "previous")
+        try:
+            os.replace(staging, path)
+        except OSError:
+            os.replace(aside / "previous", path)
+            raise
+        finally:
+            shutil.rmtree(aside, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_text_atomic(path, text):

@@ -226,11 +226,6 @@ def ldm_base_input(wildcards):
     return f"{LDM_BASE}/generator.json" if LDM_EMBEDDED or LDM_COMPVIS or config["ldm"]["base"] == BUNDLED else []
 
 
-def released_flag(wildcards):
-    """Params function: --released <finetuned.pth> for a subject whose decoder is imported (finetune.released)."""
-    return f"--released {RELEASED[wildcards.subject]}" if wildcards.subject in RELEASED else ""
-
-
 def output_dir(wildcards, output):
     """Params function: the folder of the first output (for stages that write a whole folder)."""
     return str(Path(output[0]).parent)
@@ -256,6 +251,13 @@ MBM_EMBEDDED = config["mbm"]["base"] == "embedded"
 # Subjects whose decoder is imported whole (finetune.released: MinD-Vis's finetuned.pth) need no SC-MBM stage.
 RELEASED = {subject: path for subject, path in (config["finetune"].get("released") or {}).items() if path}
 MBM_SUBJECTS = [subject for subject in SUBJECTS if subject not in RELEASED]
+
+
+def released_flag(wildcards):
+    """Params function: --released <finetuned.pth> for a subject whose decoder is imported (finetune.released)."""
+    return f"--released {RELEASED[wildcards.subject]}" if wildcards.subject in RELEASED else ""
+
+
 if not MBM_EMBEDDED and MBM_SUBJECTS:
     from mindvis.train.pretrain_mbm import resolve_base
 
