@@ -20,7 +20,7 @@ BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.mindvis-installed
 TEST_STAMP := $(VENV)/.mindvis-test-installed
 
-.PHONY: decode test lint bench clean-results browser prior fashion-mnist sc-mbm sc-mbm-corpus learning-curve
+.PHONY: decode test lint bench clean-results browser slurm prior fashion-mnist sc-mbm sc-mbm-corpus learning-curve
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ test: $(TEST_STAMP)
 browser:
 	test -x /usr/bin/chromium || { $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq chromium; }
+
+# Debian's SLURM (slurmctld, slurmd, slurm-client, munge) for the SLURM-executor test (tests/test_workflow.py): the
+# test starts a one-node cluster with workflow/profiles/slurm-ci/local-slurm.sh and stops it after. Needs root or sudo.
+slurm:
+	workflow/profiles/slurm-ci/local-slurm.sh install
 
 # Retrain the shipped prior and classifier (mindvis/models/assets/, about two hours on 2 cores) from
 # Debian's dataset-fashion-mnist: the 60,000 training-file images train them, the 10,000 test-file

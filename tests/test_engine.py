@@ -57,12 +57,12 @@ def mse_loss(model, batch):
     return (error ** 2).mean(), {"abs_error": error.abs().mean()}
 
 
-def make_trainer(out_dir, seed=0, eval_fn=None, **overrides):
+def make_trainer(out_dir, seed=0, eval_fn=None, run_config=None, inputs=None, **overrides):
     torch.manual_seed(seed)
     settings = dict(epochs=4, batch_size=8, lr=0.02, warmup_epochs=1, progress=False, seed=3)
     settings.update(overrides)
     return Trainer(NoisyNet(), Regression(), mse_loss, TrainConfig(**settings), out_dir, eval_fn=eval_fn,
-                   run_config={"experiment": "engine-test"})
+                   run_config=run_config or {"experiment": "engine-test"}, inputs=inputs)
 
 
 def test_lr_schedule_warms_up_then_decays_to_min():
@@ -144,6 +144,42 @@ def test_resume_refuses_a_changed_schedule(tmp_path):
     make_trainer(tmp_path, stop_at_step=6).fit()
     with pytest.raises(MindvisError, match="resume with the same"):
         make_trainer(tmp_path, epochs=5).fit(resume=True)
+
+
+@pytest.mark.parametrize("change", ["config", "inputs"])
+def test_resume_starts_afresh_from_another_runs_checkpoint(tmp_path, change, caplog):
+    """The workflow always passes --resume: a checkpoint of another config or of other input files
+    (a rerun after a change) must not be continued."""
+    data = tmp_path / "responses.h5"
+    data.write_bytes(b"first")
+    make_trainer(tmp_path / "run", stop_at_step=6, inputs=[data]).fit()
+    if change == "config":
+        again = make_trainer(tmp_path / "run", run_config={"experiment": "engine-test", "seed": 2}, inputs=[data])
+    else:
+        data.write_bytes(b"other")
+        again = make_trainer(tmp_path / "run", inputs=[data])
+    with caplog.at_level("WARNING", logger="mindvis.train.engine"):
+        result = again.fit(resume=True)
+    assert "another config or other inputs; starting afresh" in caplog.text
+    assert result["step"] == 24 and len(again.history) == 4  # all four epochs trained, none inherited
+    # The same config and inputs: continued.
+    make_trainer(tmp_path / "same", stop_at_step=6, inputs=[data]).fit()
+    resumed = make_trainer(tmp_path / "same", inputs=[data])
+    caplog.clear()
+    with caplog.at_level("INFO", logger="mindvis.train.engine"):
+        resumed.fit(resume=True)
+    assert "resumed from" in caplog.text and "at step 6 of 24" in caplog.text
+
+
+def test_checkpoint_every_minutes_writes_checkpoints_between_epoch_ends(tmp_path):
+    """A time limit can kill a job mid-epoch: a checkpoint by the clock leaves less to redo."""
+    trainer = make_trainer(tmp_path, epochs=1, checkpoint_every_minutes=1e-9, keep_checkpoints=10)
+    trainer.fit()
+    steps = sorted(int(folder.name.split("-")[1]) for folder in (tmp_path / "checkpoints").glob("step-*"))
+    assert steps == [1, 2, 3, 4, 5, 6]
+    untimed = make_trainer(tmp_path / "untimed", epochs=1, keep_checkpoints=10)
+    untimed.fit()
+    assert [folder.name for folder in (tmp_path / "untimed" / "checkpoints").glob("step-*")] == ["step-00000006"]
 
 
 def test_gradient_accumulation_matches_a_larger_batch(tmp_path):
@@ -245,7 +281,7 @@ if trainer.accelerator.is_main_process:
 
 @pytest.mark.slow
 def test_two_process_data_parallel_matches_one_process(tmp_path):
-    """2 CPU processes (gloo) x batch 4 take the same steps as 1 process x batch 8."""
+    """2 CPU processes (gloo), 4 samples each, take the same steps as 1 process: batch_size 8 is the global batch."""
     import os
     import subprocess
     import sys
@@ -257,7 +293,7 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
                             capture_output=True, text=True)
     assert single.returncode == 0, single.stderr[-2000:]
     double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(worker), str(tmp_path / "two"), "4"], env=env, capture_output=True, text=True)
+                             str(worker), str(tmp_path / "two"), "8"], env=env, capture_output=True, text=True)
     assert double.returncode == 0, double.stderr[-2000:]
     assert "world 2 steps 12" in double.stdout and "world 1 steps 12" in single.stdout
     one = torch.load(tmp_path / "one" / "final.pt", weights_only=True)

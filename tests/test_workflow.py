@@ -3,7 +3,11 @@
 This guards the main job, so it runs in CI although it is the slowest test.
 """
 
+import importlib.util
 import json
+import os
+import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -11,20 +15,68 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _decode(workdir):
-    command = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
-               "--directory", str(workdir), "--configfile", str(ROOT / "configs/test.yaml"),
-               "--cores", "2", "decode"]
-    result = subprocess.run(command, capture_output=True, text=True)
+SLURM_CLUSTER = ROOT / "workflow/profiles/slurm-ci/local-slurm.sh"
+SLURM_PROFILE = ROOT / "workflow/profiles/slurm-ci"
+
+
+def _decode(workdir, slurm=False):
+    """`snakemake decode` on the test config in workdir: locally on 2 cores, or through the SLURM executor."""
+    where = ["--workflow-profile", str(SLURM_PROFILE)] if slurm else ["--cores", "2"]
+    command = [sys.executable, "-m", "snakemake", "decode", "--snakefile", str(ROOT / "Snakefile"),
+               "--directory", str(workdir), "--configfile", str(ROOT / "configs/test.yaml"), *where]
+    # SIGTERM does not stop a hung SLURM run: timeout -k kills it.
+    result = subprocess.run(["timeout", "-k", "10", "1200", *command], capture_output=True, text=True)
+    (workdir / "snakemake.log").write_text(result.stdout + result.stderr)
     if result.returncode != 0:
         logs = "\n".join(f"--- {log}\n{log.read_text()[-3000:]}" for log in sorted(workdir.glob("logs/**/*.log")))
         pytest.fail(f"snakemake failed:\n{result.stderr[-6000:]}\n{logs}")
     return workdir
+
+
+def slurm_missing():
+    """Why the SLURM test cannot run here (None when it can)."""
+    if not all(shutil.which(tool) for tool in ("slurmctld", "slurmd", "sbatch", "munged")):
+        return "SLURM is not installed (make slurm: Debian's slurmctld, slurmd, slurm-client, munge)"
+    if os.geteuid() != 0 and not shutil.which("sudo"):
+        return "starting the test cluster needs root or sudo"
+    if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
+        return "snakemake-executor-plugin-slurm is not installed (the test extra)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """The one-node SLURM of local-slurm.sh, started for this module (and stopped after) unless it is up."""
+    reason = slurm_missing()
+    if reason:
+        pytest.skip(reason)
+    if subprocess.run([str(SLURM_CLUSTER), "status"], capture_output=True).returncode == 0:
+        yield "already up"
+        return
+    # 8 job slots on any machine: the test jobs mostly wait on Python start-up and status polls.
+    started = subprocess.run([str(SLURM_CLUSTER), "start"], capture_output=True, text=True,
+                             env=dict(os.environ, MINDVIS_SLURM_CPUS="8"))
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        yield started.stdout.strip().splitlines()[-1]
+    finally:
+        subprocess.run([str(SLURM_CLUSTER), "stop"], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def second_run(tmp_path_factory, request):
+    """A second fresh run of the test config: through SLURM where it can run (the SLURM test), else locally."""
+    workdir = tmp_path_factory.mktemp("again")
+    if slurm_missing() is None:
+        print(request.getfixturevalue("slurm_cluster"))
+        return _decode(workdir, slurm=True), "slurm"
+    return _decode(workdir), "local"
 
 
 @pytest.fixture(scope="module")
@@ -132,9 +184,10 @@ RESULT_KEYS = ("rows", "per_stimulus", "per_class", "confusion", "stimulus_ids",
 
 
 @pytest.mark.slow
-def test_a_second_fresh_run_gives_identical_metrics(finished_run, tmp_path):
-    """Same seed, same machine, another fresh directory: every metric, interval and per-stimulus value equal."""
-    again = _decode(tmp_path / "again")
+def test_a_second_fresh_run_gives_identical_metrics(finished_run, second_run):
+    """Same seed, same machine, another fresh directory (and, where SLURM runs, every job through sbatch): every
+    metric, interval and per-stimulus value equal, and the trained weights byte for byte."""
+    again, _ = second_run
     for subject in ["sub-01", "sub-02"]:
         first, second = (json.loads((run / "results" / subject / "evaluation/metrics.json").read_text())
                          for run in (finished_run, again))
@@ -143,6 +196,44 @@ def test_a_second_fresh_run_gives_identical_metrics(finished_run, tmp_path):
     for weights in ["pretrain/ldm/vae/diffusion_pytorch_model.safetensors",
                     "pretrain/ldm/unet/diffusion_pytorch_model.safetensors", "sub-01/dcldm/dcldm.safetensors"]:
         assert (finished_run / "results" / weights).read_bytes() == (again / "results" / weights).read_bytes(), weights
+
+
+def _slurm_jobs():
+    """{job id: state} of every finished job in the cluster's job-completion log (`sacct -c`)."""
+    listing = subprocess.run(["sacct", "-c", "-n", "-P", "-o", "JobID,State"], capture_output=True, text=True,
+                             check=True).stdout
+    return dict(line.split("|")[:2] for line in listing.splitlines() if line.strip())
+
+
+@pytest.mark.slow
+def test_every_job_of_the_slurm_run_went_through_sbatch(second_run):
+    workdir, where = second_run
+    if where != "slurm":
+        pytest.skip(slurm_missing())
+    log = (workdir / "snakemake.log").read_text()
+    submitted = re.findall(r"submitted with SLURM jobid (\d+)", log)
+    steps = int(re.findall(r"(\d+) of (\d+) steps \(100%\) done", log)[-1][1])
+    # Every job but the `decode` target itself (a local rule: it only collects files).
+    assert len(submitted) == steps - 1 == len(set(submitted)), log[-3000:]
+    finished = _slurm_jobs()
+    assert all(finished.get(job) == "COMPLETED" for job in submitted), {job: finished.get(job) for job in submitted}
+
+
+@pytest.mark.slow
+def test_a_failing_slurm_job_fails_the_run(second_run):
+    """A job that exits non-zero under SLURM (a report from a corrupt metrics file) fails the whole run."""
+    workdir, where = second_run
+    if where != "slurm":
+        pytest.skip(slurm_missing())
+    (workdir / "results/sub-01/evaluation/metrics.json").write_text("{ not json")
+    command = [sys.executable, "-m", "snakemake", "results/sub-01/report.html", "--snakefile", str(ROOT / "Snakefile"),
+               "--directory", str(workdir), "--configfile", str(ROOT / "configs/test.yaml"),
+               "--workflow-profile", str(SLURM_PROFILE), "--forcerun", "report"]
+    result = subprocess.run(["timeout", "-k", "10", "600", *command], capture_output=True, text=True)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
+    job = re.findall(r"submitted with SLURM jobid (\d+)", result.stdout + result.stderr)
+    assert len(job) == 1 and _slurm_jobs().get(job[0]) == "FAILED"
+    assert "metrics.json" in (workdir / "logs/report/sub-01.log").read_text()
 
 
 def test_the_default_config_uses_the_shipped_prior_and_classifier(tmp_path):
@@ -155,3 +246,66 @@ def test_the_default_config_uses_the_shipped_prior_and_classifier(tmp_path):
     jobs = result.stdout + result.stderr
     assert "finetune" in jobs and "generate" in jobs and "evaluate" in jobs
     assert "pretrain_ldm" not in jobs and "train_classifier" not in jobs
+
+
+def _snakemake(workdir, config, *targets, extra=()):
+    return [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
+            "--configfile", str(config), "--cores", "1", *extra, *targets]
+
+
+@pytest.mark.slow
+def test_a_killed_training_job_retried_by_snakemake_resumes_from_its_checkpoint(finished_run, tmp_path):
+    """SIGKILL the SC-MBM pretraining job mid-run (as a scheduler's time limit or the OOM killer would); Snakemake's
+    retry continues from the last checkpoint, and the encoder equals an uninterrupted run's."""
+    import shutil
+    import signal
+    import time
+
+    import psutil
+    from safetensors.torch import load_file
+
+    config = yaml.safe_load((ROOT / "configs/test.yaml").read_text())
+    config["mbm"]["epochs"] = 30
+    config["compute"] = {"checkpoint_minutes": 1e-6}  # a checkpoint after every step: the kill lands between two
+    config_path = tmp_path / "long.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    target = "results/pretrain/mbm/summary.json"
+    runs = {}
+    for name in ("straight", "killed"):
+        runs[name] = tmp_path / name
+        shutil.copytree(finished_run / "results", runs[name] / "results", symlinks=True)
+
+    straight = subprocess.run(_snakemake(runs["straight"], config_path, target), capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    latest = runs["killed"] / "results/pretrain/mbm/checkpoints/latest.json"
+    job = subprocess.Popen(_snakemake(runs["killed"], config_path, target, extra=("--retries", "1")),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed_at, deadline = None, time.monotonic() + 240
+    while killed_at is None and time.monotonic() < deadline and job.poll() is None:
+        if latest.exists():
+            try:
+                step = json.loads(latest.read_text())["step"]
+            except (ValueError, KeyError):
+                step = 0
+            if step >= 20:
+                for child in psutil.Process(job.pid).children(recursive=True):
+                    if "pretrain-mbm" in " ".join(child.cmdline()):
+                        child.send_signal(signal.SIGKILL)
+                        killed_at = step
+        time.sleep(0.02)
+    output, _ = job.communicate(timeout=300)
+    assert killed_at is not None, f"the job was not caught mid-run:\n{output[-3000:]}"
+    assert job.returncode == 0, output[-3000:]
+    log = (runs["killed"] / "logs/pretrain_mbm.log").read_text()  # the retry's log
+    resumed = re.search(r"resumed from .*step-(\d+) at step (\d+) of (\d+)", log)
+    assert resumed, log[-3000:]
+    resumed_step, total = int(resumed.group(2)), int(resumed.group(3))
+    assert killed_at <= resumed_step < total
+    summaries = {name: json.loads((run / target).read_text()) for name, run in runs.items()}
+    assert summaries["killed"]["step"] == summaries["straight"]["step"] == total
+    weights = {name: load_file(str(run / "results/pretrain/mbm/diffusion_pytorch_model.safetensors"))
+               for name, run in runs.items()}
+    for key, tensor in weights["straight"].items():
+        torch.testing.assert_close(weights["killed"][key], tensor, rtol=1e-6, atol=1e-7)
+    print(f"killed at step >= {killed_at}, resumed at step {resumed_step} of {total}")

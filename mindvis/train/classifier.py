@@ -18,7 +18,7 @@ from mindvis.config import section_settings
 from mindvis.data.stimuli import load_stimulus_set
 from mindvis.models.augment import augment_images
 from mindvis.models.classifiers.domain import METRICS_FILE, DomainClassifier
-from mindvis.train.engine import Trainer, TrainConfig
+from mindvis.train.engine import Trainer, TrainConfig, checkpoint_minutes
 from mindvis.utils.io import derive_seed, seed_everything, software_versions, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -107,8 +107,10 @@ def train_classifier(config, stimuli_path, out_dir, resume=False):
 
     train_config = TrainConfig(epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"],
                                weight_decay=settings["weight_decay"], warmup_epochs=1.0, seed=seed,
-                               select_metric="val/accuracy", select_mode="max", betas=(0.9, 0.999))
-    trainer = Trainer(model, data, loss_fn, train_config, out_dir / "train", eval_fn=eval_fn, run_config=config)
+                               select_metric="val/accuracy", select_mode="max", betas=(0.9, 0.999),
+                               checkpoint_every_minutes=checkpoint_minutes(config))
+    trainer = Trainer(model, data, loss_fn, train_config, out_dir / "train", eval_fn=eval_fn, run_config=config,
+                      inputs=[stimuli_path])
     summary = trainer.fit(resume=resume)
     model = trainer.load_best().eval()
     model.save_pretrained(out_dir)

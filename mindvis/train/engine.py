@@ -82,6 +82,7 @@ Files under ``out_dir``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -99,7 +100,7 @@ from mindvis.errors import MindvisError
 from mindvis.models.weights import load_weights
 from mindvis.train.checkpoint import (CHECKPOINT_FORMAT, latest_checkpoint, point_latest, prune_checkpoints,
                                      read_checkpoint_state, read_optimizer, write_checkpoint)
-from mindvis.utils.io import derive_seed, software_versions, write_text_atomic
+from mindvis.utils.io import derive_seed, inputs_digest, software_versions, write_text_atomic
 from mindvis.utils.device import accelerator_available, is_cuda, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -116,12 +117,13 @@ class TrainConfig:
     epochs : int
         Passes over the training data.
     batch_size : int
-        Samples per process per micro-step.
+        Samples per micro-step over all processes (each of n processes takes
+        ``batch_size / n``), so the process count does not change the science.
     grad_accum_steps : int
         Micro-steps accumulated into one optimiser step.
     base_lr : float
         Learning rate for an effective batch of 256; the used rate is
-        ``base_lr * batch_size * grad_accum_steps * n_processes / 256``.
+        ``base_lr * batch_size * grad_accum_steps / 256``.
     lr : float or None
         Absolute learning rate; overrides ``base_lr`` when given.
     min_lr : float
@@ -146,6 +148,10 @@ class TrainConfig:
         untrained model competes for ``best/`` too and what training adds is on record.
     checkpoint_every_steps : int
         Also checkpoint every this many optimiser steps (0: at epoch ends only).
+    checkpoint_every_minutes : float
+        Also checkpoint when this many minutes have passed since the last
+        checkpoint (0: never by time); what a job killed by a scheduler's time
+        limit resumes from. The main process's clock decides for all.
     keep_checkpoints : int
         How many step checkpoints to keep.
     select_metric : str or None
@@ -188,6 +194,7 @@ class TrainConfig:
     eval_every: int = 1
     eval_at_start: bool = False
     checkpoint_every_steps: int = 0
+    checkpoint_every_minutes: float = 0.0
     keep_checkpoints: int = 1
     select_metric: str | None = None
     select_mode: str = "max"
@@ -215,6 +222,26 @@ class TrainConfig:
         values = {key: value for key, value in dict(mapping).items() if key in names}
         values.update(overrides)
         return cls(**values)
+
+
+def checkpoint_minutes(run_config):
+    """``compute.checkpoint_minutes`` of a resolved config (0 for a config without the section)."""
+    return float((run_config or {}).get("compute", {}).get("checkpoint_minutes", 0) or 0)
+
+
+def run_fingerprint(run_config, inputs=None):
+    """A short hash of a run's config and input files: a checkpoint is resumed only by the run it belongs to.
+
+    Parameters
+    ----------
+    run_config : dict
+        The resolved experiment config.
+    inputs : list of path, optional
+        Files or folders the run trains on (see :func:`mindvis.utils.io.inputs_digest`).
+    """
+    text = json.dumps({"config": run_config, "inputs": inputs_digest(inputs) if inputs else None},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def scaled_lr(base_lr, effective_batch):
@@ -303,7 +330,7 @@ class Trainer:
     """
 
     def __init__(self, model, train_data, loss_fn, config, out_dir, *, eval_fn=None, run_config=None,
-                 param_groups=None, collate_fn=None, checkpoint_params="all"):
+                 param_groups=None, collate_fn=None, checkpoint_params="all", inputs=None):
         from accelerate import Accelerator
 
         self.config = config
@@ -314,6 +341,8 @@ class Trainer:
         self.train_data = train_data
         self.collate_fn = collate_fn
         self.checkpoint_params = checkpoint_params
+        # What a checkpoint must belong to for resume to continue it: this run's config and input files.
+        self.fingerprint = run_fingerprint(self.run_config, inputs)
         # Precision is applied by this engine's own autocast, not by Accelerator(mixed_precision=...):
         # accelerate's state is process-global and refuses a second precision in the same process
         # (tests, notebooks, a fine-tuning stage after pretraining).
@@ -325,18 +354,20 @@ class Trainer:
         self.rank = self.accelerator.process_index
 
         n_samples = len(train_data)
-        per_step = config.batch_size * config.grad_accum_steps * self.world_size
-        if n_samples < per_step:
-            batch_size = n_samples // (config.grad_accum_steps * self.world_size)
-            if batch_size < 1:
-                raise MindvisError(f"only {n_samples} training samples for {self.world_size} processes x "
-                                   f"{config.grad_accum_steps} accumulation steps", key="batch_size",
-                                   fix="add training data or lower grad_accum_steps / the process count.")
+        global_batch = int(config.batch_size)
+        if n_samples < global_batch * config.grad_accum_steps:
+            global_batch = n_samples // config.grad_accum_steps
             log.warning("batch_size %d is larger than the data allows (%d samples); using %d",
-                        config.batch_size, n_samples, batch_size)
-            self.batch_size = batch_size
-        else:
-            self.batch_size = config.batch_size
+                        config.batch_size, n_samples, global_batch)
+        # Each process takes an equal share of the global batch.
+        self.batch_size = global_batch // self.world_size
+        if self.batch_size < 1:
+            raise MindvisError(f"only {n_samples} training samples for {self.world_size} processes x "
+                               f"{config.grad_accum_steps} accumulation steps", key="batch_size",
+                               fix="add training data or lower grad_accum_steps / the process count.")
+        if global_batch % self.world_size:
+            log.warning("batch_size %d does not split into %d processes: %d per process, %d in all",
+                        global_batch, self.world_size, self.batch_size, self.batch_size * self.world_size)
         self.effective_batch = self.batch_size * config.grad_accum_steps * self.world_size
         self.steps_per_epoch = n_samples // self.effective_batch
         if config.max_steps:
@@ -474,6 +505,7 @@ class Trainer:
                  self.warmup_steps, self.mixed_precision, self.world_size, self.device)
         stopped = False
         last_checkpoint = None
+        self._last_checkpoint_time = time.monotonic()
         progress = None
         if cfg.progress and self.accelerator.is_main_process:
             from tqdm.auto import tqdm
@@ -500,7 +532,8 @@ class Trainer:
                 end_of_epoch = self.step_in_epoch == self.steps_per_epoch or self.step == self.total_steps
                 if end_of_epoch:
                     self._end_epoch(time.perf_counter() - epoch_start)
-                if end_of_epoch or at_stop or (cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0):
+                every = cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0
+                if end_of_epoch or at_stop or every or self._checkpoint_due():
                     last_checkpoint = self._save_checkpoint()
                 if at_stop:
                     stopped = self.epoch < self.n_epochs
@@ -635,6 +668,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "best": self.best, "history": self.history,
             "epoch_sums": self._epoch_sums, "train_config": asdict(self.config), "config": self.run_config,
             "versions": software_versions(), "checkpoint_params": self.checkpoint_params,
+            "fingerprint": self.fingerprint,
         }
 
     def _ema_tensors(self):
@@ -651,6 +685,19 @@ class Trainer:
         return write_checkpoint(final, self.model, self.checkpoint_params, state,
                                 optimizer=self.optimizer if with_optimizer else None, extra_tensors=extra)
 
+    def _checkpoint_due(self):
+        """Whether checkpoint_every_minutes have passed since the last checkpoint (the main process decides)."""
+        minutes = self.config.checkpoint_every_minutes
+        if not minutes:
+            return False
+        due = time.monotonic() - self._last_checkpoint_time >= 60.0 * minutes
+        if self.world_size > 1:
+            from accelerate.utils import broadcast
+
+            flag = broadcast(torch.tensor([int(due)], device=self.device), from_process=0)
+            due = bool(flag.item())
+        return due
+
     def _save_checkpoint(self):
         folder = self.out_dir / "checkpoints" / f"step-{self.step:08d}"
         if self.accelerator.is_main_process:
@@ -658,6 +705,8 @@ class Trainer:
             point_latest(folder, step=self.step, epoch=self.epoch)
             prune_checkpoints(folder.parent, self.config.keep_checkpoints)
         self.accelerator.wait_for_everyone()
+        self._last_checkpoint_time = time.monotonic()
+        log.info("checkpoint at step %d of %d: %s", self.step, self.total_steps, folder)
         return folder
 
     def _clear_previous_run(self):
@@ -681,6 +730,12 @@ class Trainer:
         if state.get("format") != CHECKPOINT_FORMAT:
             raise MindvisError(f"unknown checkpoint format {state.get('format')!r}", path=folder / "state.json",
                                key="format", fix="start over without --resume.")
+        if state.get("fingerprint") != self.fingerprint:
+            # Another run's checkpoint (a changed config or changed inputs): continuing it would be wrong.
+            log.warning("resume: %s was written by a run with another config or other inputs; starting afresh",
+                        folder)
+            self._clear_previous_run()
+            return
         if state["total_steps"] != self.total_steps or state["effective_batch"] != self.effective_batch:
             raise MindvisError(
                 f"the checkpoint was made for {state['total_steps']} steps at effective batch "
@@ -700,8 +755,8 @@ class Trainer:
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         self.history, self.best = state["history"], state["best"]
         self._epoch_sums = {name: tuple(value) for name, value in state["epoch_sums"].items()}
-        log.info("resumed from %s at step %d (epoch %d, step %d in it)", folder, self.step, self.epoch,
-                 self.step_in_epoch)
+        log.info("resumed from %s at step %d of %d (epoch %d, step %d in it)", folder, self.step, self.total_steps,
+                 self.epoch, self.step_in_epoch)
 
     def load_best(self):
         """Load the best checkpoint's weights (else the newest checkpoint's) into the model; return it."""

@@ -49,7 +49,7 @@ from mindvis.models.ldm import load_generator
 from mindvis.models.linear import fit_ridge
 from mindvis.models.mindvis_release import import_mindvis_finetuned
 from mindvis.train.diffusion import diffusion_target
-from mindvis.train.engine import Trainer, TrainConfig
+from mindvis.train.engine import Trainer, TrainConfig, checkpoint_minutes
 from mindvis.utils.io import derive_seed, seed_everything, sha256_file, software_versions
 
 log = logging.getLogger(__name__)
@@ -537,10 +537,12 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, c
         weight_decay=settings["weight_decay"], warmup_epochs=settings["warmup_epochs"], betas=(0.9, 0.999),
         clip_grad_norm=settings["clip_grad_norm"] or None, mixed_precision=settings["mixed_precision"], seed=seed,
         eval_every=settings["eval_every"], eval_at_start=select is not None, select_metric=select,
-        select_mode="max" if select == "val/accuracy" else "min", optimizer=settings["optimizer"])
+        select_mode="max" if select == "val/accuracy" else "min", optimizer=settings["optimizer"],
+        checkpoint_every_minutes=checkpoint_minutes(config))
+    trained_on = [responses, stimuli, base, *([Path(mbm_dir) / "diffusion_pytorch_model.safetensors"] if mbm_dir else [])]
     trainer = Trainer(model, train_trials, make_loss_fn(generator, scheduler, settings), train_config,
                       out_dir / "train", eval_fn=eval_fn, run_config=config, param_groups=param_groups,
-                      checkpoint_params="trainable")
+                      checkpoint_params="trainable", inputs=trained_on)
     generator.vae.to(trainer.device)  # outside the trained model, so the engine does not place it
     if generator.conditioner is not None:
         generator.conditioner.to(trainer.device)

@@ -61,7 +61,7 @@ from mindvis.models.classifiers.domain import load_classifier
 from mindvis.models.conditioning import ImageConditioner
 from mindvis.models.ldm import build_embedded_generator, save_generator
 from mindvis.train.diffusion import diffusion_target
-from mindvis.train.engine import Trainer, TrainConfig
+from mindvis.train.engine import Trainer, TrainConfig, checkpoint_minutes
 from mindvis.utils.io import derive_seed, seed_everything, software_versions, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ def reconstruction_samples(generator, images, labels, n_classes, per_class, gene
     return samples.reshape(n_classes, per_class, *samples.shape[1:]), labels[rows]
 
 
-def train_vae(generator, images, val_images, ldm, seed, out_dir, config, resume=False):
+def train_vae(generator, images, val_images, ldm, seed, out_dir, config, resume=False, inputs=None):
     """Step 1: train the VAE; set its scaling factor from the training latents. Returns the engine summary."""
     objective = _VAEObjective(generator.vae)
     kl_weight, hflip = float(ldm["kl_weight"]), bool(ldm["hflip"])
@@ -206,11 +206,12 @@ def train_vae(generator, images, val_images, ldm, seed, out_dir, config, resume=
                                warmup_epochs=_warmup_epochs(ldm["vae_epochs"], ldm["vae_steps"], len(images),
                                                             ldm["batch_size"]),
                                checkpoint_every_steps=ldm.get("checkpoint_every_steps", 0),
+                               checkpoint_every_minutes=checkpoint_minutes(config),
                                betas=(0.9, 0.999), seed=derive_seed(seed, "vae"),
                                mixed_precision=ldm["mixed_precision"],
                                select_metric="val/recon_mse" if len(val_images) else None, select_mode="min")
     trainer = Trainer(objective, _Tensors(images=images), loss_fn, train_config, Path(out_dir) / "train_vae",
-                      eval_fn=eval_fn if len(val_images) else None, run_config=config)
+                      eval_fn=eval_fn if len(val_images) else None, run_config=config, inputs=inputs)
     result = trainer.fit(resume=resume)
     trainer.load_best()
     generator.vae.eval().requires_grad_(False)
@@ -233,7 +234,7 @@ def _warmup_epochs(epochs, steps, n_images, batch_size):
     return min(steps / 4, 1000) / steps_per_epoch
 
 
-def train_unet(generator, images, labels, val_images, ldm, seed, out_dir, config, resume=False):
+def train_unet(generator, images, labels, val_images, ldm, seed, out_dir, config, resume=False, inputs=None):
     """Step 2: train the UNet and its condition encoder on frozen-VAE latents. Returns the engine summary."""
     scheduler = DDPMScheduler.from_config(generator.scheduler_config)
     conditioner = generator.conditioner
@@ -310,11 +311,12 @@ def train_unet(generator, images, labels, val_images, ldm, seed, out_dir, config
                                warmup_epochs=_warmup_epochs(ldm["unet_epochs"], ldm["unet_steps"], len(tensors["mean"]),
                                                             ldm["batch_size"]),
                                checkpoint_every_steps=ldm.get("checkpoint_every_steps", 0),
+                               checkpoint_every_minutes=checkpoint_minutes(config),
                                betas=(0.9, 0.999), seed=derive_seed(seed, "unet"),
                                mixed_precision=ldm["mixed_precision"],
                                select_metric="val/loss" if len(val_images) else None, select_mode="min")
     trainer = Trainer(objective, _Tensors(**tensors), loss_fn, train_config, Path(out_dir) / "train_unet",
-                      eval_fn=eval_fn if len(val_images) else None, run_config=config)
+                      eval_fn=eval_fn if len(val_images) else None, run_config=config, inputs=inputs)
     result = trainer.fit(resume=resume)
     trainer.load_best()
     generator.unet.eval()
@@ -373,10 +375,12 @@ def pretrain_ldm(config, stimuli, out_dir, classifier_dir=None, resume=False):
                                      (conditioner_name, generator.conditioner))}
     timings = {}
     tick = time.perf_counter()
-    vae_result = train_vae(generator, images, val_images, ldm, seed, out_dir, config, resume)
+    trained_on = [stimuli] + ([] if ldm["corpus"] == "stimuli" else [ldm["corpus"]])
+    vae_result = train_vae(generator, images, val_images, ldm, seed, out_dir, config, resume, inputs=trained_on)
     timings["vae_s"] = round(time.perf_counter() - tick, 2)
     tick = time.perf_counter()
-    unet_result = train_unet(generator, images, labels, val_images, ldm, seed, out_dir, config, resume)
+    unet_result = train_unet(generator, images, labels, val_images, ldm, seed, out_dir, config, resume,
+                             inputs=trained_on)
     timings["unet_s"] = round(time.perf_counter() - tick, 2)
 
     metrics = {"stage": "pretrain_ldm", "corpus": {"spec": ldm["corpus"], "source": corpus.source,

@@ -395,7 +395,7 @@ def pretrain_mbm(config, responses, rest, out_dir, resume=False):
     """
     from mindvis.models.augment import FmriAugment
     from mindvis.models.mbm import mbm_from_config
-    from mindvis.train.engine import TrainConfig, Trainer
+    from mindvis.train.engine import TrainConfig, Trainer, checkpoint_minutes
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -419,9 +419,10 @@ def pretrain_mbm(config, responses, rest, out_dir, resume=False):
         log.warning("no held-out vectors (empty val splits and rest_holdout_fraction 0): no reconstruction metric, "
                     "the last epoch's model is kept")
     train_config = TrainConfig.from_mapping(
-        mbm, seed=derive_seed(config["seed"], "mbm", "train"),
+        mbm, seed=derive_seed(config["seed"], "mbm", "train"), checkpoint_every_minutes=checkpoint_minutes(config),
         select_metric="val/recon_corr" if eval_fn else None, select_mode="max")
-    trainer = Trainer(model, train, make_loss_fn(augment), train_config, out_dir, eval_fn=eval_fn, run_config=config)
+    trainer = Trainer(model, train, make_loss_fn(augment), train_config, out_dir, eval_fn=eval_fn, run_config=config,
+                      inputs=[*responses, *rest])
     result = trainer.fit(resume=resume)
     if result["stopped_early"]:
         log.info("stopped at step %d of %d as asked (stop_at_step); rerun with --resume to finish", result["step"],
@@ -561,7 +562,7 @@ def adapt_mbm(config, subject, responses, out_dir, resume=False, config_path=Non
     from mindvis.models.augment import FmriAugment
     from mindvis.models.bundled import PROVENANCE_FILE
     from mindvis.models.mbm import MBMAutoencoder
-    from mindvis.train.engine import TrainConfig, Trainer
+    from mindvis.train.engine import TrainConfig, Trainer, checkpoint_minutes
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -599,9 +600,10 @@ def adapt_mbm(config, subject, responses, out_dir, resume=False, config_path=Non
         seed_everything(derive_seed(config["seed"], "mbm", "adapt", subject))
         settings = {**mbm, "epochs": mbm["adapt_epochs"], "base_lr": mbm["adapt_base_lr"]}
         train_config = TrainConfig.from_mapping(settings, seed=derive_seed(config["seed"], "mbm", "adapt", subject),
-                                                select_metric=None)
+                                                select_metric=None, checkpoint_every_minutes=checkpoint_minutes(config))
         trainer = Trainer(model, corpus, make_loss_fn(FmriAugment(mbm["voxel_dropout"], mbm["noise_std"])),
-                          train_config, out_dir, eval_fn=eval_fn, run_config=config)
+                          train_config, out_dir, eval_fn=eval_fn, run_config=config,
+                          inputs=[responses, base_dir / "diffusion_pytorch_model.safetensors"])
         result = trainer.fit(resume=resume)
         if result["stopped_early"]:
             return result
@@ -619,6 +621,10 @@ def adapt_mbm(config, subject, responses, out_dir, resume=False, config_path=Non
                                              if key not in ("voxel_ijk", "voxel_roi")},
         "wall_time_s": round(time.perf_counter() - started, 2),
     }
+    from mindvis.utils.device import is_main_process
+
+    if not is_main_process():  # under accelerate launch: one process writes
+        return summary
     _publish(model, out_dir)
     for name in (SPACE_FILE,) + TEMPLATE_FILES:
         if (base_dir / name).exists():

@@ -129,3 +129,11 @@ def is_cuda(device):
     import torch
 
     return torch.device(device).type == "cuda"
+
+
+def is_main_process():
+    """Whether this is the process that writes outputs: always, unless under a multi-process launch
+    (``accelerate launch`` / torchrun set ``RANK``), where only rank 0 is."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0

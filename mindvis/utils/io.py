@@ -115,6 +115,29 @@ def sha256_file(path, chunk_size=1 << 20):
     return digest.hexdigest()
 
 
+#: Files above this size are identified by size and modification time instead of their hash (a base generator's
+#: gigabytes would take a minute to read on every resume check).
+HASH_LIMIT_BYTES = 256 << 20
+
+
+def inputs_digest(paths):
+    """One SHA-256 over input files and folders (every file under a folder, in name order).
+
+    A file up to :data:`HASH_LIMIT_BYTES` counts by its content, a larger one by its size and modification
+    time. Used to tell whether a checkpoint was trained on these inputs (resume).
+    """
+    digest = hashlib.sha256()
+    for path in sorted(str(p) for p in paths):
+        path = Path(path)
+        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+        for file in files:
+            stat = file.stat()
+            identity = (sha256_file(file) if stat.st_size <= HASH_LIMIT_BYTES
+                        else f"{stat.st_size}:{stat.st_mtime_ns}")
+            digest.update(f"{file}\0{identity}\0".encode())
+    return digest.hexdigest()
+
+
 def software_versions():
     """Versions of Python, the platform and the packages that shape results, and the CPU that computed them.
 

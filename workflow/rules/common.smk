@@ -4,6 +4,7 @@
 import glob
 import hashlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -340,3 +341,140 @@ def lowlevel_samples_input(wildcards):
 def lowlevel_samples_flag(wildcards, input):
     """Params function: --lowlevel-samples <file> when the low-level start's samples are an input, else nothing."""
     return f"--lowlevel-samples {input.lowlevel}" if input.get("lowlevel") else ""
+
+
+# -- resources: what each job asks a scheduler for (mem_mb, runtime, gpu, threads) --
+# Sized from the science settings, not set per cluster: model presets, image size, the base generator's
+# weights on disk, and the job's input files (input.size_mb, known when the job is about to start). A
+# retried job asks for more memory and time (attempt). SLURM account and partitions live only in
+# workflow/profiles/.
+from mindvis.models.presets import MBM_PRESETS
+
+COMPUTE = config["compute"]
+PROCESSES = COMPUTE["processes"]
+# MB per trained parameter on the host: float32 weights, gradients and AdamW's two moments.
+TRAINED_MB_PER_PARAMETER = 16e-6
+SD15_MB = 5200  # a Stable Diffusion 1.5 folder in float32 (UNet, VAE, text encoder), for a folder not on this machine
+
+
+def _mbm_parameters():
+    """SC-MBM's parameter count from its preset (transformer blocks of 4 d^2 attention + 2 mlp_ratio d^2 MLP)."""
+    preset = MBM_PRESETS[config["mbm"]["preset"]]
+    block = lambda width, depth: depth * (4 + 2 * preset["mlp_ratio"]) * width**2
+    return block(preset["embed_dim"], preset["depth"]) + block(preset["decoder_embed_dim"], preset["decoder_depth"])
+
+
+def _weights_mb(path):
+    """Megabytes of model weights at path (a file, or the weight files of a folder); None when it is not here."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size / 1e6
+    if path.is_dir():
+        files = [f for f in path.rglob("*") if f.suffix in (".safetensors", ".bin", ".ckpt", ".pth")
+                 and "checkpoints" not in f.parts]
+        return sum(f.stat().st_size for f in files) / 1e6
+    return None
+
+
+# The base generator: the embedded / shipped prior is a few MB; Stable Diffusion and CompVis are gigabytes.
+LDM_EXTERNAL = not (LDM_EMBEDDED or config["ldm"]["base"] == BUNDLED)
+GENERATOR_MB = (_weights_mb(config["ldm"]["base"]) or SD15_MB) if LDM_EXTERNAL else 100
+IMAGE_SIZE = config["ldm"].get("image_size") or config["stimuli"]["image_size"]
+# Which stages run GPU-sized models (compute.gpu auto): the generator's, and SC-MBM's above the small preset.
+GPU_SIZED = {
+    "ldm": LDM_EXTERNAL or IMAGE_SIZE >= 128,
+    "mbm": config["mbm"]["preset"] in ("base", "paper"),
+    "classifier": config["evaluate"]["classifier"] == "vit_h_14",
+}
+
+
+def _uses_gpu(kind):
+    return COMPUTE["gpu"] is True or (COMPUTE["gpu"] == "auto" and GPU_SIZED.get(kind, False))
+
+
+# stage: (model kind, training?, host MB besides the inputs, input multiple, minutes on CPU-sized / GPU-sized models)
+STAGES = {
+    "stimuli": (None, False, 1000, 0, (30, 30)),
+    "bids_metadata": (None, False, 1000, 0, (10, 10)),
+    "simulate": (None, False, 1500, 0, (60, 60)),  # measured peak 660 MiB on configs/default.yaml
+    "preprocess": (None, False, 2000, 8, (60, 120)),  # gzip-compressed BOLD expands about fourfold, in float32
+    "convert": (None, False, 8000, 4, (60, 120)),  # reads its data set's files from the config, not as inputs
+    "convert_rest": (None, False, 2000, 2, (60, 60)),  # one run's visual grayordinates in float64 at a time
+    "merge_stimuli": (None, False, 1000, 3, (30, 30)),
+    "pretrain_mbm": ("mbm", True, 2000, 4, (120, 720)),
+    "adapt_mbm": ("mbm", True, 2000, 4, (60, 240)),
+    "train_classifier": (None, True, 2000, 4, (60, 60)),
+    "pretrain_ldm": ("ldm", True, 3000, 4, (240, 720)),
+    "import_ldm": ("ldm", False, 2000, 3, (30, 30)),
+    "finetune": ("ldm", True, 3000, 4, (120, 480)),
+    "generate": ("ldm", False, 2000, 2, (60, 120)),
+    "evaluate": ("ldm", False, 3000, 2, (60, 120)),
+    "report": (None, False, 2000, 1, (30, 30)),
+    "summary": (None, False, 1000, 1, (10, 10)),
+}
+
+
+def _model_mb(stage):
+    """Host memory of a stage's models: the base generator's weights (1.5x: loaded, then placed), the trained
+    parameters' optimiser state, the ViT-H/14 classifier."""
+    kind, training = STAGES[stage][:2]
+    mb = 1.5 * GENERATOR_MB if kind == "ldm" else 0.0
+    if stage in ("pretrain_mbm", "adapt_mbm", "finetune"):
+        # Gradients and AdamW's moments live on the GPU when there is one; the host keeps the weights.
+        per_parameter = 4e-6 if stage_gpus(stage) else TRAINED_MB_PER_PARAMETER
+        mb += _mbm_parameters() * per_parameter * stage_processes(stage)
+    if stage == "evaluate" and config["evaluate"]["classifier"] == "vit_h_14":
+        mb += 2 * 2530  # ViT-H/14 in float32, loaded then placed
+    return mb
+
+
+def stage_gpus(stage):
+    """GPUs a stage's job asks for: one per process for training, one for sampling and scoring, else none."""
+    kind, training = STAGES[stage][:2]
+    wanted = _uses_gpu(kind) or (stage == "evaluate" and _uses_gpu("classifier"))
+    if not wanted:
+        return 0
+    return PROCESSES if training and stage != "train_classifier" else 1
+
+
+def stage_processes(stage):
+    """Processes a stage's job runs (compute.processes for SC-MBM and fine-tuning, else 1)."""
+    return PROCESSES if stage in ("pretrain_mbm", "adapt_mbm", "finetune") else 1
+
+
+def stage_threads(stage):
+    """Threads a stage's job asks for: compute.threads per process (default 1, 8 for a GPU job's data loading)."""
+    per_process = COMPUTE["threads"] or (8 if stage_gpus(stage) else 1)
+    return per_process * stage_processes(stage)
+
+
+def stage_resources(stage):
+    """The `resources:` of a stage's rules (baseline and variant rules share their parent's): mem_mb and runtime
+    (minutes) as functions of the job's inputs and attempt, gpu, and mem_mb_per_process for the launcher."""
+    kind, training, host_mb, input_factor, minutes = STAGES[stage]
+    fixed_mb = host_mb * stage_processes(stage) + _model_mb(stage)
+    gpu_sized = stage_gpus(stage) > 0
+
+    def mem_mb(wildcards, input, attempt):
+        # Each retry asks for half as much again: a job killed for memory gets more.
+        return int(math.ceil((fixed_mb + input_factor * input.size_mb) * (1 + 0.5 * (attempt - 1)) / 100) * 100)
+
+    def runtime(wildcards, attempt):
+        return minutes[1 if gpu_sized else 0] * attempt
+
+    return {"mem_mb": mem_mb, "runtime": runtime, "gpu": stage_gpus(stage)}
+
+
+def launcher(stage):
+    """The command a training stage runs as: `mindvis`, or `accelerate launch` of it for several processes
+    (gloo on CPUs, NCCL on GPUs; a free port per job, so jobs sharing a node do not collide)."""
+    processes = stage_processes(stage)
+    if processes == 1:
+        return "mindvis"
+    return (f"accelerate launch --multi_gpu --num_processes {processes} --num_machines 1 --main_process_port 0 "
+            "--mixed_precision no --dynamo_backend no -m mindvis.cli")
+
+
+def process_threads(stage):
+    """Params function: torch threads per process (the job's threads shared by its processes)."""
+    return lambda wildcards, threads: max(1, threads // stage_processes(stage))

@@ -31,9 +31,9 @@ rule evaluate:
         "logs/evaluate/{subject}.log",
     benchmark:
         "logs/benchmarks/evaluate/{subject}.tsv",
-    threads: 1
+    threads: stage_threads("evaluate")
     resources:
-        mem_mb=4000,
+        **stage_resources("evaluate"),
     shell:
         "mindvis evaluate --config {params.config} --subject {wildcards.subject} --responses {input.responses}"
         " --stimuli {input.stimuli} --samples {input.samples} {params.baseline} {params.start}"

@@ -23,19 +23,22 @@ rule finetune:
         encoder=encoder_flag,
         digest=config_digest("ldm", "mbm", "finetune", "generate"),  # generate: the start and low-level start it writes
         released=released_flag,
+        launch=launcher("finetune"),
+        threads=process_threads("finetune"),
     log:
         "logs/finetune/{subject}.log",
     benchmark:
         "logs/benchmarks/finetune/{subject}.tsv",
-    threads: 1
+    threads: stage_threads("finetune")
+    resources:
+        **stage_resources("finetune"),
     # The decoder before its ablation, so the decoded images come first when cores are few.
     priority: 20
-    resources:
-        mem_mb=4000,
     shell:
-        "mindvis finetune --config {params.config} --subject {wildcards.subject} --responses {input.responses}"
+        # --resume: a retried job continues from its last checkpoint of this config and these inputs.
+        "{params.launch} finetune --config {params.config} --subject {wildcards.subject} --responses {input.responses}"
         " --stimuli {input.stimuli} --base {params.base} --out-dir {params.out_dir} {params.encoder}"
-        " {params.classifier} {params.released} --threads {threads} > {log} 2>&1"
+        " {params.classifier} {params.released} --threads {params.threads} --resume > {log} 2>&1"
 
 
 use rule finetune as finetune_baseline with:

@@ -25,11 +25,11 @@ rule generate:
         "logs/generate/{subject}.log",
     benchmark:
         "logs/benchmarks/generate/{subject}.tsv",
-    threads: 1
+    threads: stage_threads("generate")
+    resources:
+        **stage_resources("generate"),
     # A finished decoder's images before the next decoder's fine-tuning.
     priority: 30
-    resources:
-        mem_mb=4000,
     shell:
         "mindvis generate --config {params.config} --subject {wildcards.subject} --model-dir {params.model_dir}"
         " --responses {input.responses} --stimuli {input.stimuli} --out-dir {params.out_dir}"

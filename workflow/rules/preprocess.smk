@@ -25,9 +25,9 @@ if not USES_ADAPTER:
             "logs/benchmarks/preprocess/{subject}.tsv",
         wildcard_constraints:
             subject=r"sub-(?!rest)[A-Za-z0-9]+",
-        threads: 1
+        threads: stage_threads("preprocess")
         resources:
-            mem_mb=4000,
+            **stage_resources("preprocess"),
         shell:
             "mindvis preprocess --config {params.config} --bids-dir {params.bids} --subject {wildcards.subject}"
             " --stimuli {input.stimuli} --out {output.responses} --threads {threads} > {log} 2>&1"
@@ -52,9 +52,9 @@ rule preprocess_rest:
         "logs/benchmarks/preprocess_rest/{subject}.tsv",
     wildcard_constraints:
         subject=r"sub-rest[0-9]+",
-    threads: 1
+    threads: stage_threads("preprocess")
     resources:
-        mem_mb=4000,
+        **stage_resources("preprocess"),
     shell:
         "mindvis preprocess-rest --config {params.config} --bids-dir {params.bids} --subject {wildcards.subject}"
         " --out {output.rest} --threads {threads} > {log} 2>&1"

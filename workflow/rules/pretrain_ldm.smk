@@ -23,14 +23,14 @@ if DOMAIN_CLASSIFIER and CLASSIFIER_TRAINED:
             "logs/train_classifier.log",
         benchmark:
             "logs/benchmarks/train_classifier.tsv",
-        threads: 1
+        threads: stage_threads("train_classifier")
+        resources:
+            **stage_resources("train_classifier"),
         # Fine-tuning waits for it (validation accuracy): start it early.
         priority: 50
-        resources:
-            mem_mb=2000,
         shell:
             "mindvis train-classifier --config {params.config} --stimuli {input.stimuli} --out-dir {params.out_dir}"
-            " --threads {threads} > {log} 2>&1"
+            " --threads {threads} --resume > {log} 2>&1"
 
 
 rule pretrain_ldm:
@@ -56,14 +56,14 @@ rule pretrain_ldm:
         "logs/pretrain_ldm.log",
     benchmark:
         "logs/benchmarks/pretrain_ldm.tsv",
-    threads: 1
+    threads: stage_threads("pretrain_ldm")
+    resources:
+        **stage_resources("pretrain_ldm"),
     # The longest stage, on the critical path: first in line for a core.
     priority: 50
-    resources:
-        mem_mb=4000,
     shell:
         "mindvis pretrain-ldm --config {params.config} --stimuli {input.stimuli} --out-dir {params.out_dir}"
-        " --threads {threads} > {log} 2>&1"
+        " --threads {threads} --resume > {log} 2>&1"
 
 
 rule import_ldm:
@@ -81,9 +81,9 @@ rule import_ldm:
         image_size=f"--image-size {config['ldm']['image_size']}" if config["ldm"].get("image_size") else "",
     log:
         "logs/import_ldm.log",
-    threads: 1
+    threads: stage_threads("import_ldm")
     resources:
-        mem_mb=8000,
+        **stage_resources("import_ldm"),
     shell:
         "mindvis import-ldm --config {params.config} --checkpoint {input.checkpoint} --out-dir {params.out_dir} {params.ldm_config}"
         " {params.image_size} > {log} 2>&1"

@@ -21,18 +21,21 @@ rule pretrain_mbm:
         config=RESOLVED_CONFIG,
         out_dir=output_dir,
         digest=config_digest("mbm"),
+        launch=launcher("pretrain_mbm"),
+        threads=process_threads("pretrain_mbm"),
     log:
         "logs/pretrain_mbm.log",
     benchmark:
         "logs/benchmarks/pretrain_mbm.tsv",
-    threads: 1
+    threads: stage_threads("pretrain_mbm")
+    resources:
+        **stage_resources("pretrain_mbm"),
     # The SC-MBM decoders wait for it: ahead of the jobs that can wait (evaluation, reports).
     priority: 40
-    resources:
-        mem_mb=4000,
     shell:
-        "mindvis pretrain-mbm --config {params.config} --responses {input.responses} --rest {input.rest}"
-        " --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
+        # --resume: a retried job continues from its last checkpoint of this config and these inputs.
+        "{params.launch} pretrain-mbm --config {params.config} --responses {input.responses} --rest {input.rest}"
+        " --out-dir {params.out_dir} --threads {params.threads} --resume > {log} 2>&1"
 
 
 rule adapt_mbm:
@@ -50,14 +53,16 @@ rule adapt_mbm:
         config=RESOLVED_CONFIG,
         out_dir=output_dir,
         digest=config_digest("mbm"),
+        launch=launcher("adapt_mbm"),
+        threads=process_threads("adapt_mbm"),
     log:
         "logs/adapt_mbm/{subject}.log",
     benchmark:
         "logs/benchmarks/adapt_mbm/{subject}.tsv",
-    threads: 1
-    priority: 40
+    threads: stage_threads("adapt_mbm")
     resources:
-        mem_mb=2000,
+        **stage_resources("adapt_mbm"),
+    priority: 40
     shell:
-        "mindvis adapt-mbm --config {params.config} --subject {wildcards.subject} --responses {input.responses}"
-        " --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
+        "{params.launch} adapt-mbm --config {params.config} --subject {wildcards.subject} --responses {input.responses}"
+        " --out-dir {params.out_dir} --threads {params.threads} --resume > {log} 2>&1"

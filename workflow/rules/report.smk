@@ -43,9 +43,9 @@ rule report:
         "logs/report/{subject}.log",
     benchmark:
         "logs/benchmarks/report/{subject}.tsv",
-    threads: 1
+    threads: stage_threads("report")
     resources:
-        mem_mb=2000,
+        **stage_resources("report"),
     shell:
         "mindvis report --config {params.config} --metrics {input.metrics} --out {output.html}"
         " --samples {input.samples} --baseline-samples {input.baseline} --start-samples {input.start}"
@@ -71,9 +71,9 @@ rule summary:
         "logs/summary.log",
     benchmark:
         "logs/benchmarks/summary.tsv",
-    threads: 1
+    threads: stage_threads("summary")
     resources:
-        mem_mb=1000,
+        **stage_resources("summary"),
     shell:
         "mindvis summary --config {params.config} --metrics {input.metrics} --csv {output.csv}"
         " --html {output.html} > {log} 2>&1"

@@ -20,10 +20,9 @@ if SIMULATED:
             "logs/benchmarks/simulate/{subject}.tsv",
         wildcard_constraints:
             subject=r"sub-(?!rest)[A-Za-z0-9]+",
-        threads: 1
+        threads: stage_threads("simulate")
         resources:
-            # Measured peak 660 MiB on configs/default.yaml (benchmarks/results/simulate.md); runs stream one at a time.
-            mem_mb=1500,
+            **stage_resources("simulate"),
         shell:
             "mindvis simulate --config {params.config} --stimuli {input.stimuli} --bids-dir {params.bids}"
             " --subject {wildcards.subject} --threads {threads} > {log} 2>&1"
@@ -45,10 +44,9 @@ if SIMULATED:
             "logs/benchmarks/simulate_rest/{subject}.tsv",
         wildcard_constraints:
             subject=r"sub-rest[0-9]+",
-        threads: 1
+        threads: stage_threads("simulate")
         resources:
-            # Measured peak 540 MiB on configs/default.yaml.
-            mem_mb=1000,
+            **stage_resources("simulate"),
         shell:
             "mindvis simulate-rest --config {params.config} --bids-dir {params.bids}"
             " --subject {wildcards.subject} --threads {threads} > {log} 2>&1"
@@ -70,6 +68,8 @@ if SIMULATED:
             "logs/bids_metadata.log",
         benchmark:
             "logs/benchmarks/bids_metadata.tsv",
-        threads: 1
+        threads: stage_threads("bids_metadata")
+        resources:
+            **stage_resources("bids_metadata"),
         shell:
             "mindvis bids-metadata --config {params.config} --bids-dir {params.bids} > {log} 2>&1"

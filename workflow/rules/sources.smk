@@ -20,9 +20,9 @@ if USES_ADAPTER:
             "logs/convert/{subject}.log",
         benchmark:
             "logs/benchmarks/convert/{subject}.tsv",
-        threads: 1
+        threads: stage_threads("convert")
         resources:
-            mem_mb=8000,
+            **stage_resources("convert"),
         shell:
             "mindvis convert --config {params.config} --subject {wildcards.subject}"
             " --out {output.responses} --stimuli-out {output.stimuli} --threads {threads} > {log} 2>&1"
@@ -42,9 +42,9 @@ if USES_ADAPTER:
             "logs/merge_stimuli.log",
         benchmark:
             "logs/benchmarks/merge_stimuli.tsv",
-        threads: 1
+        threads: stage_threads("merge_stimuli")
         resources:
-            mem_mb=2000,
+            **stage_resources("merge_stimuli"),
         shell:
             "mindvis merge-stimuli --config {params.config} --stimuli {input.stimuli} --out {output.stimuli}"
             " > {log} 2>&1"
@@ -67,10 +67,9 @@ rule convert_rest:
         "logs/benchmarks/convert_rest/hcp-{hcp_id}.tsv",
     wildcard_constraints:
         hcp_id=r"[0-9]+",
-    threads: 1
+    threads: stage_threads("convert_rest")
     resources:
-        # One run's visual grayordinates in float64 plus a 100-TR read chunk: well under 1 GB.
-        mem_mb=2000,
+        **stage_resources("convert_rest"),
     shell:
         "mindvis convert-rest --config {params.config} --hcp-subject {wildcards.hcp_id}"
         " --subject sub-hcp{wildcards.hcp_id} --out {output.rest} --threads {threads} > {log} 2>&1"

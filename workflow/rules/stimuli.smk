@@ -15,6 +15,8 @@ if SIMULATED:
             "logs/stimuli.log",
         benchmark:
             "logs/benchmarks/stimuli.tsv",
-        threads: 1
+        threads: stage_threads("stimuli")
+        resources:
+            **stage_resources("stimuli"),
         shell:
             "mindvis stimuli --config {params.config} --out {output} --threads {threads} > {log} 2>&1"
