@@ -87,7 +87,7 @@ def finetune(work, run_dir):
 
 
 def markdown(rows, machine):
-    lines = [f"# 1 vs 2 processes at the same global batch (CPU, gloo)\n", f"Machine: {machine}.\n",
+    lines = ["# 1 vs 2 processes at the same global batch (CPU, gloo)\n", f"Machine: {machine}.\n",
              "| stage | training seed | processes | steps | global batch | val/recon_corr | val/loss | val/accuracy"
              " | train/loss | seconds |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     fmt = lambda value: "" if value is None else f"{value:.4f}"  # noqa: E731

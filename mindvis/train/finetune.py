@@ -80,7 +80,10 @@ def trainable_parameter_names(model, groups):
         names |= {f"encoder.{name}" for name, _ in model.encoder.named_parameters()
                   if not name.startswith(("decoder", "mask_token"))}
     if "conditioner" in groups:
-        names |= {f"conditioner.{name}" for name, _ in model.conditioner.named_parameters()}
+        # Under an image prior the prior's null condition is the unconditional branch: the conditioner's own
+        # never enters the loss, and a parameter without a gradient stalls multi-process (DDP) training.
+        unused = ("null_context", "null_pooled") if model.prior is not None else ()
+        names |= {f"conditioner.{name}" for name, _ in model.conditioner.named_parameters() if name not in unused}
     for module_name, module in model.unet.named_modules():
         is_attn2 = "attn2" in groups and module_name.endswith("attn2")
         is_norm = "norms" in groups and isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm))
@@ -578,5 +581,5 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, c
         if lowlevel is not None:
             save_lowlevel(out_dir, lowlevel)
         save_dcldm(model, out_dir, meta, metadata={"subject": subject})
-    log.info("wrote %s (best %s)", out_dir, result["best"])
+        log.info("wrote %s (best %s)", out_dir, result["best"])
     return meta
