@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import sys
 from pathlib import Path
@@ -127,6 +128,26 @@ def cmd_finetune(args):
           classifier_dir=args.classifier, baseline=args.baseline, resume=args.resume, released=args.released)
 
 
+def cmd_finetune_shared(args):
+    if not (len(args.subjects) == len(args.responses) == len(args.view_dirs)):
+        raise MindvisError("--subjects, --responses and --view-dirs must list as many entries each",
+                           key="--subjects", fix="give one responses.h5 and one view folder per subject, in order.")
+    _call("mindvis.train.shared:finetune_shared", _config(args), subjects=args.subjects, responses=args.responses,
+          stimuli=args.stimuli, base=args.base, out_dir=args.out_dir, view_dirs=args.view_dirs, mbm_dir=args.mbm,
+          classifier_dir=args.classifier, resume=args.resume)
+
+
+def cmd_adapt_subject(args):
+    if len(args.shared_subjects) != len(args.shared_views) or \
+            (args.shared_responses and len(args.shared_responses) != len(args.shared_subjects)):
+        raise MindvisError("--shared-subjects, --shared-views (and --shared-responses) must list as many entries "
+                           "each", key="--shared-views", fix="give one folder (and responses.h5) per shared subject.")
+    _call("mindvis.train.shared:adapt_subject", _config(args), subject=args.subject, responses=args.responses,
+          stimuli=args.stimuli, shared_views=dict(zip(args.shared_subjects, args.shared_views)),
+          out_dir=args.out_dir, old_responses=dict(zip(args.shared_subjects, args.shared_responses)),
+          classifier_dir=args.classifier, resume=args.resume)
+
+
 def cmd_import_ldm(args):
     _call("mindvis.models.compvis:import_compvis_checkpoint", args.checkpoint, args.out_dir,
           config=args.ldm_config, image_size=args.image_size)
@@ -146,7 +167,9 @@ def cmd_generate(args):
 # -- reports (issue 6) --
 
 # Display names of the fine-tuning runs (their folder names) in the report's training curves.
-_FINETUNE_RUNS = {"dcldm": "SC-MBM pretrained", "dcldm-baseline": "no SC-MBM pretraining"}
+_FINETUNE_RUNS = {"dcldm": "SC-MBM pretrained", "dcldm-baseline": "no SC-MBM pretraining",
+                  "dcldm-shared": "shared by the subjects",
+                  "dcldm-fewshot": "shared, adapted to this subject (few-shot)"}
 
 
 def cmd_report(args):
@@ -158,12 +181,17 @@ def cmd_report(args):
     evaluation = Path(args.metrics).parent
     samples = {"dcldm": args.samples, **{"dcldm-baseline": path for path in args.baseline_samples},
                **{"dcldm-start": path for path in args.start_samples},
-               **{"dcldm-lowlevel": path for path in args.lowlevel_samples}}
+               **{"dcldm-lowlevel": path for path in args.lowlevel_samples},
+               **{"dcldm-shared": path for path in args.shared_samples},
+               **{"dcldm-fewshot": path for path in args.fewshot_samples}}
     samples.update({row: evaluation / row / SAMPLES_FILE for row in IMAGE_ROWS})
     curves = {"SC-MBM: pretraining": args.mbm_curve} if args.mbm_curve else {}
     for model_json in args.finetune_models:
         run = Path(model_json).parent
-        curves[f"DC-LDM: {_FINETUNE_RUNS.get(run.name, run.name)}"] = run / "train" / "metrics.jsonl"
+        history = run / "train" / "metrics.jsonl"
+        if run.name == "dcldm-shared":  # one training run for every shared subject, in the shared folder
+            history = Path(json.loads(Path(model_json).read_text())["shared_dir"]) / "train" / "metrics.jsonl"
+        curves[f"DC-LDM: {_FINETUNE_RUNS.get(run.name, run.name)}"] = history
     _call("mindvis.report.html:build_report", args.metrics, args.out, config=_config(args), samples=samples,
           responses=args.responses, curves=curves, figures_dir=args.figures_dir)
 
@@ -187,7 +215,8 @@ def cmd_evaluate(args):
     _call("mindvis.evaluate.run:evaluate_subject", _config(args), subject=args.subject, responses=args.responses,
           stimuli=args.stimuli, samples=args.samples, base=args.base, out_dir=args.out_dir,
           baseline_samples=args.baseline_samples, classifier_dir=args.classifier,
-          start_samples=args.start_samples, lowlevel_samples=args.lowlevel_samples, device=args.device)
+          start_samples=args.start_samples, lowlevel_samples=args.lowlevel_samples,
+          shared_samples=args.shared_samples, fewshot_samples=args.fewshot_samples, device=args.device)
 
 
 def cmd_where(args):
@@ -318,6 +347,32 @@ def build_parser():
     sub.add_argument("--released", default=None,
                      help="import this MinD-Vis finetuned.pth as the subject's decoder instead of training one")
 
+    sub = add("finetune-shared", cmd_finetune_shared,
+              "fine-tune one decoder shared by several subjects (a linear adapter each); writes each one's view")
+    sub.add_argument("--subjects", nargs="+", required=True)
+    sub.add_argument("--responses", nargs="+", required=True, help="each subject's responses.h5, in order")
+    sub.add_argument("--stimuli", required=True)
+    sub.add_argument("--base", required=True, help="base generator folder")
+    sub.add_argument("--out-dir", required=True, help="the shared model's folder (train/, shared.json)")
+    sub.add_argument("--view-dirs", nargs="+", required=True,
+                     help="each subject's decoder folder to write (results/{subject}/dcldm-shared), in order")
+    sub.add_argument("--mbm", default=None, help="the SC-MBM encoder every subject's fMRI enters")
+    sub.add_argument("--classifier", default=None, help="domain classifier folder (enables val/accuracy)")
+    sub.add_argument("--resume", action="store_true")
+
+    sub = add("adapt-subject", cmd_adapt_subject,
+              "adapt a shared decoder to a new subject from finetune.train_fraction of its training trials")
+    sub.add_argument("--subject", required=True)
+    sub.add_argument("--responses", required=True)
+    sub.add_argument("--stimuli", required=True)
+    sub.add_argument("--shared-subjects", nargs="+", required=True)
+    sub.add_argument("--shared-views", nargs="+", required=True, help="their dcldm-shared folders, in order")
+    sub.add_argument("--shared-responses", nargs="*", default=[],
+                     help="their responses.h5 (prior preservation and its measure), in order")
+    sub.add_argument("--out-dir", required=True)
+    sub.add_argument("--classifier", default=None)
+    sub.add_argument("--resume", action="store_true")
+
     sub = add("import-ldm", cmd_import_ldm,
               "a CompVis latent-diffusion checkpoint (cin256-v2's model.ckpt) to a diffusers-format base generator")
     sub.add_argument("--checkpoint", required=True, help="the .ckpt file (weights under 'state_dict')")
@@ -359,6 +414,10 @@ def build_parser():
                      help="samples.h5 of the decoder at its start (0 fine-tuning steps), if any")
     sub.add_argument("--lowlevel-samples", nargs="*", default=[],
                      help="samples.h5 of the decoder from its low-level start (img2img), if any")
+    sub.add_argument("--shared-samples", nargs="*", default=[],
+                     help="samples.h5 of the decoder shared by several subjects, if any")
+    sub.add_argument("--fewshot-samples", nargs="*", default=[],
+                     help="samples.h5 of the shared decoder adapted to this new subject, if any")
     sub.add_argument("--responses", default=None, help="the subject's responses.h5 (voxel grid of the brain map)")
     sub.add_argument("--mbm-curve", default=None, help="SC-MBM pretraining metrics.jsonl")
     sub.add_argument("--finetune-models", nargs="*", default=[],
@@ -380,6 +439,10 @@ def build_parser():
                      help="samples.h5 of the DC-LDM at its start, 0 fine-tuning steps (row dcldm-start)")
     sub.add_argument("--lowlevel-samples", default=None,
                      help="samples.h5 of the DC-LDM started from the ridge latent, img2img (row dcldm-lowlevel)")
+    sub.add_argument("--shared-samples", default=None,
+                     help="samples.h5 of the decoder shared by several subjects (row dcldm-shared)")
+    sub.add_argument("--fewshot-samples", default=None,
+                     help="samples.h5 of the shared decoder adapted to this new subject (row dcldm-fewshot)")
     sub.add_argument("--base", required=True, help="base generator folder (its VAE and class conditioner)")
     sub.add_argument("--classifier", default=None, help="domain classifier folder (evaluate.classifier auto/domain)")
     sub.add_argument("--out-dir", required=True)

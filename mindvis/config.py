@@ -101,6 +101,20 @@ def _check_consistency(config, path):
     if end <= start:
         raise MindvisError(f"the window end ({end}) must come after its start ({start})",
                            path=path, key="preprocess.lag_window", fix="give [start, end] with end > start.")
+    settings = config["finetune"]
+    if settings["shared"] or settings["new_subject"]:
+        try:
+            decoded = subjects(config)
+        except MindvisError:
+            decoded = None  # reported where the subjects are read
+        if decoded is not None:
+            if settings["new_subject"] and settings["new_subject"] not in decoded:
+                raise MindvisError(f"finetune.new_subject {settings['new_subject']} is not a decoded subject "
+                                   f"({', '.join(decoded)})", path=path, key="finetune.new_subject",
+                                   fix="name one of the subjects, or set it to null.")
+            if len(shared_subjects(config)) < 1:
+                raise MindvisError("no subject is left for the shared decoder", path=path, key="finetune.shared",
+                                   fix="decode at least two subjects, or set finetune.shared false.")
     data = config["data"]
     if data["source"] == "bids":
         if not data["bids_dir"]:
@@ -133,6 +147,16 @@ def subjects(config):
         raise MindvisError(f"data.source is {config['data']['source']} but no subjects are listed", key="subjects",
                            fix="list the subjects to decode in the config, e.g. subjects: [sub-01, sub-02].")
     return [f"sub-{i:02d}" for i in range(1, config["simulate"]["n_subjects"] + 1)]
+
+
+def shared_subjects(config):
+    """The subjects of the decoder shared by several subjects (finetune_shared): every decoded subject but
+    ``finetune.new_subject``; none when neither ``finetune.shared`` nor ``finetune.new_subject`` is set."""
+    settings = config["finetune"]
+    if not (settings.get("shared") or settings.get("new_subject")):
+        return []
+    released = set((settings.get("released") or {}).keys())
+    return [s for s in subjects(config) if s != settings.get("new_subject") and s not in released]
 
 
 def rest_subjects(config):

@@ -336,3 +336,29 @@ def test_fine_tuning_on_two_processes_follows_the_one_process_run(finished_run, 
     last = {name: json.loads((path / "train/metrics.jsonl").read_text().splitlines()[-1])
             for name, path in (("one", results / "sub-01/dcldm"), ("two", tmp_path / "dcldm"))}
     assert last["two"]["val/loss"] == pytest.approx(last["one"]["val/loss"], rel=0.05)
+
+
+@pytest.mark.slow
+def test_the_shared_decoder_and_a_few_shot_subject_run_through_the_workflow(finished_run, tmp_path):
+    """finetune.new_subject on a copy of the finished run: finetune_shared (sub-01), adapt_subject (sub-02 from a
+    quarter of its trials), their samples, and sub-02's evaluation with the few-shot row and its comparison."""
+    config = yaml.safe_load((ROOT / "configs/test.yaml").read_text())
+    config["finetune"].update(new_subject="sub-02", train_fraction=0.25, shared_rank=3, adapt_epochs=2)
+    config_path = tmp_path / "fewshot.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    shutil.copytree(finished_run / "results", tmp_path / "run/results", symlinks=True)
+    targets = ("results/sub-01/samples-shared/samples.h5", "results/sub-02/evaluation/metrics.json")
+    # mtime only: the copy has no .snakemake metadata, and the per-subject decoders are not the point here.
+    result = subprocess.run(_snakemake(tmp_path / "run", config_path, *targets,
+                                       extra=("--rerun-triggers", "mtime", "--cores", "2")),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = tmp_path / "run/results"
+    view = json.loads((results / "sub-01/dcldm-shared/dcldm.json").read_text())
+    assert view["stage"] == "finetune_shared" and view["shared_rank"] == 3
+    fewshot = json.loads((results / "sub-02/dcldm-fewshot/dcldm.json").read_text())
+    assert fewshot["stage"] == "adapt_subject" and fewshot["n_train"] == round(0.25 * fewshot["n_train_all"])
+    metrics = json.loads((results / "sub-02/evaluation/metrics.json").read_text())
+    rows = {row["id"]: row for row in metrics["rows"]}
+    assert rows["dcldm-fewshot"]["available"] and not rows["dcldm-shared"]["available"]
+    assert any(c["a"] == "dcldm-fewshot" and c["b"] == "dcldm" for c in metrics["comparisons"])

@@ -56,3 +56,35 @@ def paired_trials(responses_split, stimuli, image_size, image_channels):
                             torch.zeros(0, image_channels, image_size, image_size), np.zeros(0, np.int64))
     images, labels = stimuli.lookup(list(responses_split.stimulus_id))
     return PairedTrials(responses_split.fmri, images_to_tensor(images, image_size, image_channels), labels)
+
+
+class MultiSubjectTrials:
+    """Several subjects' :class:`PairedTrials` as one training set, for a decoder shared by the subjects.
+
+    ``fmri`` is zero-padded to the widest subject (each subject's decoder reads its own first
+    ``V_s`` columns); ``subject`` [N] int64 indexes ``subjects``. ``weight`` [N] float32 scales
+    each trial's loss (prior preservation weighs the other subjects' trials; default 1).
+    ``subjects`` (default: the keys of ``trials``) is the list ``subject`` indexes, which may
+    hold subjects without trials here.
+    """
+
+    def __init__(self, trials, weights=None, subjects=None):
+        self.subjects = list(subjects) if subjects is not None else list(trials)
+        names = list(trials)
+        parts = [trials[name] for name in names]
+        width = max(part.fmri.shape[1] for part in parts)
+        self.fmri = torch.cat([torch.nn.functional.pad(part.fmri, (0, width - part.fmri.shape[1])) for part in parts])
+        self.images = torch.cat([part.images for part in parts])
+        self.labels = torch.cat([part.labels for part in parts])
+        self.subject = torch.cat([torch.full((len(part),), self.subjects.index(name), dtype=torch.int64)
+                                  for name, part in zip(names, parts)])
+        weights = weights or {}
+        self.weight = torch.cat([torch.full((len(part),), float(weights.get(name, 1.0)))
+                                 for name, part in zip(names, parts)])
+
+    def __len__(self):
+        return len(self.labels)
+
+    def get_batch(self, indices):
+        return {"fmri": self.fmri[indices], "images": self.images[indices], "labels": self.labels[indices],
+                "subject": self.subject[indices], "weight": self.weight[indices]}

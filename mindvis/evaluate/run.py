@@ -92,6 +92,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mindvis.config import shared_subjects
 from mindvis.data.responses import load_responses
 from mindvis.data.stimuli import load_stimulus_set
 from mindvis.errors import MindvisError
@@ -112,12 +113,19 @@ log = logging.getLogger(__name__)
 
 #: Folders (under out_dir) of the images the stage draws itself.
 IMAGE_ROWS = ("ridge", "ridge-pixels", "base-ceiling")
-#: The optional model rows from further samples.h5: row id -> (the ``generate`` key that asks for them, the
-#: command-line flag that passes them, what is missing when they were not asked for).
+#: The optional model rows from further samples.h5: row id -> (whether the config asks for them for a subject,
+#: the setting that does, the command-line flag that passes them, what is missing when they were not asked for).
 EXTRA_MODEL_ROWS = {
-    "dcldm-start": ("start_row", "--start-samples", "the DC-LDM was not sampled at its start (0 fine-tuning steps)"),
-    "dcldm-lowlevel": ("lowlevel", "--lowlevel-samples",
+    "dcldm-start": (lambda config, subject: config["generate"].get("start_row", False), "generate.start_row",
+                    "--start-samples", "the DC-LDM was not sampled at its start (0 fine-tuning steps)"),
+    "dcldm-lowlevel": (lambda config, subject: config["generate"].get("lowlevel", False), "generate.lowlevel",
+                       "--lowlevel-samples",
                        "the DC-LDM was not sampled from the ridge latent (img2img low-level start)"),
+    "dcldm-shared": (lambda config, subject: subject in shared_subjects(config), "finetune.shared",
+                     "--shared-samples", "this subject is not in a decoder shared by several subjects"),
+    "dcldm-fewshot": (lambda config, subject: config["finetune"].get("new_subject") == subject,
+                      "finetune.new_subject", "--fewshot-samples",
+                      "this subject is not finetune.new_subject (no few-shot adaptation of the shared decoder)"),
 }
 
 
@@ -225,14 +233,14 @@ def _model_rows(table, classifier, inputs, samples_path, baseline_samples, extra
     """
     images = inputs.samples["samples"]
     table.add_images("dcldm", classifier, images, n_samples=int(images.shape[1]), source=str(samples_path))
-    for row_id, (key, flag, missing) in EXTRA_MODEL_ROWS.items():
+    for row_id, (wanted, key, flag, missing) in EXTRA_MODEL_ROWS.items():
         path = extra_samples.get(row_id)
         if path is not None:
             _samples_row(table, classifier, inputs, row_id, path, f"the {row_id} samples.h5")
-        elif inputs.config["generate"].get(key, False):
-            table.unavailable(row_id, f"generate.{key} is true but no samples were given ({flag})")
+        elif wanted(inputs.config, inputs.subject):
+            table.unavailable(row_id, f"{key} asks for this row but no samples were given ({flag})")
         else:
-            table.unavailable(row_id, f"generate.{key} is false: {missing}")
+            table.unavailable(row_id, f"{key}: {missing}")
     if baseline_samples is not None:
         _samples_row(table, classifier, inputs, "dcldm-baseline", baseline_samples, "the baseline's samples.h5")
     elif inputs.config["finetune"]["baseline"]:
@@ -380,7 +388,8 @@ def _timed(timings, name, func, *args):
 # -- the stage --------------------------------------------------------------------
 
 def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir, baseline_samples=None,
-                     classifier_dir=None, start_samples=None, lowlevel_samples=None, device="auto"):
+                     classifier_dir=None, start_samples=None, lowlevel_samples=None, shared_samples=None,
+                     fewshot_samples=None, device="auto"):
     """Score a subject's decoded images beside every baseline and ceiling; write ``metrics.json``.
 
     Parameters
@@ -407,6 +416,10 @@ def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir
         ``samples.h5`` of the DC-LDM at its start (0 fine-tuning steps): row ``dcldm-start``.
     lowlevel_samples : path, optional
         ``samples.h5`` of the DC-LDM sampled from the ridge latent (img2img): row ``dcldm-lowlevel``.
+    shared_samples : path, optional
+        ``samples.h5`` of the decoder shared by several subjects (finetune_shared): row ``dcldm-shared``.
+    fewshot_samples : path, optional
+        ``samples.h5`` of the shared decoder adapted to this new subject (adapt_subject): row ``dcldm-fewshot``.
     device : str
         Where the classifier and the base generator run (:func:`mindvis.utils.device.select_device`),
         the classifier under ``evaluate.mixed_precision`` autocast.
@@ -452,7 +465,8 @@ def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir
                      out_dir=Path(out_dir))
     timings = {}
     _timed(timings, "dcldm", _model_rows, table, classifier, inputs, samples, baseline_samples,
-           {"dcldm-start": start_samples, "dcldm-lowlevel": lowlevel_samples})
+           {"dcldm-start": start_samples, "dcldm-lowlevel": lowlevel_samples, "dcldm-shared": shared_samples,
+            "dcldm-fewshot": fewshot_samples})
     _timed(timings, "floors", _floor_rows, table, classifier, inputs)
     _timed(timings, "ridge", _ridge_row, table, classifier, inputs)
     _timed(timings, "ridge-pixels", _pixel_ridge_row, table, classifier, inputs)
@@ -485,7 +499,8 @@ def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir
         # The order of every per_stimulus list.
         "stimulus_ids": [str(s) for s in model_samples["stimulus_id"]], "labels": reference.labels.tolist(),
         "category": categories, "subsets": subsets, "comparisons": comparisons,
-        "inputs": input_hashes([responses, stimuli, samples, baseline_samples, start_samples, lowlevel_samples],
+        "inputs": input_hashes([responses, stimuli, samples, baseline_samples, start_samples, lowlevel_samples,
+                                shared_samples, fewshot_samples],
                                [base, classifier_dir]),
         "timings_s": timings,
         "throughput": {"device": device_name(device), "classifier_precision": classifier.precision,

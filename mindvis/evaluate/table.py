@@ -17,6 +17,10 @@ id                        what it is
                           its samples are given
 ``dcldm-lowlevel``        the model started from the ridge latent (img2img),
                           when its samples are given
+``dcldm-shared``          one decoder shared by the subjects (finetune.shared)
+``dcldm-fewshot``         the shared decoder adapted to this new subject
+                          (finetune.new_subject); its ``dcldm`` row is then
+                          trained from scratch on the same share of trials
 ``dcldm-baseline``        the model without SC-MBM pretraining
 ``ridge``                 ridge fMRI -> VAE latent, decoded by the VAE
 ``ridge-pixels``          ridge fMRI -> pixels (images of side <= 64 px)
@@ -88,6 +92,9 @@ ROWS = (
     ("dcldm", "DC-LDM (SC-MBM pretrained)", "model"),
     ("dcldm-start", "DC-LDM at its start (0 fine-tuning steps)", "model"),
     ("dcldm-lowlevel", "DC-LDM, low-level start (img2img from the ridge latent)", "model"),
+    ("dcldm-shared", "DC-LDM shared by the subjects (one decoder, a linear adapter each)", "model"),
+    ("dcldm-fewshot", "DC-LDM shared, adapted to this new subject from finetune.train_fraction of its trials",
+     "model"),
     ("dcldm-baseline", "DC-LDM without SC-MBM pretraining", "baseline"),
     ("ridge", "Ridge fMRI -> VAE latent", "baseline"),
     ("ridge-pixels", "Ridge fMRI -> pixels", "baseline"),
@@ -125,7 +132,8 @@ FID_CI_NOTE = ("percentile bootstrap over stimuli, like every figure; a resample
 #: The test-stimulus subsets scored apart (beside all stimuli).
 SUBSETS = ("seen", "novel")
 #: Paired comparisons (a, b) of metrics.json: the mean over stimuli of a - b, when both rows are available.
-COMPARISONS = (("dcldm", "dcldm-start"), ("dcldm", "dcldm-baseline"), ("dcldm-lowlevel", "dcldm"), ("dcldm", "ridge"))
+COMPARISONS = (("dcldm", "dcldm-start"), ("dcldm", "dcldm-baseline"), ("dcldm-lowlevel", "dcldm"), ("dcldm", "ridge"),
+               ("dcldm-shared", "dcldm"), ("dcldm-fewshot", "dcldm"))
 #: Fewest stimuli a subset is scored on (a bootstrap of one stimulus has no spread).
 MIN_SUBSET_STIMULI = 2
 

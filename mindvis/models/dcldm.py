@@ -122,13 +122,17 @@ class DCLDM(torch.nn.Module):
         output = self.embedding(fmri)
         condition = used = self.prior.condition(output) if self.prior is not None else output
         if drop is not None:
-            null = self.null(len(condition))
-            used = type(condition)(
-                torch.where(drop[:, None, None], null.context.to(condition.context.dtype), condition.context),
-                torch.where(drop[:, None], null.pooled.to(condition.pooled.dtype), condition.pooled))
+            used = drop_condition(condition, self.null(len(condition)), drop)
         prediction = self.unet(noisy_latents, timesteps, encoder_hidden_states=used.context,
                                class_labels=used.pooled).sample
         return (prediction, output) if return_condition else prediction
+
+
+def drop_condition(condition, null, drop):
+    """Condition dropout: the rows of ``condition`` where ``drop`` [B] is True replaced by the ``null`` condition."""
+    return type(condition)(
+        torch.where(drop[:, None, None], null.context.to(condition.context.dtype), condition.context),
+        torch.where(drop[:, None], null.pooled.to(condition.pooled.dtype), condition.pooled))
 
 
 def build_decoder(config, generator, n_voxels, mbm_dir=None, baseline=False):

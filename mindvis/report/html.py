@@ -48,6 +48,8 @@ GRID_TITLES = {
     "dcldm": "DC-LDM (SC-MBM pretrained)",
     "dcldm-start": "DC-LDM at its start (0 fine-tuning steps)",
     "dcldm-lowlevel": "DC-LDM, low-level start (img2img from the ridge latent)",
+    "dcldm-shared": "DC-LDM shared by the subjects",
+    "dcldm-fewshot": "DC-LDM shared, adapted to this new subject (few-shot)",
     "dcldm-baseline": "DC-LDM without SC-MBM pretraining",
     "ridge": "Ridge fMRI -> VAE latent (baseline)",
     "ridge-pixels": "Ridge fMRI -> pixels (baseline)",

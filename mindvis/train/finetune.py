@@ -193,7 +193,7 @@ def voxel_path_record(conditioner):
 
 # -- losses and validation -----------------------------------------------------
 
-def embedding_alignment_loss(embedding, target):
+def embedding_alignment_loss(embedding, target, weight=None):
     """Relative squared error between the decoded and the seen image's prior embedding, per sample.
 
     ``||e - t||^2 / ||t||^2``, averaged over the batch: both are grids of
@@ -202,7 +202,15 @@ def embedding_alignment_loss(embedding, target):
     of MindEye's and Brain-Diffuser's regression onto CLIP image embeddings.
     """
     ours, theirs = embedding.flatten(1).float(), target.flatten(1).float()
-    return ((ours - theirs) ** 2).sum(1).div(theirs.pow(2).sum(1).clamp_min(1e-8)).mean()
+    return weighted_mean(((ours - theirs) ** 2).sum(1).div(theirs.pow(2).sum(1).clamp_min(1e-8)), weight)
+
+
+def weighted_mean(values, weight=None):
+    """The mean of per-sample ``values`` [B], or their ``weight``-weighted mean (prior preservation's)."""
+    if weight is None:
+        return values.mean()
+    weight = weight.to(values)
+    return (values * weight).sum() / weight.sum().clamp_min(1e-12)
 
 
 def contrastive_loss(embedding, target, temperature):
@@ -260,14 +268,20 @@ def make_loss_fn(generator, scheduler, settings):
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), device=latents.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         drop = torch.rand(len(latents), device=latents.device) < settings["cond_dropout"]
-        prediction, output = model(noisy, timesteps, batch["fmri"], drop=drop, return_condition=True)
-        diffusion = F.mse_loss(prediction.float(), diffusion_target(scheduler, latents, noise, timesteps))
+        # A decoder shared by several subjects (mindvis.models.shared) routes each trial through its subject's
+        # adapter; a trial's weight (prior preservation) scales its share of the loss.
+        route = {"subject": batch["subject"]} if "subject" in batch else {}
+        weight = batch.get("weight")
+        prediction, output = model(noisy, timesteps, batch["fmri"], drop=drop, return_condition=True, **route)
+        target = diffusion_target(scheduler, latents, noise, timesteps)
+        diffusion = (F.mse_loss(prediction.float(), target) if weight is None
+                     else weighted_mean((prediction.float() - target).pow(2).flatten(1).mean(1), weight))
         if not aligned:
             return diffusion, {}
         logged = {"diffusion": diffusion.detach()}
         if model.prior is not None:
             target = generator.embed_all(batch["images"])
-            align = embedding_alignment_loss(output, target)
+            align = embedding_alignment_loss(output, target, weight)
             contrast = contrastive_loss(output, target, settings["contrastive_temperature"])
         else:
             target, known = base_conditions(generator, batch["images"], batch["labels"])
@@ -317,7 +331,7 @@ def make_eval_fn(generator, scheduler, val_trials, settings, generate_settings, 
     return eval_fn
 
 
-def finetune_param_groups(model, settings, ridge_started=False):
+def finetune_param_groups(model, settings, ridge_started=False, voxel_lr_scale=None):
     """Optimizer groups: the encoder and a ridge-started voxel path learn at their own rates, the rest at ``lr``.
 
     The encoder starts pretrained (``finetune.encoder_lr_scale``). A voxel path
@@ -326,18 +340,22 @@ def finetune_param_groups(model, settings, ridge_started=False):
     step whatever its gradient, so at the full rate the noisy diffusion-loss
     gradient overwrites that solution within the warm-up
     (``finetune.ridge_lr_scale``; at 0 the path is frozen before this is called).
+    ``voxel_lr_scale`` sets the voxel path's rate instead (a shared decoder's new adapter).
     """
     groups = {"encoder": [], "voxel": [], "other": []}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
+        if name.startswith("views."):  # a shared decoder's views.<subject>.<name>
+            name = name.split(".", 2)[2]
         if name.startswith("encoder."):
             groups["encoder"].append(parameter)
         elif name.startswith(("conditioner.voxel_map.", "conditioner.voxel_down.")):
             groups["voxel"].append(parameter)
         else:
             groups["other"].append(parameter)
-    scales = {"encoder": settings["encoder_lr_scale"], "voxel": settings["ridge_lr_scale"] if ridge_started else 1.0,
+    voxel = settings["ridge_lr_scale"] if ridge_started else 1.0
+    scales = {"encoder": settings["encoder_lr_scale"], "voxel": voxel if voxel_lr_scale is None else voxel_lr_scale,
               "other": 1.0}
     return [{"params": params, "lr_scale": float(scales[key]), "weight_decay": settings["weight_decay"]}
             for key, params in groups.items() if params]
@@ -472,8 +490,9 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, c
     if settings["gradient_checkpointing"]:
         generator.unet.enable_gradient_checkpointing()  # active in train mode only, so sampling is unchanged
     train_trials = paired_trials(data["train"], stimulus_set, generator.image_size, generator.image_channels)
-    if settings["train_fraction"] < 1.0:
-        # The learning curve (benchmarks/learning_curve.py): fewer labelled trials, the same val split.
+    if settings["train_fraction"] < 1.0 and settings.get("new_subject") in (None, subject):
+        # The learning curve (benchmarks/learning_curve.py), or the few-shot subject's from-scratch decoder
+        # (finetune.new_subject: the same trials its adaptation sees): fewer labelled trials, the same val split.
         n_all = len(train_trials)
         train_trials = train_trials.subset(settings["train_fraction"], derive_seed(config["seed"], "train-fraction"))
         log.info("finetune.train_fraction %.2f: %d of %d training trials", settings["train_fraction"],

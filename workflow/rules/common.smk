@@ -308,7 +308,7 @@ def dcldm_targets():
     for subject in SUBJECTS:
         for model, samples in DCLDM_VARIANTS.items():
             targets += [f"results/{subject}/{model}/dcldm.json", f"results/{subject}/{samples}/samples.h5"]
-    return targets
+    return targets + shared_targets()
 
 
 def baseline_samples_input(wildcards):
@@ -341,6 +341,52 @@ def lowlevel_samples_input(wildcards):
 def lowlevel_samples_flag(wildcards, input):
     """Params function: --lowlevel-samples <file> when the low-level start's samples are an input, else nothing."""
     return f"--lowlevel-samples {input.lowlevel}" if input.get("lowlevel") else ""
+
+
+# One decoder shared by several subjects (finetune.shared) and the few-shot new subject (finetune.new_subject):
+# see workflow/rules/finetune.smk. The shared decoder's fMRI enters one SC-MBM encoder: the pretraining's
+# (mbm.base embedded) or the pretrained base itself, not one subject's adaptation of it.
+from mindvis.config import shared_subjects
+
+SHARED_SUBJECTS = shared_subjects(config)
+NEW_SUBJECT = config["finetune"]["new_subject"]
+SHARED_MBM = "results/pretrain/mbm" if MBM_EMBEDDED else (MBM_BASE if SHARED_SUBJECTS else None)
+SHARED_MBM_INPUT = ["results/pretrain/mbm/config.json"] if MBM_EMBEDDED and SHARED_SUBJECTS else []
+
+
+def shared_targets():
+    """The shared decoder's subject folders and samples, and the few-shot subject's."""
+    targets = []
+    for subject in SHARED_SUBJECTS:
+        targets += [f"results/{subject}/dcldm-shared/dcldm.json", f"results/{subject}/samples-shared/samples.h5"]
+    if NEW_SUBJECT:
+        targets += [f"results/{NEW_SUBJECT}/dcldm-fewshot/dcldm.json",
+                    f"results/{NEW_SUBJECT}/samples-fewshot/samples.h5"]
+    return targets
+
+
+def shared_samples_input(wildcards):
+    """Input function: the shared decoder's samples of a subject in it, else nothing."""
+    return f"results/{wildcards.subject}/samples-shared/samples.h5" if wildcards.subject in SHARED_SUBJECTS else []
+
+
+def fewshot_samples_input(wildcards):
+    """Input function: the few-shot decoder's samples of finetune.new_subject, else nothing."""
+    return f"results/{wildcards.subject}/samples-fewshot/samples.h5" if wildcards.subject == NEW_SUBJECT else []
+
+
+def shared_samples_flag(wildcards, input):
+    """Params function: --shared-samples / --fewshot-samples for the rows a subject has."""
+    flags = [f"--shared-samples {input.shared}" if input.get("shared") else "",
+             f"--fewshot-samples {input.fewshot}" if input.get("fewshot") else ""]
+    return " ".join(flag for flag in flags if flag)
+
+
+def shared_models_input(wildcards):
+    """Input function: the shared and few-shot decoders of a subject (their training curves in its report)."""
+    if wildcards.subject in SHARED_SUBJECTS:
+        return [f"results/{wildcards.subject}/dcldm-shared/dcldm.json"]
+    return [f"results/{wildcards.subject}/dcldm-fewshot/dcldm.json"] if wildcards.subject == NEW_SUBJECT else []
 
 
 # -- resources: what each job asks a scheduler for (mem_mb, runtime, gpu, threads) --
@@ -407,6 +453,8 @@ STAGES = {
     "pretrain_ldm": ("ldm", True, 3000, 4, (240, 720)),
     "import_ldm": ("ldm", False, 2000, 3, (30, 30)),
     "finetune": ("ldm", True, 3000, 4, (120, 480)),
+    "finetune_shared": ("ldm", True, 3000, 4, (240, 960)),  # every shared subject's trials in one job
+    "adapt_subject": ("ldm", True, 3000, 4, (60, 240)),
     "generate": ("ldm", False, 2000, 2, (60, 120)),
     "evaluate": ("ldm", False, 3000, 2, (60, 120)),
     "report": (None, False, 2000, 1, (30, 30)),
@@ -414,12 +462,16 @@ STAGES = {
 }
 
 
+#: The training stages that run compute.processes processes (accelerate launch).
+MULTI_PROCESS_STAGES = ("pretrain_mbm", "adapt_mbm", "finetune", "finetune_shared", "adapt_subject")
+
+
 def _model_mb(stage):
     """Host memory of a stage's models: the base generator's weights (1.5x: loaded, then placed), the trained
     parameters' optimiser state, the ViT-H/14 classifier."""
     kind, training = STAGES[stage][:2]
     mb = 1.5 * GENERATOR_MB if kind == "ldm" else 0.0
-    if stage in ("pretrain_mbm", "adapt_mbm", "finetune"):
+    if stage in MULTI_PROCESS_STAGES:
         # Gradients and AdamW's moments live on the GPU when there is one; the host keeps the weights.
         per_parameter = 4e-6 if stage_gpus(stage) else TRAINED_MB_PER_PARAMETER
         mb += _mbm_parameters() * per_parameter * stage_processes(stage)
@@ -439,7 +491,7 @@ def stage_gpus(stage):
 
 def stage_processes(stage):
     """Processes a stage's job runs (compute.processes for SC-MBM and fine-tuning, else 1)."""
-    return PROCESSES if stage in ("pretrain_mbm", "adapt_mbm", "finetune") else 1
+    return PROCESSES if stage in MULTI_PROCESS_STAGES else 1
 
 
 def stage_threads(stage):

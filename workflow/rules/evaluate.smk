@@ -9,6 +9,8 @@ rule evaluate:
         baseline=baseline_samples_input,
         start=start_samples_input,
         lowlevel=lowlevel_samples_input,
+        shared=shared_samples_input,
+        fewshot=fewshot_samples_input,
         responses="results/{subject}/responses.h5",
         stimuli=subject_stimuli,
         base=ldm_base_input,
@@ -23,6 +25,7 @@ rule evaluate:
         baseline=baseline_samples_flag,
         start=start_samples_flag,
         lowlevel=lowlevel_samples_flag,
+        shared=shared_samples_flag,
         base=ldm_base_dir,
         classifier=classifier_flag,
         out_dir=output_dir,
@@ -37,5 +40,5 @@ rule evaluate:
     shell:
         "mindvis evaluate --config {params.config} --subject {wildcards.subject} --responses {input.responses}"
         " --stimuli {input.stimuli} --samples {input.samples} {params.baseline} {params.start}"
-        " {params.lowlevel} --base {params.base}"
+        " {params.lowlevel} {params.shared} --base {params.base}"
         " {params.classifier} --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"

@@ -96,3 +96,39 @@ use rule generate as generate_lowlevel with:
         digest=config_digest("generate"),
         extra="--lowlevel",
     priority: 25
+
+
+use rule generate as generate_shared with:
+    # The decoder shared by several subjects, through this subject's adapter (finetune.shared).
+    input:
+        model="results/{subject}/dcldm-shared/dcldm.json",
+        responses="results/{subject}/responses.h5",
+        stimuli=subject_stimuli,
+        classifier=classifier_input,
+    output:
+        samples="results/{subject}/samples-shared/samples.h5",
+        grid="results/{subject}/samples-shared/grid.png",
+        summary="results/{subject}/samples-shared/summary.json",
+    log:
+        "logs/generate/{subject}-shared.log",
+    benchmark:
+        "logs/benchmarks/generate/{subject}-shared.tsv",
+    priority: 14
+
+
+use rule generate as generate_fewshot with:
+    # The shared decoder adapted to finetune.new_subject from a share of its trials.
+    input:
+        model="results/{subject}/dcldm-fewshot/dcldm.json",
+        responses="results/{subject}/responses.h5",
+        stimuli=subject_stimuli,
+        classifier=classifier_input,
+    output:
+        samples="results/{subject}/samples-fewshot/samples.h5",
+        grid="results/{subject}/samples-fewshot/grid.png",
+        summary="results/{subject}/samples-fewshot/summary.json",
+    log:
+        "logs/generate/{subject}-fewshot.log",
+    benchmark:
+        "logs/benchmarks/generate/{subject}-fewshot.tsv",
+    priority: 13

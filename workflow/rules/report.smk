@@ -12,9 +12,12 @@ rule report:
         baseline=baseline_samples_input,
         start=start_samples_input,
         lowlevel=lowlevel_samples_input,
+        shared=shared_samples_input,
+        fewshot=fewshot_samples_input,
         responses="results/{subject}/responses.h5",
         mbm=mbm_curve_input,
         models=expand("results/{{subject}}/{model}/dcldm.json", model=DCLDM_VARIANTS),
+        shared_models=shared_models_input,
     output:
         html=report("results/{subject}/report.html", caption="../report/report.rst", category="{subject}",
                     labels={"figure": "report (HTML)"}),
@@ -49,8 +52,9 @@ rule report:
     shell:
         "mindvis report --config {params.config} --metrics {input.metrics} --out {output.html}"
         " --samples {input.samples} --baseline-samples {input.baseline} --start-samples {input.start}"
-        " --lowlevel-samples {input.lowlevel} --responses {input.responses}"
-        " {params.mbm_curve} --finetune-models {input.models} --figures-dir {params.figures}"
+        " --lowlevel-samples {input.lowlevel} --shared-samples {input.shared} --fewshot-samples {input.fewshot}"
+        " --responses {input.responses} {params.mbm_curve} --finetune-models {input.models} {input.shared_models}"
+        " --figures-dir {params.figures}"
         " --threads {threads} > {log} 2>&1"
 
 
