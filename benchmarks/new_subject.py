@@ -207,13 +207,17 @@ def pooled(entries, fraction, variant, metric, subset, n_boot, level):
         scored = entry["full"] if variant == "full" else entry["runs"][fraction][variant]
         values = np.asarray(scored["per_stimulus"][metric], np.float64)
         arrays.append(values[lc.subset_index(scored["categories"], subset)])
-    return lc.stratified_ci(arrays, n_boot=n_boot, level=level, seed=0)
+    ci = lc.stratified_ci(arrays, n_boot=n_boot, level=level, seed=0)
+    value = float(np.mean([np.nanmean(array) for array in arrays]))
+    return {"value": value, "ci": ci} if ci is not None else {"value": value, "ci": [value, value]}
 
 
 def markdown(report):
     lines = ["# A new subject from little data: the shared decoder adapted vs trained from scratch\n",
              report["description"] + "\n", f"Run: `{report['command']}` on {report['machine']['cpu']} "
-             f"({report['machine']['cores']} cores, torch {report['machine']['torch']}); {report['wall_min']:.1f} min.\n"]
+             f"({report['machine']['cores']} cores, torch {report['machine']['torch']}); this invocation "
+             f"{report['wall_min']:.1f} min (with --resume, steps reused from an earlier invocation are not timed "
+             "again).\n"]
     for entry in report["entries"]:
         lines.append(f"## {entry['left_out']} left out (shared by {', '.join(entry['shared_subjects'])})\n")
         full = entry["full"]["metrics"]
