@@ -64,6 +64,7 @@ def _generate(config, subject, model_dir, inputs, samples_dir, resume):
 
 
 def _score(config, subject, samples, classifier, inputs):
+    """The learning-curve benchmark's scores, plus 2-way identification summarised (it is scored there too)."""
     from mindvis.data.responses import load_responses
     from mindvis.evaluate.table import stimulus_categories
 
@@ -71,17 +72,10 @@ def _score(config, subject, samples, classifier, inputs):
     categories = stimulus_categories(data["test_avg"].label, np.concatenate([data["train"].label,
                                                                              data["val"].label]))
     scored = lc.score_samples(samples, classifier, config, subject, categories)
-    from mindvis.evaluate.table import make_reference, score_images
-
-    reference = make_reference(classifier, samples, config["evaluate"],
-                               derive_seed(config["seed"], "evaluate", subject),
-                               list(classifier.class_names) == list(samples["attrs"].get("class_names",
-                                                                                         classifier.class_names)))
-    values, _, _ = score_images(classifier, samples["samples"], reference)
     n_boot, level = int(config["evaluate"]["n_bootstrap"]), float(config["evaluate"]["ci_level"])
-    scored["metrics"]["two_way_id"] = lc.subset_summaries(values["two_way_id"], categories, n_boot, level,
-                                                          reference.seed)
-    scored["per_stimulus"]["two_way_id"] = lc._finite_list(values["two_way_id"])
+    seed = derive_seed(config["seed"], "evaluate", subject)
+    scored["metrics"]["two_way_id"] = lc.subset_summaries(scored["per_stimulus"]["two_way_id"], categories, n_boot,
+                                                          level, seed)
     scored["categories"] = list(categories)
     return scored
 

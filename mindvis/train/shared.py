@@ -77,7 +77,7 @@ def _set_trainable(shared, groups, adapters=True, only=None):
             if is_adapter:
                 parameter.requires_grad_(adapters and (only is None or subject == only))
             else:
-                parameter.requires_grad_(name in names and not name.startswith("conditioner.voxel_down."))
+                parameter.requires_grad_(name in names)
 
 
 def _train_config(settings, seed, select, config, epochs=None):
