@@ -12,11 +12,14 @@ image classifier's top-1 on the true image) on all, seen- and novel-category tes
 identification on the classifier's features, each with a bootstrap interval over stimuli; paired
 differences (few-shot minus scratch) over the same stimuli and sample seeds. The old subjects are
 scored before and after the adaptation (what prior preservation keeps; with ``finetune.new_subject_train``
-= [adapter] nothing they use changes, and the benchmark checks that their samples are identical).
+= [adapter] nothing they use changes: adapt_subject writes no preserved views, their decoders are the
+shared ones, and their "after" is their "before").
 
     python benchmarks/new_subject.py --results results --config configs/default.yaml
         [--subjects sub-01 sub-02 sub-03] [--fractions 0.04 0.1 0.25 0.5] [--n-samples 2]
-        [--work-dir results/new-subject] [--out benchmarks/results/new_subject] [--resume]
+        [--work-dir results/new-subject] [--out benchmarks/results/new_subject] [--resume] [--threads 2]
+
+Writes {out}.json (every figure), {out}.md (the tables) and {out}.png (the learning curve).
 
 ``0.04`` is about one run's worth of trials of the simulated default (1,090 training trials over 24
 runs), drawn at random over runs, not one run's own trials.
@@ -114,6 +117,7 @@ def leave_out(config, left_out, subjects, args, classifier):
                         inputs[left_out]["base"], work / "shared", view_dirs, mbm_dir=encoder,
                         classifier_dir=inputs[left_out]["classifier"] if inputs[left_out]["domain"] else None)
     entry["timings_s"]["finetune_shared"] = round(time.perf_counter() - tick, 1)
+    entry["shared_rank"] = json.loads((work / "shared" / "shared.json").read_text())["rank"]
     before = {}
     for subject, view_dir in zip(others, view_dirs):
         samples = _generate(base_config, subject, view_dir, inputs[subject], work / "shared" / "samples" / subject,
@@ -146,6 +150,8 @@ def leave_out(config, left_out, subjects, args, classifier):
         run["fewshot"] = _score(cfg, left_out, samples, classifier, inputs[left_out])
         run["n_train"], run["n_train_all"] = meta["n_train"], meta["n_train_all"]
         run["fewshot_best"] = meta["best"]
+        run["adapter_rank"] = meta.get("adapter_rank")
+        run["adapter_ridge"] = meta.get("voxel_path_ridge")
         scratch = run_dir / "scratch"
         if not (args.resume and (scratch / "dcldm.json").exists()):
             finetune(cfg, left_out, inputs[left_out]["responses"], inputs[left_out]["stimuli"], inputs[left_out]["base"],
@@ -215,16 +221,22 @@ def markdown(report):
     for entry in report["entries"]:
         lines.append(f"## {entry['left_out']} left out (shared by {', '.join(entry['shared_subjects'])})\n")
         full = entry["full"]["metrics"]
+        rank = entry.get("shared_rank") or {}
+        if "val_relative_error" in rank:
+            errors = ", ".join(f"{r}: {e:.3f}" for r, e in rank["val_relative_error"].items())
+            lines.append(f"Shared space: rank {rank['rank']} of at most {rank['max_rank']}, chosen on the shared "
+                         f"subjects' val trials (pooled relative error per rank: {errors}).\n")
         lines.append(f"Own decoder on all its training trials: n-way all {_cell(full['n_way_top1_mean']['all'])}, "
                      f"seen {_cell(full['n_way_top1_mean']['seen'])}, novel {_cell(full['n_way_top1_mean']['novel'])}; "
                      f"2-way {_cell(full['two_way_id']['all'])}.\n")
-        lines.append("| share | n train | few-shot n-way all | scratch n-way all | few-shot - scratch | few-shot seen | "
+        lines.append("| share | n train | adapter rank | few-shot n-way all | scratch n-way all | few-shot - scratch | few-shot seen | "
                      "scratch seen | few-shot novel | scratch novel | few-shot 2-way | scratch 2-way | few-shot / full n-way |")
-        lines.append("|" + "---|" * 12)
+        lines.append("|" + "---|" * 13)
         for key, run in entry["runs"].items():
             few, scr = run["fewshot"]["metrics"], run["scratch"]["metrics"]
             ratio = few["n_way_top1_mean"]["all"]["value"] / max(full["n_way_top1_mean"]["all"]["value"], 1e-9)
-            lines.append(f"| {float(key):.0%} | {run['n_train']} | {_cell(few['n_way_top1_mean']['all'])} | "
+            lines.append(f"| {float(key):.0%} | {run['n_train']} | {run.get('adapter_rank', '')} | "
+                         f"{_cell(few['n_way_top1_mean']['all'])} | "
                          f"{_cell(scr['n_way_top1_mean']['all'])} | "
                          f"{_signed(run['fewshot_minus_scratch']['n_way_top1_mean']['all'])} | "
                          f"{_cell(few['n_way_top1_mean']['seen'])} | {_cell(scr['n_way_top1_mean']['seen'])} | "
@@ -245,6 +257,49 @@ def markdown(report):
             lines.append(f"| {float(key):.0%} | {_cell(row['fewshot'])} | {_cell(row['scratch'])} | "
                          f"{_cell(row['full'])} | {row['ratio']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def plot(report, path):
+    """The learning curve: n-way top-1 against the new subject's training trials, adapted vs from scratch."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    entries = report["entries"]
+    chance, n_way = entries[0]["full"]["chance"], entries[0]["full"]["n_way"]
+    figure = Figure(figsize=(4.2 * len(entries), 3.8))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(entries), squeeze=False)[0]
+    drawn = [("fewshot", "all", "adapted from the shared decoder", dict(color="C0", marker="o")),
+             ("scratch", "all", "trained from scratch", dict(color="C1", marker="o")),
+             ("fewshot", "novel", "adapted, novel categories", dict(color="C0", marker="s", linestyle="--",
+                                                                    markerfacecolor="white")),
+             ("scratch", "novel", "from scratch, novel categories", dict(color="C1", marker="s", linestyle="--",
+                                                                         markerfacecolor="white"))]
+    for axis, entry in zip(axes, entries):
+        runs = sorted(entry["runs"].values(), key=lambda run: run["n_train"])
+        for index, (variant, subset, label, style) in enumerate(drawn):
+            x = np.array([run["n_train"] for run in runs], np.float64) * 1.03 ** (index - 1.5)
+            cells = [run[variant]["metrics"]["n_way_top1_mean"][subset] for run in runs]
+            y = np.array([cell["value"] for cell in cells])
+            error = np.abs(np.array([cell["ci"] or [cell["value"]] * 2 for cell in cells], np.float64).T - y)
+            axis.errorbar(x, y, yerr=error, capsize=2, linewidth=1.2, label=label, **style)
+        full = entry["full"]["metrics"]["n_way_top1_mean"]["all"]["value"]
+        axis.axhline(full, color="0.3", linewidth=1, label="own decoder, all training trials")
+        axis.axhline(0.8 * full, color="0.3", linestyle="-.", linewidth=1, label="80 % of it (the target)")
+        axis.axhline(chance, color="black", linestyle=":", linewidth=1, label="chance")
+        axis.set_xscale("log")
+        axis.set_xticks([run["n_train"] for run in runs])
+        axis.set_xticklabels([str(run["n_train"]) for run in runs])
+        axis.minorticks_off()
+        axis.set_ylim(0, 1)
+        axis.set_xlabel("the new subject's training trials (log)")
+        axis.set_title(f"{entry['left_out']} left out", fontsize=10)
+    axes[0].set_ylabel(f"{n_way}-way top-1 (mean of k samples)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.tight_layout()
+    figure.legend(handles, labels, loc="upper center", ncol=4, fontsize=7, frameon=False, bbox_to_anchor=(0.5, 0.02))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
 
 
 def main(argv=None):
@@ -283,6 +338,7 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out.with_suffix(".json"), report)
     out.with_suffix(".md").write_text(markdown(report))
+    plot(report, out.with_suffix(".png"))
     print(markdown(report))
 
 

@@ -12,7 +12,8 @@ from mindvis.data.pairs import MultiSubjectTrials, PairedTrials
 from mindvis.errors import MindvisError
 from mindvis.models.dcldm import build_decoder, load_dcldm
 from mindvis.models.ldm import load_generator
-from mindvis.models.shared import SharedDecoder, adapter_from_ridge, shared_ridge_start
+from mindvis.models.shared import (SharedDecoder, adapter_from_ridge, fit_adapter, rank_candidates, rank_errors,
+                                   select_rank, shared_ridge_start)
 from mindvis.train.shared import adapt_subject, finetune_shared
 
 #: Voxel counts differ between subjects, as they do in real data (native ROIs).
@@ -84,6 +85,41 @@ def test_the_shared_ridge_start_keeps_the_pooled_predictions_in_k_directions():
     np.testing.assert_allclose(adapter_from_ridge(up, weights[0]), adapters[0], atol=1e-4)
 
 
+def test_rank_candidates_double_up_to_the_largest():
+    assert rank_candidates(1) == [1] and rank_candidates(6) == [1, 2, 4, 6] and rank_candidates(8) == [1, 2, 4, 8]
+
+
+def test_few_trials_choose_fewer_shared_directions_than_many():
+    """The adapter's rank follows its data: what a subject's trials can estimate, in the order the others set."""
+    rng = np.random.default_rng(1)
+    n_voxels, width = 60, 8
+    up = np.linalg.qr(rng.normal(size=(24, width)))[0] * np.linspace(3, 1, width)
+    strength = np.array([1.0, 0.7, 0.4, 0.3, 0.2, 0.15, 0.1, 0.08])  # later directions carry less
+    mixing = rng.normal(size=(width, n_voxels))  # the subject: its voxels mix the shared directions
+    chosen = {}
+    for n in (12, 2000):
+        latent = rng.normal(size=(n + 200, width)) * strength
+        x, y = latent @ mixing + 3 * rng.normal(size=(n + 200, n_voxels)), latent @ up.T
+        adapter, rank, report = fit_adapter(up, np.zeros(24), x[:n], y[:n], x[n:], y[n:], [0.1, 1.0, 10.0, 100.0])
+        assert adapter.shape == (width, n_voxels) and not adapter[rank:].any() and adapter[:rank].any()
+        assert report["rank"] == rank and set(report["val_relative_error"]) == {"1", "2", "4", "8"}
+        errors = report["val_relative_error"]
+        assert errors[str(rank)] == min(errors.values())
+        chosen[n] = rank
+    assert chosen[12] < chosen[2000]
+
+
+def test_rank_errors_measure_the_decoders_own_prediction():
+    rng = np.random.default_rng(2)
+    up = np.linalg.qr(rng.normal(size=(10, 4)))[0] * 2.0
+    weight = up @ rng.normal(size=(4, 7))  # a map inside the shared directions: rank 4 predicts exactly
+    x = rng.normal(size=(30, 7))
+    y = x @ weight.T + 0.5
+    errors = rank_errors(up, np.full(10, 0.5), [weight], [x], [y], [1, 2, 4])
+    assert errors[4] == pytest.approx(0.0, abs=1e-12) and errors[1] > errors[2] > errors[4]
+    assert select_rank(errors) == 4 and select_rank({1: 0.5, 2: 0.5}) == 1
+
+
 @pytest.fixture(scope="module")
 def shared_run(workspace):
     root, config = workspace["root"], workspace["config"]
@@ -96,16 +132,21 @@ def shared_run(workspace):
 def test_finetune_shared_writes_one_ordinary_decoder_folder_per_subject(workspace, shared_run):
     root = workspace["root"]
     assert shared_run["subjects"] == ["sub-01", "sub-02"] and shared_run["step"] > 0
-    assert json.loads((root / "shared/shared.json").read_text())["rank"]["rank"] == 6
+    rank = json.loads((root / "shared/shared.json").read_text())["rank"]
+    # The width is chosen on the subjects' val trials among 1, 2, 4 and the most allowed (6).
+    assert set(rank["val_relative_error"]) == {"1", "2", "4", "6"} and rank["max_rank"] == 6
+    assert rank["rank"] == int(min(rank["val_relative_error"], key=lambda r: (rank["val_relative_error"][r], int(r))))
+    width = int(rank["rank"])
     loaded = {}
     for subject in ("sub-01", "sub-02"):
         _, decoder, meta = load_dcldm(root / subject / "dcldm-shared")
         assert meta["stage"] == "finetune_shared" and meta["n_voxels"] == VOXELS[subject]
+        assert meta["shared_rank"] == width
         loaded[subject] = decoder
     # The views are of one model: their shared tensors are equal (from_views checks it) and the UNet's trained
     # tensors were stored with each.
     shared = SharedDecoder.from_views(loaded)
-    assert shared.view("sub-02").conditioner.voxel_down.weight.shape == (6, 40)
+    assert shared.view("sub-02").conditioner.voxel_down.weight.shape == (width, 40)
     other = {k: v for k, v in loaded["sub-02"].state_dict().items() if ".attn2." in k}
     assert other and all(torch.equal(v, shared.view("sub-01").state_dict()[k]) for k, v in other.items())
 
@@ -129,7 +170,12 @@ def test_a_new_subject_is_adapted_from_a_share_of_its_trials(workspace, shared_r
                          old_responses={s: root / f"{s}.h5" for s in views})
     assert meta["stage"] == "adapt_subject" and meta["n_train"] == round(0.5 * meta["n_train_all"])
     _, decoder, _ = load_dcldm(tmp_path / "fewshot")
-    assert decoder.conditioner.voxel_down.weight.shape == (6, VOXELS["sub-03"])
+    width = shared_run["rank"]["rank"]
+    adapter = decoder.conditioner.voxel_down.weight
+    assert adapter.shape == (width, VOXELS["sub-03"])
+    # Only the first adapter_rank shared directions are open, before and after training.
+    assert meta["adapter_rank"] == meta["voxel_path_ridge"]["rank"] <= width
+    assert torch.count_nonzero(adapter[meta["adapter_rank"]:]) == 0
     _, before, _ = load_dcldm(views["sub-01"])
     unet_before = {k: v for k, v in before.state_dict().items() if ".attn2." in k}
     unet_after = {k: v for k, v in decoder.state_dict().items() if ".attn2." in k}

@@ -18,9 +18,13 @@ shared weights are stored once per subject.
 
 The rank-K space starts from a reduced-rank ridge (:func:`shared_ridge_start`):
 the K directions of the condition space that the subjects' own ridge maps
-predict best, together. A new subject (few-shot) gets an adapter fitted onto
-those K directions from its few trials (:func:`adapter_from_ridge`); the
-shared parts then decide what its K values mean.
+predict best, together, K chosen on the subjects' validation trials
+(:func:`rank_errors`) up to ``finetune.shared_rank``. A new subject (few-shot)
+gets an adapter fitted onto the first r <= K of those directions from its few
+trials, r and the ridge alpha chosen together on its validation trials
+(:func:`fit_adapter`): the fewer its trials, the fewer directions it can
+estimate, and the other subjects have said which directions come first. The
+shared parts then decide what its values mean.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 from mindvis.errors import MindvisError
 from mindvis.models.conditioning import FmriConditioner
 from mindvis.models.dcldm import DCLDM, drop_condition
+from mindvis.models.linear import fit_ridge
 
 #: The conditioner's modules every subject shares (all but ``voxel_down``, the subject's adapter).
 SHARED_CONDITIONER_MODULES = ("norm", "width_map", "token_map", "token_dropout", "pooled_proj", "output_norm",
@@ -232,8 +237,9 @@ def shared_ridge_start(weights, biases, fmri, rank):
     pseudo = basis.T / scale[:, None]  # up^+ for orthonormal basis columns
     adapters = [(pseudo @ np.asarray(w, np.float64)).astype(np.float32) for w in weights]
     variance = singular ** 2
-    info = {"rank": rank, "variance_kept": float(variance[:rank].sum() / max(variance.sum(), 1e-12)),
-            "n_trials": int(len(stacked))}
+    cumulative = np.cumsum(variance) / max(variance.sum(), 1e-12)
+    info = {"rank": rank, "variance_kept": float(cumulative[rank - 1]),
+            "variance_per_rank": [float(v) for v in cumulative[:rank]], "n_trials": int(len(stacked))}
     return up.astype(np.float32), np.mean(biases, axis=0).astype(np.float32), adapters, info
 
 
@@ -241,3 +247,106 @@ def adapter_from_ridge(up, weight):
     """A subject's adapter ``up^+ W`` (its ridge map ``W`` [E, V] seen through the shared directions)."""
     up = np.asarray(up, np.float64)
     return (np.linalg.pinv(up) @ np.asarray(weight, np.float64)).astype(np.float32)
+
+
+def rank_candidates(rank):
+    """The ranks tried up to ``rank``: 1, 2, 4, ... below it, and ``rank`` itself."""
+    rank = int(rank)
+    candidates = [2 ** k for k in range(rank.bit_length()) if 2 ** k < rank]
+    return candidates + [rank]
+
+
+def _orthonormal(up):
+    up = np.asarray(up, np.float64)
+    return up / np.maximum(np.linalg.norm(up, axis=0, keepdims=True), 1e-12)
+
+
+def rank_errors(up, bias, weights, fmri, targets, ranks):
+    """Relative squared error of the rank-r voxel path on held-out trials, pooled over subjects, per rank.
+
+    The decoder's own prediction at rank r: ``up_r (up_r^+ W_s x) + bias``, i.e. each subject's
+    ridge map seen through the first r shared directions (``up``'s columns in order of the pooled
+    singular values), plus the shared intercept. Pooled as sum of squared errors over the sum of
+    each subject's squared deviations from its own target mean.
+
+    Parameters
+    ----------
+    up : float [E, K]
+    bias : float [E]
+    weights : list of float [E, V_s]
+    fmri, targets : list of float [N_s, V_s], float [N_s, E]
+        Each subject's validation trials and their targets.
+    ranks : list of int, each <= K
+
+    Returns
+    -------
+    dict of int -> float
+    """
+    basis = _orthonormal(up)
+    bias = np.asarray(bias, np.float64)
+    predictions = [np.asarray(x, np.float64) @ np.asarray(w, np.float64).T for w, x in zip(weights, fmri)]
+    targets = [np.asarray(y, np.float64) for y in targets]
+    total = sum(float(((y - y.mean(axis=0)) ** 2).sum()) for y in targets)
+    errors = {}
+    for rank in ranks:
+        b = basis[:, :rank]
+        squared = sum(float((((p @ b) @ b.T + bias - y) ** 2).sum()) for p, y in zip(predictions, targets))
+        errors[int(rank)] = squared / max(total, 1e-12)
+    return errors
+
+
+def select_rank(errors, tolerance=1e-9):
+    """The smallest rank whose validation error is the lowest (within a relative ``tolerance``: a tie)."""
+    lowest = min(errors.values())
+    return min(rank for rank, error in errors.items() if error <= lowest + tolerance * abs(lowest))
+
+
+def fit_adapter(up, bias, train_x, train_y, val_x, val_y, alphas):
+    """A new subject's adapter onto the shared directions, its rank and ridge alpha chosen together on val.
+
+    For each alpha, the subject's ridge map ``W`` (fitted on the training trials only); for each
+    rank r of :func:`rank_candidates` (K), the decoder's prediction through the first r shared
+    directions (:func:`rank_errors`); the pair with the lowest relative squared error on the val
+    trials wins. The adapter is ``up_r^+ W`` in its first r rows and zero below (those directions
+    stay closed: :func:`mask_adapter_rows`).
+
+    Returns
+    -------
+    adapter : float32 [K, V]
+    rank : int
+    report : dict
+        ``alpha``, ``rank``, ``val_relative_error`` (rank -> its best alpha's error), ``n_train``, ``n_val``.
+    """
+    up = np.asarray(up, np.float64)
+    width = up.shape[1]
+    ranks = rank_candidates(width)
+    train_x, train_y = np.asarray(train_x, np.float64), np.asarray(train_y, np.float64)
+    best, per_rank = None, {}
+    for alpha in alphas:
+        model, _ = fit_ridge(train_x, train_y, val_x, val_y, [alpha], error="relative",
+                             what=f"adapter ridge (alpha {alpha:g})", refit="train")
+        errors = rank_errors(up, bias, [model.coef_], [val_x], [val_y], ranks)
+        for rank, error in errors.items():
+            if rank not in per_rank or error < per_rank[rank][0]:
+                per_rank[rank] = (error, float(alpha))
+            if best is None or (error, rank) < (best[0], best[1]):
+                best = (error, rank, float(alpha), model.coef_)
+    _, rank, alpha, weight = best
+    basis = _orthonormal(up)[:, :rank]
+    scale = np.linalg.norm(up, axis=0)[:rank]
+    adapter = np.zeros((width, train_x.shape[1]))
+    adapter[:rank] = (basis.T / scale[:, None]) @ weight
+    report = {"alpha": alpha, "rank": int(rank), "ranks": ranks,
+              "val_relative_error": {str(r): e for r, (e, _) in per_rank.items()},
+              "alpha_per_rank": {str(r): a for r, (_, a) in per_rank.items()},
+              "n_train": int(len(train_x)), "n_val": int(len(val_x))}
+    return adapter.astype(np.float32), int(rank), report
+
+
+def mask_adapter_rows(parameter, rank):
+    """Keep rows ``rank:`` of an adapter weight at zero through training (their gradient is zeroed)."""
+    if rank >= parameter.shape[0]:
+        return None
+    mask = torch.zeros_like(parameter)
+    mask[:rank] = 1
+    return parameter.register_hook(lambda grad: grad * mask)

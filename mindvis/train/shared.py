@@ -34,7 +34,8 @@ from mindvis.errors import MindvisError
 from mindvis.models.classifiers.domain import load_classifier
 from mindvis.models.dcldm import build_decoder, condition_space, load_dcldm, save_dcldm
 from mindvis.models.ldm import load_generator
-from mindvis.models.shared import SharedDecoder, adapter_from_ridge, shared_ridge_start
+from mindvis.models.shared import (SharedDecoder, adapter_from_ridge, fit_adapter, mask_adapter_rows, rank_candidates,
+                                   rank_errors, select_rank, shared_ridge_start)
 from mindvis.train.engine import Trainer, TrainConfig, checkpoint_minutes
 from mindvis.train.finetune import (condition_targets, finetune_param_groups, fit_ridge_voxel_map,
                                     make_eval_fn, make_loss_fn, trainable_parameter_names)
@@ -197,7 +198,31 @@ def finetune_shared(config, subjects, responses, stimuli, base, out_dir, view_di
                            fix="use an image-prior or class base for finetune.shared.")
     generator.conditioner.requires_grad_(False).eval()
     loaded = {subject: _subject_trials(path, stimulus_set, generator) for subject, path in zip(subjects, responses)}
-    rank = int(settings["shared_rank"])
+    space = condition_space(config, generator)
+
+    # The shared space from every subject's own ridge map (alpha on its own val split); its rank, up to
+    # finetune.shared_rank, chosen on the pooled val error of the decoder's prediction through it.
+    fits = {subject: _ridge(generator, item[1], item[2], space, settings["ridge_alphas"])
+            for subject, item in loaded.items()}
+    max_rank = int(settings["shared_rank"])
+    up, bias, adapters, rank_info = shared_ridge_start(
+        [fits[s][0][0] for s in subjects], [fits[s][0][1] for s in subjects],
+        [loaded[s][1].fmri.numpy()[fits[s][1]] for s in subjects], max_rank)
+    with_val = [s for s in subjects if len(loaded[s][2])]
+    if with_val:
+        targets = {s: condition_targets(generator, loaded[s][2].images, loaded[s][2].labels, space) for s in with_val}
+        errors = rank_errors(up, bias, [fits[s][0][0] for s in with_val],
+                             [loaded[s][2].fmri.numpy()[targets[s][1]] for s in with_val],
+                             [targets[s][0] for s in with_val], rank_candidates(rank_info["rank"]))
+        rank = select_rank(errors)
+        rank_info.update(max_rank=max_rank, val_relative_error={str(r): e for r, e in errors.items()},
+                         selection="pooled val relative error")
+        up, adapters = up[:, :rank], [a[:rank] for a in adapters]
+        rank_info["variance_kept"] = rank_info["variance_per_rank"][rank - 1]
+        rank_info["rank"] = rank
+    else:
+        log.warning("no validation trials: the shared space keeps finetune.shared_rank %d", rank_info["rank"])
+        rank = rank_info["rank"]
     shaped = {**config, "finetune": {**settings, "voxel_path": True, "voxel_path_rank": rank}}
     first = subjects[0]
     core = build_decoder(shaped, generator, loaded[first][0].n_voxels, mbm_dir=mbm_dir)
@@ -205,14 +230,6 @@ def finetune_shared(config, subjects, responses, stimuli, base, out_dir, view_di
     if widest > core.encoder.capacity:
         core.encoder.resize_positions(widest)
     shared = SharedDecoder.from_core(core, {subject: item[0].n_voxels for subject, item in loaded.items()})
-    space = condition_space(config, generator)
-
-    # The shared rank-K space from every subject's own ridge map (alpha on its own val split).
-    fits = {subject: _ridge(generator, item[1], item[2], space, settings["ridge_alphas"])
-            for subject, item in loaded.items()}
-    up, bias, adapters, rank_info = shared_ridge_start(
-        [fits[s][0][0] for s in subjects], [fits[s][0][1] for s in subjects],
-        [loaded[s][1].fmri.numpy()[fits[s][1]] for s in subjects], rank)
     with torch.no_grad():
         conditioner = shared.view(first).conditioner
         conditioner.voxel_map.weight.copy_(torch.from_numpy(up))
@@ -225,8 +242,8 @@ def finetune_shared(config, subjects, responses, stimuli, base, out_dir, view_di
     if voxel_fixed:
         conditioner.voxel_map.requires_grad_(False)
     ridge_report = {"rank": rank_info, "per_subject": {s: fits[s][0][2] for s in subjects}}
-    log.info("shared decoder for %s: rank-%d voxel path holds %.1f %% of the pooled ridge predictions' variance",
-             ", ".join(subjects), rank_info["rank"], 100 * rank_info["variance_kept"])
+    log.info("shared decoder for %s: rank-%d voxel path (of at most %d, chosen on val) holds %.1f %% of the pooled "
+             "ridge predictions' variance", ", ".join(subjects), rank, max_rank, 100 * rank_info["variance_kept"])
 
     train = MultiSubjectTrials({subject: item[1] for subject, item in loaded.items()})
     scheduler = DDPMScheduler.from_config(generator.scheduler_config)
@@ -322,11 +339,25 @@ def adapt_subject(config, subject, responses, stimuli, shared_views, out_dir, ol
              fraction, len(val))
     view = shared.add_subject(subject, data.n_voxels)
     space = condition_space(config, generator)
-    (weight, _bias, ridge_report), _ = _ridge(generator, train, val, space, settings["ridge_alphas"])
-    up = shared.view(shared.subjects[0]).conditioner.voxel_map.weight.detach().double().numpy()
+    voxel_map = shared.view(shared.subjects[0]).conditioner.voxel_map
+    up, shared_bias = (voxel_map.weight.detach().double().numpy(), voxel_map.bias.detach().double().numpy())
+    if len(val):
+        # The adapter's rank (how many shared directions its few trials can estimate) and alpha, on its val.
+        y_train, known = condition_targets(generator, train.images, train.labels, space)
+        y_val, val_known = condition_targets(generator, val.images, val.labels, space)
+        adapter, adapter_rank, ridge_report = fit_adapter(
+            up, shared_bias, train.fmri.numpy()[known], y_train, val.fmri.numpy()[val_known], y_val,
+            settings["ridge_alphas"])
+    else:
+        (weight, _bias, ridge_report), _ = _ridge(generator, train, val, space, settings["ridge_alphas"])
+        adapter, adapter_rank = adapter_from_ridge(up, weight), up.shape[1]
+        ridge_report["rank"] = adapter_rank
+    log.info("%s: adapter onto the first %d of %d shared directions (alpha %g, chosen on val)", subject,
+             adapter_rank, up.shape[1], ridge_report["alpha"])
     with torch.no_grad():
-        view.conditioner.voxel_down.weight.copy_(torch.from_numpy(adapter_from_ridge(up, weight)))
+        view.conditioner.voxel_down.weight.copy_(torch.from_numpy(adapter))
     _set_trainable(shared, groups, adapters=True, only=subject)
+    mask_hook = mask_adapter_rows(view.conditioner.voxel_down.weight, adapter_rank)
     trains_shared = any(g != "adapter" for g in groups)
 
     scheduler = DDPMScheduler.from_config(generator.scheduler_config)
@@ -357,6 +388,8 @@ def adapt_subject(config, subject, responses, stimuli, shared_views, out_dir, ol
         shared, data_set, generator, scheduler, settings, _train_config(adapt_settings, seed, select, config),
         out_dir, eval_fn, config, finetune_param_groups(shared, settings, voxel_lr_scale=settings["adapter_lr_scale"]),
         [responses, stimuli, *[Path(f) / "dcldm.safetensors" for f in shared_views.values()]], select, resume)
+    if mask_hook is not None:
+        mask_hook.remove()
     if result["stopped_early"]:
         return result
     after = {old: fn(shared.view(old), -1) for old, fn in old_eval.items()}
@@ -366,6 +399,7 @@ def adapt_subject(config, subject, responses, stimuli, shared_views, out_dir, ol
                           "stage": "adapt_subject", "adapted_from": {old: str(f) for old, f in shared_views.items()},
                           "new_subject_train": groups, "train_fraction": fraction, "n_train": len(train),
                           "n_train_all": n_all, "n_val": len(val), "voxel_path_ridge": ridge_report,
+                          "adapter_rank": adapter_rank,
                           "prior_preservation": {"weight": prior_weight if trains_shared else None,
                                                  "old_val_before": before, "old_val_after": after},
                           "wall_time_s": round(time.perf_counter() - started, 2)})
