@@ -201,11 +201,20 @@ def _signed(summary):
 
 
 def pooled(entries, fraction, variant, metric, subset, n_boot, level):
-    """Mean over left-out subjects (stimuli resampled within each), and the share of the full-data figure."""
+    """Mean over left-out subjects (stimuli resampled within each), and the share of the full-data figure.
+
+    ``variant`` ``fewshot - scratch`` pools the paired per-stimulus differences.
+    """
     arrays = []
     for entry in entries:
-        scored = entry["full"] if variant == "full" else entry["runs"][fraction][variant]
-        values = np.asarray(scored["per_stimulus"][metric], np.float64)
+        if variant == "fewshot - scratch":
+            run = entry["runs"][fraction]
+            values = (np.asarray(run["fewshot"]["per_stimulus"][metric], np.float64)
+                      - np.asarray(run["scratch"]["per_stimulus"][metric], np.float64))
+            scored = run["fewshot"]
+        else:
+            scored = entry["full"] if variant == "full" else entry["runs"][fraction][variant]
+            values = np.asarray(scored["per_stimulus"][metric], np.float64)
         arrays.append(values[lc.subset_index(scored["categories"], subset)])
     ci = lc.stratified_ci(arrays, n_boot=n_boot, level=level, seed=0)
     value = float(np.mean([np.nanmean(array) for array in arrays]))
@@ -251,11 +260,15 @@ def markdown(report):
         lines.append("")
     if report.get("pooled"):
         lines.append("## Mean over left-out subjects (stimuli resampled within each)\n")
-        lines.append("| share | few-shot n-way all | scratch n-way all | full-data n-way all | few-shot / full |")
-        lines.append("|---|---|---|---|---|")
+        lines.append("| share | few-shot n-way all | scratch n-way all | few-shot - scratch | full-data n-way all | "
+                     "few-shot / full | few-shot 2-way | scratch 2-way |")
+        lines.append("|---|---|---|---|---|---|---|---|")
         for key, row in report["pooled"].items():
+            two = row.get("two_way", {})
             lines.append(f"| {float(key):.0%} | {_cell(row['fewshot'])} | {_cell(row['scratch'])} | "
-                         f"{_cell(row['full'])} | {row['ratio']:.2f} |")
+                         f"{_signed(row['fewshot - scratch']) if 'fewshot - scratch' in row else ''} | "
+                         f"{_cell(row['full'])} | {row['ratio']:.2f} | "
+                         f"{_cell(two['fewshot']) if two else ''} | {_cell(two['scratch']) if two else ''} |")
     return "\n".join(lines) + "\n"
 
 
@@ -327,7 +340,9 @@ def main(argv=None):
     pooled_rows = {}
     for key in entries[0]["runs"]:
         row = {variant: pooled(entries, key, variant, "n_way_top1_mean", "all", n_boot, level)
-               for variant in ("fewshot", "scratch", "full")}
+               for variant in ("fewshot", "scratch", "full", "fewshot - scratch")}
+        row["two_way"] = {variant: pooled(entries, key, variant, "two_way_id", "all", n_boot, level)
+                          for variant in ("fewshot", "scratch", "fewshot - scratch")}
         row["ratio"] = row["fewshot"]["value"] / max(row["full"]["value"], 1e-9)
         pooled_rows[key] = row
     report = {"description": __doc__.split("\n\n")[0], "command": "python benchmarks/new_subject.py "
