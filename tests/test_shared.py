@@ -135,7 +135,7 @@ def test_finetune_shared_writes_one_ordinary_decoder_folder_per_subject(workspac
     rank = json.loads((root / "shared/shared.json").read_text())["rank"]
     # The width is chosen on the subjects' val trials among 1, 2, 4 and the most allowed (6).
     assert set(rank["val_relative_error"]) == {"1", "2", "4", "6"} and rank["max_rank"] == 6
-    assert rank["rank"] == int(min(rank["val_relative_error"], key=lambda r: (rank["val_relative_error"][r], int(r))))
+    assert rank["rank"] == select_rank({int(r): e for r, e in rank["val_relative_error"].items()})
     width = int(rank["rank"])
     loaded = {}
     for subject in ("sub-01", "sub-02"):

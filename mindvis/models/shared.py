@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from sklearn.linear_model import Ridge
 
 from mindvis.errors import MindvisError
 from mindvis.models.conditioning import FmriConditioner
 from mindvis.models.dcldm import DCLDM, drop_condition
-from mindvis.models.linear import fit_ridge
 
 #: The conditioner's modules every subject shares (all but ``voxel_down``, the subject's adapter).
 SHARED_CONDITIONER_MODULES = ("norm", "width_map", "token_map", "token_dropout", "pooled_proj", "output_norm",
@@ -256,11 +256,6 @@ def rank_candidates(rank):
     return candidates + [rank]
 
 
-def _orthonormal(up):
-    up = np.asarray(up, np.float64)
-    return up / np.maximum(np.linalg.norm(up, axis=0, keepdims=True), 1e-12)
-
-
 def rank_errors(up, bias, weights, fmri, targets, ranks):
     """Relative squared error of the rank-r voxel path on held-out trials, pooled over subjects, per rank.
 
@@ -282,15 +277,15 @@ def rank_errors(up, bias, weights, fmri, targets, ranks):
     -------
     dict of int -> float
     """
-    basis = _orthonormal(up)
+    up = np.asarray(up, np.float64)
     bias = np.asarray(bias, np.float64)
     predictions = [np.asarray(x, np.float64) @ np.asarray(w, np.float64).T for w, x in zip(weights, fmri)]
     targets = [np.asarray(y, np.float64) for y in targets]
     total = sum(float(((y - y.mean(axis=0)) ** 2).sum()) for y in targets)
     errors = {}
     for rank in ranks:
-        b = basis[:, :rank]
-        squared = sum(float((((p @ b) @ b.T + bias - y) ** 2).sum()) for p, y in zip(predictions, targets))
+        through = up[:, :rank] @ np.linalg.pinv(up[:, :rank])  # onto the first r directions (any up, trained too)
+        squared = sum(float(((p @ through.T + bias - y) ** 2).sum()) for p, y in zip(predictions, targets))
         errors[int(rank)] = squared / max(total, 1e-12)
     return errors
 
@@ -323,8 +318,7 @@ def fit_adapter(up, bias, train_x, train_y, val_x, val_y, alphas):
     train_x, train_y = np.asarray(train_x, np.float64), np.asarray(train_y, np.float64)
     best, per_rank = None, {}
     for alpha in alphas:
-        model, _ = fit_ridge(train_x, train_y, val_x, val_y, [alpha], error="relative",
-                             what=f"adapter ridge (alpha {alpha:g})", refit="train")
+        model = Ridge(alpha=float(alpha)).fit(train_x, train_y)  # on train only: val judges the pair
         errors = rank_errors(up, bias, [model.coef_], [val_x], [val_y], ranks)
         for rank, error in errors.items():
             if rank not in per_rank or error < per_rank[rank][0]:
@@ -332,10 +326,8 @@ def fit_adapter(up, bias, train_x, train_y, val_x, val_y, alphas):
             if best is None or (error, rank) < (best[0], best[1]):
                 best = (error, rank, float(alpha), model.coef_)
     _, rank, alpha, weight = best
-    basis = _orthonormal(up)[:, :rank]
-    scale = np.linalg.norm(up, axis=0)[:rank]
-    adapter = np.zeros((width, train_x.shape[1]))
-    adapter[:rank] = (basis.T / scale[:, None]) @ weight
+    adapter = np.zeros((width, train_x.shape[1]), np.float32)
+    adapter[:rank] = adapter_from_ridge(up[:, :rank], weight)
     report = {"alpha": alpha, "rank": int(rank), "ranks": ranks,
               "val_relative_error": {str(r): e for r, (e, _) in per_rank.items()},
               "alpha_per_rank": {str(r): a for r, (_, a) in per_rank.items()},
