@@ -1,9 +1,9 @@
 """A new subject from little data: the shared decoder adapted (few-shot) against a decoder trained from scratch.
 
 Leave one subject out: one decoder is shared by the others (:func:`mindvis.train.shared.finetune_shared`,
-their full training trials), then adapted to the left-out subject from a seeded share of its training
-trials (:func:`mindvis.train.shared.adapt_subject`; ``finetune.train_fraction``; the val split stays
-whole). Beside it, at each share, that subject's own decoder trained from scratch on the same trials
+their full training trials), then adapted to the left-out subject from a share of its training trials
+(:func:`mindvis.train.shared.adapt_subject`; ``finetune.train_runs`` or ``finetune.train_fraction``; the
+val split stays whole). Beside it, at each share, that subject's own decoder trained from scratch on the same trials
 (:func:`mindvis.train.finetune.finetune`), and once on all of them (the full-data reference of the
 target). Every decoder starts from the same SC-MBM encoder, the pretrained base (``mbm.base``), not one
 adapted to the subject's fMRI (that would read all its runs). Scored as the evaluate stage scores
@@ -16,13 +16,18 @@ scored before and after the adaptation (what prior preservation keeps; with ``fi
 shared ones, and their "after" is their "before").
 
     python benchmarks/new_subject.py --results results --config configs/default.yaml
-        [--subjects sub-01 sub-02 sub-03] [--fractions 0.04 0.1 0.25 0.5] [--n-samples 2]
-        [--work-dir results/new-subject] [--out benchmarks/results/new_subject] [--resume] [--threads 2]
+        [--subjects sub-01 sub-02 sub-03] [--runs 1] [--fractions 0.1 0.25 0.5] [--n-samples 2]
+        [--train adapter attn2] [--work-dir results/new-subject] [--out benchmarks/results/new_subject]
+        [--resume] [--threads 2]
 
 Writes {out}.json (every figure), {out}.md (the tables) and {out}.png (the learning curve).
 
-``0.04`` is about one run's worth of trials of the simulated default (1,090 training trials over 24
-runs), drawn at random over runs, not one run's own trials.
+``--runs 1`` is the new subject's first training run, whole (``finetune.train_runs``: what one
+session gives; about 50 trials, 4.6 % of the simulated default's 1,090 training trials over 22 runs);
+``--fractions`` are seeded random shares drawn over all training runs (``finetune.train_fraction``).
+``--train`` sets ``finetune.new_subject_train``: naming shared groups beside ``adapter`` trains them
+too, with the old subjects' trials in every epoch (prior preservation), and scores the old subjects
+again after the adaptation.
 """
 
 from __future__ import annotations
@@ -43,17 +48,34 @@ import learning_curve as lc  # noqa: E402  (the scoring and input helpers of the
 
 from mindvis.config import load_config, subjects as config_subjects, validate  # noqa: E402
 from mindvis.evaluate.metrics import bootstrap_ci  # noqa: E402
-from mindvis.utils.io import derive_seed, set_threads, write_json_atomic  # noqa: E402
+from mindvis.utils.io import derive_seed, set_threads, sha256_file, write_json_atomic  # noqa: E402
 
 METRICS = ("n_way_top1_mean", "two_way_id")
 SUBSETS = ("all", "seen", "novel")
 
 
-def run_config(config, fraction, n_samples, new_subject):
+def shares(fractions, runs):
+    """The training shares measured: key -> finetune overrides (first whole runs, then random fractions)."""
+    out = {f"run{n}": {"train_runs": int(n), "train_fraction": 1.0} for n in runs or ()}
+    out.update({f"{f:g}": {"train_fraction": float(f), "train_runs": None} for f in fractions or ()})
+    return out
+
+
+def share_label(key):
+    """A share key as the tables print it: ``1 run`` or ``10 %``."""
+    if key.startswith("run"):
+        n = int(key[3:])
+        return f"{n} run" + ("s" if n > 1 else "")
+    return f"{float(key):.0%}"
+
+
+def run_config(config, share, n_samples, new_subject, train=None):
     config = copy.deepcopy(config)
-    config["finetune"].update(train_fraction=float(fraction), new_subject=new_subject)
+    config["finetune"].update(share, new_subject=new_subject)
+    if train:
+        config["finetune"]["new_subject_train"] = list(train)
     config["generate"].update(start_row=False, lowlevel=False, attention_stimuli=0, n_samples=int(n_samples))
-    return validate(config, path=f"<new-subject config, {new_subject} at {fraction}>")
+    return validate(config, path=f"<new-subject config, {new_subject} at {share}>")
 
 
 def _generate(config, subject, model_dir, inputs, samples_dir, resume):
@@ -108,8 +130,8 @@ def leave_out(config, left_out, subjects, args, classifier):
         found["mbm"] = encoder
     n_boot, level = int(config["evaluate"]["n_bootstrap"]), float(config["evaluate"]["ci_level"])
     entry = {"left_out": left_out, "shared_subjects": others, "encoder": str(encoder), "runs": {}, "old": {},
-             "timings_s": {}}
-    base_config = run_config(config, 1.0, args.n_samples, left_out)
+             "timings_s": {}, "responses_sha256": sha256_file(inputs[left_out]["responses"])}
+    base_config = run_config(config, {"train_fraction": 1.0}, args.n_samples, left_out)
     tick = time.perf_counter()
     view_dirs = [work / "shared" / "views" / s for s in others]
     if not (args.resume and all((d / "dcldm.json").exists() for d in view_dirs)):
@@ -134,9 +156,9 @@ def leave_out(config, left_out, subjects, args, classifier):
     samples = _generate(base_config, left_out, full_dir / "dcldm", inputs[left_out], full_dir / "samples", args.resume)
     entry["full"] = _score(base_config, left_out, samples, classifier, inputs[left_out])
     entry["timings_s"]["full"] = round(time.perf_counter() - tick, 1)
-    for fraction in args.fractions:
-        cfg = run_config(config, fraction, args.n_samples, left_out)
-        run_dir = work / f"f{fraction:g}"
+    for key, share in shares(args.fractions, args.runs).items():
+        cfg = run_config(config, share, args.n_samples, left_out, args.train)
+        run_dir = work / (key if key.startswith("run") else f"f{key}")
         run = {}
         tick = time.perf_counter()
         fewshot = run_dir / "fewshot"
@@ -172,15 +194,15 @@ def leave_out(config, left_out, subjects, args, classifier):
                 after = _generate(cfg, subject, preserved, inputs[subject], run_dir / "samples-preserved" / subject,
                                   args.resume)
                 scored = _score(cfg, subject, after, classifier, inputs[subject])
-                entry["old"][subject][f"after_f{fraction:g}"] = scored["metrics"]
-                entry["old"][subject][f"change_f{fraction:g}"] = {
+                entry["old"][subject][f"after_{run_dir.name}"] = scored["metrics"]
+                entry["old"][subject][f"change_{run_dir.name}"] = {
                     metric: paired(scored["per_stimulus"][metric], before[subject][1]["per_stimulus"][metric],
                                    scored["categories"], "all", n_boot, level, 0) for metric in METRICS}
             else:
-                entry["old"][subject][f"after_f{fraction:g}"] = "unchanged: only the new subject's adapter trained"
+                entry["old"][subject][f"after_{run_dir.name}"] = "unchanged: only the new subject's adapter trained"
         run["timings_s"] = round(time.perf_counter() - tick, 1)
-        entry["runs"][f"{fraction:g}"] = run
-        print(f"{left_out} at {fraction:g}: few-shot n-way {run['fewshot']['metrics']['n_way_top1_mean']['all']['value']:.3f}"
+        entry["runs"][key] = run
+        print(f"{left_out} at {share_label(key)} ({run['n_train']} trials): few-shot n-way {run['fewshot']['metrics']['n_way_top1_mean']['all']['value']:.3f}"
               f", scratch {run['scratch']['metrics']['n_way_top1_mean']['all']['value']:.3f}, full "
               f"{entry['full']['metrics']['n_way_top1_mean']['all']['value']:.3f}", flush=True)
     return entry
@@ -244,7 +266,7 @@ def markdown(report):
         for key, run in entry["runs"].items():
             few, scr = run["fewshot"]["metrics"], run["scratch"]["metrics"]
             ratio = few["n_way_top1_mean"]["all"]["value"] / max(full["n_way_top1_mean"]["all"]["value"], 1e-9)
-            lines.append(f"| {float(key):.0%} | {run['n_train']} | {run.get('adapter_rank', '')} | "
+            lines.append(f"| {share_label(key)} | {run['n_train']} | {run.get('adapter_rank', '')} | "
                          f"{_cell(few['n_way_top1_mean']['all'])} | "
                          f"{_cell(scr['n_way_top1_mean']['all'])} | "
                          f"{_signed(run['fewshot_minus_scratch']['n_way_top1_mean']['all'])} | "
@@ -265,7 +287,7 @@ def markdown(report):
         lines.append("|---|---|---|---|---|---|---|---|")
         for key, row in report["pooled"].items():
             two = row.get("two_way", {})
-            lines.append(f"| {float(key):.0%} | {_cell(row['fewshot'])} | {_cell(row['scratch'])} | "
+            lines.append(f"| {share_label(key)} | {_cell(row['fewshot'])} | {_cell(row['scratch'])} | "
                          f"{_signed(row['fewshot - scratch']) if 'fewshot - scratch' in row else ''} | "
                          f"{_cell(row['full'])} | {row['ratio']:.2f} | "
                          f"{_cell(two['fewshot']) if two else ''} | {_cell(two['scratch']) if two else ''} |")
@@ -320,7 +342,11 @@ def main(argv=None):
     parser.add_argument("--results", default="results")
     parser.add_argument("--config", default=str(ROOT / "configs/default.yaml"))
     parser.add_argument("--subjects", nargs="*", default=None, help="the subjects left out in turn (default: all)")
-    parser.add_argument("--fractions", nargs="+", type=float, default=[0.04, 0.1, 0.25, 0.5])
+    parser.add_argument("--fractions", nargs="*", type=float, default=[0.1, 0.25, 0.5])
+    parser.add_argument("--runs", nargs="*", type=int, default=[1],
+                        help="shares of whole runs: the new subject's first N training runs (finetune.train_runs)")
+    parser.add_argument("--train", nargs="+", default=None,
+                        help="finetune.new_subject_train (default: the config's); shared groups add prior preservation")
     parser.add_argument("--n-samples", type=int, default=2)
     parser.add_argument("--work-dir", default="results/new-subject")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/new_subject"))

@@ -102,6 +102,10 @@ def _check_consistency(config, path):
         raise MindvisError(f"the window end ({end}) must come after its start ({start})",
                            path=path, key="preprocess.lag_window", fix="give [start, end] with end > start.")
     settings = config["finetune"]
+    if settings["train_runs"] and settings["train_fraction"] < 1.0:
+        raise MindvisError(f"finetune.train_runs ({settings['train_runs']}) and finetune.train_fraction "
+                           f"({settings['train_fraction']}) both pick the training share", path=path,
+                           key="finetune.train_runs", fix="set one: train_runs null, or train_fraction 1.")
     if settings["shared"] or settings["new_subject"]:
         try:
             decoded = subjects(config)

@@ -133,7 +133,7 @@ def write_synthetic_stimuli(path, size=16, n_train_per_class=8, n_test_per_class
 def write_synthetic_responses(path, stimulus_set, n_voxels=37, snr=2.0, test_repeats=2, seed=0):
     """A responses.h5 whose voxels carry each trial's class (a class pattern plus noise).
 
-    Training images are split 3:1 into train and val trials; each test image is
+    Training images are split 3:1 into train trials (runs 2-5, in order) and val trials (run 1); each test image is
     shown ``test_repeats`` times and averaged into ``test_avg``.
     """
     from mindvis.data.responses import ResponseSplit, write_responses
@@ -141,11 +141,12 @@ def write_synthetic_responses(path, stimulus_set, n_voxels=37, snr=2.0, test_rep
     rng = np.random.default_rng(seed)
     patterns = rng.normal(size=(3, n_voxels))
 
-    def trials(split, rows, repeats=1):
+    def trials(split, rows, repeats=1, runs=(1,)):
         labels = np.repeat(split.label[rows], repeats)
         fmri = snr * patterns[labels] + rng.normal(size=(len(labels), n_voxels))
+        run = np.asarray(runs, np.int64)[np.arange(len(labels)) * len(runs) // max(len(labels), 1)]
         return ResponseSplit(fmri=fmri.astype(np.float32), stimulus_id=np.repeat(split.stimulus_id[rows], repeats),
-                             label=labels, run=np.ones(len(labels), np.int64),
+                             label=labels, run=run,
                              onset=np.arange(len(labels), dtype=np.float64) * 4)
 
     train = stimulus_set.splits["train"]
@@ -157,7 +158,7 @@ def write_synthetic_responses(path, stimulus_set, n_voxels=37, snr=2.0, test_rep
                              label=test.label.copy(), run=np.full(len(test), -1),
                              onset=np.full(len(test), np.nan), n_repeats=np.full(len(test), test_repeats))
     flat = np.arange(n_voxels)
-    write_responses(path, splits={"train": trials(train, np.flatnonzero(~val_rows)),
+    write_responses(path, splits={"train": trials(train, np.flatnonzero(~val_rows), runs=(2, 3, 4, 5)),
                                   "val": trials(train, np.flatnonzero(val_rows)),
                                   "test": test_trials, "test_avg": test_avg},
                     voxel_ijk=np.stack([flat % 5, (flat // 5) % 4, flat // 20], axis=1), affine=np.eye(4),

@@ -51,6 +51,8 @@ def test_defaults_fill_nested_sections():
         ({"seed": "zero"}, "seed", "not of type"),
         ({"simulate": {"isi_min": 4.0, "isi_max": 2.0}}, "simulate.isi_max", "isi_min"),
         ({"subjects": ["01"]}, "subjects.0", "does not match"),
+        ({"finetune": {"train_runs": 1, "train_fraction": 0.5}}, "finetune.train_runs", "both pick"),
+        ({"finetune": {"train_runs": 0}}, "finetune.train_runs", "minimum"),
     ],
 )
 def test_invalid_config_names_key_and_file(tmp_path, raw, key, words):

@@ -339,6 +339,23 @@ def test_paired_trials_subset_is_seeded_and_ordered():
     np.testing.assert_array_equal(half.fmri[:, 0].numpy(), half.labels.numpy())
 
 
+def test_training_share_by_runs_keeps_whole_first_runs():
+    """finetune.train_runs: the trials of the lowest-numbered runs, whole and in order; a fraction draws over all."""
+    from mindvis.data.pairs import PairedTrials, training_share
+
+    runs = np.repeat([7, 2, 5, 9], 5)  # run numbers need not be sorted or contiguous in the file
+    trials = PairedTrials(np.arange(20, dtype=np.float32)[:, None], torch.zeros(20, 1, 2, 2), np.arange(20), runs)
+    one = training_share(trials, runs=1)
+    assert set(one.runs) == {2} and one.labels.tolist() == [5, 6, 7, 8, 9]
+    two = training_share(trials, runs=2, fraction=0.1, seed=0)  # runs win over the fraction
+    assert set(two.runs) == {2, 5} and len(two) == 10 and np.all(np.diff(two.labels.numpy()) > 0)
+    assert len(training_share(trials, runs=99)) == 20
+    drawn = training_share(trials, fraction=0.5, seed=3)
+    assert len(drawn) == 10 and len(set(drawn.runs)) > 2 and drawn.runs.shape == (10,)
+    with pytest.raises(ValueError, match="no run numbers"):
+        PairedTrials(np.zeros((3, 1)), torch.zeros(3, 1, 2, 2), np.arange(3)).first_runs(1)
+
+
 def test_finetune_keeps_its_start_and_a_lowlevel_start_chosen_on_val(workspace, finetuned):
     """The 0-step decoder is written beside the trained one (and loads), the low-level start's strength comes
     from the candidates with its val scores, and the start competed for best/ (history line epoch -1)."""

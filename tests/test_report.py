@@ -380,7 +380,8 @@ def test_report_is_self_contained_and_complete(built_report):
     assert len(sources) == 6
     # The fixture's samples name no decoder folder: which path was trained cannot be checked, so no brain map
     # (drawn from a decoder folder below).
-    assert set(built_report["info"]["figures"]) == set(html.FIGURE_FILES) - {"brain", "brain_voxel"}
+    assert set(built_report["info"]["figures"]) == set(html.FIGURE_FILES) - {"brain", "brain_voxel", "fewshot"}
+    assert 'id="fewshot"' not in page  # not a few-shot subject
     assert "Attention-based map left out: the samples name no fine-tuned decoder folder" in page
     for row in built_report["metrics"]["rows"]:
         assert row["label"].replace(">", "&gt;").replace("'", "&#39;") in page
@@ -543,3 +544,66 @@ def test_summary_shows_every_subset_and_the_comparisons(tmp_path, rng):
     assert "Paired comparisons" in text and "dcldm - dcldm-baseline" in text and "above 0" in text
     page = (tmp_path / "summary.html").read_text()
     assert page.count("<table data-subset=") == 3 and 'id="comparisons"' in page and "above-zero" in page
+
+
+def _fewshot_inputs(tmp_path, rng):
+    """metrics.json with a dcldm-fewshot row, the few-shot dcldm.json, and a benchmark JSON for the subject."""
+    metrics = with_subsets(contract_metrics(rng), rng)
+    dcldm = next(row for row in metrics["rows"] if row["id"] == "dcldm")
+    metrics["rows"].append({**dcldm, "id": "dcldm-fewshot", "label": "DC-LDM shared, adapted"})
+    for subset in metrics["subsets"].values():
+        subset["rows"]["dcldm-fewshot"] = subset["rows"]["dcldm"]
+    metrics_path = tmp_path / "metrics.json"
+    metrics_path.write_text(json.dumps(metrics))
+    model = tmp_path / "dcldm-fewshot" / "dcldm.json"
+    model.parent.mkdir()
+    model.write_text(json.dumps({"n_train": 50, "n_train_all": 1000, "train_runs": 1, "train_fraction": 1.0,
+                                 "responses_sha256": "a" * 64, "prior_preservation": {
+                                     "weight": 1.0, "old_val_before": {"sub-02": {"val/loss": 0.5}},
+                                     "old_val_after": {"sub-02": {"val/loss": 0.625}}}}))
+
+    def scored(value):
+        cell = {"value": value, "ci": [value - 0.1, value + 0.1]}
+        return {"metrics": {"n_way_top1_mean": {"all": cell, "novel": cell}, "two_way_id": {"all": cell}}}
+
+    benchmark = {"command": "python benchmarks/new_subject.py", "entries": [
+        {"left_out": "sub-01", "responses_sha256": "a" * 64, "full": scored(0.75),
+         "runs": {"0.1": {"n_train": 100, "fewshot": scored(0.5), "scratch": scored(0.25)},
+                  "0.5": {"n_train": 500, "fewshot": scored(0.625), "scratch": scored(0.5)}}}]}
+    path = tmp_path / "new_subject.json"
+    path.write_text(json.dumps(benchmark))
+    return metrics, metrics_path, model, path
+
+
+def test_new_subject_report_draws_its_learning_curve_and_the_old_subjects(tmp_path, rng):
+    metrics, metrics_path, model, benchmark = _fewshot_inputs(tmp_path, rng)
+    curve = html.new_subject_curve(metrics, model, benchmark)
+    this_run = curve["points"][0]
+    assert this_run["source"] == "this run" and this_run["n_train"] == 50
+    rows = {row["id"]: row for row in metrics["rows"]}
+    assert this_run["adapted"]["two_way_id"]["all"] == rows["dcldm-fewshot"]["metrics"]["two_way_id"]
+    assert this_run["scratch"]["n_way_top1_mean"]["novel"] == \
+        metrics["subsets"]["novel"]["rows"]["dcldm"]["n_way_top1_mean"]
+    assert [p["n_train"] for p in curve["points"][1:]] == [100, 500] and curve["full"] is not None
+    assert curve["chance"]["n_way_top1_mean"] == pytest.approx(1 / 3) and curve["chance"]["two_way_id"] is None
+    assert curve["old"] == [{"subject": "sub-02", "metric": "val/loss", "before": 0.5, "after": 0.625}]
+    assert "its first 1 training run(s)" in curve["notes"][0]
+    out = tmp_path / "report.html"
+    info = html.build_report(metrics_path, out, config={"experiment": "x", "generate": {"attention_stimuli": 2}},
+                             fewshot_model=model, fewshot_benchmark=benchmark, figures_dir=tmp_path / "figures")
+    page = out.read_text()
+    assert "fewshot" in info["figures"] and 'id="fewshot"' in page and "0.625" in page
+    assert (tmp_path / "figures/fewshot_curve.png").stat().st_size > 5000
+
+
+def test_new_subject_curve_refuses_a_benchmark_of_other_responses(tmp_path, rng):
+    metrics, _, model, benchmark = _fewshot_inputs(tmp_path, rng)
+    report = json.loads(benchmark.read_text())
+    report["entries"][0]["responses_sha256"] = "b" * 64
+    benchmark.write_text(json.dumps(report))
+    curve = html.new_subject_curve(metrics, model, benchmark)
+    assert len(curve["points"]) == 1 and curve["full"] is None
+    assert any("another responses.h5" in note for note in curve["notes"])
+    report["entries"][0]["left_out"] = "sub-09"
+    benchmark.write_text(json.dumps(report))
+    assert any("no entry for sub-01" in note for note in html.new_subject_curve(metrics, model, benchmark)["notes"])

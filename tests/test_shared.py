@@ -9,6 +9,7 @@ import torch
 from ldm_fixtures import save_tiny_mbm, tiny_config, write_synthetic_responses, write_synthetic_stimuli
 
 from mindvis.data.pairs import MultiSubjectTrials, PairedTrials
+from mindvis.data.responses import load_responses
 from mindvis.errors import MindvisError
 from mindvis.models.dcldm import build_decoder, load_dcldm
 from mindvis.models.ldm import load_generator
@@ -161,14 +162,17 @@ def test_views_of_different_models_are_refused(workspace, shared_run):
         SharedDecoder.from_views({"sub-01": one, "sub-02": two})
 
 
-@pytest.mark.parametrize("train", [["adapter"], ["adapter", "attn2"]])
-def test_a_new_subject_is_adapted_from_a_share_of_its_trials(workspace, shared_run, train, tmp_path):
+@pytest.mark.parametrize("train, share", [(["adapter"], {"train_fraction": 0.5}),
+                                          (["adapter", "attn2"], {"train_runs": 1})])
+def test_a_new_subject_is_adapted_from_a_share_of_its_trials(workspace, shared_run, train, share, tmp_path):
     root, config = workspace["root"], workspace["config"]
-    config = {**config, "finetune": {**config["finetune"], "train_fraction": 0.5, "new_subject_train": train}}
+    config = {**config, "finetune": {**config["finetune"], **share, "new_subject_train": train}}
     views = {s: root / s / "dcldm-shared" for s in ("sub-01", "sub-02")}
     meta = adapt_subject(config, "sub-03", root / "sub-03.h5", root / "stimuli.h5", views, tmp_path / "fewshot",
                          old_responses={s: root / f"{s}.h5" for s in views})
-    assert meta["stage"] == "adapt_subject" and meta["n_train"] == round(0.5 * meta["n_train_all"])
+    runs = load_responses(root / "sub-03.h5", splits=("train",))["train"].run
+    expected = round(0.5 * len(runs)) if "train_fraction" in share else int(np.sum(runs == runs.min()))
+    assert meta["stage"] == "adapt_subject" and meta["n_train"] == expected < meta["n_train_all"] == len(runs)
     _, decoder, _ = load_dcldm(tmp_path / "fewshot")
     width = shared_run["rank"]["rank"]
     adapter = decoder.conditioner.voxel_down.weight

@@ -16,13 +16,17 @@ from mindvis.data.images import images_to_tensor
 class PairedTrials:
     """fMRI trials with the image each one showed, for the training engine's ``get_batch`` fast path.
 
-    ``fmri`` float32 [N, V]; ``images`` float32 [N, C, S, S] in [-1, 1]; ``labels`` int64 [N] (-1 unknown).
+    ``fmri`` float32 [N, V]; ``images`` float32 [N, C, S, S] in [-1, 1]; ``labels`` int64 [N] (-1 unknown);
+    ``runs`` int64 [N], the run each trial came from (None when unknown).
     """
 
-    def __init__(self, fmri, images, labels):
+    def __init__(self, fmri, images, labels, runs=None):
         self.fmri = torch.as_tensor(fmri, dtype=torch.float32)
         self.images = images
         self.labels = torch.as_tensor(labels, dtype=torch.int64)
+        self.runs = None if runs is None else np.asarray(runs, dtype=np.int64)
+        if self.runs is not None and self.runs.shape != (len(self.labels),):
+            raise ValueError(f"runs must be [{len(self.labels)}], got {self.runs.shape}")
 
     def __len__(self):
         return len(self.labels)
@@ -38,7 +42,34 @@ class PairedTrials:
             return self
         n_keep = max(1, int(round(fraction * len(self))))
         keep = np.sort(np.random.default_rng(seed).choice(len(self), n_keep, replace=False))
-        return PairedTrials(self.fmri[keep], self.images[keep], self.labels[keep])
+        return self._rows(keep)
+
+    def first_runs(self, n_runs):
+        """The trials of the first ``n_runs`` runs (lowest run numbers), in their original order.
+
+        What a lab has of a new subject after one session: whole runs, not trials drawn across all of them.
+        """
+        if self.runs is None:
+            raise ValueError("these trials carry no run numbers")
+        if n_runs < 1:
+            raise ValueError(f"n_runs must be >= 1, got {n_runs}")
+        kept = np.unique(self.runs)[:n_runs]
+        return self._rows(np.flatnonzero(np.isin(self.runs, kept)))
+
+    def _rows(self, keep):
+        keep = np.asarray(keep, dtype=np.int64)
+        return PairedTrials(self.fmri[keep], self.images[keep], self.labels[keep],
+                            None if self.runs is None else self.runs[keep])
+
+
+def training_share(trials, fraction=1.0, runs=None, seed=None):
+    """The training trials a decoder sees: the first ``runs`` runs, else a seeded random ``fraction``.
+
+    ``finetune.train_runs`` and ``finetune.train_fraction``; the config forbids setting both.
+    """
+    if runs:
+        return trials.first_runs(int(runs))
+    return trials.subset(float(fraction), seed)
 
 
 def paired_trials(responses_split, stimuli, image_size, image_channels):
@@ -53,9 +84,11 @@ def paired_trials(responses_split, stimuli, image_size, image_channels):
     """
     if len(responses_split) == 0:
         return PairedTrials(np.zeros((0, responses_split.fmri.shape[1]), np.float32),
-                            torch.zeros(0, image_channels, image_size, image_size), np.zeros(0, np.int64))
+                            torch.zeros(0, image_channels, image_size, image_size), np.zeros(0, np.int64),
+                            np.zeros(0, np.int64))
     images, labels = stimuli.lookup(list(responses_split.stimulus_id))
-    return PairedTrials(responses_split.fmri, images_to_tensor(images, image_size, image_channels), labels)
+    return PairedTrials(responses_split.fmri, images_to_tensor(images, image_size, image_channels), labels,
+                        responses_split.run)
 
 
 class MultiSubjectTrials:

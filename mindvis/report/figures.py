@@ -253,3 +253,72 @@ def _show(axis, image, title):
     axis.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=255)
     axis.set_title(title, fontsize=7)
     axis.axis("off")
+
+
+def fewshot_png(points, chance, full=None):
+    """A new subject's learning curve: adapted from the shared decoder vs trained from scratch on the same trials.
+
+    Parameters
+    ----------
+    points : list of dict
+        One per share: ``n_train``, ``source`` (``"this run"`` or a benchmark's name), and ``adapted`` and
+        ``scratch``, each ``{metric: {subset: {"value", "ci"}}}`` for ``n_way_top1_mean`` (subsets ``all``
+        and ``novel``) and ``two_way_id`` (``all``); a missing cell is skipped.
+    chance : dict
+        Metric -> its chance level (``n_way_top1_mean``, ``two_way_id``).
+    full : dict, optional
+        The same metrics of the subject's own decoder on all its training trials (a horizontal line).
+
+    Returns
+    -------
+    bytes or None
+        None when no point has a value.
+    """
+    panels = [("n_way_top1_mean", "n-way top-1 (mean of k samples)"), ("two_way_id", "2-way identification")]
+    drawn = [("adapted", "all", "adapted from the shared decoder", dict(color="C0", marker="o")),
+             ("scratch", "all", "trained from scratch", dict(color="C1", marker="o")),
+             ("adapted", "novel", "adapted, novel categories",
+              dict(color="C0", marker="s", linestyle="--", markerfacecolor="white")),
+             ("scratch", "novel", "from scratch, novel categories",
+              dict(color="C1", marker="s", linestyle="--", markerfacecolor="white"))]
+    sources = list(dict.fromkeys(point["source"] for point in points))
+    figure = new_figure((9.0, 3.6))
+    axes = figure.subplots(1, 2)
+    anything = False
+    for axis, (metric, title) in zip(axes, panels):
+        for index, (variant, subset, label, style) in enumerate(drawn):
+            for source in sources:
+                cells = sorted((point["n_train"], point[variant].get(metric, {}).get(subset)) for point in points
+                               if point["source"] == source)
+                cells = [(n, cell) for n, cell in cells if cell and cell.get("value") is not None]
+                if not cells:
+                    continue
+                anything = True
+                x = np.array([n for n, _ in cells], np.float64) * 1.03 ** (index - 1.5)
+                y = np.array([cell["value"] for _, cell in cells])
+                error = np.abs(np.array([cell.get("ci") or [cell["value"]] * 2 for _, cell in cells],
+                                        np.float64).T - y)
+                this_run = source == "this run"
+                axis.errorbar(x, y, yerr=error, capsize=2, linewidth=1.0 if this_run else 1.2,
+                              label=f"{label} ({source})", markersize=9 if this_run else 5,
+                              **{**style, **({"marker": "*", "linestyle": "none"} if this_run else {})})
+        if full and (full.get(metric) or {}).get("all", {}).get("value") is not None:
+            axis.axhline(full[metric]["all"]["value"], color="0.3", linewidth=1,
+                         label="own decoder, all training trials")
+        if chance.get(metric) is not None:
+            axis.axhline(chance[metric], color="black", linestyle=":", linewidth=1, label="chance")
+        axis.set_xscale("log")
+        shown = sorted({point["n_train"] for point in points})
+        axis.set_xticks(shown)
+        axis.set_xticklabels([str(n) for n in shown], fontsize=7)
+        axis.minorticks_off()
+        axis.set_ylim(0, 1)
+        axis.set_xlabel("the new subject's training trials (log)")
+        axis.set_title(title, fontsize=9)
+    if not anything:
+        return None
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.tight_layout()
+    figure.legend(handles, labels, loc="upper center", ncol=2, fontsize=6.5, frameon=False,
+                  bbox_to_anchor=(0.5, 0.02))
+    return figure_png(figure)

@@ -11,7 +11,8 @@ stimuli and again for the seen- and novel-category stimuli (n of each stated,
 or why a subset is omitted), then the paired comparisons (a - b with its
 interval, marked where the interval lies above 0); image grids (model,
 ablation, ridge baselines, the base generator's ceiling); per-class accuracy
-and the confusion matrix; SC-MBM and fine-tuning curves; cross-attention maps
+and the confusion matrix; SC-MBM and fine-tuning curves; for a few-shot new subject, its learning curve
+(adapted vs from scratch) and the other subjects' scores before and after; cross-attention maps
 over denoising steps; the brain maps, each drawn only through a decoder path
 that was trained and carries signal, the path named (or the map left out with
 the reason: :func:`mindvis.report.brainmap.attribution_paths`); and provenance
@@ -42,7 +43,7 @@ TEMPLATE = "report.html.j2"
 # File names of the figures written beside the report (also the keys of the embedded figures).
 FIGURE_FILES = {"grid": "grid.png", "per_class": "per_class.png", "confusion": "confusion.png",
                 "curves": "curves.png", "attention": "attention.png", "brain": "brain_map.png",
-                "brain_voxel": "brain_map_voxel_path.png"}
+                "brain_voxel": "brain_map_voxel_path.png", "fewshot": "fewshot_curve.png"}
 # Which samples.h5 grids the report shows, in order, with their titles.
 GRID_TITLES = {
     "dcldm": "DC-LDM (SC-MBM pretrained)",
@@ -221,6 +222,83 @@ def class_figures(metrics):
     return out
 
 
+def _metric_cell(metrics, row_id, metric, subset):
+    """``{"value", "ci"}`` of a metrics.json row on a subset (``all`` or a recorded subset), else None."""
+    if subset == "all":
+        row = next((row for row in metrics["rows"] if row["id"] == row_id), None)
+        cell = (row.get("metrics") or {}).get(metric) if row and row.get("available", True) else None
+    else:
+        recorded = (metrics.get("subsets") or {}).get(subset) or {}
+        cell = ((recorded.get("rows") or {}).get(row_id) or {}).get(metric) if recorded.get("available") else None
+    return cell if isinstance(cell, dict) and cell.get("value") is not None else None
+
+
+CURVE_CELLS = {"n_way_top1_mean": ("all", "novel"), "two_way_id": ("all",)}
+
+
+def new_subject_curve(metrics, model_json, benchmark=None):
+    """The few-shot learning curve of a new subject's report, and what the adaptation did to the old subjects.
+
+    Parameters
+    ----------
+    metrics : dict
+        The subject's parsed ``metrics.json``: its ``dcldm-fewshot`` row (the shared decoder adapted to it) and
+        its ``dcldm`` row (with ``finetune.new_subject`` set, trained from scratch on the same trials).
+    model_json : path
+        ``results/{subject}/dcldm-fewshot/dcldm.json`` (how many trials; the old subjects' val scores
+        before and after the adaptation).
+    benchmark : path, optional
+        A ``benchmarks/new_subject.py`` results JSON: its shares for this subject are drawn beside this run's,
+        only when its entry was measured on the same ``responses.h5`` (SHA-256).
+
+    Returns
+    -------
+    dict
+        ``points`` (for :func:`mindvis.report.figures.fewshot_png`), ``full`` (or None), ``chance``,
+        ``notes`` (sentences for the caption), ``old`` (rows: subject, metric, before, after).
+    """
+    meta = json.loads(Path(model_json).read_text())
+    this_run = {"n_train": int(meta["n_train"]), "source": "this run",
+                **{variant: {metric: {subset: _metric_cell(metrics, row_id, metric, subset) for subset in subsets}
+                             for metric, subsets in CURVE_CELLS.items()}
+                   for variant, row_id in (("adapted", "dcldm-fewshot"), ("scratch", "dcldm"))}}
+    share = (f"its first {meta['train_runs']} training run(s)" if meta.get("train_runs")
+             else f"a random {float(meta.get('train_fraction', 1.0)):.0%} of its training trials")
+    notes = [f"This run: {meta['n_train']} of {meta['n_train_all']} training trials ({share}); the from-scratch "
+             "decoder is this subject's dcldm row, trained on the same trials."]
+    points, full = [this_run], None
+    if benchmark:
+        report = json.loads(Path(benchmark).read_text())
+        entry = next((e for e in report.get("entries", []) if e.get("left_out") == metrics["subject"]), None)
+        if entry is None:
+            notes.append(f"{benchmark} has no entry for {metrics['subject']}: not drawn.")
+        elif entry.get("responses_sha256") != meta.get("responses_sha256"):
+            notes.append(f"{benchmark} was measured on another responses.h5 (SHA-256 differs or is not recorded): "
+                         "not drawn.")
+        else:
+            name = Path(benchmark).stem
+            for run in entry["runs"].values():
+                points.append({"n_train": int(run["n_train"]), "source": name,
+                               **{variant: {metric: {subset: run[key]["metrics"][metric].get(subset)
+                                                     for subset in subsets}
+                                            for metric, subsets in CURVE_CELLS.items()}
+                                  for variant, key in (("adapted", "fewshot"), ("scratch", "scratch"))}})
+            full = entry["full"]["metrics"]
+            notes.append(f"{name}: the benchmark's own decoders on the same responses.h5 ({report.get('command', '')}); "
+                         "the line is its decoder trained on all the training trials.")
+    chance_row = next((row for row in metrics["rows"] if row["id"] == "chance"), {})
+    chance = {metric: ((chance_row.get("metrics") or {}).get(metric) or {}).get("value") for metric in CURVE_CELLS}
+    preservation = meta.get("prior_preservation") or {}
+    old = []
+    for subject, before in (preservation.get("old_val_before") or {}).items():
+        after = (preservation.get("old_val_after") or {}).get(subject, {})
+        for key, value in before.items():
+            old.append({"subject": subject, "metric": key, "before": value, "after": after.get(key)})
+    if preservation.get("weight") is None:
+        notes.append("Only this subject's adapter trained: the old subjects' decoders are unchanged.")
+    return {"points": points, "full": full, "chance": chance, "notes": notes, "old": old}
+
+
 def _curve_runs(curves):
     """Run name -> metrics.jsonl lines, for the files that exist and hold lines."""
     runs = {name: read_jsonl(path) for name, path in (curves or {}).items() if path}
@@ -231,7 +309,8 @@ def _file_hashes(paths):
     return {str(path): sha256_file(path) for path in paths if path and Path(path).is_file()}
 
 
-def build_report(metrics_path, out_path, *, config, samples=None, responses=None, curves=None, figures_dir=None):
+def build_report(metrics_path, out_path, *, config, samples=None, responses=None, curves=None, figures_dir=None,
+                 fewshot_model=None, fewshot_benchmark=None):
     """Write a subject's self-contained ``report.html``.
 
     Parameters
@@ -252,6 +331,11 @@ def build_report(metrics_path, out_path, *, config, samples=None, responses=None
         Curve name (``"stage: run"``) -> an engine ``metrics.jsonl``; missing files are skipped.
     figures_dir : path, optional
         Also write every figure there as PNG (names in :data:`FIGURE_FILES`).
+    fewshot_model : path, optional
+        ``results/{subject}/dcldm-fewshot/dcldm.json`` of a new subject: the report gains its learning curve
+        (:func:`new_subject_curve`).
+    fewshot_benchmark : path, optional
+        A ``benchmarks/new_subject.py`` results JSON whose shares the learning curve also draws.
 
     Returns
     -------
@@ -271,6 +355,12 @@ def build_report(metrics_path, out_path, *, config, samples=None, responses=None
     curve_png = figures.curves_png(_curve_runs(curves))
     if curve_png is not None:
         drawn["curves"] = curve_png
+    fewshot = None
+    if fewshot_model:
+        fewshot = new_subject_curve(metrics, fewshot_model, fewshot_benchmark)
+        png = figures.fewshot_png(fewshot["points"], fewshot["chance"], fewshot["full"])
+        if png is not None:
+            drawn["fewshot"] = png
     attention = {}
     model_samples = samples.get("dcldm")
     if model_samples and Path(model_samples).exists():
@@ -280,7 +370,7 @@ def build_report(metrics_path, out_path, *, config, samples=None, responses=None
                                       metrics)
         drawn.update({key: attention[key] for key in ("attention", "brain", "brain_voxel") if key in attention})
 
-    read = [metrics_path, responses, *samples.values(), *(curves or {}).values()]
+    read = [metrics_path, responses, *samples.values(), *(curves or {}).values(), fewshot_model, fewshot_benchmark]
     context = {
         "subject": metrics["subject"],
         "experiment": config.get("experiment", ""),
@@ -294,6 +384,7 @@ def build_report(metrics_path, out_path, *, config, samples=None, responses=None
         "attention_stimuli": attention.get("attention_stimuli", []),
         "brain_paths": attention.get("brain_paths") or {
             key: {"show": False, "text": "no samples of the model were found"} for key in ("attention", "voxel")},
+        "fewshot": fewshot,
         "notes": tables.withheld_notes(metrics),
         "withheld": tables.WITHHELD,
         "config_yaml": yaml.safe_dump(config, sort_keys=False),

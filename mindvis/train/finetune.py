@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from sklearn.linear_model import Ridge
 
-from mindvis.data.pairs import paired_trials
+from mindvis.data.pairs import paired_trials, training_share
 from mindvis.data.responses import load_responses
 from mindvis.data.stimuli import load_stimulus_set
 from mindvis.errors import MindvisError
@@ -490,13 +490,14 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, c
     if settings["gradient_checkpointing"]:
         generator.unet.enable_gradient_checkpointing()  # active in train mode only, so sampling is unchanged
     train_trials = paired_trials(data["train"], stimulus_set, generator.image_size, generator.image_channels)
-    if settings["train_fraction"] < 1.0 and settings.get("new_subject") in (None, subject):
+    if (settings["train_fraction"] < 1.0 or settings["train_runs"]) and settings.get("new_subject") in (None, subject):
         # The learning curve (benchmarks/learning_curve.py), or the few-shot subject's from-scratch decoder
         # (finetune.new_subject: the same trials its adaptation sees): fewer labelled trials, the same val split.
         n_all = len(train_trials)
-        train_trials = train_trials.subset(settings["train_fraction"], derive_seed(config["seed"], "train-fraction"))
-        log.info("finetune.train_fraction %.2f: %d of %d training trials", settings["train_fraction"],
-                 len(train_trials), n_all)
+        train_trials = training_share(train_trials, settings["train_fraction"], settings["train_runs"],
+                                      derive_seed(config["seed"], "train-fraction"))
+        log.info("finetune.train_fraction %.2f, train_runs %s: %d of %d training trials", settings["train_fraction"],
+                 settings["train_runs"], len(train_trials), n_all)
     val_trials = paired_trials(data["val"], stimulus_set, generator.image_size, generator.image_channels)
     if len(train_trials) == 0:
         raise MindvisError("no training trials", path=responses, key="train", fix="check the preprocessing output.")

@@ -9,7 +9,7 @@ ordinary decoder folder (``results/{subject}/dcldm-shared/``).
 
 ``adapt_subject`` (the ``adapt_subject`` stage) adds a subject the shared
 decoder has never seen, from a share of its training trials
-(``finetune.train_fraction``): its adapter starts from a ridge onto the shared
+(``finetune.train_fraction``, or its first ``finetune.train_runs`` runs): its adapter starts from a ridge onto the shared
 K directions, then trains (with ``finetune.new_subject_train`` naming shared
 parts that train too). When shared parts train, the other subjects' training
 trials stay in every epoch, weighted by ``finetune.prior_weight`` (Dreambooth's
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler
 
-from mindvis.data.pairs import MultiSubjectTrials, paired_trials
+from mindvis.data.pairs import MultiSubjectTrials, paired_trials, training_share
 from mindvis.data.responses import load_responses
 from mindvis.data.stimuli import load_stimulus_set
 from mindvis.errors import MindvisError
@@ -48,16 +48,15 @@ SHARED_META = "shared.json"
 ADAPT_GROUPS = ("adapter", "encoder", "conditioner", "attn2", "norms")
 
 
-def _subject_trials(responses, stimulus_set, generator, fraction=1.0, seed=None):
+def _subject_trials(responses, stimulus_set, generator, fraction=1.0, seed=None, runs=None):
     data = load_responses(responses, splits=("train", "val"))
     train = paired_trials(data["train"], stimulus_set, generator.image_size, generator.image_channels)
     n_all = len(train)
-    if fraction < 1.0:
-        train = train.subset(fraction, seed)
+    train = training_share(train, fraction, runs, seed)
     val = paired_trials(data["val"], stimulus_set, generator.image_size, generator.image_channels)
     if len(train) < 2:
         raise MindvisError(f"{len(train)} training trials", path=responses, key="train",
-                           fix="check the preprocessing output, or raise finetune.train_fraction.")
+                           fix="check the preprocessing output, or raise finetune.train_fraction or train_runs.")
     return data, train, val, n_all
 
 
@@ -333,10 +332,11 @@ def adapt_subject(config, subject, responses, stimuli, shared_views, out_dir, ol
     generator.vae.requires_grad_(False).eval()
     generator.conditioner.requires_grad_(False).eval()
     stimulus_set = load_stimulus_set(stimuli)
+    train_runs = settings["train_runs"]
     data, train, val, n_all = _subject_trials(responses, stimulus_set, generator, fraction,
-                                              derive_seed(config["seed"], "train-fraction"))
-    log.info("%s: %d of %d training trials (finetune.train_fraction %.2f), %d val trials", subject, len(train), n_all,
-             fraction, len(val))
+                                              derive_seed(config["seed"], "train-fraction"), train_runs)
+    log.info("%s: %d of %d training trials (finetune.train_fraction %.2f, train_runs %s), %d val trials", subject,
+             len(train), n_all, fraction, train_runs, len(val))
     view = shared.add_subject(subject, data.n_voxels)
     space = condition_space(config, generator)
     voxel_map = shared.view(shared.subjects[0]).conditioner.voxel_map
@@ -397,7 +397,8 @@ def adapt_subject(config, subject, responses, stimuli, shared_views, out_dir, ol
     meta = _view_meta(config, subject, shared.view(subject), base, generator, data.n_voxels, responses,
                       shared_groups, result, {
                           "stage": "adapt_subject", "adapted_from": {old: str(f) for old, f in shared_views.items()},
-                          "new_subject_train": groups, "train_fraction": fraction, "n_train": len(train),
+                          "new_subject_train": groups, "train_fraction": fraction, "train_runs": train_runs,
+                          "n_train": len(train),
                           "n_train_all": n_all, "n_val": len(val), "voxel_path_ridge": ridge_report,
                           "adapter_rank": adapter_rank,
                           "prior_preservation": {"weight": prior_weight if trains_shared else None,

@@ -36,6 +36,8 @@ rule report:
         brain_voxel=report("results/{subject}/report/brain_map_voxel_path.png",
                            caption="../report/brain_map_voxel_path.rst", category="{subject}",
                            labels={"figure": "brain map (voxel-path weights)"}),
+        fewshot=report("results/{subject}/report/fewshot_curve.png", caption="../report/fewshot_curve.rst",
+                       category="{subject}", labels={"figure": "few-shot learning curve"}),
     conda:
         "../envs/mindvis.yaml"
     params:
