@@ -32,6 +32,15 @@ def _config(args):
     return load_config(args.config)
 
 
+def _decoder_arguments(sub, out_help):
+    """The arguments of a command that runs one subject's fine-tuned decoder on its responses."""
+    sub.add_argument("--subject", required=True)
+    sub.add_argument("--model-dir", required=True, help="the subject's finetune output folder")
+    sub.add_argument("--responses", required=True)
+    sub.add_argument("--stimuli", required=True, help="stimuli.h5")
+    sub.add_argument("--out-dir", required=True, help=out_help)
+
+
 # -- handlers -----------------------------------------------------------------
 
 def cmd_check_config(args):
@@ -164,6 +173,19 @@ def cmd_generate(args):
           lowlevel=args.lowlevel, device=args.device)
 
 
+def cmd_edit(args):
+    _call("mindvis.generate.edit:edit_subject", _config(args), subject=args.subject, model_dir=args.model_dir,
+          responses=args.responses, stimuli=args.stimuli, out_dir=args.out_dir, stimulus_ids=args.stimuli_ids,
+          operation=args.operation, donor_ids=args.donors, rois=args.rois, mask=args.mask, factor=args.factor,
+          taus=args.tau, mode=args.mode, device=args.device)
+
+
+def cmd_edits(args):
+    _call("mindvis.evaluate.edits:edit_set", _config(args), subject=args.subject, model_dir=args.model_dir,
+          responses=args.responses, stimuli=args.stimuli, out_dir=args.out_dir, classifier_dir=args.classifier,
+          device=args.device)
+
+
 # -- reports (issue 6) --
 
 # Display names of the fine-tuning runs (their folder names) in the report's training curves.
@@ -186,14 +208,18 @@ def cmd_report(args):
                **{"dcldm-fewshot": path for path in args.fewshot_samples}}
     samples.update({row: evaluation / row / SAMPLES_FILE for row in IMAGE_ROWS})
     curves = {"SC-MBM: pretraining": args.mbm_curve} if args.mbm_curve else {}
+    fewshot_model = None
     for model_json in args.finetune_models:
         run = Path(model_json).parent
+        if run.name == "dcldm-fewshot":
+            fewshot_model = model_json
         history = run / "train" / "metrics.jsonl"
         if run.name == "dcldm-shared":  # one training run for every shared subject, in the shared folder
             history = Path(json.loads(Path(model_json).read_text())["shared_dir"]) / "train" / "metrics.jsonl"
         curves[f"DC-LDM: {_FINETUNE_RUNS.get(run.name, run.name)}"] = history
     _call("mindvis.report.html:build_report", args.metrics, args.out, config=_config(args), samples=samples,
-          responses=args.responses, curves=curves, figures_dir=args.figures_dir)
+          responses=args.responses, curves=curves, figures_dir=args.figures_dir, fewshot_model=fewshot_model,
+          fewshot_benchmark=args.fewshot_benchmark, edits=args.edits)
 
 
 def cmd_summary(args):
@@ -394,14 +420,31 @@ def build_parser():
     sub.add_argument("--no-strict", action="store_true", help="import what maps and list the rest")
 
     sub = add("generate", cmd_generate, "decode a subject's test fMRI into k images per stimulus")
-    sub.add_argument("--subject", required=True)
-    sub.add_argument("--model-dir", required=True, help="the subject's finetune output folder")
-    sub.add_argument("--responses", required=True)
-    sub.add_argument("--stimuli", required=True)
-    sub.add_argument("--out-dir", required=True)
+    _decoder_arguments(sub, "folder for the PNGs, grid.png, samples.h5 and summary.json")
     sub.add_argument("--classifier", default=None, help="domain classifier folder, to score the samples")
     sub.add_argument("--lowlevel", action="store_true",
                      help="start sampling from the decoder's low-level start (img2img; lowlevel.json in --model-dir)")
+    sub.add_argument("--device", default="auto", help=DEVICE_HELP)
+
+    sub = add("edit", cmd_edit, "decode test stimuli with a voxel group's brain tokens swapped, zeroed or scaled")
+    _decoder_arguments(sub, "folder for edits.h5, edits.json and grid.png")
+    sub.add_argument("--ids", dest="stimuli_ids", nargs="+", required=True,
+                     help="stimulus ids of generate.split to decode (trial A)")
+    sub.add_argument("--operation", choices=["swap", "zero", "scale"], default="swap")
+    sub.add_argument("--donors", nargs="*", default=None, help="swap: one donor stimulus id per --ids (trial B)")
+    group = sub.add_mutually_exclusive_group(required=True)
+    group.add_argument("--rois", nargs="+", default=None, help="the voxel group as ROI names of voxel_roi")
+    group.add_argument("--mask", default=None, help="the voxel group as a NIfTI mask on the responses' grid")
+    sub.add_argument("--factor", type=float, default=0.0, help="scale: the multiplier of the group's tokens")
+    sub.add_argument("--tau", type=int, nargs="+", default=[0],
+                     help="denoising steps of the source's cross-attention injected (0: none)")
+    sub.add_argument("--mode", choices=["replace", "refine"], default="replace")
+    sub.add_argument("--device", default="auto", help=DEVICE_HELP)
+
+    sub = add("edits", cmd_edits, "the report's brain-token edits of a subject and their in-silico check "
+                                  "(generate.edit_*)")
+    _decoder_arguments(sub, "folder for edits.h5 and edits.json")
+    sub.add_argument("--classifier", default=None, help="domain classifier folder (the check's classifier)")
     sub.add_argument("--device", default="auto", help=DEVICE_HELP)
 
     sub = add("report", cmd_report, "write a subject's self-contained HTML report")
@@ -423,6 +466,10 @@ def build_parser():
     sub.add_argument("--finetune-models", nargs="*", default=[],
                      help="dcldm.json of each fine-tuned decoder (curves from train/metrics.jsonl beside it)")
     sub.add_argument("--figures-dir", default=None, help="also write the figures there as PNG files")
+    sub.add_argument("--edits", default=None, help="the subject's edits folder (rule edit), if any")
+    sub.add_argument("--fewshot-benchmark", default=None,
+                     help="a benchmarks/new_subject.py results JSON: its shares for this subject join the few-shot "
+                          "learning curve (drawn only when measured on the same responses.h5)")
 
     sub = add("summary", cmd_summary, "write (with --metrics) and print the summary table over subjects")
     sub.add_argument("--metrics", nargs="*", default=[], help="every subject's metrics.json (omit: print --csv)")

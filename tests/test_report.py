@@ -380,7 +380,7 @@ def test_report_is_self_contained_and_complete(built_report):
     assert len(sources) == 6
     # The fixture's samples name no decoder folder: which path was trained cannot be checked, so no brain map
     # (drawn from a decoder folder below).
-    assert set(built_report["info"]["figures"]) == set(html.FIGURE_FILES) - {"brain", "brain_voxel", "fewshot"}
+    assert set(built_report["info"]["figures"]) == set(html.FIGURE_FILES) - {"brain", "brain_voxel", "fewshot", "edits"}
     assert 'id="fewshot"' not in page  # not a few-shot subject
     assert "Attention-based map left out: the samples name no fine-tuned decoder folder" in page
     for row in built_report["metrics"]["rows"]:

@@ -13,6 +13,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -146,9 +147,9 @@ def test_snakemake_report_collects_the_figures(finished_run):
     with zipfile.ZipFile(finished_run / "report.zip") as archive:
         files = [Path(name).name for name in archive.namelist() if "/data/raw/" in name]
         index = archive.read("report/report.html").decode()
-    # Snakemake stores each file under a hashed folder by its name: 8 per subject, and the two summary files.
+    # Snakemake stores each file under a hashed folder by its name: 10 per subject, and the two summary files.
     figures = ["report.html", "grid.png", "per_class.png", "confusion.png", "curves.png", "attention.png",
-               "brain_map.png", "brain_map_voxel_path.png"]
+               "brain_map.png", "brain_map_voxel_path.png", "fewshot_curve.png", "brain_edits.png"]
     assert sorted(files) == sorted(figures * 2 + ["summary.csv", "summary.html"])
     assert '"sub-01"' in index and '"sub-02"' in index and "brain map (attention-based)" in index
 
@@ -341,13 +342,14 @@ def test_fine_tuning_on_two_processes_follows_the_one_process_run(finished_run, 
 @pytest.mark.slow
 def test_the_shared_decoder_and_a_few_shot_subject_run_through_the_workflow(finished_run, tmp_path):
     """finetune.new_subject on a copy of the finished run: finetune_shared (sub-01), adapt_subject (sub-02 from a
-    quarter of its trials), their samples, and sub-02's evaluation with the few-shot row and its comparison."""
+    quarter of its trials), their samples, sub-02's evaluation with the few-shot row and its comparison, and its
+    report's learning curve."""
     config = yaml.safe_load((ROOT / "configs/test.yaml").read_text())
     config["finetune"].update(new_subject="sub-02", train_fraction=0.25, shared_rank=3, adapt_epochs=2)
     config_path = tmp_path / "fewshot.yaml"
     config_path.write_text(yaml.safe_dump(config))
     shutil.copytree(finished_run / "results", tmp_path / "run/results", symlinks=True)
-    targets = ("results/sub-01/samples-shared/samples.h5", "results/sub-02/evaluation/metrics.json")
+    targets = ("results/sub-01/samples-shared/samples.h5", "results/sub-02/report.html")
     # mtime only: the copy has no .snakemake metadata, and the per-subject decoders are not the point here.
     result = subprocess.run(_snakemake(tmp_path / "run", config_path, *targets,
                                        extra=("--rerun-triggers", "mtime", "--cores", "2")),
@@ -365,3 +367,61 @@ def test_the_shared_decoder_and_a_few_shot_subject_run_through_the_workflow(fini
     rows = {row["id"]: row for row in metrics["rows"]}
     assert rows["dcldm-fewshot"]["available"] and not rows["dcldm-shared"]["available"]
     assert any(c["a"] == "dcldm-fewshot" and c["b"] == "dcldm" for c in metrics["comparisons"])
+    # The new subject's report draws its learning curve (this run's share: adapted beside from scratch).
+    page = (results / "sub-02/report.html").read_text()
+    assert 'id="fewshot"' in page and f"This run: {fewshot['n_train']} of {fewshot['n_train_all']}" in page
+    assert (results / "sub-02/report/fewshot_curve.png").stat().st_size > 5000
+
+
+@pytest.mark.slow
+def test_mindvis_edit_swaps_a_roi_of_a_finished_run(finished_run, tmp_path):
+    """`mindvis edit` on the finished run's decoder: a higher-visual swap at two taus, its files and its errors."""
+    import h5py
+
+    results = finished_run / "results"
+    with h5py.File(results / "sub-01/responses.h5") as handle:
+        ids = [s.decode() if isinstance(s, bytes) else str(s) for s in handle["test_avg/stimulus_id"][:2]]
+    base = [sys.executable, "-m", "mindvis.cli", "edit", "--config", str(results / "config.yaml"), "--subject",
+            "sub-01", "--model-dir", str(results / "sub-01/dcldm"), "--responses", str(results / "sub-01/responses.h5"),
+            "--stimuli", str(results / "bids/stimuli/stimuli.h5"), "--out-dir", str(tmp_path / "edits"), "--ids", *ids]
+    result = subprocess.run([*base, "--donors", ids[1], ids[0], "--rois", "LOC", "VOT", "--tau", "0", "2"],
+                            capture_output=True, text=True, cwd=finished_run)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "edits/edits.json").read_text())
+    assert record["stimulus_id"] == ids and record["donor_id"] == ids[::-1] and record["taus"] == [0, 2]
+    assert record["n_group_voxels"] > 0 and record["n_group_tokens"] > 0
+    with h5py.File(tmp_path / "edits/edits.h5") as handle:
+        assert handle["edited"].shape[:2] == (2, 2) and handle["change"].shape[:2] == (2, 2)
+        # The source is the generate stage's first sample of each stimulus (the same seed and settings).
+        source = handle["source"][:]
+    with h5py.File(results / "sub-01/samples/samples.h5") as handle:
+        order = [s.decode() if isinstance(s, bytes) else str(s) for s in handle["stimulus_id"][:]]
+        first = handle["samples"][:, 0][[order.index(s) for s in ids]]
+    assert np.abs(source.astype(int) - first.astype(int)).max() <= 2
+    assert (tmp_path / "edits/grid.png").stat().st_size > 0
+    unknown = subprocess.run([*base, "--operation", "zero", "--rois", "V9"], capture_output=True, text=True,
+                             cwd=finished_run)
+    assert unknown.returncode == 2 and "ROI V9 not in voxel_roi" in unknown.stderr.strip().splitlines()[-1]
+    missing = subprocess.run([*base, "--rois", "LOC"], capture_output=True, text=True, cwd=finished_run)
+    assert missing.returncode == 2 and "--donors" in missing.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_the_report_shows_the_brain_token_edits_and_their_check(finished_run):
+    """The edit rule ran for every subject (generate.edit_stimuli): the report's figure and the check's table."""
+    from mindvis.evaluate.edits import read_edits
+
+    results = finished_run / "results"
+    config = yaml.safe_load((results / "config.yaml").read_text())
+    record, arrays = read_edits(results / "sub-01/edits")
+    steps = config["generate"]["steps"]
+    assert record["taus"] == sorted({round(share * steps) for share in config["generate"]["edit_taus"]})
+    assert record["shown_groups"] == list(config["generate"]["edit_groups"])
+    n_shown = min(config["generate"]["edit_stimuli"], len(arrays["true_images"]))
+    for name in record["shown_groups"]:
+        assert arrays["edited"][name].shape[:2] == (n_shown, len(record["taus"]))
+    check = record["check"]
+    assert set(check["groups"]) == set(record["shown_groups"]) and check["difference"]["donor_prob"]["ci"]
+    page = (results / "sub-01/report.html").read_text()
+    assert 'id="edits"' in page and 'id="edit-check"' in page
+    assert check["difference"]["label"] in page

@@ -48,23 +48,17 @@ class _RecordingProcessor:
         return probs.reshape(-1, attn.heads, *probs.shape[1:]).mean(dim=1).cpu()
 
 
-class CrossAttentionRecorder:
-    """Records cross-attention maps of a UNet per denoising step.
+class AttentionHook:
+    """Puts a processor on every ``attn2`` layer of a UNet for the length of a ``with`` block.
 
-    Use as a context manager around :func:`~mindvis.generate.sampling.sample_latents`
-    (pass it as ``recorder``); the sampler calls :meth:`begin_step` before each
-    UNet evaluation with the batch rows of the conditioned branch.
-
-    Attributes
-    ----------
-    maps : dict
-        ``maps[step][layer]`` -> float32 [B, h_l * w_l, T] for each ``attn2`` layer.
+    Passed to :func:`~mindvis.generate.sampling.sample_latents` as its ``recorder``, it is told the step
+    index and the conditioned batch rows before each UNet call (:meth:`begin_step`). Subclasses say which
+    processor wraps each layer's own (:meth:`make_processor`); on exit the layers get theirs back.
     """
 
     def __init__(self, unet):
         self.unet = unet
         self.layers = cross_attention_modules(unet)
-        self.maps = {}
         self.step = None
         self.rows = slice(None)
         self._saved = {}
@@ -76,15 +70,15 @@ class CrossAttentionRecorder:
     def begin_step(self, step, rows):
         self.step, self.rows = int(step), rows
 
-    def record(self, layer, probs):
-        self.maps.setdefault(self.step, {})[layer] = probs
+    def make_processor(self, name, inner):
+        raise NotImplementedError
 
     def __enter__(self):
         modules = dict(self.unet.named_modules())
         for name in self.layers:
             module = modules[name]
             self._saved[name] = module.processor
-            module.set_processor(_RecordingProcessor(self, name, module.processor))
+            module.set_processor(self.make_processor(name, module.processor))
         return self
 
     def __exit__(self, *exc):
@@ -94,6 +88,30 @@ class CrossAttentionRecorder:
         self._saved.clear()
         self.step = None
         return False
+
+
+class CrossAttentionRecorder(AttentionHook):
+    """Records cross-attention maps of a UNet per denoising step.
+
+    Use as a context manager around :func:`~mindvis.generate.sampling.sample_latents`
+    (pass it as ``recorder``); the sampler calls :meth:`begin_step` before each UNet
+    evaluation with the batch rows of the conditioned branch.
+
+    Attributes
+    ----------
+    maps : dict
+        ``maps[step][layer]`` -> float32 [B, h_l * w_l, T] for each ``attn2`` layer.
+    """
+
+    def __init__(self, unet):
+        super().__init__(unet)
+        self.maps = {}
+
+    def make_processor(self, name, inner):
+        return _RecordingProcessor(self, name, inner)
+
+    def record(self, layer, probs):
+        self.maps.setdefault(self.step, {})[layer] = probs
 
     def aggregate(self, size):
         """Maps averaged over layers at one resolution.

@@ -12,7 +12,8 @@ or why a subset is omitted), then the paired comparisons (a - b with its
 interval, marked where the interval lies above 0); image grids (model,
 ablation, ridge baselines, the base generator's ceiling); per-class accuracy
 and the confusion matrix; SC-MBM and fine-tuning curves; for a few-shot new subject, its learning curve
-(adapted vs from scratch) and the other subjects' scores before and after; cross-attention maps
+(adapted vs from scratch) and the other subjects' scores before and after; the brain-token edits (a voxel
+group's tokens from another stimulus) with their in-silico check; cross-attention maps
 over denoising steps; the brain maps, each drawn only through a decoder path
 that was trained and carries signal, the path named (or the map left out with
 the reason: :func:`mindvis.report.brainmap.attribution_paths`); and provenance
@@ -31,6 +32,7 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from mindvis.errors import MindvisError
@@ -43,7 +45,8 @@ TEMPLATE = "report.html.j2"
 # File names of the figures written beside the report (also the keys of the embedded figures).
 FIGURE_FILES = {"grid": "grid.png", "per_class": "per_class.png", "confusion": "confusion.png",
                 "curves": "curves.png", "attention": "attention.png", "brain": "brain_map.png",
-                "brain_voxel": "brain_map_voxel_path.png", "fewshot": "fewshot_curve.png"}
+                "brain_voxel": "brain_map_voxel_path.png", "fewshot": "fewshot_curve.png",
+                "edits": "brain_edits.png"}
 # Which samples.h5 grids the report shows, in order, with their titles.
 GRID_TITLES = {
     "dcldm": "DC-LDM (SC-MBM pretrained)",
@@ -299,6 +302,52 @@ def new_subject_curve(metrics, model_json, benchmark=None):
     return {"points": points, "full": full, "chance": chance, "notes": notes, "old": old}
 
 
+def _signed_cell(summary):
+    """``+0.025 [-0.001, +0.051] (n 50)`` for a check summary, else a dash."""
+    if not summary or summary.get("value") is None:
+        return "–"
+    if not summary.get("ci"):
+        return f"{summary['value']:+.3f} (n {summary['n']})"
+    low, high = summary["ci"]
+    return f"{summary['value']:+.3f} [{low:+.3f}, {high:+.3f}] (n {summary['n']})"
+
+
+def edit_section(edits_dir):
+    """The report's brain-token edits: the figure's PNG (or None), its column labels, the check's rows, notes.
+
+    Reads the edit rule's ``edits.json`` and ``edits.h5`` (:mod:`mindvis.evaluate.edits`).
+    """
+    from mindvis.evaluate.edits import MEASURES, read_edits
+    from mindvis.generate.writing import make_grid
+
+    record, arrays = read_edits(edits_dir)
+    notes = [f"{name}: skipped, {group['skipped']}." for name, group in record["groups"].items()
+             if "skipped" in group] + ([f"No edits: {record['skipped']}."] if record.get("skipped") else [])
+    png, columns = None, []
+    source = arrays["source"]
+    if record["shown_groups"] and source is not None and len(source):
+        parts = [arrays["donor_images"][:, None], source[:, None]]
+        columns = ["donor's image", "decoded"]
+        for name in record["shown_groups"]:
+            heat = (np.clip(arrays["change"][name][:, -1] * 4, 0, 1) * 255).astype(np.uint8)[..., None]
+            heat = np.repeat(heat, source.shape[-1], axis=-1)
+            parts += [arrays["edited"][name], heat[:, None]]
+            columns += [f"{name}, tau {tau}" for tau in record["taus"]] + [f"{name}: change at tau {record['taus'][-1]}"]
+        png = figures.array_png(make_grid(np.concatenate(parts, axis=1), arrays["true_images"]))
+    check_rows = []
+    check = record.get("check")
+    if check:
+        for name, values in check["groups"].items():
+            check_rows.append({"group": name, "cells": [_signed_cell(values[m]) for m in MEASURES]})
+        if check.get("difference"):
+            difference = check["difference"]
+            check_rows.append({"group": difference["label"], "cells": [_signed_cell(difference[m]) for m in MEASURES]})
+    elif record.get("check_reason"):
+        notes.append(f"No check: {record['check_reason']}.")
+    return {"record": record, "png": png, "columns": columns, "check": check, "check_rows": check_rows,
+            "floor": _signed_cell(check.get("floor_top1")) if check else None, "notes": notes}
+
+
 def _curve_runs(curves):
     """Run name -> metrics.jsonl lines, for the files that exist and hold lines."""
     runs = {name: read_jsonl(path) for name, path in (curves or {}).items() if path}
@@ -310,7 +359,7 @@ def _file_hashes(paths):
 
 
 def build_report(metrics_path, out_path, *, config, samples=None, responses=None, curves=None, figures_dir=None,
-                 fewshot_model=None, fewshot_benchmark=None):
+                 fewshot_model=None, fewshot_benchmark=None, edits=None):
     """Write a subject's self-contained ``report.html``.
 
     Parameters
@@ -336,6 +385,8 @@ def build_report(metrics_path, out_path, *, config, samples=None, responses=None
         (:func:`new_subject_curve`).
     fewshot_benchmark : path, optional
         A ``benchmarks/new_subject.py`` results JSON whose shares the learning curve also draws.
+    edits : path, optional
+        The subject's edits folder (rule ``edit``): the brain-token edits and their check (:func:`edit_section`).
 
     Returns
     -------
@@ -361,6 +412,11 @@ def build_report(metrics_path, out_path, *, config, samples=None, responses=None
         png = figures.fewshot_png(fewshot["points"], fewshot["chance"], fewshot["full"])
         if png is not None:
             drawn["fewshot"] = png
+    edit = None
+    if edits:
+        edit = edit_section(edits)
+        if edit["png"] is not None:
+            drawn["edits"] = edit["png"]
     attention = {}
     model_samples = samples.get("dcldm")
     if model_samples and Path(model_samples).exists():
@@ -370,7 +426,8 @@ def build_report(metrics_path, out_path, *, config, samples=None, responses=None
                                       metrics)
         drawn.update({key: attention[key] for key in ("attention", "brain", "brain_voxel") if key in attention})
 
-    read = [metrics_path, responses, *samples.values(), *(curves or {}).values(), fewshot_model, fewshot_benchmark]
+    read = [metrics_path, responses, *samples.values(), *(curves or {}).values(), fewshot_model, fewshot_benchmark,
+            *([Path(edits) / "edits.json", Path(edits) / "edits.h5"] if edits else [])]
     context = {
         "subject": metrics["subject"],
         "experiment": config.get("experiment", ""),
@@ -385,6 +442,7 @@ def build_report(metrics_path, out_path, *, config, samples=None, responses=None
         "brain_paths": attention.get("brain_paths") or {
             key: {"show": False, "text": "no samples of the model were found"} for key in ("attention", "voxel")},
         "fewshot": fewshot,
+        "edit": edit,
         "notes": tables.withheld_notes(metrics),
         "withheld": tables.WITHHELD,
         "config_yaml": yaml.safe_dump(config, sort_keys=False),

@@ -311,6 +311,16 @@ def dcldm_targets():
     return targets + shared_targets()
 
 
+def edits_input(wildcards):
+    """Input function: the subject's brain-token edits when generate.edit_stimuli > 0, else nothing."""
+    return f"results/{wildcards.subject}/edits/edits.json" if config["generate"]["edit_stimuli"] else []
+
+
+def edits_flag(wildcards, input):
+    """Params function: --edits <folder> when the edits are an input, else nothing."""
+    return f"--edits {Path(input.edits).parent}" if input.get("edits") else ""
+
+
 def baseline_samples_input(wildcards):
     """Input function: the no-pretraining ablation's samples when finetune.baseline, else nothing."""
     return f"results/{wildcards.subject}/samples-baseline/samples.h5" if config["finetune"]["baseline"] else []

@@ -36,6 +36,37 @@ rule generate:
         " {params.classifier} {params.extra} --threads {threads} > {log} 2>&1"
 
 
+rule edit:
+    """The report's brain-token edits of one subject and their in-silico check (results/{subject}/edits/)."""
+    input:
+        model="results/{subject}/dcldm/dcldm.json",
+        responses="results/{subject}/responses.h5",
+        stimuli=subject_stimuli,
+        classifier=classifier_input,
+    output:
+        record="results/{subject}/edits/edits.json",
+        arrays="results/{subject}/edits/edits.h5",
+    conda:
+        "../envs/mindvis.yaml"
+    params:
+        config=RESOLVED_CONFIG,
+        classifier=classifier_flag,
+        model_dir=input_dir("model"),
+        out_dir=output_dir,
+        digest=config_digest("generate"),
+    log:
+        "logs/edit/{subject}.log",
+    benchmark:
+        "logs/benchmarks/edit/{subject}.tsv",
+    threads: stage_threads("generate")
+    resources:
+        **stage_resources("generate"),
+    shell:
+        "mindvis edits --config {params.config} --subject {wildcards.subject} --model-dir {params.model_dir}"
+        " --responses {input.responses} --stimuli {input.stimuli} --out-dir {params.out_dir}"
+        " {params.classifier} --threads {threads} > {log} 2>&1"
+
+
 use rule generate as generate_baseline with:
     input:
         model="results/{subject}/dcldm-baseline/dcldm.json",

@@ -18,6 +18,7 @@ rule report:
         mbm=mbm_curve_input,
         models=expand("results/{{subject}}/{model}/dcldm.json", model=DCLDM_VARIANTS),
         shared_models=shared_models_input,
+        edits=edits_input,
     output:
         html=report("results/{subject}/report.html", caption="../report/report.rst", category="{subject}",
                     labels={"figure": "report (HTML)"}),
@@ -38,12 +39,15 @@ rule report:
                            labels={"figure": "brain map (voxel-path weights)"}),
         fewshot=report("results/{subject}/report/fewshot_curve.png", caption="../report/fewshot_curve.rst",
                        category="{subject}", labels={"figure": "few-shot learning curve"}),
+        edits=report("results/{subject}/report/brain_edits.png", caption="../report/brain_edits.rst",
+                     category="{subject}", labels={"figure": "brain-token edits"}),
     conda:
         "../envs/mindvis.yaml"
     params:
         config=RESOLVED_CONFIG,
         figures="results/{subject}/report",
         mbm_curve=mbm_curve_flag,
+        edits=edits_flag,
     log:
         "logs/report/{subject}.log",
     benchmark:
@@ -56,7 +60,7 @@ rule report:
         " --samples {input.samples} --baseline-samples {input.baseline} --start-samples {input.start}"
         " --lowlevel-samples {input.lowlevel} --shared-samples {input.shared} --fewshot-samples {input.fewshot}"
         " --responses {input.responses} {params.mbm_curve} --finetune-models {input.models} {input.shared_models}"
-        " --figures-dir {params.figures}"
+        " --figures-dir {params.figures} {params.edits}"
         " --threads {threads} > {log} 2>&1"
 
 

@@ -1,0 +1,357 @@
+"""Edit a decoded image through its brain tokens: a voxel group's tokens from another trial, zeroed or scaled.
+
+The decoder's condition is built from the SC-MBM encoder's patch tokens (each
+token reads ``patch_size`` contiguous voxels of the vector, so the encoder's
+patch layout says which tokens a voxel group owns) and, where the decoder has
+one, a linear voxel path that reads the voxels directly. A brain-token edit of
+trial A changes the group's share of both:
+
+* ``swap``: the group's patch tokens (and voxel-path inputs) come from trial B;
+* ``zero``: they are set to zero;
+* ``scale``: they are multiplied by ``factor``.
+
+A token belongs to the group when most of the real voxels it reads are in the
+group (``token_share`` of them; MinD-Vis's wrapped padding counts each copy of
+a voxel). The edited condition is sampled beside A's own with A's
+cross-attention maps injected for the first ``tau`` steps
+(:mod:`mindvis.generate.control`), seeded like ``generate``.
+
+A voxel group is a set of ROI names of ``responses.h5``'s ``voxel_roi`` (e.g.
+V1-V3 against the higher visual areas) or any NIfTI mask on the voxels'
+grid (:func:`mask_voxels`).
+
+Imports :mod:`mindvis.models` and :mod:`mindvis.data` only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mindvis.errors import MindvisError
+from mindvis.models.conditioning import Condition
+
+OPERATIONS = ("swap", "zero", "scale")
+
+
+@dataclass
+class TokenEdit:
+    """A brain-token edit: which voxels, and what happens to their tokens.
+
+    Parameters
+    ----------
+    voxels : bool [V]
+        The voxel group.
+    operation : {'swap', 'zero', 'scale'}
+    factor : float
+        ``scale``: the multiplier (1 leaves the condition unchanged).
+    token_share : float
+        A patch token is the group's when more than this share of its real voxels is in the group.
+    """
+
+    voxels: np.ndarray
+    operation: str = "swap"
+    factor: float = 0.0
+    token_share: float = 0.5
+
+    def __post_init__(self):
+        if self.operation not in OPERATIONS:
+            raise ValueError(f"unknown edit operation {self.operation!r}; use one of {OPERATIONS}")
+        self.voxels = np.asarray(self.voxels, dtype=bool)
+
+
+def roi_voxels(voxel_roi, rois, path=None):
+    """bool [V]: the voxels whose ROI name is in ``rois``; an unknown name is an error naming the known ones."""
+    names = np.asarray(voxel_roi).astype(str)
+    known = sorted(set(names))
+    unknown = sorted(set(rois) - set(known))
+    if unknown:
+        raise MindvisError(f"ROI {', '.join(unknown)} not in voxel_roi ({', '.join(known)})", path=path,
+                           key="voxel_roi", fix=f"name ROIs among {', '.join(known)}, or give a NIfTI mask.")
+    return np.isin(names, list(rois))
+
+
+def mask_voxels(mask_path, voxel_ijk, affine, volume_shape):
+    """bool [V]: the voxels inside a NIfTI mask (nonzero) that lies on the voxels' grid (same shape and affine)."""
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(mask_path))
+        data = np.asanyarray(image.dataobj)
+    except Exception as error:  # nibabel raises several types for unreadable files
+        raise MindvisError(f"cannot read the mask ({error})", path=mask_path,
+                           fix="give a NIfTI mask (.nii or .nii.gz) on the responses' voxel grid.") from error
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if tuple(data.shape) != tuple(volume_shape) or not np.allclose(image.affine, affine, atol=1e-4):
+        raise MindvisError(f"the mask's grid {tuple(data.shape)} does not match the responses' "
+                           f"{tuple(volume_shape)} (or its affine differs)", path=mask_path,
+                           fix="resample the mask to the BOLD grid the responses were read on "
+                               "(nilearn.image.resample_to_img, interpolation='nearest').")
+    ijk = np.asarray(voxel_ijk, dtype=np.int64)
+    return data[ijk[:, 0], ijk[:, 1], ijk[:, 2]] != 0
+
+
+def _input_voxels(decoder, n_voxels):
+    """The voxel each position of the encoder's input reads (-1: padding), and whether a class token leads."""
+    conditioner, encoder = decoder.conditioner, decoder.encoder
+    if not getattr(conditioner, "class_token", True):  # MinD-Vis's mapper: fMRI wrapped to its length
+        length = int(conditioner.config.n_voxels) or n_voxels
+        positions = np.arange(length) % n_voxels
+        return np.pad(positions, (0, encoder.capacity - length), constant_values=-1), False
+    positions = np.arange(encoder.capacity)
+    return np.where(positions < n_voxels, positions, -1), True
+
+
+def group_tokens(decoder, voxels, token_share=0.5):
+    """bool [n_tokens]: the encoder's patch tokens that belong to a voxel group (see :class:`TokenEdit`)."""
+    voxels = np.asarray(voxels, dtype=bool)
+    positions, _ = _input_voxels(decoder, len(voxels))
+    patches = positions.reshape(-1, decoder.encoder.config.patch_size)
+    real = patches >= 0
+    inside = np.where(real, voxels[np.clip(patches, 0, None)], False)
+    share = inside.sum(1) / np.maximum(real.sum(1), 1)
+    return share > token_share
+
+
+@torch.no_grad()
+def edited_condition(decoder, fmri, edit, donor=None):
+    """The condition of ``fmri`` with a voxel group's tokens edited (:class:`TokenEdit`).
+
+    Parameters
+    ----------
+    decoder : mindvis.models.dcldm.DCLDM
+    fmri : float32 [N, V]
+        The trials decoded (A).
+    edit : TokenEdit
+    donor : float32 [N, V], optional
+        ``swap``: the trials the group's tokens come from (B), row by row.
+
+    Returns
+    -------
+    Condition
+        What :meth:`DCLDM.condition` gives, with the edit applied.
+    """
+    device = next(decoder.parameters()).device
+    fmri = torch.as_tensor(fmri, dtype=torch.float32, device=device)
+    if edit.voxels.shape != (fmri.shape[1],):
+        raise ValueError(f"the voxel group has {edit.voxels.shape[0]} voxels, the trials {fmri.shape[1]}")
+    if edit.operation == "swap":
+        if donor is None:
+            raise ValueError("a swap needs the donor trials")
+        donor = torch.as_tensor(donor, dtype=torch.float32, device=device)
+        if donor.shape != fmri.shape:
+            raise ValueError(f"donor trials {tuple(donor.shape)} do not match the trials {tuple(fmri.shape)}")
+    conditioner, encoder = decoder.conditioner, decoder.encoder
+    tokens_in_group = torch.as_tensor(group_tokens(decoder, edit.voxels, edit.token_share), device=device)
+    voxel_group = torch.as_tensor(edit.voxels, device=device)
+
+    def apply(own, other, group):
+        if edit.operation == "swap":
+            return torch.where(group, other, own)
+        value = own * float(edit.factor) if edit.operation == "scale" else torch.zeros_like(own)
+        return torch.where(group, value, own)
+
+    mindvis_layout = not getattr(conditioner, "class_token", True)
+    if mindvis_layout:
+        tokens = encoder.encode(conditioner.pad_fmri(fmri), class_token=False)
+        other = encoder.encode(conditioner.pad_fmri(donor), class_token=False) if donor is not None else None
+        tokens = apply(tokens, other, tokens_in_group[None, :, None])
+        output = conditioner(tokens)
+    else:
+        tokens = encoder.encode(fmri)
+        other = encoder.encode(donor) if donor is not None else None
+        group = torch.cat([torch.zeros(1, dtype=torch.bool, device=device), tokens_in_group])  # never the class token
+        tokens = apply(tokens, other, group[None, :, None])
+        voxel_input = apply(fmri, donor, voxel_group[None, :]) if conditioner.voxel_map is not None else fmri
+        output = conditioner(tokens, decoder.token_mask(fmri), fmri=voxel_input)
+    if decoder.prior is not None:
+        return decoder.prior.condition(output.context)
+    return output
+
+
+def changed_tokens(source, edited, tolerance=1e-6):
+    """bool [T]: the condition tokens an edit changed in any row (relative change above ``tolerance``)."""
+    difference = (edited.context - source.context).norm(dim=-1)
+    scale = source.context.norm(dim=-1).clamp_min(1e-12)
+    return ((difference / scale) > tolerance).any(dim=0).cpu()
+
+
+@torch.no_grad()
+def edit_trials(decoder, generator, fmri, edit, settings, seeds, *, donor=None, attention=None, record=False):
+    """Decode trials and their brain-token edits, the edits under Prompt-to-Prompt attention control.
+
+    Parameters
+    ----------
+    decoder, generator
+        As for :func:`mindvis.generate.decode.decode`.
+    fmri : float32 [N, V]
+    edit : TokenEdit
+    settings : dict
+        The ``generate`` config section.
+    seeds : int [N]
+        One sample per trial; its edit starts from the same noise.
+    donor : float32 [N, V], optional
+        ``swap``'s donor trials.
+    attention : mindvis.generate.control.AttentionEdit, optional
+        Default: replace for no steps (the edited condition alone). ``refine`` without ``own`` keeps the edit's
+        own maps on the condition tokens it changed (:func:`changed_tokens`).
+    record : bool
+        Keep each run's cross-attention maps.
+
+    Returns
+    -------
+    dict
+        ``source`` and ``edited`` uint8 [N, H, W, C], ``changed_tokens`` bool [T], ``controller``.
+    """
+    from mindvis.data.images import tensor_to_images
+    from mindvis.generate.control import AttentionEdit, sample_edit
+
+    device = next(decoder.parameters()).device
+    source = decoder.condition(torch.as_tensor(fmri, dtype=torch.float32, device=device))
+    edited = edited_condition(decoder, fmri, edit, donor)
+    changed = changed_tokens(source, edited)
+    attention = attention or AttentionEdit("replace", tau=0)
+    if attention.mode == "refine" and attention.own is None:
+        attention = AttentionEdit("refine", attention.tau, own=changed, weights=attention.weights)
+    images, controller = sample_edit(generator, source, Condition(edited.context, edited.pooled), decoder.null,
+                                     seeds, settings, attention, record=record)
+    return {"source": tensor_to_images(images[0]), "edited": tensor_to_images(images[1]), "changed_tokens": changed,
+            "controller": controller}
+
+
+EDITS_FILE = "edits.h5"
+
+
+def _voxel_group(responses, rois=None, mask=None, path=None):
+    if (rois is None) == (mask is None):
+        raise MindvisError("give the voxel group as ROI names or as a NIfTI mask, not both or neither",
+                           key="--rois/--mask", fix="e.g. --rois V1 V2 V3, or --mask my_roi.nii.gz.")
+    if rois is not None:
+        return roi_voxels(responses.voxel_roi, rois, path=path)
+    return mask_voxels(mask, responses.voxel_ijk, responses.affine, responses.volume_shape)
+
+
+def edit_subject(config, subject, model_dir, responses, stimuli, out_dir, *, stimulus_ids, operation="swap",
+                 donor_ids=None, rois=None, mask=None, factor=0.0, taus=(0,), mode="replace", base=None,
+                 device="auto"):
+    """Decode test stimuli and their brain-token edits; write ``edits.h5``, ``grid.png`` and ``edits.json``.
+
+    Parameters
+    ----------
+    config : dict
+        Resolved config (``generate`` section, ``seed``).
+    subject, model_dir, responses, stimuli
+        As for :func:`mindvis.generate.run.generate_subject`; ``generate.split`` is read.
+    out_dir : path
+    stimulus_ids : list of str
+        The trials decoded (A).
+    operation : {'swap', 'zero', 'scale'}
+    donor_ids : list of str, optional
+        ``swap``: the trial whose tokens each A receives (B), one per A.
+    rois : list of str, optional
+        The voxel group as ROI names of ``voxel_roi``; or ``mask``, a NIfTI mask on the voxels' grid.
+    factor : float
+        ``scale``'s multiplier.
+    taus : sequence of int
+        Steps of the source's cross-attention injected (0: the edited condition alone).
+    mode : {'replace', 'refine'}
+
+    Returns
+    -------
+    dict
+        What ``edits.json`` holds.
+
+    Sample seeds are the ``generate`` stage's first sample's (``derive_seed(seed, "generate", subject, id, 0)``):
+    the source image is that stage's first sample of the stimulus.
+    """
+    import json
+    import time
+    from pathlib import Path
+
+    import h5py
+
+    from mindvis.data.responses import load_responses
+    from mindvis.data.stimuli import load_stimulus_set
+    from mindvis.generate.control import AttentionEdit
+    from mindvis.generate.writing import save_grid
+    from mindvis.models.dcldm import load_dcldm
+    from mindvis.utils.device import select_device
+    from mindvis.utils.io import atomic_path, derive_seed, software_versions, write_json_atomic
+
+    started = time.perf_counter()
+    settings = config["generate"]
+    out_dir = Path(out_dir)
+    data = load_responses(responses, splits=(settings["split"],))
+    split = data[settings["split"]]
+    known = [str(s) for s in split.stimulus_id]
+
+    def rows_of(ids, what):
+        missing = [s for s in ids if s not in known]
+        if missing:
+            raise MindvisError(f"{what} {', '.join(missing[:5])} not in the {settings['split']} split", path=responses,
+                               key=f"{settings['split']}/stimulus_id",
+                               fix=f"name stimuli of generate.split ({settings['split']}), e.g. {', '.join(known[:3])}.")
+        return [known.index(s) for s in ids]
+
+    rows = rows_of(list(stimulus_ids), "stimulus")
+    donors = None
+    if operation == "swap":
+        if not donor_ids or len(donor_ids) != len(rows):
+            raise MindvisError(f"a swap needs one donor stimulus per stimulus ({len(rows)}), got "
+                               f"{len(donor_ids or [])}", key="--donors", fix="give --donors, one per --stimuli.")
+        donors = rows_of(list(donor_ids), "donor stimulus")
+    voxels = _voxel_group(data, rois, mask, path=responses)
+    generator, decoder, _ = load_dcldm(model_dir, base=base)
+    device = select_device(device)
+    generator.to(device)
+    decoder.to(device)
+    edit = TokenEdit(voxels, operation, factor)
+    seeds = [derive_seed(config["seed"], "generate", subject, known[r], 0) for r in rows]
+    fmri = split.fmri[rows]
+    donor_fmri = split.fmri[donors] if donors is not None else None
+    source, edited, changed = None, [], None
+    for tau in taus:
+        out = edit_trials(decoder, generator, fmri, edit, settings, seeds, donor=donor_fmri,
+                          attention=AttentionEdit(mode, int(tau)))
+        source, changed = out["source"], out["changed_tokens"]
+        edited.append(out["edited"])
+    edited = np.stack(edited, axis=1)  # [N, n_tau, H, W, C]
+    change = np.abs(edited.astype(np.float32) - source[:, None].astype(np.float32)).mean(axis=-1) / 255.0
+    stimulus_set = load_stimulus_set(stimuli)
+    truth, labels = stimulus_set.lookup([known[r] for r in rows])
+    columns = [source[:, None], edited]
+    if donors is not None:
+        donor_truth, _ = stimulus_set.lookup([known[r] for r in donors])
+        from PIL import Image
+
+        size = source.shape[1]
+        resized = np.stack([np.asarray(Image.fromarray(t[..., 0] if t.shape[-1] == 1 else t).resize((size, size)))
+                            for t in donor_truth])
+        columns.insert(0, (resized[..., None] if resized.ndim == 3 else resized)[:, None])
+    heat = (np.clip(change * 4, 0, 1) * 255).astype(np.uint8)[..., None]
+    if source.shape[-1] == 3:
+        heat = np.repeat(heat, 3, axis=-1)
+    save_grid(out_dir / "grid.png", np.concatenate([*columns, heat], axis=1), truth=truth)
+    record = {"stage": "edit", "subject": subject, "model_dir": str(model_dir), "operation": operation,
+              "factor": float(factor), "rois": list(rois) if rois is not None else None,
+              "mask": None if mask is None else str(mask), "n_group_voxels": int(voxels.sum()),
+              "n_group_tokens": int(group_tokens(decoder, voxels).sum()),
+              "changed_condition_tokens": int(changed.sum()), "mode": mode, "taus": [int(t) for t in taus],
+              "stimulus_id": [known[r] for r in rows], "donor_id": None if donors is None else [known[r] for r in donors],
+              "seeds": seeds, "grid_columns": (["donor image"] if donors is not None else []) + ["decoded"]
+              + [f"edit, tau {int(t)}" for t in taus] + [f"change, tau {int(taus[-1])} (x4)"],
+              **{k: settings[k] for k in ("sampler", "steps", "guidance_scale", "eta", "split")},
+              "config": config, "versions": software_versions()}
+    with atomic_path(out_dir / EDITS_FILE) as tmp, h5py.File(tmp, "w") as handle:
+        handle.create_dataset("source", data=source)
+        handle.create_dataset("edited", data=edited)
+        handle.create_dataset("change", data=change.astype(np.float32))
+        handle.create_dataset("true_images", data=truth)
+        handle.create_dataset("label", data=np.asarray(labels, np.int64))
+        handle.attrs["record"] = json.dumps({k: v for k, v in record.items() if k not in ("config",)})
+    record["wall_time_s"] = round(time.perf_counter() - started, 2)
+    write_json_atomic(out_dir / "edits.json", record)
+    return record
