@@ -200,3 +200,22 @@ def test_donors_are_of_another_class_and_shown_stimuli_cover_the_classes():
     assert np.all(labels[donors] != labels) and np.array_equal(donors, donor_rows(labels, seed=3))
     assert donor_rows(np.zeros(3, int), seed=0).tolist() == [-1, -1, -1]
     assert shown_rows(labels, 3) == [0, 2, 3] and shown_rows(labels, 4) == [0, 1, 2, 3] and shown_rows(labels, 0) == []
+
+
+def test_a_nifti_mask_selects_the_voxels_on_its_grid(tmp_path):
+    import nibabel as nib
+
+    from mindvis.errors import MindvisError
+    from mindvis.generate.edit import mask_voxels
+
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    data = np.zeros((4, 3, 2), np.uint8)
+    data[1, 2, 0] = data[3, 0, 1] = 1
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "roi.nii.gz")
+    ijk = np.array([[1, 2, 0], [0, 0, 0], [3, 0, 1], [2, 1, 1]])
+    assert mask_voxels(tmp_path / "roi.nii.gz", ijk, affine, (4, 3, 2)).tolist() == [True, False, True, False]
+    with pytest.raises(MindvisError, match="does not match"):
+        mask_voxels(tmp_path / "roi.nii.gz", ijk, np.eye(4), (4, 3, 2))
+    (tmp_path / "broken.nii.gz").write_bytes(b"\x1f\x8b not a nifti")
+    with pytest.raises(MindvisError, match="cannot read the mask"):
+        mask_voxels(tmp_path / "broken.nii.gz", ijk, affine, (4, 3, 2))

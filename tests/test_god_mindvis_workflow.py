@@ -35,7 +35,8 @@ def god_mindvis_run(tmp_path_factory):
     config["mbm"]["base"] = "bundled"  # unused: every subject's decoder is released
     config["ldm"].update(base=str(data / "model.ckpt"), compvis_config=str(data / "label2img.yaml"), image_size=16)
     config["finetune"]["released"] = {"sub-01": str(data / "finetuned.pth")}
-    config["generate"].update(steps=3, n_samples=2, batch_size=8, attention_stimuli=1)
+    config["generate"].update(steps=3, n_samples=2, batch_size=8, attention_stimuli=1, edit_stimuli=2,
+                              edit_groups={"V1": ["V1"], "VC outside V1": ["VC"]})  # the fixture's two masks
     config["evaluate"] = {"classifier": "efficientnet_lite0", "n_way": 50, "trials": 20, "n_bootstrap": 20}
     configfile = data / "god_mindvis.yaml"
     configfile.write_text(yaml.safe_dump(config))
@@ -64,3 +65,9 @@ def test_released_decoder_is_imported_sampled_and_scored(god_mindvis_run):
     metrics = json.loads((workdir / "results/sub-01/evaluation/metrics.json").read_text())
     assert metrics["n_way"] == 50 and metrics["n_samples"] == 2 and metrics["classifier"]["name"] == "efficientnet_lite0"
     assert (workdir / "results/sub-01/report.html").exists()
+    # The brain-token edits run through MinD-Vis's own layout (no class token, wrapped padding, no voxel path).
+    edits = json.loads((workdir / "results/sub-01/edits/edits.json").read_text())
+    assert edits["shown_groups"] == ["V1", "VC outside V1"] and len(edits["stimulus_id"]) == 2
+    assert all(group["n_tokens"] > 0 for group in edits["groups"].values())
+    assert set(edits["check"]["groups"]) == {"V1", "VC outside V1"}
+    assert 'id="edits"' in (workdir / "results/sub-01/report.html").read_text()
