@@ -181,6 +181,11 @@ def test_edit_trials_with_tau_zero_decodes_the_edited_condition(decoder):
                        attention=AttentionEdit("replace", tau=3))
     assert np.array_equal(kept["source"], out["source"])
     assert out["edited"].shape == kept["edited"].shape == (2, 16, 16, 1)
+    # One trial per sampler call (generate.batch_size 2): the same images, from the same per-trial noise.
+    one_by_one = edit_trials(model, generator, fmri, TokenEdit(group, "swap"), {**settings, "batch_size": 2}, [7, 8],
+                             donor=donor)
+    assert len(one_by_one["controllers"]) == 2
+    assert np.abs(one_by_one["edited"].astype(int) - out["edited"].astype(int)).max() <= 1
 
 
 def test_roi_names_must_exist():

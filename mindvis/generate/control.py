@@ -24,7 +24,7 @@ explicit softmax(QK^T)V of ``AttnProcessor``) on every ``attn2`` layer of the
 UNet; the same code runs for the embedded prior's UNet and for Stable
 Diffusion's. It can also record the maps each run used (mean over heads).
 
-Imports :mod:`mindvis.generate.attention` and :mod:`mindvis.models` only.
+Imports :mod:`mindvis.generate.attention`, :mod:`mindvis.models` and :mod:`mindvis.utils` only.
 """
 
 from __future__ import annotations
@@ -174,7 +174,8 @@ def sample_edit(generator, source, edited, null_condition, seeds, settings, edit
     seeds : int [n]
         One sample per row; the edited row starts from its source row's noise.
     settings : dict
-        The ``generate`` config section (sampler, steps, guidance_scale, eta).
+        The ``generate`` config section (sampler, steps, guidance_scale, eta; ``mixed_precision`` as in
+        :func:`mindvis.generate.decode.sample_conditions`).
     edit : AttentionEdit
     record : bool
         Keep the maps each run used (``controller.maps``).
@@ -186,6 +187,7 @@ def sample_edit(generator, source, edited, null_condition, seeds, settings, edit
     controller : AttentionController
     """
     from mindvis.generate.sampling import make_scheduler, sample_latents, sampler_steps, seeded_generators
+    from mindvis.utils.device import autocast_dtype, resolve_precision
 
     n = len(source)
     if len(edited) != n or len(seeds) != n:
@@ -195,11 +197,12 @@ def sample_edit(generator, source, edited, null_condition, seeds, settings, edit
     both = Condition.cat([source, edited])
     scheduler = make_scheduler(settings["sampler"], generator.scheduler_config, eta=settings["eta"])
     steps = sampler_steps(settings["sampler"], settings["steps"], generator.scheduler_config)
+    precision = autocast_dtype(resolve_precision(settings.get("mixed_precision", "no"), both.context.device))
     with AttentionController(generator.unet, edit, n, record=record) as controller:
         latents = sample_latents(generator.unet, scheduler, both, null_condition=null_condition(2 * n),
                                  guidance_scale=settings["guidance_scale"], num_steps=steps,
                                  generators=seeded_generators(seeds + seeds), latent_shape=generator.latent_shape(2 * n),
-                                 eta=settings["eta"], recorder=controller)
+                                 eta=settings["eta"], recorder=controller, autocast_dtype=precision)
     vae_dtype = next(generator.vae.parameters()).dtype
     images = generator.decode(latents.to(vae_dtype)).float().clamp(-1, 1)
     return images.reshape(2, n, *images.shape[1:]), controller

@@ -31,7 +31,6 @@ import numpy as np
 import torch
 
 from mindvis.errors import MindvisError
-from mindvis.models.conditioning import Condition
 
 OPERATIONS = ("swap", "zero", "scale")
 
@@ -204,7 +203,8 @@ def edit_trials(decoder, generator, fmri, edit, settings, seeds, *, donor=None, 
     Returns
     -------
     dict
-        ``source`` and ``edited`` uint8 [N, H, W, C], ``changed_tokens`` bool [T], ``controller``.
+        ``source`` and ``edited`` uint8 [N, H, W, C], ``changed_tokens`` bool [T], ``controllers`` (one per
+        sampler call of ``generate.batch_size // 2`` trials; with ``record``, their maps).
     """
     from mindvis.data.images import tensor_to_images
     from mindvis.generate.control import AttentionEdit, sample_edit
@@ -216,10 +216,19 @@ def edit_trials(decoder, generator, fmri, edit, settings, seeds, *, donor=None, 
     attention = attention or AttentionEdit("replace", tau=0)
     if attention.mode == "refine" and attention.own is None:
         attention = AttentionEdit("refine", attention.tau, own=changed, weights=attention.weights)
-    images, controller = sample_edit(generator, source, Condition(edited.context, edited.pooled), decoder.null,
-                                     seeds, settings, attention, record=record)
-    return {"source": tensor_to_images(images[0]), "edited": tensor_to_images(images[1]), "changed_tokens": changed,
-            "controller": controller}
+    # generate.batch_size images per sampler call: a source and its edit are two, each with its null branch.
+    chunk = max(1, int(settings.get("batch_size", len(seeds))) // 2)
+    seeds = [int(seed) for seed in seeds]
+    sources, edits, controllers = [], [], []
+    for start in range(0, len(seeds), chunk):
+        rows = torch.arange(start, min(start + chunk, len(seeds)), device=source.context.device)
+        images, controller = sample_edit(generator, source.select(rows), edited.select(rows), decoder.null,
+                                         seeds[start:start + chunk], settings, attention, record=record)
+        sources.append(tensor_to_images(images[0]))
+        edits.append(tensor_to_images(images[1]))
+        controllers.append(controller)
+    return {"source": np.concatenate(sources), "edited": np.concatenate(edits), "changed_tokens": changed,
+            "controllers": controllers}
 
 
 EDITS_FILE = "edits.h5"
