@@ -39,9 +39,12 @@ decode: $(STAMP)
 	@$(BIN)/mindvis summary --config $(CONFIG) --csv results/summary.csv
 
 # The layer contract first (pyproject.toml, [tool.importlinter]): a stage importing a later one fails here.
+# The suite runs in TEST_WORKERS processes (pytest-xdist), one test file per process at a time (--dist loadfile:
+# a file's module fixtures, such as the workflow test's finished run, are built once); TEST_WORKERS=0 runs it in one.
+TEST_WORKERS ?= $(CORES)
 test: $(TEST_STAMP)
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
 # Debian's chromium for the headless-browser report test (tests/test_report.py; Playwright drives it
 # through executable_path, so `playwright install` is never needed). Needs root or sudo.

@@ -108,9 +108,11 @@ def pooled(entries, key, measure, n_boot, level, difference=False):
     return {"value": float(np.mean([a.mean() for a in arrays])), "ci": ci}
 
 
-def _cell(summary):
+def _cell(summary, signed=True):
+    """A shift (signed) or a rate, with its interval."""
+    form = "+.3f" if signed else ".3f"
     low, high = summary["ci"]
-    return f"{summary['value']:+.3f} [{low:+.3f}, {high:+.3f}]"
+    return f"{summary['value']:{form}} [{low:{form}}, {high:{form}}]"
 
 
 def markdown(report):
@@ -125,7 +127,7 @@ def markdown(report):
              "|---|---|---|---|---|"]
     for key, row in report["pooled"].items():
         group, tau = key.split(" | ")
-        lines.append(f"| {group} | {tau[4:]} | {_cell(row['donor_prob'])} | {_cell(row['donor_top1'])} | "
+        lines.append(f"| {group} | {tau[4:]} | {_cell(row['donor_prob'])} | {_cell(row['donor_top1'], False)} | "
                      f"{_cell(row['donor_pixcorr'])} |")
     for tau, row in report["pooled_difference"].items():
         lines.append(f"| higher - early | {tau[4:]} | {_cell(row['donor_prob'])} | {_cell(row['donor_top1'])} | "
@@ -142,7 +144,7 @@ def markdown(report):
         for name, group in entry["groups"].items():
             for tau, row in group["taus"].items():
                 lines.append(f"| {entry['subject']} | {name} | {group['n_voxels']} | {group['n_tokens']} | {tau} | "
-                             f"{_cell(row['donor_prob'])} | {_cell(row['donor_top1'])} | "
+                             f"{_cell(row['donor_prob'])} | {_cell(row['donor_top1'], False)} | "
                              f"{_cell(row['donor_pixcorr'])} |")
     return "\n".join(lines) + "\n"
 

@@ -514,6 +514,18 @@ def main(argv=None):
     except MindvisError as err:
         print(f"mindvis: error: {err}", file=sys.stderr)
         return 2
+    except (OSError, RuntimeError) as err:
+        # A full or read-only disk met outside mindvis's own writers (which name the file): still one line.
+        from mindvis.utils.io import storage_problem
+
+        problem = storage_problem(err)
+        if problem is None:
+            raise
+        where = getattr(err, "filename", None)
+        print(f"mindvis: error: {where + ': ' if where else ''}the disk is {problem} ({err}). Fix: "
+              + ("free space and rerun." if problem == "full" else "write the results to a writable folder and rerun."),
+              file=sys.stderr)
+        return 2
     return 0
 
 

@@ -77,7 +77,8 @@ def validate(config, path="<config>"):
     if config is None:
         config = {}
     if not isinstance(config, dict):
-        raise MindvisError("the config must be a YAML mapping of keys to values", path=path)
+        raise MindvisError(f"the config must be a YAML mapping of keys to values, found a {type(config).__name__}",
+                           path=path, fix="write one 'key: value' per line, e.g. 'seed: 0' (see configs/default.yaml).")
     schema = load_schema()
     config = fill_defaults(config, schema)
     errors = sorted(
@@ -129,17 +130,39 @@ def _check_consistency(config, path):
                                fix="set preprocess.roi to a NIfTI mask on your BOLD grid.")
 
 
+def _yaml_problem(err):
+    """One line for a YAML syntax error: where it is and what the parser expected."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    what = " ".join(str(getattr(err, "problem", None) or err).split())
+    return " ".join(part for part in ("not valid YAML", where) if part) + f": {what}"
+
+
 def load_config(path):
-    """Read, validate and default-fill an experiment YAML."""
+    """Read, validate and default-fill an experiment YAML.
+
+    Raises
+    ------
+    MindvisError
+        When the file is missing, unreadable, not YAML, or breaks the schema.
+    """
     path = Path(path)
     if not path.exists():
         raise MindvisError("config file not found", path=path,
                            fix="pass an existing YAML, e.g. configs/default.yaml.")
     try:
-        with open(path) as handle:
+        with open(path, encoding="utf-8") as handle:
             raw = yaml.safe_load(handle)
     except yaml.YAMLError as err:
-        raise MindvisError(f"not valid YAML ({err})", path=path) from None
+        raise MindvisError(_yaml_problem(err), path=path,
+                           fix="correct the YAML there (indentation with spaces, closing brackets and quotes).") \
+            from None
+    except UnicodeDecodeError as err:
+        raise MindvisError(f"not UTF-8 text (byte {err.start})", path=path,
+                           fix="save the config as UTF-8 text.") from None
+    except OSError as err:
+        raise MindvisError(f"cannot be read ({err.strerror or err})", path=path,
+                           fix="pass the YAML file itself, e.g. configs/default.yaml.") from None
     return validate(raw, path)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 #: Generator sizes at test scale: 16 px images -> 8 x 8 x 4 latents (2 VAE levels = factor 2).
@@ -195,3 +196,13 @@ def tiny_config(**sections):
     for name, values in sections.items():
         config[name].update(values)
     return config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models train fastest on one thread, and float sums then do not depend on the core count (a module
+    that imports this fixture runs on one thread, and leaves the other cores to others)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -177,15 +177,23 @@ def test_edit_trials_with_tau_zero_decodes_the_edited_condition(decoder):
     plain = tensor_to_images(sample_images(generator, condition, null_condition=model.null(2), sampler="ddim",
                                            num_steps=3, guidance_scale=3.0, seeds=[7, 8]))
     assert np.abs(out["edited"].astype(int) - plain.astype(int)).max() <= 1
+    assert out["controllers"] == []  # nothing to control: both images sampled as generate samples them
     kept = edit_trials(model, generator, fmri, TokenEdit(group, "swap"), settings, [7, 8], donor=donor,
                        attention=AttentionEdit("replace", tau=3))
-    assert np.array_equal(kept["source"], out["source"])
+    # The source sampled beside its edit (under the controller's explicit attention) and alone agree.
+    assert np.abs(kept["source"].astype(int) - out["source"].astype(int)).max() <= 1
     assert out["edited"].shape == kept["edited"].shape == (2, 16, 16, 1)
+    # A source given is reused where nothing is injected (the check samples each stimulus's source once).
+    marker = np.full_like(out["source"], 9)
+    reused = edit_trials(model, generator, fmri, TokenEdit(group, "swap"), settings, [7, 8], donor=donor,
+                         source=marker)
+    assert reused["source"] is marker or np.array_equal(reused["source"], marker)
+    assert np.array_equal(reused["edited"], out["edited"])
     # One trial per sampler call (generate.batch_size 2): the same images, from the same per-trial noise.
     one_by_one = edit_trials(model, generator, fmri, TokenEdit(group, "swap"), {**settings, "batch_size": 2}, [7, 8],
-                             donor=donor)
+                             donor=donor, attention=AttentionEdit("replace", tau=3))
     assert len(one_by_one["controllers"]) == 2
-    assert np.abs(one_by_one["edited"].astype(int) - out["edited"].astype(int)).max() <= 1
+    assert np.abs(one_by_one["edited"].astype(int) - kept["edited"].astype(int)).max() <= 1
 
 
 def test_roi_names_must_exist():

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from ldm_fixtures import one_thread  # noqa: F401 (autouse: one thread)
 
 from mindvis.config import validate
 from mindvis.data import bids_layout
@@ -35,15 +36,6 @@ TINY = {
     "preprocess": {"space": "template"},
     "mbm": {"preset": "tiny", "patch_size": 8, "epochs": 2, "batch_size": 16, "warmup_epochs": 1},
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train fastest on one thread (and leave the other cores to others)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_config(**sections):

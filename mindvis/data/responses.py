@@ -460,10 +460,13 @@ def _open(path, what, stage):
     path = Path(path)
     if not path.exists():
         raise MindvisError(f"{what} not found", path=path, fix=f"run the '{stage}' stage first.")
+    if not path.is_file():
+        raise MindvisError(f"{what} is not a file", path=path, fix=f"delete it and rerun the '{stage}' stage.")
     try:
         return h5py.File(path, "r")
     except OSError as err:
-        raise MindvisError(f"not a readable HDF5 file ({err})", path=path,
+        reason = " ".join(str(err).split())  # h5py's messages can span lines; errors stay one line
+        raise MindvisError(f"not a readable HDF5 file ({reason})", path=path,
                            fix=f"delete it and rerun the '{stage}' stage.") from None
 
 
@@ -472,9 +475,13 @@ def _read_attrs(handle, path, required, stage):
     json_attrs = set(_JSON_ATTRS)
     if "json_attrs" in handle.attrs:
         try:
-            json_attrs |= set(json.loads(handle.attrs["json_attrs"]))
+            listed = json.loads(handle.attrs["json_attrs"])
         except (TypeError, ValueError):
-            raise MindvisError("attribute is not valid JSON", path=path, key="json_attrs") from None
+            listed = None
+        if not isinstance(listed, list) or not all(isinstance(key, str) for key in listed):
+            raise MindvisError("attribute is not a JSON list of attribute names", path=path, key="json_attrs",
+                               fix=f"rerun the '{stage}' stage.")
+        json_attrs |= set(listed)
     for key in required:
         if key not in handle.attrs:
             raise MindvisError("attribute missing", path=path, key=key, fix=f"rerun the '{stage}' stage.")
@@ -501,7 +508,8 @@ def _read_dataset(handle, key, path, stage, prefix=""):
         raise MindvisError("dataset missing", path=path, key=prefix + key, fix=f"rerun the '{stage}' stage.")
     dataset = handle[key]
     if not isinstance(dataset, h5py.Dataset):
-        raise MindvisError("expected a dataset, found a group", path=path, key=prefix + key)
+        raise MindvisError("expected a dataset, found a group", path=path, key=prefix + key,
+                           fix=f"rerun the '{stage}' stage.")
     if h5py.check_string_dtype(dataset.dtype) is not None:
         return np.asarray(dataset.asstr()[()], dtype=object)
     return dataset[()]
@@ -511,13 +519,34 @@ def _read_geometry(handle, path, stage):
     voxel_ijk = _read_dataset(handle, "voxel_ijk", path, stage)
     affine = _read_dataset(handle, "affine", path, stage)
     voxel_roi = _read_dataset(handle, "voxel_roi", path, stage)
-    volume_shape = tuple(int(v) for v in np.atleast_1d(handle.attrs["volume_shape"]))
+    volume_shape = np.atleast_1d(handle.attrs["volume_shape"])
+    if volume_shape.dtype.kind not in "iu":
+        raise MindvisError(f"must be 3 integer sizes, found {volume_shape.dtype} {volume_shape.tolist()}",
+                           path=path, key="volume_shape", fix=f"rerun the '{stage}' stage.")
+    volume_shape = tuple(int(v) for v in volume_shape)
     if voxel_roi.dtype != object:
-        raise MindvisError(f"must be strings, found {voxel_roi.dtype}", path=path, key="voxel_roi")
+        raise MindvisError(f"must be strings, found {voxel_roi.dtype}", path=path, key="voxel_roi",
+                           fix=f"rerun the '{stage}' stage.")
     problem = _check_geometry(voxel_ijk, affine, volume_shape, voxel_roi)
     if problem:
         raise MindvisError(problem[1], path=path, key=problem[0], fix=f"rerun the '{stage}' stage.")
     return voxel_ijk.astype(np.int32), affine.astype(np.float64), volume_shape, voxel_roi
+
+
+def _read_quality(handle, path, stage, n_voxels):
+    """The ``quality/`` group as a dict of arrays (empty without the group)."""
+    if "quality" not in handle:
+        return {}
+    if not isinstance(handle["quality"], h5py.Group):
+        raise MindvisError("expected a group, found a dataset", path=path, key="quality",
+                           fix=f"rerun the '{stage}' stage.")
+    quality = {}
+    for key in handle["quality"]:
+        quality[key] = _read_dataset(handle["quality"], key, path, stage, prefix="quality/")
+        if key in ("tsnr", "noise_ceiling", "ncsnr") and quality[key].shape != (n_voxels,):
+            raise MindvisError(f"must hold one value per voxel ({n_voxels}), found shape {quality[key].shape}",
+                               path=path, key=f"quality/{key}", fix=f"rerun the '{stage}' stage.")
+    return quality
 
 
 def load_responses(path, splits=SPLITS):
@@ -548,7 +577,11 @@ def load_responses(path, splits=SPLITS):
         attrs = _read_attrs(handle, path, _REQUIRED_ATTRS, stage)
         class_names = attrs.pop("class_names")
         if not isinstance(class_names, list) or not all(isinstance(name, str) for name in class_names):
-            raise MindvisError("must be a JSON list of strings", path=path, key="class_names")
+            raise MindvisError("must be a JSON list of strings", path=path, key="class_names",
+                               fix=f"rerun the '{stage}' stage.")
+        if isinstance(attrs["tr"], bool) or not isinstance(attrs["tr"], (int, float)):
+            raise MindvisError(f"must be a number of seconds, found {attrs['tr']!r}", path=path, key="tr",
+                               fix=f"rerun the '{stage}' stage.")
         voxel_ijk, affine, volume_shape, voxel_roi = _read_geometry(handle, path, stage)
         loaded = {}
         for name in splits:
@@ -564,13 +597,7 @@ def load_responses(path, splits=SPLITS):
             split.label = split.label.astype(np.int64)
             split.run = split.run.astype(np.int64)
             loaded[name] = split
-        quality = {}
-        if "quality" in handle:
-            for key, dataset in handle["quality"].items():
-                quality[key] = dataset[()]
-                if key in ("tsnr", "noise_ceiling", "ncsnr") and quality[key].shape != (len(voxel_ijk),):
-                    raise MindvisError(f"must hold one value per voxel ({len(voxel_ijk)}), found shape "
-                                       f"{quality[key].shape}", path=path, key=f"quality/{key}")
+        quality = _read_quality(handle, path, stage, len(voxel_ijk))
     return Responses(splits=loaded, voxel_ijk=voxel_ijk, affine=affine, volume_shape=volume_shape,
                      voxel_roi=voxel_roi, class_names=class_names, attrs=attrs, quality=quality, path=path)
 

@@ -311,6 +311,57 @@ def save_stimulus_set(stimulus_set, out_path):
             group.create_dataset("source_index", data=np.asarray(split.source_index, dtype=np.int64))
 
 
+#: What a stimulus file's errors tell the user to do.
+_REBUILD = "rebuild it with the 'stimuli' stage (or 'convert' for a real data set)."
+
+
+def _json_attr(handle, key, path, default=None):
+    """A JSON attribute of a stimulus file (``default`` when absent and a default is given)."""
+    if key not in handle.attrs:
+        if default is not None:
+            return default
+        raise MindvisError("attribute missing", path=path, key=key, fix=_REBUILD)
+    try:
+        return json.loads(handle.attrs[key])
+    except (TypeError, ValueError):
+        raise MindvisError("attribute is not valid JSON", path=path, key=key, fix=_REBUILD) from None
+
+
+def _read_stimulus_split(handle, name, path, n_classes):
+    """One split's datasets, checked: uint8 images [N, H, W, C], int labels in -1 .. n_classes - 1, str ids."""
+    import h5py
+
+    if name not in handle or not isinstance(handle[name], h5py.Group):
+        raise MindvisError("group missing", path=path, key=name, fix=_REBUILD)
+    group = handle[name]
+    for key in ("images", "label", "stimulus_id", "source_index"):
+        if key not in group or not isinstance(group[key], h5py.Dataset):
+            raise MindvisError("dataset missing", path=path, key=f"{name}/{key}", fix=_REBUILD)
+    images = group["images"][()]
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise MindvisError(f"images must be uint8 [N, H, W, C], found {images.dtype} {images.shape}",
+                           path=path, key=f"{name}/images", fix=_REBUILD)
+    label, source_index = group["label"][()], group["source_index"][()]
+    for key, values in (("label", label), ("source_index", source_index)):
+        if values.ndim != 1 or values.dtype.kind not in "iu":
+            raise MindvisError(f"must be an int vector [N], found {values.dtype} {values.shape}", path=path,
+                               key=f"{name}/{key}", fix=_REBUILD)
+    if len(label) and (label.min() < -1 or label.max() >= n_classes):
+        raise MindvisError(f"labels run from {label.min()} to {label.max()} but class_names has {n_classes} "
+                           "(labels must lie in -1 .. n_classes - 1)", path=path, key=f"{name}/label", fix=_REBUILD)
+    if h5py.check_string_dtype(group["stimulus_id"].dtype) is None or group["stimulus_id"].ndim != 1:
+        raise MindvisError(f"must be a string vector [N], found {group['stimulus_id'].dtype}", path=path,
+                           key=f"{name}/stimulus_id", fix=_REBUILD)
+    split = StimulusSplit(images=images, label=label.astype(np.int64),
+                          stimulus_id=np.asarray(group["stimulus_id"].asstr()[()], dtype=object),
+                          source_index=source_index)
+    lengths = {len(split.images), len(split.label), len(split.stimulus_id), len(split.source_index)}
+    if len(lengths) != 1:
+        raise MindvisError(f"datasets of split '{name}' differ in length: {sorted(lengths)}", path=path, key=name,
+                           fix=_REBUILD)
+    return split
+
+
 def load_stimulus_set(path, splits=SPLITS):
     """Read and check a stimulus HDF5.
 
@@ -322,38 +373,19 @@ def load_stimulus_set(path, splits=SPLITS):
     path = Path(path)
     if not path.exists():
         raise MindvisError("stimulus file not found", path=path, fix="run the 'stimuli' stage first.")
-    out = {}
     try:
         handle = h5py.File(path, "r")
     except OSError as err:
-        raise MindvisError(f"not a readable HDF5 file ({err})", path=path) from None
+        reason = " ".join(str(err).split())  # h5py's messages can span lines; errors stay one line
+        raise MindvisError(f"not a readable HDF5 file ({reason})", path=path, fix=_REBUILD) from None
     with handle:
-        if "class_names" not in handle.attrs:
-            raise MindvisError("attribute missing", path=path, key="class_names")
-        class_names = json.loads(handle.attrs["class_names"])
+        class_names = _json_attr(handle, "class_names", path)
+        if not isinstance(class_names, list) or not all(isinstance(name, str) for name in class_names):
+            raise MindvisError("must be a JSON list of strings", path=path, key="class_names", fix=_REBUILD)
         # Files written before novel categories existed have no attribute: every class was seen.
-        novel_classes = json.loads(handle.attrs.get("novel_classes", "[]"))
+        novel_classes = _json_attr(handle, "novel_classes", path, default=[])
+        if not isinstance(novel_classes, list) or not all(isinstance(cls, int) for cls in novel_classes):
+            raise MindvisError("must be a JSON list of class indices", path=path, key="novel_classes", fix=_REBUILD)
         attrs = {key: handle.attrs[key] for key in handle.attrs if key not in ("class_names", "novel_classes")}
-        for name in splits:
-            if name not in handle:
-                raise MindvisError("group missing", path=path, key=name)
-            group = handle[name]
-            for key in ("images", "label", "stimulus_id", "source_index"):
-                if key not in group:
-                    raise MindvisError("dataset missing", path=path, key=f"{name}/{key}")
-            images = group["images"][()]
-            if images.dtype != np.uint8 or images.ndim != 4:
-                raise MindvisError(f"images must be uint8 [N, H, W, C], found {images.dtype} {images.shape}",
-                                   path=path, key=f"{name}/images")
-            split = StimulusSplit(
-                images=images,
-                label=group["label"][()].astype(np.int64),
-                stimulus_id=np.array([s.decode() if isinstance(s, bytes) else s for s in group["stimulus_id"][()]],
-                                     dtype=object),
-                source_index=group["source_index"][()],
-            )
-            lengths = {len(split.images), len(split.label), len(split.stimulus_id), len(split.source_index)}
-            if len(lengths) != 1:
-                raise MindvisError(f"datasets of split '{name}' differ in length: {sorted(lengths)}", path=path, key=name)
-            out[name] = split
+        out = {name: _read_stimulus_split(handle, name, path, len(class_names)) for name in splits}
     return StimulusSet(out, class_names, attrs, novel_classes=[int(cls) for cls in novel_classes])

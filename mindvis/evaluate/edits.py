@@ -21,7 +21,7 @@ category, early ones local contrast): ``benchmarks/brain_edit.py`` runs the same
 
 Files in ``out_dir`` (``results/{subject}/edits/``): ``edits.h5`` (``source`` uint8 [N, H, W, C],
 ``true_images``, ``donor_images``, ``edited/{g}`` uint8 [N, n_tau, H, W, C] and ``change/{g}`` float32
-[N, n_tau, H, W] for group ``g`` of ``shown_groups``; attribute ``record``, the JSON below) and ``edits.json`` (stimuli, donors,
+[N, n_tau, H, W] for the ``g``-th name of ``shown_groups``, its attribute (JSON)) and ``edits.json`` (stimuli, donors,
 groups with their voxel and token counts or why they were skipped, taus, the check, config, versions).
 """
 
@@ -37,13 +37,13 @@ import numpy as np
 from mindvis.errors import MindvisError
 from mindvis.evaluate.metrics import bootstrap_ci, pixcorr
 from mindvis.generate.control import AttentionEdit
-from mindvis.generate.edit import TokenEdit, edit_trials, group_tokens
-from mindvis.utils.io import atomic_path, derive_seed, software_versions, write_json_atomic
+from mindvis.generate.edit import (EDITS_FILE, EDITS_JSON, TokenEdit, edit_trials, group_tokens, resize_images,
+                                  write_edits)
+from mindvis.utils.io import derive_seed, software_versions
 
 log = logging.getLogger(__name__)
 
-EDITS_JSON = "edits.json"
-EDITS_H5 = "edits.h5"
+EDITS_H5 = EDITS_FILE
 MEASURES = ("donor_prob", "donor_top1", "donor_pixcorr")
 
 
@@ -105,13 +105,10 @@ def _groups(settings, voxel_roi, decoder):
 def edit_set(config, subject, model_dir, responses, stimuli, out_dir, classifier_dir=None, base=None,
              device="auto"):
     """Write a subject's report edits and their check (see the module docstring); returns ``edits.json``."""
-    import h5py
-    from PIL import Image
-
     from mindvis.data.responses import load_responses
     from mindvis.data.stimuli import load_stimulus_set
     from mindvis.models.classifiers.load import load_image_classifier
-    from mindvis.models.dcldm import load_dcldm
+    from mindvis.models.dcldm import check_decoder_responses, load_dcldm
     from mindvis.utils.device import select_device
 
     started = time.perf_counter()
@@ -133,7 +130,8 @@ def edit_set(config, subject, model_dir, responses, stimuli, out_dir, classifier
                                       "skipped": reason, "groups": {}, "shown_groups": [], "taus": [],
                                       "stimulus_id": [], "donor_id": [], "check": None, "config": config,
                                       "versions": software_versions()})
-    generator, decoder, _ = load_dcldm(model_dir, base=base)
+    generator, decoder, meta = load_dcldm(model_dir, base=base)
+    check_decoder_responses(meta, data, responses, model_dir)
     device = select_device(device)
     generator.to(device)
     decoder.to(device)
@@ -144,14 +142,6 @@ def edit_set(config, subject, model_dir, responses, stimuli, out_dir, classifier
     groups = _groups(settings, data.voxel_roi, decoder)
     shown = shown_rows(labels, int(settings["edit_stimuli"]))
     fmri, donor_fmri = split.fmri, split.fmri[donors]
-
-    def resized(images):
-        images = np.asarray(images)
-        if images.shape[1:3] == (size, size):
-            return images
-        out = [np.asarray(Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).resize((size, size))) for im in images]
-        out = np.stack(out)
-        return out[..., None] if out.ndim == 3 else out
 
     record = {"stage": "edit", "subject": subject, "model_dir": str(model_dir), "operation": "swap",
               "stimulus_id": [ids[r] for r in shown], "donor_id": [ids[donors[r]] for r in shown],
@@ -169,7 +159,7 @@ def edit_set(config, subject, model_dir, responses, stimuli, out_dir, classifier
         for tau in taus:
             out = edit_trials(decoder, generator, fmri[shown], TokenEdit(group["voxels"], "swap"), settings,
                               [seeds[r] for r in shown], donor=donor_fmri[shown],
-                              attention=AttentionEdit("replace", tau))
+                              attention=AttentionEdit("replace", tau), source=source)
             source = out["source"]
             per_tau.append(out["edited"])
         edited_images[name] = np.stack(per_tau, axis=1)
@@ -180,11 +170,12 @@ def edit_set(config, subject, model_dir, responses, stimuli, out_dir, classifier
     if settings["edit_check"] and active:
         classifier = load_image_classifier(config, classifier_dir)
         n_boot, level = int(evaluate["n_bootstrap"]), float(evaluate["ci_level"])
-        check, per_stimulus = {"n_stimuli": len(ids), "tau": 0, "groups": {}}, {}
+        check, per_stimulus, decoded = {"n_stimuli": len(ids), "tau": 0, "groups": {}}, {}, None
         for name in active:
             out = edit_trials(decoder, generator, fmri, TokenEdit(groups[name]["voxels"], "swap"), settings, seeds,
-                              donor=donor_fmri)
-            values = swap_scores(out["edited"], out["source"], resized(truth[donors]), labels[donors], classifier,
+                              donor=donor_fmri, source=decoded)
+            decoded = out["source"]  # tau 0 needs no source beside each edit: sampled once for every group
+            values = swap_scores(out["edited"], out["source"], resize_images(truth[donors], size), labels[donors], classifier,
                                  size)
             per_stimulus[name] = values
             check["groups"][name] = {m: summarise(values[m], n_boot, level) for m in MEASURES}
@@ -198,32 +189,22 @@ def edit_set(config, subject, model_dir, responses, stimuli, out_dir, classifier
         record["check_reason"] = "no edit group's ROIs are in voxel_roi"
     record.update({"config": config, "versions": software_versions(),
                    "wall_time_s": round(time.perf_counter() - started, 2)})
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / EDITS_H5) as tmp, h5py.File(tmp, "w") as handle:
-        if source is not None:
-            handle.create_dataset("source", data=source)
-        handle.create_dataset("true_images", data=resized(truth[shown]))
-        handle.create_dataset("donor_images", data=resized(truth[donors[shown]]))
-        for index, name in enumerate(record["shown_groups"]):  # by index: a display name may hold any character
-            handle.create_dataset(f"edited/{index}", data=edited_images[name])
-            handle.create_dataset(f"change/{index}", data=changes[name].astype(np.float32))
-        handle.attrs["record"] = json.dumps({k: v for k, v in record.items() if k != "config"})
-    write_json_atomic(out_dir / EDITS_JSON, record)
+    arrays = {"true_images": resize_images(truth[shown], size),
+              "donor_images": resize_images(truth[donors[shown]], size)}
+    if source is not None:
+        arrays["source"] = source
+    for index, name in enumerate(record["shown_groups"]):  # by index: a display name may hold any character
+        arrays[f"edited/{index}"] = edited_images[name]
+        arrays[f"change/{index}"] = changes[name].astype(np.float32)
+    write_edits(out_dir, arrays, record)
     log.info("%s: edits of %d stimuli x %d groups x %d taus in %.1f s", subject, len(shown), len(active), len(taus),
              record["wall_time_s"])
     return record
 
 
 def _write_empty(out_dir, record):
-    import h5py
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / EDITS_H5) as tmp, h5py.File(tmp, "w") as handle:
-        handle.create_dataset("true_images", data=np.zeros((0, 1, 1, 1), np.uint8))
-        handle.create_dataset("donor_images", data=np.zeros((0, 1, 1, 1), np.uint8))
-        handle.attrs["record"] = json.dumps({k: v for k, v in record.items() if k != "config"})
-    write_json_atomic(out_dir / EDITS_JSON, record)
+    empty = np.zeros((0, 1, 1, 1), np.uint8)
+    write_edits(out_dir, {"true_images": empty, "donor_images": empty}, record)
     return record
 
 

@@ -25,7 +25,10 @@ Imports :mod:`mindvis.models` and :mod:`mindvis.data` only.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -179,7 +182,8 @@ def changed_tokens(source, edited, tolerance=1e-6):
 
 
 @torch.no_grad()
-def edit_trials(decoder, generator, fmri, edit, settings, seeds, *, donor=None, attention=None, record=False):
+def edit_trials(decoder, generator, fmri, edit, settings, seeds, *, donor=None, attention=None, record=False,
+                source=None):
     """Decode trials and their brain-token edits, the edits under Prompt-to-Prompt attention control.
 
     Parameters
@@ -199,30 +203,46 @@ def edit_trials(decoder, generator, fmri, edit, settings, seeds, *, donor=None, 
         own maps on the condition tokens it changed (:func:`changed_tokens`).
     record : bool
         Keep each run's cross-attention maps.
+    source : uint8 [N, H, W, C], optional
+        The trials' decoded images from an earlier call with the same seeds and settings, reused where the
+        attention control does nothing (below).
 
     Returns
     -------
     dict
         ``source`` and ``edited`` uint8 [N, H, W, C], ``changed_tokens`` bool [T], ``controllers`` (one per
-        sampler call of ``generate.batch_size // 2`` trials; with ``record``, their maps).
+        sampler call of ``generate.batch_size // 2`` trials; with ``record``, their maps; none when the control
+        does nothing).
+
+    Where the attention control does nothing (no step injected, no reweighting, nothing recorded) the edit is
+    a plain run of the edited condition: both images are sampled as ``generate`` samples
+    (:func:`mindvis.generate.decode.sample_conditions`), the source only when ``source`` is not given.
     """
     from mindvis.data.images import tensor_to_images
     from mindvis.generate.control import AttentionEdit, sample_edit
 
     device = next(decoder.parameters()).device
-    source = decoder.condition(torch.as_tensor(fmri, dtype=torch.float32, device=device))
+    source_condition = decoder.condition(torch.as_tensor(fmri, dtype=torch.float32, device=device))
     edited = edited_condition(decoder, fmri, edit, donor)
-    changed = changed_tokens(source, edited)
+    changed = changed_tokens(source_condition, edited)
     attention = attention or AttentionEdit("replace", tau=0)
+    if (attention.mode is None or int(attention.tau) == 0) and attention.weights is None and not record:
+        from mindvis.generate.decode import sample_conditions
+
+        column, batch = np.asarray(seeds, np.int64)[:, None], int(settings.get("batch_size", len(seeds)))
+        if source is None:
+            source = sample_conditions(generator, source_condition, decoder.null, column, settings, batch)[:, 0]
+        return {"source": np.asarray(source), "changed_tokens": changed, "controllers": [],
+                "edited": sample_conditions(generator, edited, decoder.null, column, settings, batch)[:, 0]}
     if attention.mode == "refine" and attention.own is None:
-        attention = AttentionEdit("refine", attention.tau, own=changed, weights=attention.weights)
+        attention = dataclasses.replace(attention, own=changed)
     # generate.batch_size images per sampler call: a source and its edit are two, each with its null branch.
     chunk = max(1, int(settings.get("batch_size", len(seeds))) // 2)
     seeds = [int(seed) for seed in seeds]
     sources, edits, controllers = [], [], []
     for start in range(0, len(seeds), chunk):
-        rows = torch.arange(start, min(start + chunk, len(seeds)), device=source.context.device)
-        images, controller = sample_edit(generator, source.select(rows), edited.select(rows), decoder.null,
+        rows = torch.arange(start, min(start + chunk, len(seeds)), device=source_condition.context.device)
+        images, controller = sample_edit(generator, source_condition.select(rows), edited.select(rows), decoder.null,
                                          seeds[start:start + chunk], settings, attention, record=record)
         sources.append(tensor_to_images(images[0]))
         edits.append(tensor_to_images(images[1]))
@@ -232,6 +252,36 @@ def edit_trials(decoder, generator, fmri, edit, settings, seeds, *, donor=None, 
 
 
 EDITS_FILE = "edits.h5"
+EDITS_JSON = "edits.json"
+
+
+def resize_images(images, size):
+    """uint8 images [N, H, W, C] at ``size`` x ``size`` (PIL's default filter), unchanged when already that size."""
+    from PIL import Image
+
+    images = np.asarray(images)
+    if images.shape[1:3] == (size, size):
+        return images
+    out = np.stack([np.asarray(Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).resize((size, size)))
+                    for im in images]) if len(images) else np.zeros((0, size, size), np.uint8)
+    return out[..., None] if out.ndim == 3 else out
+
+
+def write_edits(out_dir, arrays, record):
+    """``edits.h5`` (``arrays``: dataset name -> array; attribute ``shown_groups`` where ``record`` has it), then
+    ``edits.json`` (``record``), each atomically."""
+    import h5py
+
+    from mindvis.utils.io import atomic_path, write_json_atomic
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / EDITS_FILE) as tmp, h5py.File(tmp, "w") as handle:
+        for name, values in arrays.items():
+            handle.create_dataset(name, data=values)
+        if "shown_groups" in record:
+            handle.attrs["shown_groups"] = json.dumps(record["shown_groups"])
+    write_json_atomic(out_dir / EDITS_JSON, record)
 
 
 def _voxel_group(responses, rois=None, mask=None, path=None):
@@ -276,19 +326,15 @@ def edit_subject(config, subject, model_dir, responses, stimuli, out_dir, *, sti
     Sample seeds are the ``generate`` stage's first sample's (``derive_seed(seed, "generate", subject, id, 0)``):
     the source image is that stage's first sample of the stimulus.
     """
-    import json
     import time
-    from pathlib import Path
-
-    import h5py
 
     from mindvis.data.responses import load_responses
     from mindvis.data.stimuli import load_stimulus_set
     from mindvis.generate.control import AttentionEdit
     from mindvis.generate.writing import save_grid
-    from mindvis.models.dcldm import load_dcldm
+    from mindvis.models.dcldm import check_decoder_responses, load_dcldm
     from mindvis.utils.device import select_device
-    from mindvis.utils.io import atomic_path, derive_seed, software_versions, write_json_atomic
+    from mindvis.utils.io import derive_seed, software_versions
 
     started = time.perf_counter()
     settings = config["generate"]
@@ -313,7 +359,8 @@ def edit_subject(config, subject, model_dir, responses, stimuli, out_dir, *, sti
                                f"{len(donor_ids or [])}", key="--donors", fix="give --donors, one per --stimuli.")
         donors = rows_of(list(donor_ids), "donor stimulus")
     voxels = _voxel_group(data, rois, mask, path=responses)
-    generator, decoder, _ = load_dcldm(model_dir, base=base)
+    generator, decoder, meta = load_dcldm(model_dir, base=base)
+    check_decoder_responses(meta, data, responses, model_dir)
     device = select_device(device)
     generator.to(device)
     decoder.to(device)
@@ -334,12 +381,7 @@ def edit_subject(config, subject, model_dir, responses, stimuli, out_dir, *, sti
     columns = [source[:, None], edited]
     if donors is not None:
         donor_truth, _ = stimulus_set.lookup([known[r] for r in donors])
-        from PIL import Image
-
-        size = source.shape[1]
-        resized = np.stack([np.asarray(Image.fromarray(t[..., 0] if t.shape[-1] == 1 else t).resize((size, size)))
-                            for t in donor_truth])
-        columns.insert(0, (resized[..., None] if resized.ndim == 3 else resized)[:, None])
+        columns.insert(0, resize_images(donor_truth, source.shape[1])[:, None])
     heat = (np.clip(change * 4, 0, 1) * 255).astype(np.uint8)[..., None]
     if source.shape[-1] == 3:
         heat = np.repeat(heat, 3, axis=-1)
@@ -354,13 +396,7 @@ def edit_subject(config, subject, model_dir, responses, stimuli, out_dir, *, sti
               + [f"edit, tau {int(t)}" for t in taus] + [f"change, tau {int(taus[-1])} (x4)"],
               **{k: settings[k] for k in ("sampler", "steps", "guidance_scale", "eta", "split")},
               "config": config, "versions": software_versions()}
-    with atomic_path(out_dir / EDITS_FILE) as tmp, h5py.File(tmp, "w") as handle:
-        handle.create_dataset("source", data=source)
-        handle.create_dataset("edited", data=edited)
-        handle.create_dataset("change", data=change.astype(np.float32))
-        handle.create_dataset("true_images", data=truth)
-        handle.create_dataset("label", data=np.asarray(labels, np.int64))
-        handle.attrs["record"] = json.dumps({k: v for k, v in record.items() if k not in ("config",)})
     record["wall_time_s"] = round(time.perf_counter() - started, 2)
-    write_json_atomic(out_dir / "edits.json", record)
+    write_edits(out_dir, {"source": source, "edited": edited, "change": change.astype(np.float32),
+                          "true_images": truth, "label": np.asarray(labels, np.int64)}, record)
     return record

@@ -28,7 +28,7 @@ from mindvis.generate.decode import capture_attention, decode
 from mindvis.generate.writing import SAMPLES_FILE, save_grid, save_png, write_samples_h5
 from mindvis.models.classifiers.domain import load_classifier
 from mindvis.errors import MindvisError
-from mindvis.models.dcldm import LOWLEVEL_FILE, load_dcldm, load_lowlevel
+from mindvis.models.dcldm import LOWLEVEL_FILE, check_decoder_responses, load_dcldm, load_lowlevel
 from mindvis.utils.device import device_name, resolve_precision, select_device, synchronize
 from mindvis.utils.io import derive_seed, software_versions, write_json_atomic
 
@@ -88,7 +88,9 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
             raise MindvisError("this decoder has no low-level start", path=Path(model_dir) / LOWLEVEL_FILE,
                                key="generate.lowlevel",
                                fix="rerun finetune with generate.lowlevel: true, or decode without --lowlevel.")
-    split = load_responses(responses, splits=(settings["split"],))[settings["split"]]
+    data = load_responses(responses, splits=(settings["split"],))
+    fitted_on = check_decoder_responses(meta, data, responses, model_dir)
+    split = data[settings["split"]]
     stimulus_set = load_stimulus_set(stimuli)
     stimulus_ids = [str(s) for s in split.stimulus_id]
     true_images, labels = stimulus_set.lookup(stimulus_ids) if stimulus_ids else (
@@ -111,7 +113,8 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
                "sampling_s": round(sampling_s, 2),
                "images_per_s": round(samples.shape[0] * samples.shape[1] / max(sampling_s, 1e-9), 3),
                "device": device_name(device), "mixed_precision": precision,
-               "batch_size": int(batch_size or settings["batch_size"])}
+               "batch_size": int(batch_size or settings["batch_size"]),
+               "responses": str(responses), "responses_fitted_on": fitted_on}
     predicted = None
     if classifier_dir is not None and len(stimulus_ids):
         classifier = load_classifier(classifier_dir).to(device)

@@ -15,7 +15,10 @@ A decoder folder (``results/{subject}/dcldm/``)
 ``dcldm.json``
     Base generator folder, trained groups, subject, voxel count, best epoch and
     metric, final validation metrics, input hashes, resolved config, versions
-    (written by the fine-tuning stage).
+    (written by the fine-tuning stage). ``inputs`` records the responses file
+    it was fitted on (:func:`responses_record`: its SHA-256 and its voxels'
+    space spec), which :func:`check_decoder_responses` compares with the
+    responses a later stage decodes.
 ``lowlevel.safetensors``, ``lowlevel.json`` (optional)
     The low-level start (:class:`LowLevelStart`): a linear map fMRI -> the
     VAE latent of the image seen and the img2img strength chosen on the
@@ -28,24 +31,31 @@ A decoder folder (``results/{subject}/dcldm/``)
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from mindvis.data.voxel_space import ijk_digest, space_spec
 from mindvis.errors import MindvisError
 from mindvis.models.conditioning import FmriConditioner, MindVisConditioner
 from mindvis.models.ldm import load_generator
-from mindvis.models.mbm import MBMAutoencoder, mbm_from_config
+from mindvis.models.mbm import MBMAutoencoder, load_pretrained_mbm, mbm_from_config
 from mindvis.models.weights import save_weights
-from mindvis.utils.io import atomic_path, write_json_atomic
+from mindvis.utils.io import atomic_path, check_digests, file_digests, sha256_file, write_json_atomic
 
 MODEL_FILE = "dcldm.safetensors"
 META_FILE = "dcldm.json"
 LOWLEVEL_FILE = "lowlevel.safetensors"
 LOWLEVEL_META = "lowlevel.json"
 START_DIR = "start"
+#: The files ``dcldm.json`` records the SHA-256 of (``sha256``), checked by :func:`load_dcldm`.
+DIGESTED_FILES = (MODEL_FILE, "encoder/config.json", "conditioner/config.json", LOWLEVEL_FILE, LOWLEVEL_META)
+
+log = logging.getLogger(__name__)
 
 
 class DCLDM(torch.nn.Module):
@@ -156,7 +166,7 @@ def build_decoder(config, generator, n_voxels, mbm_dir=None, baseline=False):
         if mbm_dir is None or not (Path(mbm_dir) / "config.json").exists():
             raise MindvisError("no pretrained SC-MBM encoder here", path=mbm_dir, key="config.json",
                                fix="run pretrain_mbm first, or fine-tune in baseline mode.")
-        encoder = MBMAutoencoder.from_pretrained(mbm_dir, local_files_only=True)
+        encoder = load_pretrained_mbm(mbm_dir)
     if n_voxels > encoder.capacity:
         # More voxels than the pretrained table covers: interpolate positions (logged by the encoder).
         encoder.resize_positions(n_voxels)
@@ -261,6 +271,8 @@ def load_dcldm(folder, base=None, dtype=None):
         raise MindvisError("not a fine-tuned DC-LDM folder (dcldm.json missing)", path=folder,
                            fix="run the finetune stage for this subject first.")
     meta = json.loads(meta_path.read_text())
+    check_digests(folder, meta.get("sha256"), META_FILE,
+                  fix="rerun finetune for this subject (snakemake deletes and rewrites the folder).")
     generator = load_generator(base or meta["base"], image_size=meta.get("image_size"), dtype=dtype)
     encoder = MBMAutoencoder.from_config(MBMAutoencoder.load_config(folder / "encoder"))
     conditioner_config = FmriConditioner.load_config(folder / "conditioner")
@@ -290,6 +302,80 @@ def load_dcldm(folder, base=None, dtype=None):
     return generator, decoder.eval(), meta
 
 
+def responses_record(path, data):
+    """What a decoder records of the responses it is fitted on (``dcldm.json`` ``inputs``).
+
+    Parameters
+    ----------
+    path : path
+        The ``responses.h5``.
+    data : mindvis.data.responses.Responses
+        Its contents, as loaded.
+
+    Returns
+    -------
+    dict
+        ``responses`` (the path), ``responses_sha256`` and ``voxel_space`` (:func:`mindvis.data.voxel_space.space_spec`
+        of its voxels: the grid and the voxel order, which a decoder's voxel ``i`` means).
+    """
+    return {"responses": str(path), "responses_sha256": sha256_file(path),
+            "voxel_space": space_spec(data.voxel_ijk, data.affine, data.volume_shape, space="fitted")}
+
+
+def check_decoder_responses(meta, data, path, model_dir):
+    """Refuse to decode responses whose voxels are not those the decoder was fitted on.
+
+    The voxel count (``n_voxels``), then, where the decoder recorded it, the voxels themselves (grid, indices and
+    order: ``inputs.voxel_space``) must match; a decoder released without them (MinD-Vis's weights) is checked by
+    what it has. The same voxels in another file (new sessions, a rerun preprocessing) decode with a warning, and
+    the return value says so.
+
+    Parameters
+    ----------
+    meta : dict
+        The decoder's ``dcldm.json``.
+    data : mindvis.data.responses.Responses
+        The responses to decode, as loaded.
+    path, model_dir : path
+        The responses file and the decoder folder (named in the error).
+
+    Returns
+    -------
+    bool or None
+        Whether the file is the one it was fitted on (its SHA-256); None where the decoder does not record it.
+
+    Raises
+    ------
+    MindvisError
+    """
+    inputs = meta.get("inputs") or {}
+    fitted = inputs.get("responses", "its training responses")
+    fix = (f"decode the responses this decoder was fitted on ({fitted}), or fine-tune a decoder on these "
+           f"(snakemake results/{{subject}}/dcldm/dcldm.json after deleting {model_dir}).")
+    n_voxels = meta.get("n_voxels")
+    if n_voxels is not None and int(n_voxels) != data.n_voxels:
+        raise MindvisError(f"{data.n_voxels} voxels, but the decoder {model_dir} was fitted on {int(n_voxels)}",
+                           path=path, key="voxel_ijk", fix=fix)
+    space = inputs.get("voxel_space")
+    if space is not None:
+        same_grid = (list(data.volume_shape) == list(space["volume_shape"])
+                     and np.allclose(data.affine, space["affine"], atol=1e-3))
+        if not same_grid or ijk_digest(data.voxel_ijk) != space["voxel_ijk_sha256"]:
+            what = "grid (affine or shape)" if not same_grid else "voxels (indices or order)"
+            raise MindvisError(f"the same number of voxels, but another {what} than the decoder {model_dir} was "
+                               "fitted on: its voxel i would read another place of the brain", path=path,
+                               key="voxel_ijk", fix=fix)
+    expected = inputs.get("responses_sha256")
+    if expected is None:
+        return None
+    same = sha256_file(path) == expected
+    if not same:
+        log.warning("%s is not the file the decoder %s was fitted on (%s); %s", path, model_dir, fitted,
+                    "its voxels are the same" if space is not None else
+                    "the decoder does not record its voxels, so only their count was checked")
+    return same
+
+
 def save_dcldm(decoder, out_dir, meta, metadata=None):
     """Write a decoder folder (see the module docstring): configs, weights, then ``dcldm.json`` last.
 
@@ -303,13 +389,16 @@ def save_dcldm(decoder, out_dir, meta, metadata=None):
         Stored in the safetensors header.
     """
     out_dir = Path(out_dir)
+    # dcldm.json goes first and comes back last, with the SHA-256 of every file it stands for: a write cut short
+    # leaves a folder the loader refuses ("run finetune"), never old metadata over new weights.
+    (out_dir / META_FILE).unlink(missing_ok=True)
     decoder.encoder.save_config(out_dir / "encoder")
     decoder.conditioner.save_config(out_dir / "conditioner")
     # The encoder and conditioner are stored whole, trained or not (the loader builds them from config);
     # of the UNet only what was trained (the rest is the base generator's).
     save_weights(decoder, out_dir / MODEL_FILE, which="trainable", always=("encoder.", "conditioner."),
                  metadata=metadata)
-    write_json_atomic(out_dir / META_FILE, meta)
+    write_json_atomic(out_dir / META_FILE, {**meta, "sha256": file_digests(out_dir, DIGESTED_FILES)})
 
 
 @dataclass

@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from mindvis.errors import MindvisError
+from mindvis.utils.io import atomic_folder, check_digests, file_digests, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -269,21 +270,31 @@ def save_generator(generator, out_dir, extra=None):
     """Write a generator as a diffusers-format folder (``vae/``, ``unet/``, ``scheduler/``).
 
     The class conditioner (if any) goes to ``class_conditioner/``; image size
-    and context length to ``generator.json`` (with ``extra`` merged in).
+    and context length to ``generator.json`` (with ``extra`` merged in), with
+    the SHA-256 of every file written (``sha256``), which :func:`load_generator`
+    checks. Each part is written to a temporary folder and renamed into place;
+    while they are, ``generator.json`` says ``"incomplete": true``, so a write
+    cut short is refused on load instead of mixing two generators.
     """
     from diffusers import DDPMScheduler
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    generator.vae.save_pretrained(out_dir / "vae")
-    generator.unet.save_pretrained(out_dir / "unet")
-    DDPMScheduler.from_config(generator.scheduler_config).save_pretrained(out_dir / "scheduler")
-    if generator.class_conditioner is not None:
-        generator.class_conditioner.save_pretrained(out_dir / "class_conditioner")
-    if generator.image_conditioner is not None:
-        generator.image_conditioner.save_pretrained(out_dir / "image_conditioner")
-    meta = {"image_size": generator.image_size, "context_tokens": generator.context_tokens, **(extra or {})}
-    (out_dir / GENERATOR_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    write_json_atomic(out_dir / GENERATOR_FILE, {"incomplete": True})
+    parts = {"vae": generator.vae, "unet": generator.unet,
+             "scheduler": DDPMScheduler.from_config(generator.scheduler_config),
+             "class_conditioner": generator.class_conditioner, "image_conditioner": generator.image_conditioner}
+    for name, part in parts.items():
+        if part is None:
+            shutil.rmtree(out_dir / name, ignore_errors=True)  # an older generator's part must not be loaded
+            continue
+        with atomic_folder(out_dir / name) as staging:
+            part.save_pretrained(staging)
+    files = sorted(str(f.relative_to(out_dir)) for name in parts if (out_dir / name).is_dir()
+                   for f in (out_dir / name).rglob("*") if f.is_file())
+    meta = {"image_size": generator.image_size, "context_tokens": generator.context_tokens, **(extra or {}),
+            "sha256": file_digests(out_dir, files)}
+    write_json_atomic(out_dir / GENERATOR_FILE, meta)
 
 
 def _sd_context_tokens(folder):
@@ -319,6 +330,14 @@ def load_generator(folder, image_size=None, dtype=None):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, VQModel
 
     folder = Path(folder)
+    meta_path = folder / GENERATOR_FILE
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    if meta.get("incomplete"):
+        raise MindvisError("a write of this generator did not finish (generator.json says incomplete)",
+                           path=meta_path, key="incomplete",
+                           fix="rerun the stage that writes it (pretrain-ldm, import-ldm or bundle).")
+    check_digests(folder, meta.get("sha256"), GENERATOR_FILE,
+                  fix="rerun the stage that wrote this generator (pretrain-ldm, import-ldm or bundle).")
     for sub in ("vae", "unet", "scheduler"):
         if not (folder / sub).is_dir():
             raise MindvisError(f"not a diffusers-format generator: '{sub}/' is missing", path=folder,
@@ -342,8 +361,6 @@ def load_generator(folder, image_size=None, dtype=None):
     except (OSError, ValueError, EnvironmentError) as err:
         raise MindvisError(f"cannot load the generator ({err})", path=folder, key="ldm.base",
                            fix="check that the folder is a complete diffusers-format model.") from None
-    meta_path = folder / GENERATOR_FILE
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     size = image_size or meta.get("image_size") or int(unet.config.sample_size) * scale
     if size % scale:

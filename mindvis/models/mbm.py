@@ -510,3 +510,45 @@ def mbm_from_config(mbm_config, n_voxels):
     return MBMAutoencoder.from_preset(mbm_config["preset"], n_voxels=n_voxels, patch_size=mbm_config["patch_size"],
                                       mask_ratio=mbm_config["mask_ratio"], norm_pix_loss=mbm_config["norm_pix_loss"],
                                       attention=mbm_config["attention"])
+
+
+#: The files of an SC-MBM folder whose SHA-256 its ``summary.json`` records (``sha256``).
+MBM_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
+
+
+def load_pretrained_mbm(folder):
+    """An SC-MBM folder's autoencoder, after checking its files against the SHA-256 its ``summary.json`` recorded.
+
+    A folder without them (an import of MinD-Vis's checkpoint, or one written before they were recorded) loads
+    unchecked.
+
+    Raises
+    ------
+    MindvisError
+        When a file is not the one its writer recorded (changed, or its write cut short).
+    """
+    import json
+    from pathlib import Path
+
+    from mindvis.errors import MindvisError
+    from mindvis.utils.io import check_digests
+
+    folder = Path(folder)
+    fix = "rerun the SC-MBM stage that wrote this folder (pretrain-mbm, adapt-mbm or import-checkpoint)."
+    summary = folder / "summary.json"
+    if summary.exists():
+        try:
+            digests = json.loads(summary.read_text()).get("sha256")
+        except (ValueError, AttributeError, UnicodeDecodeError):
+            raise MindvisError("not a JSON object", path=summary, key="sha256", fix=fix) from None
+        check_digests(folder, digests, "summary.json", fix=fix)
+    for name in MBM_FILES:
+        if not (folder / name).is_file():
+            raise MindvisError("SC-MBM file missing", path=folder / name, fix=fix)
+    try:
+        # use_safetensors: never fall back to a pickled diffusion_pytorch_model.bin.
+        return MBMAutoencoder.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+    except (OSError, ValueError, TypeError, RuntimeError) as err:
+        reason = " ".join(str(err).split())[:300]
+        raise MindvisError(f"cannot be loaded as an SC-MBM autoencoder ({type(err).__name__}: {reason})",
+                           path=folder / MBM_FILES[1], fix=fix) from None

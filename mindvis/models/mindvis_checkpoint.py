@@ -110,7 +110,7 @@ def load_pickled_checkpoint(path, max_stand_ins=32):
             module, _, name = match.group(1).rpartition(".")
             stand_ins.append(type(name, (_PickledObject,), {"__module__": module, "__qualname__": name}))
         except (RuntimeError, EOFError, OSError) as err:
-            raise MindvisError(f"not a readable PyTorch checkpoint ({err})", path=path,
+            raise MindvisError(f"not a readable PyTorch checkpoint ({' '.join(str(err).split())[:300]})", path=path,
                                fix="give the fmri_encoder.pth (or checkpoint.pth) file MinD-Vis wrote.") from None
     raise MindvisError(f"more than {max_stand_ins} unknown pickled classes", path=path,
                        fix="re-save the state dict alone with torch.save(sd).")
@@ -162,13 +162,19 @@ def infer_architecture(state, pickled_config=None, num_heads=None, decoder_num_h
     patch_weight = _need(state, "patch_embed.proj.weight", path)
     if patch_weight.ndim != 3 or patch_weight.shape[1] != 1:
         raise MindvisError(f"patch_embed.proj.weight has shape {tuple(patch_weight.shape)}; a Conv1d over one "
-                           "input channel [embed, 1, patch] is expected", path=path, key="patch_embed.proj.weight")
+                           "input channel [embed, 1, patch] is expected", path=path, key="patch_embed.proj.weight",
+                           fix="give an SC-MBM checkpoint of MinD-Vis (fmri_encoder.pth or checkpoint.pth).")
     embed_dim, _, patch_size = (int(v) for v in patch_weight.shape)
     pos_embed = _need(state, "pos_embed", path)
+    if pos_embed.ndim != 3 or pos_embed.shape[1] < 2 or pos_embed.shape[2] != embed_dim:
+        raise MindvisError(f"pos_embed has shape {tuple(pos_embed.shape)}; [1, 1 + tokens, {embed_dim}] is expected",
+                           path=path, key="pos_embed",
+                           fix="give an SC-MBM checkpoint of MinD-Vis (fmri_encoder.pth or checkpoint.pth).")
     n_tokens = int(pos_embed.shape[1]) - 1
     depth = _depth(state, "blocks")
     if depth == 0:
-        raise MindvisError("no encoder blocks (blocks.0.*) in the state dict", path=path, key="blocks.0")
+        raise MindvisError("no encoder blocks (blocks.0.*) in the state dict", path=path, key="blocks.0",
+                           fix="give an SC-MBM checkpoint of MinD-Vis (fmri_encoder.pth or checkpoint.pth).")
     fc1 = _need(state, "blocks.0.mlp.fc1.weight", path)
     mlp_ratio = float(fc1.shape[0]) / embed_dim
     recorded = vars(pickled_config) if pickled_config is not None and hasattr(pickled_config, "__dict__") else {}
@@ -292,7 +298,8 @@ def import_mindvis_checkpoint(checkpoint, out_dir, num_heads=None, decoder_num_h
         raise MindvisError("no state dict under 'model'", path=path, key="model",
                            fix="give the fmri_encoder.pth / checkpoint.pth MinD-Vis saves.")
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise MindvisError("'model' is not a state dict of tensors", path=path, key="model")
+        raise MindvisError("'model' is not a state dict of tensors", path=path, key="model",
+                           fix="give the fmri_encoder.pth / checkpoint.pth MinD-Vis saves.")
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
 
     architecture, notes = infer_architecture(state, pickled_config, num_heads, decoder_num_heads, path)

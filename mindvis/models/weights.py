@@ -54,6 +54,23 @@ def save_weights(model, path, which="all", metadata=None, always=()):
         save_file(module_tensors(model, which, always), str(tmp), metadata=metadata)
 
 
+def read_safetensors(path):
+    """The tensors of a safetensors file (never unpickled), or a :class:`MindvisError` naming the file.
+
+    A truncated file, a pickled ``.pth`` under a ``.safetensors`` name or a folder all fail here, before
+    anything is loaded into a model.
+    """
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        reason = " ".join(str(err).split())
+        raise MindvisError(f"not a readable safetensors file ({reason})", path=path,
+                           fix="rewrite it with save_weights (safetensors); a torch .pth must be converted first, "
+                               "and a truncated file rewritten by rerunning its stage.") from None
+
+
 def load_weights(model, path, strict=True):
     """Load safetensors weights written by :func:`save_weights` into ``model``.
 
@@ -65,7 +82,13 @@ def load_weights(model, path, strict=True):
     path = Path(path)
     if not path.exists():
         raise MindvisError("weights file not found", path=path, fix="train the stage first, or point at its output.")
-    tensors = load_file(str(path))
+    tensors = read_safetensors(path)
+    expected = model.state_dict()
+    for name, tensor in tensors.items():
+        if name in expected and tuple(tensor.shape) != tuple(expected[name].shape):
+            raise MindvisError(f"tensor has shape {tuple(tensor.shape)} but the model's has "
+                               f"{tuple(expected[name].shape)}", path=path, key=name,
+                               fix="load them into a model built from the config stored beside them.")
     result = model.load_state_dict(tensors, strict=False)
     if strict and (result.missing_keys or result.unexpected_keys):
         raise MindvisError(f"weights do not fit the model (missing {result.missing_keys[:5]}, unexpected "

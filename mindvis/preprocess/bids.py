@@ -42,6 +42,13 @@ from mindvis.data.bids_layout import derivative_paths, template_paths
 STIMULUS_TRIAL_TYPES = ("train", "test")
 EVENT_COLUMNS = ("onset", "duration", "trial_type", "stimulus_id")
 _RUN_PATTERN = re.compile(r"_run-(\d+)_")
+#: The remedy for a BIDS file that cannot be read at all.
+_RECOPY = "re-copy or regenerate the file."
+
+
+def _one_line(err):
+    """A library's error text on one line (nibabel's and pandas' messages can span several)."""
+    return " ".join(str(err).split())
 
 
 @dataclass
@@ -147,15 +154,16 @@ def read_tr(sidecar):
                            fix="write the sidecar with RepetitionTime (seconds) beside the BOLD file.")
     try:
         meta = json.loads(sidecar.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise MindvisError(f"not valid JSON ({err})", path=sidecar) from None
+    except (ValueError, UnicodeDecodeError, OSError) as err:
+        raise MindvisError(f"not readable JSON ({_one_line(err)})", path=sidecar,
+                           fix="write the sidecar as a JSON object, e.g. {\"RepetitionTime\": 2.0}.") from None
     tr = meta.get("RepetitionTime") if isinstance(meta, dict) else None
     if tr is None:
         raise MindvisError("RepetitionTime missing from the sidecar", path=sidecar, key="RepetitionTime",
                            fix="add \"RepetitionTime\": <seconds> to the JSON.")
     if not isinstance(tr, (int, float)) or isinstance(tr, bool) or not np.isfinite(tr) or tr <= 0:
         raise MindvisError(f"RepetitionTime must be a positive number of seconds, found {tr!r}", path=sidecar,
-                           key="RepetitionTime")
+                           key="RepetitionTime", fix="write it as a JSON number, e.g. \"RepetitionTime\": 2.0.")
     if tr > 30:
         raise MindvisError(f"RepetitionTime {tr} looks like milliseconds; BIDS wants seconds", path=sidecar,
                            key="RepetitionTime", fix="divide it by 1000.")
@@ -184,8 +192,10 @@ def read_events(path, n_volumes, tr, need_class=True):
     try:
         events = pd.read_csv(path, sep="\t", dtype={"trial_type": str, "stimulus_id": str, "class": str},
                              keep_default_na=False, na_values={"onset": ["n/a", ""], "duration": ["n/a", ""]})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as err:
-        raise MindvisError(f"not a readable tab-separated events file ({err})", path=path) from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError, OSError) as err:
+        raise MindvisError(f"not a readable tab-separated events file ({_one_line(err)})", path=path,
+                           fix="write a UTF-8 TSV with a header row (onset, duration, trial_type, stimulus_id).") \
+            from None
     needed = EVENT_COLUMNS + (("class",) if need_class else ())
     missing = [column for column in needed if column not in events.columns]
     if missing:
@@ -199,10 +209,11 @@ def read_events(path, n_volumes, tr, need_class=True):
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
             raise MindvisError(f"{column} is not a finite number in row {row + 2} ({events[column].iloc[row]!r})",
-                               path=path, key=column)
+                               path=path, key=column, fix=f"give every {column} in seconds, as a number.")
         events[column] = values.astype(float)
     if (events["duration"] < 0).any():
-        raise MindvisError("negative durations", path=path, key="duration")
+        raise MindvisError("negative durations", path=path, key="duration",
+                           fix="give durations in seconds, 0 or more.")
     run_length = n_volumes * tr
     late = events["onset"] >= run_length
     early = events["onset"] < 0
@@ -215,7 +226,7 @@ def read_events(path, n_volumes, tr, need_class=True):
     empty_ids = stimulus_rows & (events["stimulus_id"].str.strip() == "")
     if empty_ids.any():
         raise MindvisError(f"{int(empty_ids.sum())} stimulus trials have no stimulus_id", path=path,
-                           key="stimulus_id")
+                           key="stimulus_id", fix="name the image shown in every train and test trial.")
     if need_class:
         no_class = stimulus_rows & events["class"].str.strip().isin(["", "n/a"])
         if no_class.any():
@@ -239,8 +250,10 @@ def read_confounds(path, columns, n_volumes, bold_path):
     path = Path(path)
     try:
         table = pd.read_csv(path, sep="\t", na_values=["n/a"])
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise MindvisError(f"not a readable tab-separated confounds file ({err})", path=path) from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as err:
+        raise MindvisError(f"not a readable tab-separated confounds file ({_one_line(err)})", path=path,
+                           key="preprocess.confounds", fix="write a UTF-8 TSV with one header row and one row per "
+                                                           "volume, or set preprocess.confounds: [].") from None
     missing = [column for column in columns if column not in table.columns]
     if missing:
         raise MindvisError(f"confound column(s) {', '.join(missing)} not in the file", path=path,
@@ -253,7 +266,9 @@ def read_confounds(path, columns, n_volumes, bold_path):
         values[0] = np.where(np.isnan(values[0]), values[1], values[0])
     if not np.all(np.isfinite(values)):
         column = columns[int(np.flatnonzero(~np.isfinite(values).all(axis=0))[0])]
-        raise MindvisError("non-numeric or missing confound values", path=path, key=column)
+        raise MindvisError("non-numeric or missing confound values", path=path, key=column,
+                           fix="fill the column with numbers (n/a only in the first row), or drop it from "
+                               "preprocess.confounds.")
     return values
 
 
@@ -264,29 +279,37 @@ def _load_nifti(path, what):
 
     path = Path(path)
     if not path.exists():
-        raise MindvisError(f"{what} not found", path=path)
+        raise MindvisError(f"{what} not found", path=path, fix="check the path, or rerun the stage that writes it.")
     try:
         return nib.load(path)
     except Exception as err:  # nibabel raises several types for unreadable files
-        raise MindvisError(f"not a readable NIfTI image ({type(err).__name__}: {err})", path=path) from None
+        raise MindvisError(f"not a readable NIfTI image ({type(err).__name__}: {_one_line(err)})", path=path,
+                           fix=_RECOPY) from None
 
 
 def _read_volume(image, path):
     try:
         return np.asanyarray(image.dataobj)
     except (EOFError, OSError, ValueError, zlib.error) as err:
-        raise MindvisError(f"truncated or corrupt image data ({type(err).__name__}: {err})", path=path,
-                           fix="re-copy or regenerate the file.") from None
+        raise MindvisError(f"truncated or corrupt image data ({type(err).__name__}: {_one_line(err)})", path=path,
+                           fix=_RECOPY) from None
 
 
 def _read_label_names(tsv, labels_present):
-    table = pd.read_csv(tsv, sep="\t")
+    fix = "write a TSV with columns index (the label value) and name, one row per label."
+    try:
+        table = pd.read_csv(tsv, sep="\t")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as err:
+        raise MindvisError(f"not a readable label table ({_one_line(err)})", path=tsv, fix=fix) from None
     if not {"index", "name"} <= set(table.columns):
-        raise MindvisError("label table needs columns index and name", path=tsv)
-    names = dict(zip(table["index"].astype(int), table["name"].astype(str)))
+        raise MindvisError("label table needs columns index and name", path=tsv, fix=fix)
+    index = pd.to_numeric(table["index"], errors="coerce").to_numpy(dtype=float)
+    if not np.all(np.isfinite(index) & (index == np.rint(index))):
+        raise MindvisError("label indices must be whole numbers", path=tsv, key="index", fix=fix)
+    names = dict(zip(index.astype(int), table["name"].astype(str)))
     missing = sorted(set(int(v) for v in labels_present) - set(names))
     if missing:
-        raise MindvisError(f"labels {missing[:5]} of the label image have no name", path=tsv, key="index")
+        raise MindvisError(f"labels {missing[:5]} of the label image have no name", path=tsv, key="index", fix=fix)
     return names
 
 
@@ -368,19 +391,23 @@ def _load_mask(value, simulator_paths, labels, key, fix):
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
-        raise MindvisError(f"an ROI mask must be 3-D, found shape {data.shape}", path=mask_path, key=key)
+        raise MindvisError(f"an ROI mask must be 3-D, found shape {data.shape}", path=mask_path, key=key, fix=fix)
     if not np.all(np.isfinite(data)):
-        raise MindvisError("the ROI mask holds NaN values", path=mask_path, key=key)
+        raise MindvisError("the ROI mask holds NaN values", path=mask_path, key=key,
+                           fix="write the mask as integers, 0 outside the ROI (e.g. nilearn.image.math_img).")
     mask = data != 0
     if not mask.any():
-        raise MindvisError("the ROI mask is empty", path=mask_path, key=key)
+        raise MindvisError("the ROI mask is empty", path=mask_path, key=key, fix=fix)
     files = [mask_path]
     voxel_roi = np.full(int(mask.sum()), "roi" if roi != "simulation" else "visual", dtype=object)
     label_values = None
     if dseg_path is not None and dseg_path.exists():
         dseg = _load_nifti(dseg_path, "ROI label image")
         if dseg.shape[:3] != mask.shape or not np.allclose(dseg.affine, image.affine, atol=1e-3):
-            raise MindvisError("the label image's grid differs from the mask's", path=dseg_path)
+            what = (f"grid {dseg.shape[:3]} differs from the mask's {mask.shape}" if dseg.shape[:3] != mask.shape
+                    else "affine differs from the mask's")
+            raise MindvisError(f"the label image's {what}", path=dseg_path, key=key,
+                               fix="write the label image on the mask's grid (same shape and affine).")
         label_values = np.rint(_read_volume(dseg, dseg_path)).astype(np.int64).reshape(mask.shape)[mask]
         files.append(dseg_path)
     elif roi != "simulation" and len(np.unique(data[mask])) > 1 and table_path.exists():
@@ -422,13 +449,19 @@ def open_bold(path, roi):
     except FileNotFoundError:
         raise MindvisError("BOLD file not found", path=path) from None
     except Exception as err:  # nibabel raises several types for unreadable files
-        raise MindvisError(f"not a readable NIfTI image ({type(err).__name__}: {err})", path=path,
-                           fix="re-copy or regenerate the file.") from None
+        raise MindvisError(f"not a readable NIfTI image ({type(err).__name__}: {_one_line(err)})", path=path,
+                           fix=_RECOPY) from None
     if len(image.shape) != 4:
         raise MindvisError(f"BOLD must be 4-D (x, y, z, time), found shape {image.shape}", path=path,
                            fix="pass the 4-D run, not a single volume.")
     if image.shape[3] < 3:
-        raise MindvisError(f"a run needs at least 3 volumes, found {image.shape[3]}", path=path)
+        raise MindvisError(f"a run needs at least 3 volumes, found {image.shape[3]}", path=path,
+                           fix="pass the whole run (every volume of the acquisition).")
+    dtype = image.get_data_dtype()
+    if dtype.kind not in "biuf":
+        # numpy would silently drop the imaginary part (complex) or fail deep in masking (RGB).
+        raise MindvisError(f"BOLD voxels must hold real numbers, found dtype {dtype}", path=path,
+                           fix="write the magnitude image (e.g. numpy.abs) as float32 or int16.")
     if tuple(image.shape[:3]) != roi.mask.shape:
         raise MindvisError(f"BOLD grid {tuple(image.shape[:3])} differs from the ROI mask grid {roi.mask.shape}",
                            path=path, key=roi.key,
@@ -478,6 +511,6 @@ def mask_bold(image, mask, path, chunk_volumes=None):
             block = np.asarray(image.dataobj[..., start:stop])
             out[start:stop] = block[mask].T
     except (EOFError, OSError, ValueError, zlib.error) as err:
-        raise MindvisError(f"truncated or corrupt BOLD data ({type(err).__name__}: {err})", path=path,
-                           fix="re-copy or regenerate the file.") from None
+        raise MindvisError(f"truncated or corrupt BOLD data ({type(err).__name__}: {_one_line(err)})", path=path,
+                           fix=_RECOPY) from None
     return out

@@ -302,14 +302,15 @@ def new_subject_curve(metrics, model_json, benchmark=None):
     return {"points": points, "full": full, "chance": chance, "notes": notes, "old": old}
 
 
-def _signed_cell(summary):
-    """``+0.025 [-0.001, +0.051] (n 50)`` for a check summary, else a dash."""
+def _check_cell(summary, signed=True):
+    """``+0.025 [-0.001, +0.051] (n 50)`` for a check summary (a shift; ``signed=False``: a rate), else a dash."""
     if not summary or summary.get("value") is None:
         return "–"
+    form = "+.3f" if signed else ".3f"
     if not summary.get("ci"):
-        return f"{summary['value']:+.3f} (n {summary['n']})"
+        return f"{summary['value']:{form}} (n {summary['n']})"
     low, high = summary["ci"]
-    return f"{summary['value']:+.3f} [{low:+.3f}, {high:+.3f}] (n {summary['n']})"
+    return f"{summary['value']:{form}} [{low:{form}}, {high:{form}}] (n {summary['n']})"
 
 
 def edit_section(edits_dir):
@@ -338,14 +339,16 @@ def edit_section(edits_dir):
     check = record.get("check")
     if check:
         for name, values in check["groups"].items():
-            check_rows.append({"group": name, "cells": [_signed_cell(values[m]) for m in MEASURES]})
+            # A group's top-1 is a rate; every cell of the difference row is a shift.
+            check_rows.append({"group": name, "cells": [_check_cell(values[m], signed=m != "donor_top1")
+                                                        for m in MEASURES]})
         if check.get("difference"):
             difference = check["difference"]
-            check_rows.append({"group": difference["label"], "cells": [_signed_cell(difference[m]) for m in MEASURES]})
+            check_rows.append({"group": difference["label"], "cells": [_check_cell(difference[m]) for m in MEASURES]})
     elif record.get("check_reason"):
         notes.append(f"No check: {record['check_reason']}.")
     return {"record": record, "png": png, "columns": columns, "check": check, "check_rows": check_rows,
-            "floor": _signed_cell(check.get("floor_top1")) if check else None, "notes": notes}
+            "floor": _check_cell(check.get("floor_top1"), signed=False) if check else None, "notes": notes}
 
 
 def _curve_runs(curves):

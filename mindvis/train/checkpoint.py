@@ -5,8 +5,9 @@ A checkpoint folder (``checkpoints/step-XXXXXXXX/`` or ``best/``) holds
 tensor, keyed ``state.<param index>.<name>``; not in ``best/``) and
 ``state.json`` (the engine's counters and settings, the optimiser's param
 groups and scalar state). It is written to a temporary folder and renamed, so
-a crash never leaves half a checkpoint. ``checkpoints/latest.json`` points at
-the newest. The loop that writes them is :mod:`mindvis.train.engine`.
+a crash never leaves half a checkpoint; ``state.json`` records the SHA-256 of
+the folder's other files (``sha256``), which resume checks
+(:func:`check_checkpoint`). ``checkpoints/latest.json`` points at the newest. The loop that writes them is :mod:`mindvis.train.engine`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from mindvis.errors import MindvisError
 from mindvis.models.weights import module_tensors
-from mindvis.utils.io import write_json_atomic
+from mindvis.utils.io import check_digests, file_digests, fsync_path, fsync_tree, write_json_atomic
 
 CHECKPOINT_FORMAT = "mindvis-train-checkpoint/1"
 LATEST_FILE = "latest.json"
@@ -92,17 +93,26 @@ def write_checkpoint(final, model, which, state, optimizer=None, extra_tensors=N
         for stem, tensors in (extra_tensors or {}).items():
             save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()},
                       str(tmp / f"{stem}.safetensors"))
+        state["sha256"] = file_digests(tmp, sorted(f.name for f in tmp.iterdir()))
         (tmp / "state.json").write_text(json.dumps(state, indent=1, default=str) + "\n")
+        fsync_tree(tmp)
         old = final.parent / f".{final.name}.old-{os.getpid()}"
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)
+        fsync_path(final.parent)
         if old.exists():
             shutil.rmtree(old)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     return final
+
+
+def check_checkpoint(folder, state):
+    """Raise a clear error unless the files of a checkpoint ``folder`` are those its ``state.json`` recorded."""
+    check_digests(folder, state.get("sha256"), "state.json",
+                  fix="delete this checkpoint folder (resume then starts from an older one or afresh).")
 
 
 def read_optimizer(folder, state):
@@ -129,3 +139,7 @@ def prune_checkpoints(checkpoints_dir, keep):
     kept = sorted(path for path in Path(checkpoints_dir).glob("step-*") if path.is_dir())
     for stale in kept[:-max(1, int(keep))]:
         shutil.rmtree(stale)
+    # What a killed writer left behind: its temporary folder (never pointed at, never read).
+    for stale in Path(checkpoints_dir).glob(".step-*.tmp-*"):
+        if stale.is_dir() and not stale.name.endswith(f".tmp-{os.getpid()}"):
+            shutil.rmtree(stale, ignore_errors=True)

@@ -98,8 +98,8 @@ import torch
 
 from mindvis.errors import MindvisError
 from mindvis.models.weights import load_weights
-from mindvis.train.checkpoint import (CHECKPOINT_FORMAT, latest_checkpoint, point_latest, prune_checkpoints,
-                                     read_checkpoint_state, read_optimizer, write_checkpoint)
+from mindvis.train.checkpoint import (CHECKPOINT_FORMAT, check_checkpoint, latest_checkpoint, point_latest,
+                                     prune_checkpoints, read_checkpoint_state, read_optimizer, write_checkpoint)
 from mindvis.utils.io import derive_seed, inputs_digest, software_versions, write_text_atomic
 from mindvis.utils.device import accelerator_available, is_cuda, resolve_precision
 
@@ -742,6 +742,7 @@ class Trainer:
                 f"{state['effective_batch']}, this run has {self.total_steps} at {self.effective_batch}",
                 path=folder / "state.json", key="train_config",
                 fix="resume with the same epochs, batch_size and process count, or start over without --resume.")
+        check_checkpoint(folder, state)
         load_weights(self.model, folder / "model.safetensors", strict=self.checkpoint_params == "all")
         self.optimizer.load_state_dict(read_optimizer(folder, state))
         self.scheduler.load_state_dict(state["scheduler"])
@@ -762,6 +763,7 @@ class Trainer:
         """Load the best checkpoint's weights (else the newest checkpoint's) into the model; return it."""
         best = self.out_dir / "best" / "model.safetensors"
         if best.exists():
+            check_checkpoint(best.parent, read_checkpoint_state(best.parent))
             load_weights(self.model, best, strict=self.checkpoint_params == "all")
             return self.model
         folder = latest_checkpoint(self.out_dir / "checkpoints")

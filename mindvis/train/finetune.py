@@ -44,13 +44,14 @@ from mindvis.errors import MindvisError
 from mindvis.generate.decode import decode
 from mindvis.models.augment import augment_images
 from mindvis.models.classifiers.domain import load_classifier
-from mindvis.models.dcldm import START_DIR, LowLevelStart, build_decoder, save_dcldm, save_lowlevel
+from mindvis.models.dcldm import (START_DIR, LowLevelStart, build_decoder, responses_record, save_dcldm,
+                                  save_lowlevel)
 from mindvis.models.ldm import load_generator
 from mindvis.models.linear import fit_ridge
 from mindvis.models.mindvis_release import import_mindvis_finetuned
 from mindvis.train.diffusion import diffusion_target
 from mindvis.train.engine import Trainer, TrainConfig, checkpoint_minutes
-from mindvis.utils.io import derive_seed, seed_everything, sha256_file, software_versions
+from mindvis.utils.io import derive_seed, seed_everything, software_versions
 
 log = logging.getLogger(__name__)
 
@@ -592,8 +593,8 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, c
         "training": {"peak_lr": result["peak_lr"], "effective_batch": result["effective_batch"],
                      "mixed_precision": result["mixed_precision"], "device": str(trainer.device),
                      "torch_threads": torch.get_num_threads()},
-        "inputs": {"responses": str(responses), "responses_sha256": sha256_file(responses),
-                   "stimuli": str(stimuli), "mbm": None if baseline else str(mbm_dir)},
+        "inputs": {**responses_record(responses, data), "stimuli": str(stimuli),
+                   "mbm": None if baseline else str(mbm_dir)},
         "n_train": len(train_trials), "n_val": len(val_trials),
         "wall_time_s": round(time.perf_counter() - started, 2), "config": config, "versions": software_versions(),
     }

@@ -11,7 +11,8 @@ Outputs in ``out_dir`` (``results/pretrain/mbm/``)
 -------------------------------------------------
 ``config.json`` + ``diffusion_pytorch_model.safetensors``
     The model with the best held-out reconstruction correlation;
-    ``MBMAutoencoder.from_pretrained(out_dir)`` loads it.
+    ``MBMAutoencoder.from_pretrained(out_dir)`` loads it (``load_pretrained_mbm`` after checking the SHA-256
+    ``summary.json`` records).
 ``metrics.jsonl``
     One line per epoch (see :mod:`mindvis.train.engine`), with
     ``val/loss`` and ``val/recon_corr``: the Pearson correlation between
@@ -57,8 +58,9 @@ import numpy as np
 import torch
 
 from mindvis.errors import MindvisError
-from mindvis.utils.io import (derive_seed, seed_everything, sha256_file, software_versions, write_json_atomic,
-                              write_text_atomic)
+from mindvis.models.mbm import MBM_FILES
+from mindvis.utils.io import (derive_seed, file_digests, fsync_path, fsync_tree, seed_everything, sha256_file,
+                              software_versions, write_json_atomic, write_text_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -362,15 +364,21 @@ def make_loss_fn(augment):
 
 
 def _publish(model, out_dir):
-    """save_pretrained into a temporary folder, then move each file into ``out_dir`` atomically."""
+    """save_pretrained into a temporary folder, then move each file into ``out_dir`` atomically; returns their
+    SHA-256 (``summary.json`` ``sha256``, written after). ``summary.json`` is removed first, so a write cut short
+    leaves no summary over new weights."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.json").unlink(missing_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=out_dir))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        fsync_tree(tmp)
+        for name in MBM_FILES:
             os.replace(tmp / name, out_dir / name)
+        fsync_path(out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return file_digests(out_dir, MBM_FILES)
 
 
 def pretrain_mbm(config, responses, rest, out_dir, resume=False):
@@ -446,7 +454,7 @@ def pretrain_mbm(config, responses, rest, out_dir, resume=False):
         "wall_time_s": round(time.perf_counter() - started, 2),
     }
     if trainer.accelerator.is_main_process:
-        _publish(model, out_dir)
+        summary["sha256"] = _publish(model, out_dir)
         if space is not None:
             write_space(space, out_dir)
         else:
@@ -561,7 +569,7 @@ def adapt_mbm(config, subject, responses, out_dir, resume=False, config_path=Non
     from mindvis.data.voxel_space import check_same_space
     from mindvis.models.augment import FmriAugment
     from mindvis.models.bundled import PROVENANCE_FILE
-    from mindvis.models.mbm import MBMAutoencoder
+    from mindvis.models.mbm import load_pretrained_mbm
     from mindvis.train.engine import TrainConfig, Trainer, checkpoint_minutes
 
     started = time.perf_counter()
@@ -576,7 +584,7 @@ def adapt_mbm(config, subject, responses, out_dir, resume=False, config_path=Non
              ", ".join(f"{name} {n}" for name, n in counts.items()),
              " -- transductive: test fMRI included" if mbm["transductive"] else "")
 
-    model = MBMAutoencoder.from_pretrained(base_dir, local_files_only=True)
+    model = load_pretrained_mbm(base_dir)
     model.resize_positions(data.n_voxels)  # a no-op in the encoder's own space
     corpus = VoxelCorpus([vectors])
     generator = np.random.default_rng(derive_seed(config["seed"], "mbm", "adapt-eval", subject))
@@ -625,7 +633,7 @@ def adapt_mbm(config, subject, responses, out_dir, resume=False, config_path=Non
 
     if not is_main_process():  # under accelerate launch: one process writes
         return summary
-    _publish(model, out_dir)
+    summary["sha256"] = _publish(model, out_dir)
     for name in (SPACE_FILE,) + TEMPLATE_FILES:
         if (base_dir / name).exists():
             shutil.copy2(base_dir / name, out_dir / name)

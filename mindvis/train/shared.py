@@ -32,14 +32,14 @@ from mindvis.data.responses import load_responses
 from mindvis.data.stimuli import load_stimulus_set
 from mindvis.errors import MindvisError
 from mindvis.models.classifiers.domain import load_classifier
-from mindvis.models.dcldm import build_decoder, condition_space, load_dcldm, save_dcldm
+from mindvis.models.dcldm import build_decoder, condition_space, load_dcldm, responses_record, save_dcldm
 from mindvis.models.ldm import load_generator
 from mindvis.models.shared import (SharedDecoder, adapter_from_ridge, fit_adapter, mask_adapter_rows, rank_candidates,
                                    rank_errors, select_rank, shared_ridge_start)
 from mindvis.train.engine import Trainer, TrainConfig, checkpoint_minutes
 from mindvis.train.finetune import (condition_targets, finetune_param_groups, fit_ridge_voxel_map,
                                     make_eval_fn, make_loss_fn, trainable_parameter_names)
-from mindvis.utils.io import derive_seed, seed_everything, sha256_file, software_versions, write_json_atomic
+from mindvis.utils.io import derive_seed, seed_everything, software_versions, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -116,18 +116,18 @@ def _select(settings, classifier):
     return select
 
 
-def _view_meta(config, subject, view, base, generator, data_n_voxels, responses, trained_groups, result, extra):
+def _view_meta(config, subject, view, base, generator, data, responses, trained_groups, result, extra):
     n_trained = sum(p.numel() for p in view.parameters() if p.requires_grad)
     return {
         "stage": extra.pop("stage"), "subject": subject, "baseline": False, "base": str(base),
-        "image_size": generator.image_size, "n_voxels": int(data_n_voxels), "trained_groups": list(trained_groups),
+        "image_size": generator.image_size, "n_voxels": int(data.n_voxels), "trained_groups": list(trained_groups),
         "n_trained_parameters": int(n_trained), "n_parameters": int(sum(p.numel() for p in view.parameters())),
         "select_metric": result.get("select_metric"), "best": result["best"], "final_metrics": result["last_metrics"],
         "condition_space": "embedding" if view.prior is not None else "condition",
         "step": result["step"], "epochs": result["epochs_done"],
         "training": {"peak_lr": result["peak_lr"], "effective_batch": result["effective_batch"],
                      "mixed_precision": result["mixed_precision"], "torch_threads": torch.get_num_threads()},
-        "inputs": {"responses": str(responses), "responses_sha256": sha256_file(responses)},
+        "inputs": responses_record(responses, data),
         "config": config, "versions": software_versions(), **extra,
     }
 
@@ -272,7 +272,7 @@ def finetune_shared(config, subjects, responses, stimuli, base, out_dir, view_di
                "versions": software_versions()}
     if trainer.accelerator.is_main_process:
         for subject, path, view_dir in zip(subjects, responses, view_dirs):
-            meta = _view_meta(config, subject, shared.view(subject), base, generator, loaded[subject][0].n_voxels,
+            meta = _view_meta(config, subject, shared.view(subject), base, generator, loaded[subject][0],
                               path, groups, result, {"stage": "finetune_shared", "shared_with": list(subjects),
                                                      "shared_dir": str(out_dir), "shared_rank": rank_info["rank"],
                                                      "n_train": len(loaded[subject][1]),
@@ -394,7 +394,7 @@ def adapt_subject(config, subject, responses, stimuli, shared_views, out_dir, ol
         return result
     after = {old: fn(shared.view(old), -1) for old, fn in old_eval.items()}
     shared_groups = sorted(set(groups) | set(settings["train"])) if trains_shared else list(settings["train"])
-    meta = _view_meta(config, subject, shared.view(subject), base, generator, data.n_voxels, responses,
+    meta = _view_meta(config, subject, shared.view(subject), base, generator, data, responses,
                       shared_groups, result, {
                           "stage": "adapt_subject", "adapted_from": {old: str(f) for old, f in shared_views.items()},
                           "new_subject_train": groups, "train_fraction": fraction, "train_runs": train_runs,

@@ -137,3 +137,12 @@ def is_main_process():
     import os
 
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def math_attention_only():
+    """Turn off the fused (flash, memory-efficient) attention kernels, whose CUDA backward passes accumulate with
+    atomics, leaving the deterministic math kernel (``MINDVIS_DETERMINISTIC=1``; no effect on the CPU)."""
+    import torch
+
+    torch.backends.cuda.enable_flash_sdp(False)
+    torch.backends.cuda.enable_mem_efficient_sdp(False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -15,6 +16,8 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+
+from mindvis.errors import MindvisError
 
 _VERSIONED_PACKAGES = (
     "mindvis", "numpy", "scipy", "torch", "diffusers", "accelerate",
@@ -35,22 +38,108 @@ def atomic_path(path):
     ...     write_hdf5(tmp)
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Keep the real suffix(es) so libraries that dispatch on it (nibabel: .nii.gz) still work.
     suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    with storage_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path, suffix)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
-        yield tmp
+        with storage_errors(path):
+            yield tmp
         # mkstemp creates 0600; give the file the permissions a plain open() would.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        # On disk before the rename, and the rename on disk after: a power cut leaves the old file or the new one.
+        with storage_errors(path):
+            fsync_path(tmp)
+            os.replace(tmp, path)
+        fsync_path(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def remove_stale_temporaries(path, suffix=None):
+    """Delete the temporary files an earlier, killed write of ``path`` left beside it (never read by anyone).
+
+    Only this one output's: ``.{name}.XXXXXXXX.tmp{suffix}`` with mkstemp's 8 random characters. One writer per
+    output is the rule (a workflow job owns its outputs), so no live write is touched.
+    """
+    path = Path(path)
+    suffix = "".join(path.suffixes) if suffix is None else suffix
+    prefix, tail = f".{path.name}.", f".tmp{suffix}"
+    for stale in path.parent.glob(f"{glob_escape(prefix)}*{glob_escape(tail)}"):
+        if len(stale.name) == len(prefix) + 8 + len(tail) and stale.is_file():
+            stale.unlink(missing_ok=True)
+
+
+def glob_escape(text):
+    """``text`` with glob's special characters bracketed."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
+
+
+#: errno values that mean the storage cannot take the write (full, over quota or size limit; read-only, denied).
+FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+DENIED_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def storage_problem(error):
+    """'full' or 'read-only' when ``error`` (an OSError, or HDF5's RuntimeError quoting an errno) says the storage
+    could not take a write; else None."""
+    number = getattr(error, "errno", None)
+    text = str(error)
+    if number in FULL_ERRNOS or any(f"errno = {n}," in text for n in FULL_ERRNOS) or "No space left" in text:
+        return "full"
+    if number in DENIED_ERRNOS or any(f"errno = {n}," in text for n in DENIED_ERRNOS):
+        return "read-only"
+    return None
+
+
+@contextlib.contextmanager
+def storage_errors(path):
+    """Turn a full or read-only disk met while writing ``path`` into one :class:`MindvisError` naming it."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        problem = storage_problem(error)
+        if problem is None:
+            raise
+        reason = getattr(error, "strerror", None) or str(error)
+        if problem == "full":
+            raise MindvisError(f"cannot be written: the disk is full, or a quota or file-size limit was reached "
+                               f"({reason})", path=path,
+                               fix="free space (or raise the limit) and rerun; the file that was there, if any, "
+                                   "is unchanged.") from None
+        raise MindvisError(f"cannot be written: its folder is read-only or not writable by this user ({reason})",
+                           path=path, fix=f"make {Path(path).parent} writable, or write the results elsewhere "
+                                          "(snakemake --directory DIR), and rerun; nothing there was changed.") from None
+
+
+def fsync_path(path):
+    """Flush a file, or a folder's entries, to disk (where the file system allows a folder to be opened)."""
+    try:
+        handle = os.open(path, os.O_RDONLY)
+    except OSError:  # a folder cannot be opened read-only on some systems
+        return
+    try:
+        os.fsync(handle)
+    except OSError as error:  # EINVAL: this file system cannot sync it; a full disk is an error all the same
+        if storage_problem(error):
+            raise
+    finally:
+        os.close(handle)
+
+
+def fsync_tree(folder):
+    """:func:`fsync_path` every file under ``folder``, then the folder itself."""
+    for file in sorted(Path(folder).rglob("*")):
+        if file.is_file():
+            fsync_path(file)
+    fsync_path(folder)
 
 
 @contextlib.contextmanager
@@ -63,12 +152,16 @@ def atomic_folder(path):
     restored if that fails), then the older one deleted.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-new-"))
+    with storage_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-new-"))
     try:
-        yield staging
+        with storage_errors(path):
+            yield staging
+        fsync_tree(staging)
         if not path.exists():
             os.replace(staging, path)
+            fsync_path(path.parent)
             return
         aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-old-"))
         os.replace(path, aside / "previous")
@@ -79,6 +172,7 @@ def atomic_folder(path):
             raise
         finally:
             shutil.rmtree(aside, ignore_errors=True)
+        fsync_path(path.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -113,6 +207,30 @@ def sha256_file(path, chunk_size=1 << 20):
         for block in iter(lambda: handle.read(chunk_size), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_digests(folder, names):
+    """``{name: SHA-256}`` of the files ``names`` (relative to ``folder``) that exist."""
+    folder = Path(folder)
+    return {str(name): sha256_file(folder / name) for name in names if (folder / name).is_file()}
+
+
+def check_digests(folder, digests, what, fix):
+    """Raise :class:`~mindvis.errors.MindvisError` unless every file of ``digests`` (``{name: SHA-256}``, relative
+    to ``folder``, as :func:`file_digests` recorded them) is there with that content.
+
+    ``what`` names the record (e.g. ``"dcldm.json"``); ``fix`` is the remedy the error gives.
+    """
+    folder = Path(folder)
+    for name, expected in (digests or {}).items():
+        path = folder / name
+        if not path.is_file():
+            raise MindvisError(f"missing, but {what} lists it", path=path, key=f"sha256.{name}", fix=fix)
+        actual = sha256_file(path)
+        if actual != expected:
+            raise MindvisError(f"its SHA-256 {actual[:12]}... is not the {expected[:12]}... {what} recorded when it "
+                               "was written: it was changed, or a write of it did not finish", path=path,
+                               key=f"sha256.{name}", fix=fix)
 
 
 #: Files above this size are identified by size and modification time instead of their hash (a base generator's
@@ -155,6 +273,7 @@ def software_versions():
     torch = sys.modules.get("torch")
     if torch is not None:
         versions["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    versions["deterministic"] = "strict" if strict_determinism() else "warn"
     return versions
 
 
@@ -186,11 +305,26 @@ def seed_everything(seed):
         pass
     else:
         torch.manual_seed(seed)
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        strict = strict_determinism()
+        torch.use_deterministic_algorithms(True, warn_only=not strict)
         # cuBLAS needs a fixed workspace for deterministic matrix products (read when CUDA starts).
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
+        if strict:
+            from mindvis.utils.device import math_attention_only
+
+            math_attention_only()
     return np.random.default_rng(seed)
+
+
+#: Environment variable: ``1`` makes GPU runs bit-repeatable at some speed (README, "Repeatability").
+DETERMINISTIC_ENV = "MINDVIS_DETERMINISTIC"
+
+
+def strict_determinism():
+    """Whether ``MINDVIS_DETERMINISTIC=1``: every op must have a deterministic kernel (an op without one raises
+    instead of warning), and attention uses the math kernel on CUDA."""
+    return os.environ.get(DETERMINISTIC_ENV, "0") == "1"
 
 
 def derive_seed(seed, *names):

@@ -10,6 +10,8 @@ with pickles allowed). Datasets of HDF5 files are read lazily, so a large
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -56,8 +58,10 @@ class ArrayFile:
                 mat = loadmat(self.path, squeeze_me=False)
                 self._arrays = {k: v for k, v in mat.items() if not k.startswith("__")}
                 self.kind = "mat-v5"
-        except (OSError, ValueError, NotImplementedError) as err:
-            raise MindvisError(f"cannot read this file as .npz, .npy, .mat or HDF5 ({err})", path=self.path,
+        except (OSError, ValueError, NotImplementedError, IndexError, zipfile.BadZipFile, _mat_read_error()) as err:
+            # scipy.io.loadmat raises IndexError (and MatReadError) on bytes that are no MATLAB file at all.
+            reason = " ".join(str(err).split()) or type(err).__name__
+            raise MindvisError(f"cannot read this file as .npz, .npy, .mat or HDF5 ({reason})", path=self.path,
                                key=config_key, fix="save it with numpy.savez, MATLAB save, or h5py.") from None
 
     def close(self):
@@ -88,7 +92,18 @@ class ArrayFile:
             available = ", ".join(sorted(self.keys())[:20])
             raise MindvisError(f"{what} not found (the file holds: {available})", path=self.path, key=key,
                                fix=f"name the right array in the config's key for {what}.")
-        return self._h5[key] if self._h5 is not None else self._arrays[key]
+        if self._h5 is not None:
+            return self._h5[key]
+        try:
+            # An .npz member is only decompressed here: a damaged or pickled member fails now, not at open.
+            return self._arrays[key]
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+            raise MindvisError(f"{what} cannot be read ({' '.join(str(err).split())})", path=self.path, key=key,
+                               fix="save it as a plain numeric array (numpy.savez, no object arrays).") from None
+
+    def dtype(self, key, what="array"):
+        """The array's dtype, without reading its values from an HDF5 file."""
+        return np.dtype(self._raw(key, what).dtype)
 
     def shape(self, key, what="array"):
         """The array's shape as the caller sees it (after ``column_major``)."""
@@ -131,7 +146,14 @@ class ArrayFile:
         if array.ndim > 1 and sorted(array.shape)[:-1] == [1] * (array.ndim - 1):
             array = array.reshape(-1)
         if array.ndim != 1:
-            raise MindvisError(f"{what} must be a vector, found shape {array.shape}", path=self.path, key=key)
+            raise MindvisError(f"{what} must be a vector, found shape {array.shape}", path=self.path, key=key,
+                               fix="store one value per row, as [N], [1, N] or [N, 1].")
+        if dtype is not None and np.dtype(dtype).kind in "iu":
+            whole = array.dtype.kind in "biu" or (array.dtype.kind == "f" and np.all(np.isfinite(array))
+                                                   and np.all(array == np.rint(array)))
+            if not whole:
+                raise MindvisError(f"{what} must hold whole numbers, found dtype {array.dtype}", path=self.path,
+                                   key=key, fix="store integer indices (int arrays, or floats without fractions).")
         return array if dtype is None else array.astype(dtype)
 
     def strings(self, key, what="array"):
@@ -157,6 +179,13 @@ class ArrayFile:
             flat = array.reshape(-1)
             return [str(s.decode() if isinstance(s, bytes) else s).rstrip() for s in flat]
         return [str(s) for s in array.reshape(-1)]
+
+
+def _mat_read_error():
+    """scipy's ``MatReadError`` (a plain Exception subclass), imported only when it can be raised."""
+    from scipy.io.matlab import MatReadError
+
+    return MatReadError
 
 
 def _matlab_chars(codes):

@@ -37,7 +37,7 @@ import numpy as np
 
 from mindvis.data.reliability import has_repeats, noise_ceiling
 from mindvis.errors import MindvisError
-from mindvis.utils.io import derive_seed, sha256_file
+from mindvis.utils.io import atomic_path, derive_seed, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -419,8 +419,13 @@ def _check_source(source, source_name):
         raise MindvisError(f"{len(missing)} trials show stimuli without an image, e.g. {missing[:3]}",
                            key="stimulus_id", fix="check that the image file belongs to this fMRI file.")
     if not np.any(source.part == "train"):
-        raise MindvisError("the source holds no training trials", key="data.source",
+        raise MindvisError("the source holds no training trials", path=_first_input(source), key="data.source",
                            fix="check the source files and data.roi / key settings.")
+
+
+def _first_input(source):
+    """The source's main file (its fMRI), named in errors about the data as a whole."""
+    return source.input_files[0] if source.input_files else None
 
 
 def convert_source(source, config, subject, source_name, out_responses, out_stimuli):
@@ -444,11 +449,19 @@ def convert_source(source, config, subject, source_name, out_responses, out_stim
     dict
         A summary: trials per split, voxels kept and dropped, validation grouping.
     """
+    _check_source(source, source_name)
+    # The stimulus file is written first (its images then leave memory) but only replaces out_stimuli once
+    # responses.h5 is written too: a bad input found in the responses leaves both earlier outputs as they were.
+    with atomic_path(out_stimuli) as stimuli_tmp:
+        return _convert(source, config, subject, source_name, out_responses, out_stimuli, stimuli_tmp)
+
+
+def _convert(source, config, subject, source_name, out_responses, out_stimuli, stimuli_tmp):
+    """:func:`convert_source` with the stimulus file written to ``stimuli_tmp``."""
     from mindvis.data.responses import ResponseSplit, write_responses
     from mindvis.data.stimuli import StimulusSet, StimulusSplit, save_stimulus_set
     from mindvis.utils.io import software_versions
 
-    _check_source(source, source_name)
     part = np.asarray(source.part)
     stimulus_id = np.asarray([str(s) for s in source.stimulus_id], dtype=object)
     run = np.asarray(source.run, dtype=np.int64)
@@ -472,7 +485,7 @@ def convert_source(source, config, subject, source_name, out_responses, out_stim
                "attribution": source.notes.get("attribution", source_name), "seed": config["seed"],
                "config": json.dumps({"stimuli": section, "data": config["data"]}),
                "versions": json.dumps(software_versions())})
-    save_stimulus_set(stimulus_set, out_stimuli)
+    save_stimulus_set(stimulus_set, stimuli_tmp)
     trials_per_class = np.bincount(
         np.array([source.stimulus_label.get(sid, -1) for sid in stimulus_id[train_rows]], dtype=np.int64) + 1,
         minlength=len(source.class_names) + 1)[1:]
@@ -494,7 +507,7 @@ def convert_source(source, config, subject, source_name, out_responses, out_stim
                     "trials)", subject, n_dropped, len(keep), int((~finite).sum()),
                     int((finite & (std == 0)).sum()))
         if not keep.any():
-            raise MindvisError("every voxel is constant or not finite", key="data.roi",
+            raise MindvisError("every voxel is constant or not finite", path=_first_input(source), key="data.roi",
                                fix="check the ROI selection and the source files.")
         arrays = {name: np.ascontiguousarray(array[:, keep]) for name, array in arrays.items()}
         mean, std = mean[keep], std[keep]

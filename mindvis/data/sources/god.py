@@ -75,8 +75,12 @@ def _category(name):
 
 
 def _read_label_csv(path):
-    with open(path, newline="") as handle:
-        return [row[0].strip() for row in csv.reader(handle) if row and row[0].strip()]
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            return [row[0].strip() for row in csv.reader(handle) if row and row[0].strip()]
+    except (UnicodeDecodeError, csv.Error, OSError) as err:
+        raise MindvisError(f"not a readable CSV file ({' '.join(str(err).split())})", path=path,
+                           fix="use the label CSVs that came with images_256.npz.") from None
 
 
 def _image_names(folder, n_train, n_test):
@@ -102,8 +106,7 @@ def _classes(categories, class_index_path=None):
     named by WordNet id, in sorted order.
     """
     if class_index_path is not None and class_index_path.exists():
-        with open(class_index_path) as handle:
-            index = json.load(handle)
+        index = _read_class_index(class_index_path)
         names, lookup = [], {}
         for position, key in enumerate(sorted(index, key=lambda k: int(k) if str(k).isdigit() else k)):
             entry = index[key]
@@ -113,6 +116,23 @@ def _classes(categories, class_index_path=None):
         return names, lookup
     unique = sorted({c for c in categories if c is not None})
     return [f"n{c:08d}" for c in unique], {c: i for i, c in enumerate(unique)}
+
+
+def _read_class_index(path):
+    """MinD-Vis's ``imagenet_class_index.json``: ``{"0": [wnid, ..., name], ...}``."""
+    fix = "use the imagenet_class_index.json that came with MinD-Vis's GOD files, or delete it."
+    try:
+        index = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, OSError) as err:
+        raise MindvisError(f"not readable JSON ({' '.join(str(err).split())})", path=path, fix=fix) from None
+    if not isinstance(index, dict):
+        raise MindvisError(f"must be a JSON object of class entries, found a {type(index).__name__}", path=path,
+                           fix=fix)
+    for key, entry in index.items():
+        if not isinstance(entry, list) or not entry or not all(isinstance(item, str) for item in entry):
+            raise MindvisError(f"entry must be a list of WordNet ids and a class name, found {entry!r}"[:200],
+                               path=path, key=key, fix=fix)
+    return index
 
 
 # -- god_npz ----------------------------------------------------------------------------------------
@@ -151,6 +171,16 @@ def _roi_masks(npz, n_all):
     return masks
 
 
+def _check_trials(array, key, path):
+    """A [trials, voxels] matrix of real numbers with at least one trial, as sbj_N.npz holds."""
+    fix = "use the sbj_N.npz files as released with MinD-Vis."
+    if array.ndim != 2 or array.dtype.kind not in "biuf":
+        raise MindvisError(f"must be a real [trials, voxels] matrix, found {array.dtype} {array.shape}", path=path,
+                           key=key, fix=fix)
+    if len(array) == 0:
+        raise MindvisError(f"holds no trials (shape {array.shape})", path=path, key=key, fix=fix)
+
+
 def voxel_roi_names(masks, selected):
     """For each selected voxel, the name of the smallest ROI mask holding it (the selection's own name last)."""
     chosen = masks[selected]
@@ -181,19 +211,23 @@ def read_god_npz(config, subject):
         train_all = npz.read("arr_0", "training trials")
         single_all = npz.read("arr_1", "single test trials")
         averaged_all = npz.read("arr_2", "averaged test trials")
+        _check_trials(train_all, "arr_0", fmri_path)
         train_index = npz.vector("arr_3", "training image index", np.int64)
         masks = _roi_masks(npz, train_all.shape[1])
     if roi not in masks:
         raise MindvisError(f"ROI '{roi}' not found (ROI masks in the file: {', '.join(sorted(masks)) or 'none'})",
                            path=fmri_path, key=roi, fix="set data.roi to one of the file's ROI masks.")
     for what, array in (("arr_1", single_all), ("arr_2", averaged_all)):
-        if array.ndim != 2 or array.shape[1] != train_all.shape[1]:
-            raise MindvisError(f"arr_0 has shape {train_all.shape} but {what} has shape {array.shape}", path=fmri_path,
-                               key=what, fix="use the sbj_N.npz files as released with MinD-Vis.")
+        if array.dtype.kind not in "biuf" or array.ndim != 2 or array.shape[1] != train_all.shape[1]:
+            raise MindvisError(f"arr_0 has shape {train_all.shape} but {what} has {array.dtype} {array.shape}",
+                               path=fmri_path, key=what, fix="use the sbj_N.npz files as released with MinD-Vis.")
     if len(train_index) != len(train_all):
         raise MindvisError(f"arr_0 has shape {train_all.shape} but arr_3 has shape {train_index.shape}",
                            path=fmri_path, key="arr_3", fix="give one training image index per training trial.")
     mask = masks[roi]
+    if not mask.any():
+        raise MindvisError(f"ROI '{roi}' selects no voxels", path=fmri_path, key=roi,
+                           fix="set data.roi to an ROI mask of the file that holds voxels.")
     train = train_all[:, mask].astype(np.float32)
     single = single_all[:, mask].astype(np.float32)
     order, repeats, errors = _test_order(single, averaged_all[:, mask], section["test_order"], fmri_path)
@@ -274,16 +308,27 @@ class BDataFile:
             raise MindvisError("not a BData file: it needs 'dataset' and 'metadata/{key,value}'", path=self.path,
                                key="metadata" if group is None else "dataset",
                                fix="give the BData .h5 file as downloaded, or convert it with bdpy.")
+        fix = "give the BData .h5 file as downloaded, or convert it with bdpy."
         self.dataset = self.handle[data]
+        if not isinstance(self.dataset, h5py.Dataset):
+            raise MindvisError("must be a dataset, found a group", path=self.path, key=data, fix=fix)
+        if self.dataset.ndim != 2 or self.dataset.dtype.kind not in "biuf":
+            raise MindvisError(f"must be a real [samples, columns] matrix, found {self.dataset.dtype} "
+                               f"{self.dataset.shape}", path=self.path, key=data, fix=fix)
         for needed in ("key", "value"):
-            if needed not in self.handle[group]:
-                raise MindvisError("dataset missing", path=self.path, key=f"{group}/{needed}")
+            if not isinstance(self.handle[group], h5py.Group) or not isinstance(self.handle[group].get(needed),
+                                                                                 h5py.Dataset):
+                raise MindvisError("dataset missing", path=self.path, key=f"{group}/{needed}", fix=fix)
         self.keys = [k.decode() if isinstance(k, bytes) else str(k) for k in self.handle[group]["key"][()]]
-        self.values = np.asarray(self.handle[group]["value"][()], dtype=np.float64)
+        self.values = self.handle[group]["value"][()]
+        if self.values.dtype.kind not in "biuf":
+            raise MindvisError(f"must hold numbers, found dtype {self.values.dtype}", path=self.path,
+                               key=f"{group}/value", fix=fix)
+        self.values = self.values.astype(np.float64)
         if self.values.shape != (len(self.keys), self.dataset.shape[1]):
             raise MindvisError(f"metadata/value has shape {self.values.shape} but there are {len(self.keys)} keys "
                                f"and the dataset has shape {self.dataset.shape}", path=self.path,
-                               key=f"{group}/value")
+                               key=f"{group}/value", fix=fix)
 
     def close(self):
         self.handle.close()
@@ -348,6 +393,10 @@ def read_god_bdata(config, subject):
         raise MindvisError(f"no sample has {section['datatype_key']} == {section['train_type']}", path=path,
                            key=section["datatype_key"], fix="set data.god_bdata.train_type.")
 
+    if not np.all(np.isfinite(label[rows])):
+        raise MindvisError(f"{int(np.sum(~np.isfinite(label[rows])))} training or test samples have no image id "
+                           "(NaN)", path=path, key=section["label_key"],
+                           fix="give every training and test sample its image id <category>.<image>.")
     names = np.asarray([god_image_name(value) for value in label[rows]], dtype=object)
     if not section["image_dir"]:
         raise MindvisError("no image folder configured (GOD's images are shared on request)",

@@ -142,7 +142,8 @@ def pixels_to_uint8(images, pixel_range="auto", path=None, key=None):
     if images.dtype == np.uint8:
         return images
     if images.dtype.kind not in "biuf":
-        raise MindvisError(f"images must be numeric, found dtype {images.dtype}", path=path, key=key)
+        raise MindvisError(f"images must be numeric, found dtype {images.dtype}", path=path, key=key,
+                           fix="store pixels as uint8 (0-255) or floats (0-1 or 0-255).")
     values = images.astype(np.float32)
     if not np.all(np.isfinite(values)):
         raise MindvisError("images hold NaN or infinite values", path=path, key=key,
@@ -235,6 +236,20 @@ def _content_ids(images, prefix):
     return np.asarray(ids, dtype=object), np.asarray(first, dtype=np.int64)
 
 
+def _check_fmri(arrays, key, shape, part):
+    """A [trials, voxels] matrix of real numbers with at least one voxel, or a :class:`MindvisError`."""
+    fix = f"store {part} fMRI as a real float matrix [trials, voxels] (or set data.matrix.column_major)."
+    if len(shape) != 2:
+        raise MindvisError(f"{part} fMRI must be [trials, voxels], found shape {shape}", path=arrays.path, key=key,
+                           fix=fix)
+    dtype = arrays.dtype(key, f"{part} fMRI")
+    if dtype.kind not in "biuf":
+        raise MindvisError(f"{part} fMRI must hold real numbers, found dtype {dtype}", path=arrays.path, key=key,
+                           fix=fix)
+    if shape[1] == 0:
+        raise MindvisError(f"{part} fMRI has no voxel columns (shape {shape})", path=arrays.path, key=key, fix=fix)
+
+
 def read_matrix(config, subject):
     """Read a subject's matrix file into a :class:`SourceData`.
 
@@ -253,9 +268,7 @@ def read_matrix(config, subject):
     fmri_shapes = {part: arrays.shape(keys[f"{part}_fmri"], f"{part} fMRI ({KEY_PREFIX}.{part}_fmri)")
                    for part in ("train", "test")}
     for part, shape in fmri_shapes.items():
-        if len(shape) != 2:
-            raise MindvisError(f"{part} fMRI must be [trials, voxels], found shape {shape}", path=path,
-                               key=keys[f"{part}_fmri"])
+        _check_fmri(arrays, keys[f"{part}_fmri"], shape, part)
     if fmri_shapes["train"][1] != fmri_shapes["test"][1]:
         raise MindvisError(f"train fMRI has shape {fmri_shapes['train']} but test fMRI has shape "
                            f"{fmri_shapes['test']}: their voxel counts differ", path=path,
