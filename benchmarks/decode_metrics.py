@@ -151,7 +151,12 @@ def compare(run, other, out=sys.stdout):
     for path in metrics_files(run):
         first = json.loads(path.read_text())
         second = json.loads((Path(other) / path.relative_to(run)).read_text())
-        for row_a, row_b in zip(first["rows"], second["rows"]):
+        # Rows by id: a run of newer code may list rows the other has not (then unavailable in it).
+        by_id = {row["id"]: row for row in second["rows"]}
+        for row_a in first["rows"]:
+            row_b = by_id.get(row_a["id"], {"metrics": None})
+            if row_a["metrics"] is None and row_b["metrics"] is None:
+                continue
             for key in COLUMNS:
                 n_values += 1
                 n_differ += (row_a["metrics"] or {}).get(key) != (row_b["metrics"] or {}).get(key)
