@@ -9,6 +9,7 @@ here. Defaults come from the schema, so a config only states what differs.
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import jsonschema
@@ -20,9 +21,30 @@ SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 
 
 def load_schema():
-    """The config JSON Schema as a dict."""
+    """The config JSON Schema as a dict (a copy: callers may change it)."""
+    return copy.deepcopy(_parsed_schema())
+
+
+@functools.lru_cache(maxsize=1)
+def _parsed_schema():
+    # Parsed once per process: the schema is some 1,600 lines, and validate() runs per config.
     with open(SCHEMA_PATH) as handle:
-        return yaml.safe_load(handle)
+        return yaml.load(handle, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (first at line {seen[key] + 1}); YAML would keep "
+                                "only the last", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 def fill_defaults(config, schema):
@@ -152,7 +174,7 @@ def load_config(path):
                            fix="pass an existing YAML, e.g. configs/default.yaml.")
     try:
         with open(path, encoding="utf-8") as handle:
-            raw = yaml.safe_load(handle)
+            raw = yaml.load(handle, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         raise MindvisError(_yaml_problem(err), path=path,
                            fix="correct the YAML there (indentation with spaces, closing brackets and quotes).") \

@@ -476,6 +476,9 @@ CASES = [
     # configs
     pytest.param(config_text("seed: [1, 2\nexperiment: x\n"), "experiment.yaml", None,
                  r"^not valid YAML at line 2, column \d+: expected ',' or '\]'", id="config-yaml-syntax-error"),
+    pytest.param(config_text("seed: 1\nmbm:\n  epochs: 2\n  epochs: 3\n"), "experiment.yaml", None,
+                 r"^not valid YAML at line 4, column 3: key 'epochs' is given twice \(first at line 3\)",
+                 id="config-duplicate-key"),
     pytest.param(config_text("- seed\n- 1\n"), "experiment.yaml", None,
                  r"must be a YAML mapping of keys to values, found a list", id="config-not-a-mapping"),
     pytest.param(config_text(b"experiment: caf\xe9\n"), "experiment.yaml", None, r"not UTF-8 text",
@@ -527,6 +530,8 @@ CASES = [
     pytest.param(bids_case(lambda root: edit_tsv(func_file(root, 1, "events.tsv"),
                                                  lambda events: events.assign(onset=events.onset + 1000))), EVENTS,
                  "onset", r"onset \d+ s lies outside the run \(0 to \d+ s", id="events-onset-past-end"),
+    pytest.param(bids_case(lambda root: edit_tsv(func_file(root, 1, "events.tsv"), lambda events: events.iloc[:0])),
+                 EVENTS, "onset", r"has a header and no trials", id="events-header-only"),
     pytest.param(bids_case(lambda root: (func_file(root, 1, "events.tsv").unlink(),
                                          func_file(root, 1, "events.tsv").mkdir())), EVENTS, None,
                  r"not a readable tab-separated events file", id="events-is-a-folder"),

@@ -203,6 +203,9 @@ def read_events(path, n_volumes, tr, need_class=True):
                            path=path, key=missing[0],
                            fix="BIDS events need onset, duration, trial_type, stimulus_id"
                                + (" and class (or pass --stimuli)." if need_class else "."))
+    if events.empty:
+        raise MindvisError("the events file has a header and no trials", path=path, key="onset",
+                           fix="list the run's trials, one per row, or leave the run out of the BIDS folder.")
     for column in ("onset", "duration"):
         values = pd.to_numeric(events[column], errors="coerce")
         bad = ~np.isfinite(values.to_numpy(dtype=float))
