@@ -61,10 +61,15 @@ def _subject_trials(responses, stimulus_set, generator, fraction=1.0, seed=None,
 
 
 def _ridge(generator, train, val, space, alphas):
-    """A subject's ridge map onto the decoder's targets (fit on train, alpha on val)."""
+    """A subject's ridge map onto the decoder's targets (fit on train, alpha on val).
+
+    Returns the fit (weight, bias, report), the train rows with a target, and the val targets with their rows
+    (``(y_val, val_known)``, reused to choose the shared rank).
+    """
     y_train, known = condition_targets(generator, train.images, train.labels, space)
     y_val, val_known = condition_targets(generator, val.images, val.labels, space)
-    return fit_ridge_voxel_map(train.fmri.numpy()[known], y_train, val.fmri.numpy()[val_known], y_val, alphas), known
+    fit = fit_ridge_voxel_map(train.fmri.numpy()[known], y_train, val.fmri.numpy()[val_known], y_val, alphas)
+    return fit, known, (y_val, val_known)
 
 
 def _set_trainable(shared, groups, adapters=True, only=None):
@@ -209,7 +214,7 @@ def finetune_shared(config, subjects, responses, stimuli, base, out_dir, view_di
         [loaded[s][1].fmri.numpy()[fits[s][1]] for s in subjects], max_rank)
     with_val = [s for s in subjects if len(loaded[s][2])]
     if with_val:
-        targets = {s: condition_targets(generator, loaded[s][2].images, loaded[s][2].labels, space) for s in with_val}
+        targets = {s: fits[s][2] for s in with_val}  # the val targets each subject's ridge fit chose alpha on
         errors = rank_errors(up, bias, [fits[s][0][0] for s in with_val],
                              [loaded[s][2].fmri.numpy()[targets[s][1]] for s in with_val],
                              [targets[s][0] for s in with_val], rank_candidates(rank_info["rank"]))
@@ -349,7 +354,7 @@ def adapt_subject(config, subject, responses, stimuli, shared_views, out_dir, ol
             up, shared_bias, train.fmri.numpy()[known], y_train, val.fmri.numpy()[val_known], y_val,
             settings["ridge_alphas"])
     else:
-        (weight, _bias, ridge_report), _ = _ridge(generator, train, val, space, settings["ridge_alphas"])
+        (weight, _bias, ridge_report), _, _ = _ridge(generator, train, val, space, settings["ridge_alphas"])
         adapter, adapter_rank = adapter_from_ridge(up, weight), up.shape[1]
         ridge_report["rank"] = adapter_rank
     log.info("%s: adapter onto the first %d of %d shared directions (alpha %g, chosen on val)", subject,
