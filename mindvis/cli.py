@@ -516,15 +516,12 @@ def main(argv=None):
         return 2
     except (OSError, RuntimeError) as err:
         # A full or read-only disk met outside mindvis's own writers (which name the file): still one line.
-        from mindvis.utils.io import storage_problem
+        from mindvis.utils.io import storage_error
 
-        problem = storage_problem(err)
-        if problem is None:
+        converted = storage_error(err, getattr(err, "filename", None))
+        if converted is None:
             raise
-        where = getattr(err, "filename", None)
-        print(f"mindvis: error: {where + ': ' if where else ''}the disk is {problem} ({err}). Fix: "
-              + ("free space and rerun." if problem == "full" else "write the results to a writable folder and rerun."),
-              file=sys.stderr)
+        print(f"mindvis: error: {converted}", file=sys.stderr)
         return 2
     return 0
 

@@ -7,6 +7,7 @@ CPU the rerun must end bit-identical to a run never stopped: the same step count
 weights.
 """
 
+import dataclasses
 import errno
 import json
 import os
@@ -326,8 +327,7 @@ def _responses_like(path, source, permute=False, drop=0):
     if permute:
         order = np.random.default_rng(0).permutation(order)
     order = order[: data.n_voxels - drop]
-    splits = {name: type(split)(**{**split.__dict__, "fmri": split.fmri[:, order]}) for name, split in
-              data.splits.items()}
+    splits = {name: dataclasses.replace(split, fmri=split.fmri[:, order]) for name, split in data.splits.items()}
     write_responses(path, splits=splits, voxel_ijk=data.voxel_ijk[order], affine=data.affine,
                     volume_shape=data.volume_shape, voxel_roi=data.voxel_roi[order], class_names=data.class_names,
                     tr=data.tr, subject="sub-01", method="synthetic", preprocess_config={}, config={},

@@ -43,7 +43,6 @@ from mindvis.utils.io import derive_seed, software_versions
 
 log = logging.getLogger(__name__)
 
-EDITS_H5 = EDITS_FILE
 MEASURES = ("donor_prob", "donor_top1", "donor_pixcorr")
 
 
@@ -215,7 +214,7 @@ def read_edits(out_dir):
     out_dir = Path(out_dir)
     try:
         record = json.loads((out_dir / EDITS_JSON).read_text())
-        with h5py.File(out_dir / EDITS_H5, "r") as handle:
+        with h5py.File(out_dir / EDITS_FILE, "r") as handle:
             arrays = {"true_images": handle["true_images"][:], "donor_images": handle["donor_images"][:],
                       "source": handle["source"][:] if "source" in handle else None,
                       "edited": {name: handle[f"edited/{i}"][:] for i, name in enumerate(record["shown_groups"])},

@@ -35,11 +35,10 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from mindvis.data.voxel_space import ijk_digest, space_spec
+from mindvis.data.voxel_space import same_space, space_spec
 from mindvis.errors import MindvisError
 from mindvis.models.conditioning import FmriConditioner, MindVisConditioner
 from mindvis.models.ldm import load_generator
@@ -358,10 +357,10 @@ def check_decoder_responses(meta, data, path, model_dir):
                            path=path, key="voxel_ijk", fix=fix)
     space = inputs.get("voxel_space")
     if space is not None:
-        same_grid = (list(data.volume_shape) == list(space["volume_shape"])
-                     and np.allclose(data.affine, space["affine"], atol=1e-3))
-        if not same_grid or ijk_digest(data.voxel_ijk) != space["voxel_ijk_sha256"]:
-            what = "grid (affine or shape)" if not same_grid else "voxels (indices or order)"
+        here = space_spec(data.voxel_ijk, data.affine, data.volume_shape, space="decoded")
+        if not same_space(space, here):
+            what = ("voxels (indices or order)" if here["voxel_ijk_sha256"] != space["voxel_ijk_sha256"]
+                    else "grid (affine or shape)")
             raise MindvisError(f"the same number of voxels, but another {what} than the decoder {model_dir} was "
                                "fitted on: its voxel i would read another place of the brain", path=path,
                                key="voxel_ijk", fix=fix)

@@ -99,24 +99,33 @@ def storage_problem(error):
     return None
 
 
+def storage_error(error, path):
+    """The one-line :class:`MindvisError` for a full or read-only disk met while writing ``path`` (None when
+    ``error`` is something else)."""
+    problem = storage_problem(error)
+    if problem is None:
+        return None
+    reason = getattr(error, "strerror", None) or str(error)
+    if problem == "full":
+        return MindvisError(f"cannot be written: the disk is full, or a quota or file-size limit was reached "
+                            f"({reason})", path=path,
+                            fix="free space (or raise the limit) and rerun; the file that was there, if any, "
+                                "is unchanged.")
+    return MindvisError(f"cannot be written: its folder is read-only or not writable by this user ({reason})",
+                        path=path, fix=f"make {Path(path).parent} writable, or write the results elsewhere "
+                                       "(snakemake --directory DIR), and rerun; nothing there was changed.")
+
+
 @contextlib.contextmanager
 def storage_errors(path):
-    """Turn a full or read-only disk met while writing ``path`` into one :class:`MindvisError` naming it."""
+    """Turn a full or read-only disk met while writing ``path`` into :func:`storage_error`'s one line."""
     try:
         yield
     except (OSError, RuntimeError) as error:
-        problem = storage_problem(error)
-        if problem is None:
+        converted = storage_error(error, path)
+        if converted is None:
             raise
-        reason = getattr(error, "strerror", None) or str(error)
-        if problem == "full":
-            raise MindvisError(f"cannot be written: the disk is full, or a quota or file-size limit was reached "
-                               f"({reason})", path=path,
-                               fix="free space (or raise the limit) and rerun; the file that was there, if any, "
-                                   "is unchanged.") from None
-        raise MindvisError(f"cannot be written: its folder is read-only or not writable by this user ({reason})",
-                           path=path, fix=f"make {Path(path).parent} writable, or write the results elsewhere "
-                                          "(snakemake --directory DIR), and rerun; nothing there was changed.") from None
+        raise converted from None
 
 
 def fsync_path(path):
