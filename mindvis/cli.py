@@ -435,7 +435,8 @@ def build_parser():
     group = sub.add_mutually_exclusive_group(required=True)
     group.add_argument("--rois", nargs="+", default=None, help="the voxel group as ROI names of voxel_roi")
     group.add_argument("--mask", default=None, help="the voxel group as a NIfTI mask on the responses' grid")
-    sub.add_argument("--factor", type=float, default=0.0, help="scale: the multiplier of the group's tokens")
+    sub.add_argument("--factor", type=float, default=None,
+                     help="scale (and only scale): the multiplier of the group's tokens")
     sub.add_argument("--tau", type=int, nargs="+", default=[0],
                      help="denoising steps of the source's cross-attention injected (0: none)")
     sub.add_argument("--mode", choices=["replace", "refine"], default="replace")

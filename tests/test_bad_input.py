@@ -465,6 +465,120 @@ def truncated_pth(tmp_path, state):
     return path
 
 
+def set_trial_type(run, value, rows=slice(None)):
+    """Damage: the events of ``run`` get ``trial_type`` ``value`` in ``rows``."""
+    def damage(root):
+        def edit(events):
+            events.loc[events.index[rows], "trial_type"] = value
+            return events
+        edit_tsv(func_file(root, run, "events.tsv"), edit)
+    return damage
+
+
+def header_tr(run, tr, sidecar_tr):
+    """Damage: a header recording TR ``tr`` s (units set, as a scanner writes it) and a sidecar saying ``sidecar_tr``."""
+    def damage(root):
+        path = func_file(root, run, "bold.nii.gz")
+        image = nib.load(path)
+        rewritten = nib.Nifti1Image(np.asanyarray(image.dataobj), image.affine)
+        rewritten.header.set_xyzt_units("mm", "sec")
+        rewritten.header.set_zooms(image.header.get_zooms()[:3] + (tr,))
+        nib.save(rewritten, path)
+        func_file(root, run, "bold.json").write_text(json.dumps({"RepetitionTime": sidecar_tr}))
+    return damage
+
+
+def one_training_trial(arrays):
+    for key in ("train_fmri", "train_images", "train_labels"):
+        arrays[key] = arrays[key][:1]
+
+
+def no_test_trials(arrays):
+    for key in ("test_fmri", "test_images", "test_labels"):
+        arrays[key] = arrays[key][:0]
+
+
+def decoder_meta_case(write):
+    """``load_dcldm`` of a decoder folder whose dcldm.json ``write(path)`` damaged (beside its weights)."""
+    def build(tmp_path, good):
+        from mindvis.models.dcldm import load_dcldm
+
+        folder = tmp_path / "results" / SUBJECT / "dcldm"
+        folder.mkdir(parents=True)
+        (folder / "dcldm.safetensors").write_bytes(b"weights of an earlier run")
+        write(folder / "dcldm.json")
+        return lambda: load_dcldm(folder)
+    return build
+
+
+GOOD_META = {"subject": SUBJECT, "base": "results/pretrain/ldm", "n_voxels": 37,
+             "sha256": {"dcldm.safetensors": "0" * 64}}
+
+
+def write_meta(text):
+    return lambda path: path.write_bytes(text if isinstance(text, bytes) else text.encode())
+
+
+def edit_case(**arguments):
+    """``edit_subject`` with ``arguments`` over an earlier edit's outputs (the decoder is never reached)."""
+    def build(tmp_path, good):
+        from mindvis.generate.edit import edit_subject
+
+        out = tmp_path / "results" / SUBJECT / "edits-manual"
+        out.mkdir(parents=True)
+        (out / "edits.json").write_text('{"stage": "edit"}')
+        (out / "edits.h5").write_bytes(b"an earlier edit")
+        ids = [str(s) for s in load_responses(good.responses, splits=("test_avg",))["test_avg"].stimulus_id]
+        kwargs = {"stimulus_ids": ids[:2], "operation": "zero", "rois": ["V1"], **arguments}
+        for name in ("mask",):
+            if callable(kwargs.get(name)):
+                kwargs[name] = kwargs[name](tmp_path)
+        if kwargs.get("donor_ids") == "ids":
+            kwargs["donor_ids"] = ids[1:2]
+        config = validate({"seed": 3, "generate": {"steps": 5}})
+        return lambda: edit_subject(config, SUBJECT, tmp_path / "no-decoder-needed", good.responses, good.stimuli,
+                                    out, **kwargs)
+    return build
+
+
+def nifti_mask(value=0, shape=(5, 4, 2), affine=None):
+    def write(tmp_path):
+        path = tmp_path / "group_mask.nii.gz"
+        nib.save(nib.Nifti1Image(np.full(shape, value, np.uint8), np.eye(4) if affine is None else affine), path)
+        return path
+    return write
+
+
+def summary_csv_case(content):
+    """``read_summary`` (``mindvis summary --csv`` without --metrics) of a file holding ``content``."""
+    def build(tmp_path, good):
+        from mindvis.report.summary import read_summary
+
+        path = tmp_path / "results" / "summary.csv"
+        path.parent.mkdir(parents=True)
+        if content is None:
+            path.mkdir()
+        else:
+            path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return lambda: read_summary(path)
+    return build
+
+
+def summary_metrics_case(content):
+    """``write_summary`` from a metrics.json holding ``content``, over an earlier summary.csv and summary.html."""
+    def build(tmp_path, good):
+        from mindvis.report.summary import write_summary
+
+        results = tmp_path / "results"
+        metrics = results / SUBJECT / "evaluation" / "metrics.json"
+        metrics.parent.mkdir(parents=True)
+        metrics.write_bytes(content if isinstance(content, bytes) else content.encode())
+        (results / "summary.csv").write_text("subject,dcldm/n_way_top1_mean\nmean,0.5\n")
+        (results / "summary.html").write_text("<p>earlier</p>")
+        return lambda: write_summary([metrics], results / "summary.csv", results / "summary.html")
+    return build
+
+
 # -- the corpus ---------------------------------------------------------------------------------------
 
 BOLD, EVENTS = "sub-01_task-objects_run-02_bold.nii.gz", "sub-01_task-objects_run-01_events.tsv"
@@ -538,6 +652,26 @@ CASES = [
     pytest.param(bids_case(lambda root: func_file(root, 1, "bold.json").write_text('{"RepetitionTime": 2000}')),
                  "sub-01_task-objects_run-01_bold.json", "RepetitionTime", r"looks like milliseconds",
                  id="sidecar-tr-in-milliseconds"),
+    pytest.param(bids_case(set_trial_type(1, "Train", rows=[0])), EVENTS, "trial_type",
+                 r"1 rows have trial_type 'Train', which is not exactly 'train' or 'test'",
+                 id="events-trial-type-capitalised"),
+    pytest.param(bids_case(set_trial_type(3, "test ")), "sub-01_task-objects_run-03_events.tsv", "trial_type",
+                 r"2 rows have trial_type 'test ', which is not exactly", id="events-trial-type-trailing-space"),
+    pytest.param(bids_case(set_trial_type(1, "TRAIN")), EVENTS, "trial_type", r"'TRAIN', which is not exactly",
+                 id="events-trial-type-upper-case"),
+    pytest.param(bids_case(lambda root: [set_trial_type(run, "fixation")(root) for run in (3, 4)]), EVENTS,
+                 "trial_type", r"no run holds trials of trial_type 'test': the test split would be empty",
+                 id="events-no-test-trials"),
+    pytest.param(bids_case(set_trial_type(2, "rest")), EVENTS, "trial_type",
+                 r"a single run \(run 1\) holds trials of trial_type 'train': the validation split.*would be empty",
+                 id="events-single-training-run-empty-validation"),
+    pytest.param(bids_case(lambda root: [set_trial_type(run, "catch", rows=[1, 2, 3])(root) for run in (1, 2)]),
+                 EVENTS, "trial_type", r"only 1 training trial\(s\) outside the validation runs",
+                 id="events-one-training-trial-left"),
+    pytest.param(bids_case(header_tr(2, 2.0, 1.5)), "sub-01_task-objects_run-02_bold.json", "RepetitionTime",
+                 r"RepetitionTime 1.5 s disagrees with the BOLD header's time step 2 s", id="sidecar-tr-disagrees-header"),
+    pytest.param(bids_case(header_tr(2, 2000.0, 2.0)), "sub-01_task-objects_run-02_bold.json", "RepetitionTime",
+                 r"disagrees with the BOLD header's time step 2000 s", id="sidecar-tr-header-in-milliseconds-as-s"),
     # responses.h5 and stimuli.h5
     pytest.param(responses_case(lambda h: h.__delitem__("train/fmri")), "responses.h5", "train/fmri",
                  r"dataset missing", id="responses-dataset-missing"),
@@ -585,6 +719,10 @@ CASES = [
                              write=lambda path, arrays: path.write_bytes(b"MATLAB 5.0" + b"\x00\xff" * 40)),
                  "lab.mat", "data.matrix.path", r"cannot read this file as \.npz, \.npy, \.mat or HDF5",
                  id="matrix-mat-garbage"),
+    pytest.param(matrix_case(one_training_trial), "lab.npz", "data.source",
+                 r"holds only 1 training trial; a decoder needs at least 2", id="matrix-one-training-trial"),
+    pytest.param(matrix_case(no_test_trials), "lab.npz", "data.source", r"no test trials: the test split would be empty",
+                 id="matrix-no-test-trials"),
     # GOD: MinD-Vis npz and Kamitani's BData HDF5
     pytest.param(god_npz_case(edit_npz(lambda a: a.__setitem__("arr_0", a["arr_0"].ravel()))), "sbj_1.npz", "arr_0",
                  r"must be a real \[trials, voxels\] matrix, found float64 \(60,\)", id="god-npz-trials-1d"),
@@ -627,6 +765,60 @@ CASES = [
                  id="mindvis-pth-wrong-shape"),
     pytest.param(import_case(truncated_pth), "fmri_encoder.pth", None, r"not a readable PyTorch checkpoint",
                  id="mindvis-pth-truncated"),
+    # decoder folders
+    pytest.param(decoder_meta_case(write_meta(json.dumps(GOOD_META)[:40])), "dcldm.json", None,
+                 r"not readable JSON \(JSONDecodeError.*truncated or damaged", id="dcldm-json-truncated"),
+    pytest.param(decoder_meta_case(write_meta(b"\x89HDF\r\n\x1a\n\xff\xfe")), "dcldm.json", None,
+                 r"not readable JSON \(UnicodeDecodeError", id="dcldm-json-binary"),
+    pytest.param(decoder_meta_case(write_meta(json.dumps([GOOD_META]))), "dcldm.json", None,
+                 r"must be a JSON object, found list", id="dcldm-json-a-list"),
+    pytest.param(decoder_meta_case(write_meta(json.dumps({k: v for k, v in GOOD_META.items() if k != "sha256"}))),
+                 "dcldm.json", "sha256", r"record of its files' SHA-256 is missing", id="dcldm-json-no-hash-record"),
+    pytest.param(decoder_meta_case(write_meta(json.dumps({**GOOD_META, "sha256": "0" * 64}))), "dcldm.json",
+                 "sha256", r"record of its files' SHA-256 is missing", id="dcldm-json-hash-record-not-a-mapping"),
+    pytest.param(decoder_meta_case(write_meta(json.dumps(GOOD_META))), "dcldm.safetensors",
+                 "sha256.dcldm.safetensors", r"its SHA-256 [0-9a-f]{12}\.\.\. is not the 000000000000",
+                 id="dcldm-weights-not-the-recorded-ones"),
+    # brain-token edits: flags that conflict or lack their value, groups that hold nothing
+    pytest.param(edit_case(operation="scale"), None, "--factor", r"--operation scale needs the multiplier",
+                 id="edit-scale-without-factor"),
+    pytest.param(edit_case(operation="swap", donor_ids="ids", factor=0.5), None, "--factor",
+                 r"--factor is read by --operation scale only, not by swap", id="edit-factor-with-swap"),
+    pytest.param(edit_case(operation="zero", donor_ids=["x"]), None, "--donors",
+                 r"--donors are read by --operation swap only, not by zero", id="edit-donors-with-zero"),
+    pytest.param(edit_case(taus=[-3]), None, "--tau", r"--tau -3 is not a number of denoising steps between 0 and "
+                 r"generate.steps \(5\)", id="edit-tau-negative"),
+    pytest.param(edit_case(taus=[0, 9]), None, "--tau", r"--tau 9 is not a number of denoising steps",
+                 id="edit-tau-past-the-steps"),
+    pytest.param(edit_case(operation="scale", factor=float("nan")), None, "--factor",
+                 r"--factor must be a finite number, found nan", id="edit-factor-nan"),
+    pytest.param(edit_case(operation="swap", donor_ids=["a", "b", "c"]), None, "--donors",
+                 r"a swap needs one donor stimulus per stimulus \(2\), got 3", id="edit-donor-count-differs"),
+    pytest.param(edit_case(rois=None, mask=nifti_mask(0)), "group_mask.nii.gz", "--mask",
+                 r"the voxel group \(--mask .*\) covers none of the 37 voxels", id="edit-empty-mask-group"),
+    pytest.param(edit_case(rois=None, mask=nifti_mask(1, shape=(6, 4, 2))), "group_mask.nii.gz", None,
+                 r"the mask's grid \(6, 4, 2\) does not match the responses' \(5, 4, 2\)",
+                 id="edit-mask-on-another-grid"),
+    pytest.param(edit_case(rois=["V4"]), "responses.h5", "voxel_roi", r"ROI V4 not in voxel_roi \(LOC, V1\)",
+                 id="edit-unknown-roi"),
+    pytest.param(edit_case(stimulus_ids=["no-such-image"]), "responses.h5", "test_avg/stimulus_id",
+                 r"stimulus no-such-image not in the test_avg split", id="edit-stimulus-not-in-split"),
+    # the summary table and the metrics it is built from
+    pytest.param(summary_csv_case(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe binary"), "summary.csv", None,
+                 r"not a readable summary CSV \(UnicodeDecodeError", id="summary-csv-binary"),
+    pytest.param(summary_csv_case("name,score\nx,1\n"), "summary.csv", "subject",
+                 r"not a mindvis summary table: no 'subject' column \(found: name, score\)",
+                 id="summary-csv-another-table"),
+    pytest.param(summary_csv_case(""), "summary.csv", None, r"not a readable summary CSV \(EmptyDataError",
+                 id="summary-csv-empty"),
+    pytest.param(summary_csv_case(None), "summary.csv", None, r"not a readable summary CSV \(IsADirectoryError",
+                 id="summary-csv-is-a-folder"),
+    pytest.param(summary_csv_case("subject,dcldm/ssim\nsub-01,high\n"), "summary.csv", "dcldm/ssim",
+                 r"column 'dcldm/ssim' is not a summary column", id="summary-csv-text-values"),
+    pytest.param(summary_metrics_case('{"subject": "sub-01", "rows": ['), "metrics.json", None,
+                 r"not valid JSON", id="summary-metrics-truncated"),
+    pytest.param(summary_metrics_case('[1, 2]'), "metrics.json", "rows", r"not a metrics record",
+                 id="summary-metrics-a-list"),
 ]
 
 
@@ -655,7 +847,10 @@ def test_bad_input_gives_one_line_naming_file_key_and_fix_and_changes_nothing(tm
         run()
     error, text = info.value, str(info.value)
     assert "\n" not in text and "\r" not in text, text
-    assert error.path is not None and error.path.name == file_name and str(error.path) in text, text
+    if file_name is None:  # a command-line flag at fault, not a file: the key names the flag
+        assert error.path is None and key.startswith("--"), text
+    else:
+        assert error.path is not None and error.path.name == file_name and str(error.path) in text, text
     if key is not None:
         assert error.key is not None and key in error.key and f"key '{error.key}'" in text, text
     assert re.search(message, error.message), text

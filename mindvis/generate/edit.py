@@ -293,8 +293,38 @@ def _voxel_group(responses, rois=None, mask=None, path=None):
     return mask_voxels(mask, responses.voxel_ijk, responses.affine, responses.volume_shape)
 
 
+def check_edit_arguments(operation, donor_ids, factor, taus, steps):
+    """Refuse an edit whose flags conflict or lack a value, before anything is loaded.
+
+    ``scale`` needs its ``factor`` (no silent 0); a ``factor`` or ``donor_ids`` given to an operation that does
+    not read them is refused (it would be ignored); every tau is a number of steps in ``[0, steps]``.
+    """
+    if operation not in OPERATIONS:
+        raise MindvisError(f"unknown edit operation {operation!r}", key="--operation",
+                           fix=f"use one of {', '.join(OPERATIONS)}.")
+    if operation == "scale" and factor is None:
+        raise MindvisError("--operation scale needs the multiplier of the group's tokens", key="--factor",
+                           fix="give --factor, e.g. --factor 0.5 (1 changes nothing, 0 is --operation zero).")
+    if operation != "scale" and factor is not None:
+        raise MindvisError(f"--factor is read by --operation scale only, not by {operation}", key="--factor",
+                           fix="drop --factor, or use --operation scale.")
+    if operation != "swap" and donor_ids:
+        raise MindvisError(f"--donors are read by --operation swap only, not by {operation}", key="--donors",
+                           fix="drop --donors, or use --operation swap.")
+    if factor is not None and not np.isfinite(factor):
+        raise MindvisError(f"--factor must be a finite number, found {factor}", key="--factor",
+                           fix="give a finite multiplier, e.g. --factor 0.5.")
+    if not len(taus):
+        raise MindvisError("no --tau given", key="--tau", fix="give at least one tau, e.g. --tau 0.")
+    bad = [int(tau) for tau in taus if not 0 <= int(tau) <= int(steps)]
+    if bad:
+        raise MindvisError(f"--tau {', '.join(map(str, bad))} is not a number of denoising steps between 0 and "
+                           f"generate.steps ({int(steps)})", key="--tau",
+                           fix=f"give taus from 0 (no injection) to {int(steps)} (every step).")
+
+
 def edit_subject(config, subject, model_dir, responses, stimuli, out_dir, *, stimulus_ids, operation="swap",
-                 donor_ids=None, rois=None, mask=None, factor=0.0, taus=(0,), mode="replace", base=None,
+                 donor_ids=None, rois=None, mask=None, factor=None, taus=(0,), mode="replace", base=None,
                  device="auto"):
     """Decode test stimuli and their brain-token edits; write ``edits.h5``, ``grid.png`` and ``edits.json``.
 
@@ -312,8 +342,8 @@ def edit_subject(config, subject, model_dir, responses, stimuli, out_dir, *, sti
         ``swap``: the trial whose tokens each A receives (B), one per A.
     rois : list of str, optional
         The voxel group as ROI names of ``voxel_roi``; or ``mask``, a NIfTI mask on the voxels' grid.
-    factor : float
-        ``scale``'s multiplier.
+    factor : float, optional
+        ``scale``'s multiplier (required by ``scale``, refused by the other operations).
     taus : sequence of int
         Steps of the source's cross-attention injected (0: the edited condition alone).
     mode : {'replace', 'refine'}
@@ -339,6 +369,7 @@ def edit_subject(config, subject, model_dir, responses, stimuli, out_dir, *, sti
     started = time.perf_counter()
     settings = config["generate"]
     out_dir = Path(out_dir)
+    check_edit_arguments(operation, donor_ids, factor, taus, settings["steps"])
     data = load_responses(responses, splits=(settings["split"],))
     split = data[settings["split"]]
     known = [str(s) for s in split.stimulus_id]
@@ -356,15 +387,28 @@ def edit_subject(config, subject, model_dir, responses, stimuli, out_dir, *, sti
     if operation == "swap":
         if not donor_ids or len(donor_ids) != len(rows):
             raise MindvisError(f"a swap needs one donor stimulus per stimulus ({len(rows)}), got "
-                               f"{len(donor_ids or [])}", key="--donors", fix="give --donors, one per --stimuli.")
+                               f"{len(donor_ids or [])}", key="--donors",
+                               fix=f"give --donors with one stimulus id per --ids ({len(rows)} in all), in order.")
         donors = rows_of(list(donor_ids), "donor stimulus")
     voxels = _voxel_group(data, rois, mask, path=responses)
+    what = f"--rois {' '.join(rois)}" if rois is not None else f"--mask {mask}"
+    if not voxels.any():
+        raise MindvisError(f"the voxel group ({what}) covers none of the {data.n_voxels} voxels of the responses",
+                           path=mask if mask is not None else responses, key="--mask" if mask is not None else "--rois",
+                           fix="give a group that holds some of the responses' voxels (nonzero mask voxels inside "
+                               "the ROI the responses were read from).")
     generator, decoder, meta = load_dcldm(model_dir, base=base)
     check_decoder_responses(meta, data, responses, model_dir)
+    n_tokens = int(group_tokens(decoder, voxels).sum())
+    if not n_tokens:
+        raise MindvisError(f"the voxel group ({what}, {int(voxels.sum())} voxels) fills no encoder token (a token "
+                           "is the group's when more than half its voxels are): the edit would change nothing",
+                           path=mask if mask is not None else responses, key="--mask" if mask is not None else "--rois",
+                           fix="give a larger group (more ROIs, or a larger mask).")
     device = select_device(device)
     generator.to(device)
     decoder.to(device)
-    edit = TokenEdit(voxels, operation, factor)
+    edit = TokenEdit(voxels, operation, 0.0 if factor is None else float(factor))
     seeds = [derive_seed(config["seed"], "generate", subject, known[r], 0) for r in rows]
     fmri = split.fmri[rows]
     donor_fmri = split.fmri[donors] if donors is not None else None
@@ -387,7 +431,7 @@ def edit_subject(config, subject, model_dir, responses, stimuli, out_dir, *, sti
         heat = np.repeat(heat, 3, axis=-1)
     save_grid(out_dir / "grid.png", np.concatenate([*columns, heat], axis=1), truth=truth)
     record = {"stage": "edit", "subject": subject, "model_dir": str(model_dir), "operation": operation,
-              "factor": float(factor), "rois": list(rois) if rois is not None else None,
+              "factor": None if factor is None else float(factor), "rois": list(rois) if rois is not None else None,
               "mask": None if mask is None else str(mask), "n_group_voxels": int(voxels.sum()),
               "n_group_tokens": int(group_tokens(decoder, voxels).sum()),
               "changed_condition_tokens": int(changed.sum()), "mode": mode, "taus": [int(t) for t in taus],

@@ -245,6 +245,33 @@ def condition_space(config, generator):
     return space
 
 
+#: The remedy for a decoder folder that is incomplete, changed or unreadable.
+RERUN_FINETUNE = "rerun finetune for this subject (snakemake deletes and rewrites the folder)."
+
+
+def read_decoder_meta(folder):
+    """A decoder folder's ``dcldm.json`` as a dict, with its hash record (``sha256``); one-line errors otherwise.
+
+    A record without ``sha256`` is refused, never loaded unchecked: every writer (:func:`save_dcldm`) stores it.
+    """
+    folder = Path(folder)
+    meta_path = folder / META_FILE
+    if not meta_path.is_file():
+        raise MindvisError("not a fine-tuned DC-LDM folder (dcldm.json missing)", path=folder,
+                           fix="run the finetune stage for this subject first.")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (ValueError, UnicodeDecodeError, OSError) as error:
+        raise MindvisError(f"not readable JSON ({type(error).__name__}: {' '.join(str(error).split())}): the file "
+                           "is truncated or damaged", path=meta_path, fix=RERUN_FINETUNE) from None
+    if not isinstance(meta, dict):
+        raise MindvisError(f"must be a JSON object, found {type(meta).__name__}", path=meta_path, fix=RERUN_FINETUNE)
+    if not isinstance(meta.get("sha256"), dict) or not meta["sha256"]:
+        raise MindvisError("the record of its files' SHA-256 is missing, so the weights cannot be checked",
+                           path=meta_path, key="sha256", fix=RERUN_FINETUNE)
+    return meta
+
+
 def load_dcldm(folder, base=None, dtype=None):
     """Load a fine-tuned decoder and its generator.
 
@@ -265,13 +292,8 @@ def load_dcldm(folder, base=None, dtype=None):
         The contents of ``dcldm.json``.
     """
     folder = Path(folder)
-    meta_path = folder / META_FILE
-    if not meta_path.exists():
-        raise MindvisError("not a fine-tuned DC-LDM folder (dcldm.json missing)", path=folder,
-                           fix="run the finetune stage for this subject first.")
-    meta = json.loads(meta_path.read_text())
-    check_digests(folder, meta.get("sha256"), META_FILE,
-                  fix="rerun finetune for this subject (snakemake deletes and rewrites the folder).")
+    meta = read_decoder_meta(folder)
+    check_digests(folder, meta["sha256"], META_FILE, fix=RERUN_FINETUNE)
     generator = load_generator(base or meta["base"], image_size=meta.get("image_size"), dtype=dtype)
     encoder = MBMAutoencoder.from_config(MBMAutoencoder.load_config(folder / "encoder"))
     conditioner_config = FmriConditioner.load_config(folder / "conditioner")

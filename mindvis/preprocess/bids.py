@@ -225,6 +225,7 @@ def read_events(path, n_volumes, tr, need_class=True):
         raise MindvisError(f"onset {onset:g} s lies outside the run (0 to {run_length:g} s: {n_volumes} volumes of "
                            f"TR {tr:g} s)", path=path, key="onset",
                            fix="check the onsets' units (seconds from the first volume) and the BOLD file.")
+    _check_trial_types(events["trial_type"], path)
     stimulus_rows = events["trial_type"].isin(STIMULUS_TRIAL_TYPES)
     empty_ids = stimulus_rows & (events["stimulus_id"].str.strip() == "")
     if empty_ids.any():
@@ -236,6 +237,54 @@ def read_events(path, n_volumes, tr, need_class=True):
             raise MindvisError(f"{int(no_class.sum())} stimulus trials have no class", path=path, key="class",
                                fix="fill the class column, or pass the stimulus set (--stimuli) for labels.")
     return events.sort_values("onset", kind="stable").reset_index(drop=True)
+
+
+def _check_trial_types(trial_type, path):
+    """Refuse trial types that are ``train`` or ``test`` but for case, spaces or quotes (``Train``, ``test ``).
+
+    Any other value is a nuisance condition on purpose (``fixation``, ``blank``); a near miss would silently turn
+    a stimulus trial into one, and drop it from the responses.
+    """
+    values = trial_type.astype(str)
+    normalised = values.str.strip().str.strip("'\"").str.strip().str.lower()
+    near = normalised.isin(STIMULUS_TRIAL_TYPES) & ~values.isin(STIMULUS_TRIAL_TYPES)
+    if near.any():
+        found = sorted(set(values[near]))
+        raise MindvisError(f"{int(near.sum())} rows have trial_type {', '.join(map(repr, found[:4]))}, which is not "
+                           "exactly 'train' or 'test': they would be modelled as a nuisance condition and dropped "
+                           "from the responses", path=path, key="trial_type",
+                           fix="write trial_type exactly 'train' or 'test' (lower case, no spaces) for stimulus "
+                               "trials.")
+
+
+def nuisance_counts(events):
+    """``{trial_type: rows}`` of the events that are not stimulus trials (modelled as nuisance conditions)."""
+    other = events["trial_type"][~events["trial_type"].isin(STIMULUS_TRIAL_TYPES)].astype(str)
+    return {str(name): int(count) for name, count in other.value_counts().sort_index().items()}
+
+
+def check_tr_header(image, tr, sidecar, bold_path):
+    """Refuse a sidecar ``RepetitionTime`` that disagrees with the NIfTI header's time step (where it has one).
+
+    The header counts only when its time units are set (seconds, ms or us) and its step is positive: many
+    writers leave it 0 or 1 with unknown units, and the sidecar is then the only record.
+    """
+    header = image.header
+    try:
+        zooms = header.get_zooms()
+        units = header.get_xyzt_units()[1]
+    except Exception:  # a header without these fields (not NIfTI-1/2): the sidecar stands alone
+        return
+    if len(zooms) < 4 or units not in ("sec", "msec", "usec"):
+        return
+    step = float(zooms[3]) * {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}[units]
+    if not np.isfinite(step) or step <= 0:
+        return
+    if abs(step - tr) > 1e-3 * max(tr, step):
+        raise MindvisError(f"RepetitionTime {tr:g} s disagrees with the BOLD header's time step {step:g} s "
+                           f"({Path(bold_path).name})", path=sidecar, key="RepetitionTime",
+                           fix="correct whichever is wrong: the sidecar's RepetitionTime (seconds) or the NIfTI "
+                               "header's pixdim[4] and time units.")
 
 
 def read_confounds(path, columns, n_volumes, bold_path):

@@ -89,6 +89,7 @@ def _read_run(files, roi, section, need_class):
     """Validate and mask one task run. Returns (tr, raw [T, V] float32, events, confounds)."""
     tr = bids.read_tr(files.sidecar)
     image = bids.open_bold(files.bold, roi)
+    bids.check_tr_header(image, tr, files.sidecar, files.bold)
     n_volumes = image.shape[3]
     events = bids.read_events(files.events, n_volumes, tr, need_class=need_class)
     confounds = bids.read_confounds(files.confounds, section["confounds"], n_volumes, files.bold)
@@ -288,9 +289,11 @@ def preprocess_subject(config, bids_dir, subject, out_path, stimuli_path=None):
     logger.info("%s: %d runs, %d %s voxels, method %s", subject, len(runs), n_roi_voxels,
                 "template" if section["space"] == "template" else "ROI", section["method"])
 
-    estimates, trs = [], []
+    estimates, trs, nuisance = [], [], {}
     for files in runs:
         tr, raw, events, confounds = _read_run(files, roi, section, need_class=stimuli_path is None)
+        for name, count in bids.nuisance_counts(events).items():
+            nuisance[name] = nuisance.get(name, 0) + count
         if trs and abs(tr - trs[0]) > 1e-6:
             raise MindvisError(f"RepetitionTime {tr:g} s differs from the first run's {trs[0]:g} s",
                                path=files.sidecar, key="RepetitionTime",
@@ -309,11 +312,25 @@ def preprocess_subject(config, bids_dir, subject, out_path, stimuli_path=None):
     if not train_runs:
         raise MindvisError("no run holds trials of trial_type 'train'", path=runs[0].events, key="trial_type",
                            fix="mark training trials with trial_type 'train' (test trials with 'test').")
+    if not test_runs:
+        raise MindvisError("no run holds trials of trial_type 'test': the test split would be empty",
+                           path=runs[0].events, key="trial_type",
+                           fix="mark the test trials with trial_type 'test' (exactly, lower case).")
     val_runs = choose_val_runs(train_runs, section["val_fraction"],
                                derive_seed(config["seed"], "preprocess", subject, "val"))
-    warnings = []
     if not val_runs:
-        warnings.append("a single training run: the validation split is empty")
+        raise MindvisError(f"a single run (run {train_runs[0]}) holds trials of trial_type 'train': the "
+                           "validation split, carved from whole training runs, would be empty",
+                           path=runs[0].events, key="trial_type",
+                           fix="give at least two runs with training trials (check that every training trial's "
+                               "trial_type is exactly 'train').")
+    warnings = []
+    if nuisance:
+        # Not stimulus trials, on purpose or not: said on the console with counts, never dropped silently.
+        message = ("events modelled as nuisance conditions, not responses: "
+                   + ", ".join(f"{count} '{name}'" for name, count in nuisance.items()))
+        logger.warning("%s: %s", subject, message)
+        warnings.append(message)
     all_runs = {e.run for e in estimates}
     n_all = n_roi_voxels
     splits = {
@@ -322,8 +339,10 @@ def preprocess_subject(config, bids_dir, subject, out_path, stimuli_path=None):
         "test": _split(estimates, labels, all_runs, "test", n_all),
     }
     if len(splits["train"]) < 2:
-        raise MindvisError(f"only {len(splits['train'])} training trials", path=runs[0].events, key="trial_type",
-                           fix="a subject needs at least two training trials.")
+        raise MindvisError(f"only {len(splits['train'])} training trial(s) outside the validation runs",
+                           path=runs[0].events, key="trial_type",
+                           fix="a subject needs at least two training trials besides its validation runs; give "
+                               "more training runs.")
 
     # Training-trial statistics only: the test set never shapes the normalisation.
     mean = splits["train"].fmri.astype(np.float64).mean(axis=0)

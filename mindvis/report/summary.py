@@ -313,7 +313,23 @@ def read_summary(csv_path):
     csv_path = Path(csv_path)
     if not csv_path.exists():
         raise MindvisError("summary table not found", path=csv_path, fix="run `snakemake decode` first.")
-    frame = pd.read_csv(csv_path, index_col="subject")
+    fix = ("give the summary.csv that `mindvis summary --metrics ...` wrote, or rewrite it: rerun mindvis summary "
+           "with --metrics and --html.")
+    try:
+        frame = pd.read_csv(csv_path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError, OSError) as error:
+        raise MindvisError(f"not a readable summary CSV ({type(error).__name__}: {' '.join(str(error).split())})",
+                           path=csv_path, fix=fix) from None
+    if "subject" not in frame.columns:
+        raise MindvisError(f"not a mindvis summary table: no 'subject' column (found: "
+                           f"{', '.join(map(str, frame.columns[:5]))})", path=csv_path, key="subject", fix=fix)
+    frame = frame.set_index("subject")
+    for column in frame.columns:
+        subset, _, name = str(column).rpartition(":")
+        numeric = pd.api.types.is_numeric_dtype(frame[column])
+        if (name != N_STIMULI and "/" not in name) or (subset and subset not in SUBSETS) or not numeric:
+            raise MindvisError(f"column {str(column)!r} is not a summary column (row/metric with numbers)",
+                               path=csv_path, key=str(column), fix=fix)
     paths = [csv_path.parent / METRICS_BESIDE_SUMMARY.format(subject=subject) for subject in frame.index
              if subject != "mean"]
     existing = [path for path in paths if path.exists()]

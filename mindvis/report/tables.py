@@ -83,17 +83,24 @@ def load_metrics(path):
         When the file is missing, not JSON, or lacks a key the report needs.
     """
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise MindvisError("metrics file not found", path=path, fix="run the evaluate stage for this subject first.")
     try:
         metrics = json.loads(path.read_text())
-    except ValueError as error:
-        raise MindvisError(f"not valid JSON ({error})", path=path, fix="rerun the evaluate stage.") from error
+    except (ValueError, OSError) as error:  # UnicodeDecodeError is a ValueError
+        raise MindvisError(f"not valid JSON ({' '.join(str(error).split())})", path=path,
+                           fix="rerun the evaluate stage.") from None
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("rows", []), list):
+        raise MindvisError("not a metrics record (a JSON object with a list of rows)", path=path, key="rows",
+                           fix="rerun the evaluate stage.")
     missing = [key for key in _REQUIRED_KEYS if key not in metrics]
     if missing:
         raise MindvisError(f"missing keys {missing}", path=path, key=missing[0],
                            fix="rerun the evaluate stage with this version of mindvis.")
     for index, row in enumerate(metrics["rows"]):
+        if not isinstance(row, dict):
+            raise MindvisError(f"row {index} is not a JSON object", path=path, key=f"rows[{index}]",
+                               fix="rerun the evaluate stage.")
         for key in ("id", "label", "kind", "available"):
             if key not in row:
                 raise MindvisError(f"row {index} lacks '{key}'", path=path, key=f"rows[{index}].{key}",

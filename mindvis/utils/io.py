@@ -43,7 +43,8 @@ def atomic_path(path):
     with storage_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(path, suffix)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+        # The writer's process id in the name: another live writer of the same output keeps its temporary.
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -66,15 +67,35 @@ def atomic_path(path):
 def remove_stale_temporaries(path, suffix=None):
     """Delete the temporary files an earlier, killed write of ``path`` left beside it (never read by anyone).
 
-    Only this one output's: ``.{name}.XXXXXXXX.tmp{suffix}`` with mkstemp's 8 random characters. One writer per
-    output is the rule (a workflow job owns its outputs), so no live write is touched.
+    Only this one output's: ``.{name}.{pid}-XXXXXXXX.tmp{suffix}`` (mkstemp's 8 random characters) whose writer
+    process ``pid`` is no longer alive on this machine, and the older ``.{name}.XXXXXXXX.tmp{suffix}`` that
+    records no writer. A temporary of a live writer (two ``mindvis summary`` runs of one CSV) is left alone:
+    each writer renames its own, the last one wins, and neither fails.
     """
     path = Path(path)
     suffix = "".join(path.suffixes) if suffix is None else suffix
     prefix, tail = f".{path.name}.", f".tmp{suffix}"
     for stale in path.parent.glob(f"{glob_escape(prefix)}*{glob_escape(tail)}"):
-        if len(stale.name) == len(prefix) + 8 + len(tail) and stale.is_file():
-            stale.unlink(missing_ok=True)
+        middle = stale.name[len(prefix):len(stale.name) - len(tail)]
+        writer, _, random_part = middle.rpartition("-")
+        if len(random_part) != 8 or not stale.is_file():
+            continue
+        if writer and not (writer.isdigit() and not _process_alive(int(writer))):
+            continue
+        stale.unlink(missing_ok=True)
+
+
+def _process_alive(pid):
+    """Whether a process ``pid`` runs on this machine (one of another user counts as alive)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True
+    return True
 
 
 def glob_escape(text):

@@ -278,7 +278,9 @@ def carve_validation(run, n_train, val_fraction, trials_per_block, seed):
     unique = np.unique(groups)
     is_val = np.zeros(n_train, dtype=bool)
     if len(unique) < 2:
-        log.warning("only one %s among the training trials: the validation split stays empty", grouping)
+        # Said on the console with the counts (and recorded as n_val 0): a lab's small matrix file is one block.
+        log.warning("the %d training trials form only one %s: the validation split stays empty (0 trials); "
+                    "lower data.trials_per_block to carve one", n_train, grouping)
         return is_val, grouping
     n_val = min(len(unique) - 1, max(1, int(round(val_fraction * len(unique)))))
     chosen = np.random.default_rng(seed).choice(unique, n_val, replace=False)
@@ -418,9 +420,19 @@ def _check_source(source, source_name):
     if missing:
         raise MindvisError(f"{len(missing)} trials show stimuli without an image, e.g. {missing[:3]}",
                            key="stimulus_id", fix="check that the image file belongs to this fMRI file.")
-    if not np.any(source.part == "train"):
+    n_train, n_test = int(np.sum(source.part == "train")), int(np.sum(source.part == "test"))
+    if not n_train:
         raise MindvisError("the source holds no training trials", path=_first_input(source), key="data.source",
                            fix="check the source files and data.roi / key settings.")
+    if n_train < 2:
+        # Said before the voxels' training variance is measured: one trial makes every voxel look constant.
+        raise MindvisError(f"the source holds only {n_train} training trial; a decoder needs at least 2 (and a "
+                           "validation split besides)", path=_first_input(source), key="data.source",
+                           fix="check the source files: the training fMRI and its images hold one trial each.")
+    if not n_test:
+        raise MindvisError("the source holds no test trials: the test split would be empty",
+                           path=_first_input(source), key="data.source",
+                           fix="check the source files: the test fMRI and its images are empty.")
 
 
 def _first_input(source):
