@@ -41,6 +41,23 @@ def _decoder_arguments(sub, out_help):
     sub.add_argument("--out-dir", required=True, help=out_help)
 
 
+def _override_arguments(sub, base=True):
+    """The flags that let a decoder meet inputs other than those it was trained on (each recorded in outputs)."""
+    if base:
+        sub.add_argument("--base", default=None,
+                         help="the prior's folder, where it is not where finetune recorded it (checked all the same)")
+    sub.add_argument("--allow-other-subject", action="store_true",
+                     help="decode responses of another subject than the decoder's (recorded in the outputs)")
+    sub.add_argument("--allow-other-stimuli", action="store_true",
+                     help="accept a stimulus file other than the decoder's (recorded in the outputs)")
+    sub.add_argument("--allow-other-prior", action="store_true",
+                     help="sample with a prior whose files differ from the decoder's (recorded in the outputs)")
+
+
+def _overrides(args):
+    return tuple(kind for kind in ("subject", "stimuli", "prior") if getattr(args, f"allow_other_{kind}"))
+
+
 # -- handlers -----------------------------------------------------------------
 
 def cmd_check_config(args):
@@ -62,7 +79,13 @@ def cmd_stimuli(args):
 
 def cmd_simulate(args):
     _call("mindvis.simulate.run:simulate_subject", _config(args), stimuli_path=args.stimuli,
-          bids_dir=args.bids_dir, subject=args.subject)
+          bids_dir=args.bids_dir, subject=args.subject, features_path=args.features)
+
+
+def cmd_stimulus_features(args):
+    config = _config(args)
+    _call("mindvis.simulate.deepnet:write_stimulus_features", args.stimuli, args.out,
+          network_name=config["simulate"]["feature_network"], threads=args.threads)
 
 
 def cmd_simulate_rest(args):
@@ -170,14 +193,14 @@ def cmd_import_finetuned(args):
 def cmd_generate(args):
     _call("mindvis.generate.run:generate_subject", _config(args), subject=args.subject, model_dir=args.model_dir,
           responses=args.responses, stimuli=args.stimuli, out_dir=args.out_dir, classifier_dir=args.classifier,
-          lowlevel=args.lowlevel, device=args.device)
+          lowlevel=args.lowlevel, device=args.device, base=args.base, overrides=_overrides(args))
 
 
 def cmd_edit(args):
     _call("mindvis.generate.edit:edit_subject", _config(args), subject=args.subject, model_dir=args.model_dir,
           responses=args.responses, stimuli=args.stimuli, out_dir=args.out_dir, stimulus_ids=args.stimuli_ids,
           operation=args.operation, donor_ids=args.donors, rois=args.rois, mask=args.mask, factor=args.factor,
-          taus=args.tau, mode=args.mode, device=args.device)
+          taus=args.tau, mode=args.mode, device=args.device, base=args.base, overrides=_overrides(args))
 
 
 def cmd_edits(args):
@@ -242,7 +265,8 @@ def cmd_evaluate(args):
           stimuli=args.stimuli, samples=args.samples, base=args.base, out_dir=args.out_dir,
           baseline_samples=args.baseline_samples, classifier_dir=args.classifier,
           start_samples=args.start_samples, lowlevel_samples=args.lowlevel_samples,
-          shared_samples=args.shared_samples, fewshot_samples=args.fewshot_samples, device=args.device)
+          shared_samples=args.shared_samples, fewshot_samples=args.fewshot_samples, device=args.device,
+          overrides=_overrides(args))
 
 
 def cmd_where(args):
@@ -280,6 +304,14 @@ def build_parser():
     sub.add_argument("--stimuli", required=True)
     sub.add_argument("--bids-dir", required=True)
     sub.add_argument("--subject", required=True, help="BIDS label with prefix, e.g. sub-01")
+    sub.add_argument("--features", default=None,
+                     help="the stimuli's deep-network features (mindvis stimulus-features; category_model deepnet): "
+                          "computed once for every subject instead of in each")
+
+    sub = add("stimulus-features", cmd_stimulus_features,
+              "compute the deep-network features the simulated higher visual cortex reads (deepnet), once")
+    sub.add_argument("--stimuli", required=True)
+    sub.add_argument("--out", required=True, help="HDF5 to write")
 
     sub = add("simulate-rest", cmd_simulate_rest, "simulate one resting-state subject as BIDS")
     sub.add_argument("--bids-dir", required=True)
@@ -425,6 +457,7 @@ def build_parser():
     sub.add_argument("--lowlevel", action="store_true",
                      help="start sampling from the decoder's low-level start (img2img; lowlevel.json in --model-dir)")
     sub.add_argument("--device", default="auto", help=DEVICE_HELP)
+    _override_arguments(sub)
 
     sub = add("edit", cmd_edit, "decode test stimuli with a voxel group's brain tokens swapped, zeroed or scaled")
     _decoder_arguments(sub, "folder for edits.h5, edits.json and grid.png")
@@ -441,6 +474,7 @@ def build_parser():
                      help="denoising steps of the source's cross-attention injected (0: none)")
     sub.add_argument("--mode", choices=["replace", "refine"], default="replace")
     sub.add_argument("--device", default="auto", help=DEVICE_HELP)
+    _override_arguments(sub)
 
     sub = add("edits", cmd_edits, "the report's brain-token edits of a subject and their in-silico check "
                                   "(generate.edit_*)")
@@ -495,6 +529,7 @@ def build_parser():
     sub.add_argument("--classifier", default=None, help="domain classifier folder (evaluate.classifier auto/domain)")
     sub.add_argument("--out-dir", required=True)
     sub.add_argument("--device", default="auto", help=DEVICE_HELP)
+    _override_arguments(sub, base=False)
 
     sub = add("where", cmd_where, "print where a run's outputs are")
     sub.add_argument("--results", default="results")

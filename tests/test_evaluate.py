@@ -22,12 +22,22 @@ IMAGE_BASE = {"conditioning": "image", "token_grid": 2, "token_dim": 4, "encoder
               "embedding_noise": 0.1}
 
 
+def _decoder_record(root, subject="sub-01"):
+    """What generate copies from a decoder into samples.h5: trained on ``root``'s stimuli and tiny prior."""
+    from mindvis.models.dcldm import prior_record
+    from mindvis.utils.io import sha256_file
+
+    return {"model_dir": str(root / "dcldm"), "subject": subject,
+            "inputs": {"stimuli": str(root / "stimuli.h5"), "stimuli_sha256": sha256_file(root / "stimuli.h5")},
+            "prior": prior_record(root / "ldm", root / "dcldm")}
+
+
 def _write_samples(path, stimulus_set, samples, seeds, subject="sub-01"):
     test = stimulus_set.splits["test"]
     write_samples_h5(path, samples=samples, true_images=test.images, stimulus_id=list(test.stimulus_id),
                      label=test.label, seeds=seeds,
                      attrs={"subject": subject, "split": "test_avg", "n_samples": samples.shape[1],
-                            "class_names": stimulus_set.class_names})
+                            "class_names": stimulus_set.class_names, "decoder": _decoder_record(path.parent, subject)})
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +222,9 @@ def test_novel_categories_are_scored_apart_with_the_embedding_prototype_ceiling(
     metrics = evaluate_subject({**config, "evaluate": {**config["evaluate"], "n_bootstrap": 20}}, "sub-01",
                                tmp_path / "responses.h5", root / "stimuli.h5", root / "samples.h5",
                                tmp_path / "prior", tmp_path / "evaluation", classifier_dir=root / "classifier",
-                               baseline_samples=root / "samples-baseline.h5")
+                               baseline_samples=root / "samples-baseline.h5", overrides=("prior",))
+    # The stub samples stand for a decoder of this other prior: said, and recorded.
+    assert metrics["overrides"] == ["prior"]
     labels = np.asarray(metrics["labels"])
     assert metrics["category"] == ["novel" if label == 2 else "seen" for label in labels]
     subsets = metrics["subsets"]
@@ -309,7 +321,7 @@ def test_unavailable_rows_say_why(workspace, tmp_path):
     metrics = evaluate_subject({**config, "finetune": {**config["finetune"], "baseline": False},
                                 "evaluate": {**config["evaluate"], "n_bootstrap": 20}},
                                "sub-01", root / "responses.h5", root / "stimuli.h5", root / "samples.h5", sd,
-                               tmp_path / "evaluation", classifier_dir=root / "classifier")
+                               tmp_path / "evaluation", classifier_dir=root / "classifier", overrides=("prior",))
     rows = {row["id"]: row for row in metrics["rows"]}
     assert [row["id"] for row in metrics["rows"]] == [row_id for row_id, _, _ in ROWS]
     assert not rows["dcldm-baseline"]["available"] and "finetune.baseline" in rows["dcldm-baseline"]["reason"]
@@ -346,7 +358,7 @@ def test_base_ceiling_of_an_image_conditioned_prior_is_drawn_from_the_true_image
     save_generator(tiny_generator(**IMAGE_BASE), tmp_path / "prior")
     metrics = evaluate_subject({**config, "evaluate": {**config["evaluate"], "n_bootstrap": 20}}, "sub-01",
                                root / "responses.h5", root / "stimuli.h5", root / "samples.h5", tmp_path / "prior",
-                               tmp_path / "evaluation", classifier_dir=root / "classifier")
+                               tmp_path / "evaluation", classifier_dir=root / "classifier", overrides=("prior",))
     row = next(row for row in metrics["rows"] if row["id"] == "base-ceiling")
     assert row["available"] and row["label"] == "Prior given the true image's embedding"
     assert row["conditioning"] == "image"

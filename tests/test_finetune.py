@@ -372,3 +372,158 @@ def test_finetune_keeps_its_start_and_a_lowlevel_start_chosen_on_val(workspace, 
     assert lowlevel.strength in candidates and lowlevel.info["ridge"]["refit"] == "train"
     history = [json.loads(line) for line in (folder / "train" / "metrics.jsonl").read_text().splitlines()]
     assert history[0]["epoch"] == -1 and history[0]["step"] == 0 and "val/loss" in history[0]
+
+
+# -- the decoder is bound to what made it: subject, responses, stimuli and prior (issue 37) ------------------
+
+def _other_subject_responses(path, source, subject="sub-02"):
+    """``source``'s responses relabelled as another subject's (the default's subjects share template voxels)."""
+    import shutil
+
+    shutil.copy(source, path)
+    with h5py.File(path, "a") as handle:
+        handle.attrs["subject"] = subject
+    return path
+
+
+def _other_stimuli(path, source):
+    """The same images under another attribution: another file, as another experiment's stimuli would be."""
+    import shutil
+
+    shutil.copy(source, path)
+    with h5py.File(path, "a") as handle:
+        handle.attrs["source"] = "another experiment"
+    return path
+
+
+def _changed_prior(path, source):
+    """A copy of the prior with one UNet weight changed and its own hash record rewritten to match (a prior
+    retrained in place: it loads cleanly on its own)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from mindvis.utils.io import sha256_file
+
+    shutil.copytree(source, path)
+    weights = path / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(weights))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1.0
+    save_file(tensors, str(weights))
+    record = json.loads((path / "generator.json").read_text())
+    record["sha256"]["unet/diffusion_pytorch_model.safetensors"] = sha256_file(weights)
+    (path / "generator.json").write_text(json.dumps(record))
+    return path
+
+
+def _consumers(workspace, tmp_path):
+    """Each consumer of a decoder, as a call taking (responses, stimuli, base, overrides)."""
+    from mindvis.evaluate.run import evaluate_subject
+    from mindvis.generate.edit import edit_subject
+    from mindvis.generate.run import generate_subject
+
+    root, config = workspace["root"], workspace["config"]
+
+    def generate(responses, stimuli, base=None, overrides=()):
+        return generate_subject(config, "sub-01", root / "dcldm", responses, stimuli, tmp_path / "samples", base=base,
+                                overrides=overrides)
+
+    def edit(responses, stimuli, base=None, overrides=()):
+        return edit_subject(config, "sub-01", root / "dcldm", responses, stimuli, tmp_path / "edits",
+                            stimulus_ids=["test-0000"], operation="zero", rois=["V1"], base=base, overrides=overrides)
+
+    def evaluate(responses, stimuli, base=None, overrides=()):
+        return evaluate_subject(config, "sub-01", responses, stimuli, root / "samples" / "samples.h5",
+                                base or root / "ldm", tmp_path / "evaluation", classifier_dir=root / "classifier",
+                                overrides=overrides)
+
+    return {"generate": generate, "edit": edit, "evaluate": evaluate}
+
+
+def test_the_decoder_records_its_subject_inputs_and_prior(workspace, finetuned):
+    from mindvis.models.dcldm import prior_digests
+    from mindvis.utils.io import sha256_file
+
+    root = workspace["root"]
+    meta = json.loads((root / "dcldm" / "dcldm.json").read_text())
+    assert meta["subject"] == "sub-01"
+    assert meta["inputs"]["stimuli_sha256"] == sha256_file(root / "stimuli.h5")
+    assert meta["inputs"]["responses_sha256"] == sha256_file(root / "responses.h5")
+    assert meta["prior"]["relative"] == "../ldm" and meta["prior"]["bundled"] is None
+    assert meta["prior"]["sha256"] == prior_digests(root / "ldm") and "unet/config.json" in meta["prior"]["sha256"]
+    start = json.loads((root / "dcldm" / "start" / "dcldm.json").read_text())
+    assert start["inputs"]["stimuli_sha256"] == meta["inputs"]["stimuli_sha256"] and start["prior"]["sha256"]
+
+
+@pytest.mark.parametrize("consumer", ["generate", "edit", "evaluate"])
+@pytest.mark.parametrize("change", ["subject", "stimuli", "prior"])
+def test_each_consumer_refuses_another_subject_other_stimuli_and_a_changed_prior(workspace, finetuned, tmp_path,
+                                                                                 consumer, change):
+    from mindvis.generate.run import generate_subject
+
+    root, config = workspace["root"], workspace["config"]
+    if not (root / "samples" / "samples.h5").exists():
+        generate_subject(config, "sub-01", root / "dcldm", root / "responses.h5", root / "stimuli.h5",
+                         root / "samples", classifier_dir=root / "classifier")
+    responses, stimuli, base = root / "responses.h5", root / "stimuli.h5", None
+    if change == "subject":
+        responses = _other_subject_responses(tmp_path / "responses.h5", responses)
+        named, flag = responses, "--allow-other-subject"
+    elif change == "stimuli":
+        stimuli = _other_stimuli(tmp_path / "stimuli.h5", stimuli)
+        named, flag = stimuli, "--allow-other-stimuli"
+    else:
+        base = _changed_prior(tmp_path / "ldm", root / "ldm")
+        named, flag = base / "unet" / "diffusion_pytorch_model.safetensors", "--allow-other-prior"
+    run = _consumers(workspace, tmp_path)[consumer]
+    with pytest.raises(MindvisError) as caught:
+        run(responses, stimuli, base)
+    text = str(caught.value)
+    assert "\n" not in text and caught.value.path == named, text
+    assert str(root / "dcldm" / "dcldm.json") in text and flag in caught.value.fix, text
+    assert not [p for p in tmp_path.iterdir() if p.name in ("samples", "edits", "evaluation")]
+    if consumer == "generate":  # the user means it: decoded, and the outputs say so
+        summary = run(responses, stimuli, base, overrides=(change,))
+        assert summary["overrides"] == [change]
+        with h5py.File(tmp_path / "samples" / "samples.h5") as handle:
+            assert json.loads(handle.attrs["overrides"]) == [change]
+
+
+def test_a_moved_prior_is_found_beside_the_decoder_or_every_place_is_named(workspace, finetuned, tmp_path):
+    import shutil
+
+    root = workspace["root"]
+    moved = tmp_path / "checkout" / "results"
+    shutil.copytree(root / "dcldm", moved / "dcldm")
+    shutil.copytree(root / "ldm", moved / "ldm")
+    meta_path = moved / "dcldm" / "dcldm.json"
+    meta = json.loads(meta_path.read_text())
+    meta["prior"]["path"] = str(tmp_path / "old-checkout" / "ldm")  # where the checkout was
+    meta_path.write_text(json.dumps(meta))
+    _, _, loaded = load_dcldm(moved / "dcldm")
+    assert loaded["prior_used"] == {"path": str(moved / "dcldm" / "../ldm"), "same_as_recorded": True}
+    shutil.rmtree(moved / "ldm")
+    with pytest.raises(MindvisError) as caught:
+        load_dcldm(moved / "dcldm")
+    text = str(caught.value)
+    assert caught.value.key == "prior.path" and str(tmp_path / "old-checkout" / "ldm") in text
+    assert str(moved / "dcldm" / "../ldm") in text and "--base" in caught.value.fix
+
+
+@pytest.mark.parametrize("record", ["prior", "subject", "stimuli_sha256"])
+def test_a_decoder_without_its_binding_record_is_refused_not_loaded_unchecked(workspace, finetuned, tmp_path, record):
+    import shutil
+
+    from mindvis.generate.run import generate_subject
+
+    root, config = workspace["root"], workspace["config"]
+    folder = tmp_path / "dcldm"
+    shutil.copytree(root / "dcldm", folder)
+    meta = json.loads((folder / "dcldm.json").read_text())
+    (meta["inputs"] if record == "stimuli_sha256" else meta).pop(record)
+    (folder / "dcldm.json").write_text(json.dumps(meta))
+    with pytest.raises(MindvisError, match="has no record of") as caught:
+        generate_subject(config, "sub-01", folder, root / "responses.h5", root / "stimuli.h5", tmp_path / "samples")
+    assert caught.value.path == folder / "dcldm.json" and record in caught.value.key
+    assert not (tmp_path / "samples").exists()

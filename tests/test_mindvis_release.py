@@ -3,6 +3,7 @@ and generate + evaluate running on it unchanged."""
 
 import json
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -96,6 +97,8 @@ def test_generate_and_evaluate_run_on_the_imported_decoder(release, tmp_path, mo
     save_release(tmp_path / "finetuned.pth", base_state, monkeypatch)
     stimuli = write_synthetic_stimuli(tmp_path / "stimuli.h5")
     write_synthetic_responses(tmp_path / "responses.h5", stimuli, n_voxels=N_VOXELS)
+    with h5py.File(tmp_path / "responses.h5", "a") as handle:  # sub-03's, the subject the decoder is imported for
+        handle.attrs["subject"] = "sub-03"
     config = tiny_config(generate={"sampler": "plms", "steps": 3, "guidance_scale": 1.0, "n_samples": 2,
                                    "start_row": False, "lowlevel": False, "attention_stimuli": 1},
                          finetune={"released": {"sub-03": str(tmp_path / "finetuned.pth")}, "baseline": False})

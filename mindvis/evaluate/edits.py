@@ -107,7 +107,7 @@ def edit_set(config, subject, model_dir, responses, stimuli, out_dir, classifier
     from mindvis.data.responses import load_responses
     from mindvis.data.stimuli import load_stimulus_set
     from mindvis.models.classifiers.load import load_image_classifier
-    from mindvis.models.dcldm import check_decoder_responses, load_dcldm
+    from mindvis.models.dcldm import check_decoder_inputs, check_decoder_responses, load_dcldm
     from mindvis.utils.device import select_device
 
     started = time.perf_counter()
@@ -131,6 +131,7 @@ def edit_set(config, subject, model_dir, responses, stimuli, out_dir, classifier
                                       "versions": software_versions()})
     generator, decoder, meta = load_dcldm(model_dir, base=base)
     check_decoder_responses(meta, data, responses, model_dir)
+    check_decoder_inputs(meta, model_dir, subject=subject, data=data, responses=responses, stimuli=stimuli)
     device = select_device(device)
     generator.to(device)
     decoder.to(device)

@@ -143,6 +143,45 @@ def _check_same_stimuli(samples, other, path):
                            key="stimulus_id", fix="regenerate both with the same config and responses.")
 
 
+def check_samples_decoder(samples, samples_path, subject, data, responses, stimuli, base, overrides=()):
+    """Refuse samples whose decoder was trained on another subject, other stimuli or another prior than the
+    evaluation is given (:func:`mindvis.models.dcldm.check_decoder_inputs`, :func:`~mindvis.models.dcldm.check_prior`).
+
+    What the decoder was bound to is read from the samples (``decoder``: the generate stage copies it from the
+    decoder's ``dcldm.json``), so a moved or deleted decoder folder does not stop the check. Mismatches the user
+    means (``overrides``, and those the generate stage was already told of and recorded in the samples) are let
+    through.
+
+    Returns
+    -------
+    list of str
+        The overrides used (recorded in ``metrics.json``).
+    """
+    from mindvis.models.dcldm import check_decoder_inputs, check_prior
+
+    attrs = samples["attrs"]
+    record = attrs.get("decoder")
+    if not isinstance(record, dict):
+        raise MindvisError("samples.h5 has no record of the decoder that made them (subject, SHA-256 of its stimuli "
+                           "and prior), so they cannot be checked against this evaluation's inputs",
+                           path=samples_path, key="decoder", fix="rerun the generate stage for this subject.")
+    allowed = set(overrides) | set(attrs.get("overrides") or [])
+    used = []
+    if str(attrs.get("subject", subject)) != str(subject):
+        if "subject" not in allowed:
+            raise MindvisError(f"samples of {attrs.get('subject')}, but the evaluation is of {subject}",
+                               path=samples_path, key="subject",
+                               fix=f"evaluate {subject}'s own samples, or pass --allow-other-subject if you mean it "
+                                   "(recorded in the outputs).")
+        used.append("subject")
+    folder = record.get("model_dir") or Path(samples_path).parent
+    used += check_decoder_inputs(record, folder, subject=subject, data=data, responses=responses, stimuli=stimuli,
+                                 allow=allowed)
+    if not check_prior(record, folder, base, allow="prior" in allowed):
+        used.append("prior")
+    return sorted(set(used))
+
+
 def _test_split(responses, samples, samples_path):
     """The responses split the samples decode, checked row by row against the samples' stimulus ids."""
     split = str(samples["attrs"].get("split", "test_avg"))
@@ -389,7 +428,7 @@ def _timed(timings, name, func, *args):
 
 def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir, baseline_samples=None,
                      classifier_dir=None, start_samples=None, lowlevel_samples=None, shared_samples=None,
-                     fewshot_samples=None, device="auto"):
+                     fewshot_samples=None, device="auto", overrides=()):
     """Score a subject's decoded images beside every baseline and ceiling; write ``metrics.json``.
 
     Parameters
@@ -423,6 +462,9 @@ def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir
     device : str
         Where the classifier and the base generator run (:func:`mindvis.utils.device.select_device`),
         the classifier under ``evaluate.mixed_precision`` autocast.
+    overrides : collection of str
+        Inputs other than the decoder's own that the user means (:func:`check_samples_decoder`); recorded in
+        ``metrics.json`` (``overrides``).
 
     Returns
     -------
@@ -438,6 +480,7 @@ def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir
                            path=samples, key="stimulus_id", fix="decode a split with more stimuli.")
     data = load_responses(responses, splits=("train", "val", str(model_samples["attrs"].get("split", "test_avg"))))
     split_name, test_rows = _test_split(data, model_samples, samples)
+    used = check_samples_decoder(model_samples, samples, subject, data, responses, stimuli, base, overrides)
     stimulus_set = load_stimulus_set(stimuli)
     class_names = list(stimulus_set.class_names)
     device = select_device(device)
@@ -502,6 +545,7 @@ def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir
         "inputs": input_hashes([responses, stimuli, samples, baseline_samples, start_samples, lowlevel_samples,
                                 shared_samples, fewshot_samples],
                                [base, classifier_dir]),
+        "overrides": used,
         "timings_s": timings,
         "throughput": {"device": device_name(device), "classifier_precision": classifier.precision,
                        "classifier_images": int(classifier.images_scored),

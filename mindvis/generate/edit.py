@@ -325,7 +325,7 @@ def check_edit_arguments(operation, donor_ids, factor, taus, steps):
 
 def edit_subject(config, subject, model_dir, responses, stimuli, out_dir, *, stimulus_ids, operation="swap",
                  donor_ids=None, rois=None, mask=None, factor=None, taus=(0,), mode="replace", base=None,
-                 device="auto"):
+                 device="auto", overrides=()):
     """Decode test stimuli and their brain-token edits; write ``edits.h5``, ``grid.png`` and ``edits.json``.
 
     Parameters
@@ -347,6 +347,9 @@ def edit_subject(config, subject, model_dir, responses, stimuli, out_dir, *, sti
     taus : sequence of int
         Steps of the source's cross-attention injected (0: the edited condition alone).
     mode : {'replace', 'refine'}
+    overrides : collection of str
+        Inputs other than the decoder's own that the user means, as for
+        :func:`mindvis.generate.run.generate_subject`; recorded in ``edits.json``.
 
     Returns
     -------
@@ -362,7 +365,7 @@ def edit_subject(config, subject, model_dir, responses, stimuli, out_dir, *, sti
     from mindvis.data.stimuli import load_stimulus_set
     from mindvis.generate.control import AttentionEdit
     from mindvis.generate.writing import save_grid
-    from mindvis.models.dcldm import check_decoder_responses, load_dcldm
+    from mindvis.models.dcldm import check_decoder_inputs, check_decoder_responses, load_dcldm
     from mindvis.utils.device import select_device
     from mindvis.utils.io import derive_seed, software_versions
 
@@ -397,8 +400,11 @@ def edit_subject(config, subject, model_dir, responses, stimuli, out_dir, *, sti
                            path=mask if mask is not None else responses, key="--mask" if mask is not None else "--rois",
                            fix="give a group that holds some of the responses' voxels (nonzero mask voxels inside "
                                "the ROI the responses were read from).")
-    generator, decoder, meta = load_dcldm(model_dir, base=base)
+    generator, decoder, meta = load_dcldm(model_dir, base=base, allow_other_prior="prior" in overrides)
     check_decoder_responses(meta, data, responses, model_dir)
+    used = check_decoder_inputs(meta, model_dir, subject=subject, data=data, responses=responses, stimuli=stimuli,
+                                allow=overrides)
+    used += [] if meta["prior_used"]["same_as_recorded"] else ["prior"]
     n_tokens = int(group_tokens(decoder, voxels).sum())
     if not n_tokens:
         raise MindvisError(f"the voxel group ({what}, {int(voxels.sum())} voxels) fills no encoder token (a token "
@@ -439,7 +445,8 @@ def edit_subject(config, subject, model_dir, responses, stimuli, out_dir, *, sti
               "seeds": seeds, "grid_columns": (["donor image"] if donors is not None else []) + ["decoded"]
               + [f"edit, tau {int(t)}" for t in taus] + [f"change, tau {int(taus[-1])} (x4)"],
               **{k: settings[k] for k in ("sampler", "steps", "guidance_scale", "eta", "split")},
-              "config": config, "versions": software_versions()}
+              "responses": str(responses), "stimuli": str(stimuli), "prior": meta["prior_used"]["path"],
+              "overrides": sorted(used), "config": config, "versions": software_versions()}
     record["wall_time_s"] = round(time.perf_counter() - started, 2)
     write_edits(out_dir, {"source": source, "edited": edited, "change": change.astype(np.float32),
                           "true_images": truth, "label": np.asarray(labels, np.int64)}, record)

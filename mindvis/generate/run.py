@@ -28,7 +28,8 @@ from mindvis.generate.decode import capture_attention, decode
 from mindvis.generate.writing import SAMPLES_FILE, save_grid, save_png, write_samples_h5
 from mindvis.models.classifiers.domain import load_classifier
 from mindvis.errors import MindvisError
-from mindvis.models.dcldm import LOWLEVEL_FILE, check_decoder_responses, load_dcldm, load_lowlevel
+from mindvis.models.dcldm import (LOWLEVEL_FILE, check_decoder_inputs, check_decoder_responses, decoder_binding,
+                                  load_dcldm, load_lowlevel)
 from mindvis.utils.device import device_name, resolve_precision, select_device, synchronize
 from mindvis.utils.io import derive_seed, software_versions, write_json_atomic
 
@@ -42,7 +43,7 @@ def sample_seeds(seed, subject, stimulus_ids, n_samples):
 
 
 def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, classifier_dir=None, base=None,
-                     batch_size=None, lowlevel=False, device="auto"):
+                     batch_size=None, lowlevel=False, device="auto", overrides=()):
     """Decode the subject's test fMRI and write PNGs, a grid, ``samples.h5`` and ``summary.json``.
 
     Parameters
@@ -58,7 +59,8 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
     classifier_dir : path, optional
         Domain classifier to score the samples.
     base : path, optional
-        Override the base generator folder recorded by ``finetune``.
+        The base generator folder, where it is not where ``finetune`` recorded it (its files are checked all
+        the same).
     batch_size : int, optional
         Default ``generate.batch_size``.
     lowlevel : bool
@@ -67,6 +69,10 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
     device : str
         Where the models run (:func:`mindvis.utils.device.select_device`; ``auto``: the GPU Accelerate
         picks, else the CPU), under ``generate.mixed_precision`` autocast.
+    overrides : collection of str
+        Inputs other than the decoder's own that the user means (``subject``, ``stimuli``, ``prior``:
+        :data:`mindvis.models.dcldm.OVERRIDE_FLAGS`); without them a mismatch is an error. Those used are
+        recorded in ``summary.json`` and ``samples.h5`` (``overrides``).
 
     Returns
     -------
@@ -76,7 +82,7 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
     started = time.perf_counter()
     settings = config["generate"]
     out_dir = Path(out_dir)
-    generator, decoder, meta = load_dcldm(model_dir, base=base)
+    generator, decoder, meta = load_dcldm(model_dir, base=base, allow_other_prior="prior" in overrides)
     device = select_device(device)
     precision = resolve_precision(settings["mixed_precision"], device)
     generator.to(device)
@@ -90,6 +96,9 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
                                fix="rerun finetune with generate.lowlevel: true, or decode without --lowlevel.")
     data = load_responses(responses, splits=(settings["split"],))
     fitted_on = check_decoder_responses(meta, data, responses, model_dir)
+    used = check_decoder_inputs(meta, model_dir, subject=subject, data=data, responses=responses, stimuli=stimuli,
+                                allow=overrides)
+    used += [] if meta["prior_used"]["same_as_recorded"] else ["prior"]
     split = data[settings["split"]]
     stimulus_set = load_stimulus_set(stimuli)
     stimulus_ids = [str(s) for s in split.stimulus_id]
@@ -114,7 +123,8 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
                "images_per_s": round(samples.shape[0] * samples.shape[1] / max(sampling_s, 1e-9), 3),
                "device": device_name(device), "mixed_precision": precision,
                "batch_size": int(batch_size or settings["batch_size"]),
-               "responses": str(responses), "responses_fitted_on": fitted_on}
+               "responses": str(responses), "responses_fitted_on": fitted_on, "stimuli": str(stimuli),
+               "prior": meta["prior_used"]["path"], "overrides": sorted(used)}
     predicted = None
     if classifier_dir is not None and len(stimulus_ids):
         classifier = load_classifier(classifier_dir).to(device)
@@ -151,7 +161,8 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
     attrs = {"subject": subject, "model_dir": str(model_dir), "n_samples": int(settings["n_samples"]),
              "split": settings["split"], "class_names": list(stimulus_set.class_names),
              "patch_size": int(decoder.encoder.config.patch_size), "n_voxels": int(split.fmri.shape[1]),
-             "lowlevel_strength": -1.0 if start is None else float(start.strength),
+             "lowlevel_strength": -1.0 if start is None else float(start.strength), "overrides": sorted(used),
+             "decoder": decoder_binding(meta, model_dir),
              **{k: settings[k] for k in ("sampler", "steps", "guidance_scale", "eta")},
              "config": config, "versions": software_versions()}
     attrs.update({k: summary[k] for k in ("classifier_top1_mean", "classifier_top1_best_of_k") if k in summary})

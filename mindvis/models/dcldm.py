@@ -18,7 +18,13 @@ A decoder folder (``results/{subject}/dcldm/``)
     (written by the fine-tuning stage). ``inputs`` records the responses file
     it was fitted on (:func:`responses_record`: its SHA-256 and its voxels'
     space spec), which :func:`check_decoder_responses` compares with the
-    responses a later stage decodes.
+    responses a later stage decodes; with the subject and the stimulus file's
+    SHA-256 (``stimuli_sha256``), which :func:`check_decoder_inputs` compares
+    with the subject, responses and stimuli a later stage gives. ``prior``
+    (:func:`prior_record`) records the base generator: its path as given,
+    relative to the decoder folder and, for the bundled prior, by name (a
+    moved checkout still finds it), and the identity of each of its files,
+    which :func:`load_dcldm` checks before it samples with it.
 ``lowlevel.safetensors``, ``lowlevel.json`` (optional)
     The low-level start (:class:`LowLevelStart`): a linear map fMRI -> the
     VAE latent of the image seen and the img2img strength chosen on the
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +51,8 @@ from mindvis.models.conditioning import FmriConditioner, MindVisConditioner
 from mindvis.models.ldm import load_generator
 from mindvis.models.mbm import MBMAutoencoder, load_pretrained_mbm, mbm_from_config
 from mindvis.models.weights import save_weights
-from mindvis.utils.io import atomic_path, check_digests, file_digests, sha256_file, write_json_atomic
+from mindvis.models.bundled import ASSETS
+from mindvis.utils.io import atomic_path, check_digests, file_digests, file_identity, sha256_file, write_json_atomic
 
 MODEL_FILE = "dcldm.safetensors"
 META_FILE = "dcldm.json"
@@ -245,6 +253,189 @@ def condition_space(config, generator):
     return space
 
 
+#: The prior's parts whose files a decoder records (never its training folders, which a rerun rewrites).
+PRIOR_PARTS = ("vae", "unet", "scheduler", "class_conditioner", "image_conditioner", "text_encoder", "tokenizer")
+#: The command-line flag that lets a decoder meet each kind of input other than its own (recorded in outputs).
+OVERRIDE_FLAGS = {"subject": "--allow-other-subject", "stimuli": "--allow-other-stimuli",
+                  "prior": "--allow-other-prior"}
+
+
+def prior_digests(folder):
+    """``{relative path: identity}`` (:func:`mindvis.utils.io.file_identity`) of a base generator's files."""
+    folder = Path(folder)
+    return {str(path.relative_to(folder)): file_identity(path) for part in PRIOR_PARTS if (folder / part).is_dir()
+            for path in sorted((folder / part).rglob("*")) if path.is_file()}
+
+
+def prior_record(base, decoder_dir, files_at=None):
+    """What a decoder records of its base generator (``dcldm.json`` ``prior``).
+
+    Parameters
+    ----------
+    base : path
+        The base generator folder as the stage was given it.
+    decoder_dir : path
+        The decoder folder being written (the relative path starts there).
+    files_at : path, optional
+        Where the base's files are now, when that is not ``base`` yet (a generator written into the decoder's
+        staging folder).
+
+    Returns
+    -------
+    dict
+        ``path`` (as given), ``relative`` (from the decoder folder), ``bundled`` (the name of a prior shipped in
+        mindvis, else None) and ``sha256`` (:func:`prior_digests`).
+    """
+    files_at = Path(files_at if files_at is not None else base)
+    absolute = files_at.resolve()
+    return {"path": str(base), "relative": os.path.relpath(absolute, Path(decoder_dir).resolve()),
+            "bundled": absolute.name if absolute.parent == ASSETS.resolve() else None,
+            "sha256": prior_digests(files_at)}
+
+
+def _record_missing(folder, key, what):
+    return MindvisError(f"dcldm.json has no record of {what}, so the decoder cannot be checked against what it "
+                        "is given", path=Path(folder) / META_FILE, key=key, fix=RERUN_FINETUNE)
+
+
+def resolve_prior(meta, folder, base=None):
+    """The base generator folder of a decoder: ``base`` when given, else the first of the bundled prior of the
+    recorded name, the recorded path and the path relative to the decoder folder that exists.
+
+    Raises
+    ------
+    MindvisError
+        When the record is missing, or the prior is in none of those places (each is named).
+    """
+    folder = Path(folder)
+    if base is not None:
+        return Path(base)
+    record = meta.get("prior")
+    if not isinstance(record, dict) or "path" not in record:
+        raise _record_missing(folder, "prior", "its prior (path and SHA-256)")
+    places = []
+    if record.get("bundled"):
+        places.append(("the bundled prior", ASSETS / record["bundled"]))
+    places.append(("its recorded path", Path(record["path"])))
+    if record.get("relative"):
+        places.append(("relative to the decoder folder", folder / record["relative"]))
+    for _, place in places:
+        if (place / "unet").is_dir():
+            return place
+    looked = "; ".join(f"{what}: {place}" for what, place in places)
+    raise MindvisError(f"the prior this decoder was fine-tuned on is not found (looked at {looked})",
+                       path=folder / META_FILE, key="prior.path",
+                       fix="put the prior folder back at one of those places, or give its folder (--base); it is "
+                           "checked against the decoder's record.")
+
+
+def check_prior(meta, folder, prior_dir, allow=False):
+    """Refuse a prior whose files differ from those the decoder recorded (``prior.sha256``).
+
+    Returns
+    -------
+    bool
+        Whether the prior is the recorded one (False only with ``allow``, which the caller records).
+    """
+    folder, prior_dir = Path(folder), Path(prior_dir)
+    record = meta.get("prior")
+    if not isinstance(record, dict) or not isinstance(record.get("sha256"), dict) or not record["sha256"]:
+        raise _record_missing(folder, "prior.sha256", "its prior's files (SHA-256)")
+    expected, actual = record["sha256"], prior_digests(prior_dir)
+    differing = sorted(name for name in set(expected) | set(actual) if expected.get(name) != actual.get(name))
+    if not differing:
+        return True
+    if allow:
+        log.warning("%s: decoding with the prior %s, whose %d files differ from those the decoder was fine-tuned "
+                    "on (%s)", folder, prior_dir, len(differing), OVERRIDE_FLAGS["prior"])
+        return False
+    name = differing[0]
+    state = ("missing" if name not in actual else "not in the prior the decoder was fine-tuned on" if name not in
+             expected else f"SHA-256 {str(actual[name])[:12]}... is not the {str(expected[name])[:12]}... recorded")
+    raise MindvisError(f"this prior is not the one the decoder {folder / META_FILE} was fine-tuned on "
+                       f"({record['path']}): {len(differing)} files differ, first {name} ({state})",
+                       path=prior_dir / name, key=f"prior.sha256.{name}",
+                       fix=f"use the prior the decoder was fine-tuned on, rerun finetune on this one, or pass "
+                           f"{OVERRIDE_FLAGS['prior']} to decode with it anyway (recorded in the outputs).")
+
+
+def check_decoder_inputs(meta, folder, *, subject=None, data=None, responses=None, stimuli=None, allow=()):
+    """Refuse another subject's responses or other stimuli than the decoder was trained on.
+
+    Parameters
+    ----------
+    meta : dict
+        The decoder's ``dcldm.json``.
+    folder : path
+        The decoder folder (named in errors).
+    subject : str, optional
+        The subject the stage was asked to decode.
+    data : mindvis.data.responses.Responses, optional
+        The responses given (their ``subject`` attribute); ``responses`` is their path.
+    stimuli : path, optional
+        The stimulus file given.
+    allow : collection of str
+        Kinds of mismatch the user means (``subject``, ``stimuli``: :data:`OVERRIDE_FLAGS`); each is logged and
+        returned, for the caller to record.
+
+    Returns
+    -------
+    list of str
+        The mismatches let through by ``allow``.
+
+    Raises
+    ------
+    MindvisError
+        On a mismatch not in ``allow``, or when the decoder lacks the record (never a skipped check).
+    """
+    folder = Path(folder)
+    meta_path = folder / META_FILE
+    inputs = meta.get("inputs") or {}
+    overridden = []
+
+    def refuse(kind, message, path, key, fix):
+        if kind in allow:
+            log.warning("%s (%s given)", message, OVERRIDE_FLAGS[kind])
+            overridden.append(kind)
+            return
+        raise MindvisError(message, path=path, key=key,
+                           fix=f"{fix}, or pass {OVERRIDE_FLAGS[kind]} if you mean it (recorded in the outputs).")
+
+    trained_subject = meta.get("subject")
+    if not trained_subject:
+        raise _record_missing(folder, "subject", "the subject it was trained on")
+    given = [(str(subject), None, "--subject")] if subject is not None else []
+    if data is not None:
+        given.append((data.subject, responses, "subject"))
+    for value, path, key in given:
+        if value != str(trained_subject):
+            refuse("subject", f"{value} is another subject than the one the decoder {meta_path} was trained on "
+                   f"({trained_subject})", path if path is not None else meta_path, key,
+                   f"decode {value} with its own decoder (results/{value}/...), or give {trained_subject}'s responses")
+            break
+    if stimuli is not None:
+        if "stimuli_sha256" not in inputs:
+            raise _record_missing(folder, "inputs.stimuli_sha256", "the stimuli it was trained on (SHA-256)")
+        expected = inputs["stimuli_sha256"]
+        if expected is not None and sha256_file(stimuli) != expected:
+            refuse("stimuli", f"not the stimulus file the decoder {meta_path} was trained on "
+                   f"({inputs.get('stimuli')}): its SHA-256 differs", stimuli, "stimuli_sha256",
+                   f"give the stimuli the decoder was trained on ({inputs.get('stimuli')}), or fine-tune a decoder "
+                   "on these")
+    return overridden
+
+
+def decoder_binding(meta, folder):
+    """What a decoder's outputs record of what it is bound to (``samples.h5`` attribute ``decoder``): the subject,
+    the stimuli's and responses' SHA-256 and the prior record, in ``dcldm.json``'s layout, so that
+    :func:`check_decoder_inputs` and :func:`check_prior` read it as they read the decoder's own."""
+    inputs = meta.get("inputs") or {}
+    return {"model_dir": str(folder), "subject": meta.get("subject"),
+            "inputs": {key: inputs.get(key) for key in ("responses", "responses_sha256", "stimuli", "stimuli_sha256")
+                       if key in inputs},
+            "prior": meta.get("prior")}
+
+
 #: The remedy for a decoder folder that is incomplete, changed or unreadable.
 RERUN_FINETUNE = "rerun finetune for this subject (snakemake deletes and rewrites the folder)."
 
@@ -272,7 +463,7 @@ def read_decoder_meta(folder):
     return meta
 
 
-def load_dcldm(folder, base=None, dtype=None):
+def load_dcldm(folder, base=None, dtype=None, allow_other_prior=False):
     """Load a fine-tuned decoder and its generator.
 
     Parameters
@@ -280,7 +471,10 @@ def load_dcldm(folder, base=None, dtype=None):
     folder : path
         A ``finetune`` output folder.
     base : path, optional
-        The base generator folder; default: the one recorded in ``dcldm.json``.
+        The base generator folder; default: the one recorded in ``dcldm.json`` (:func:`resolve_prior`). Either
+        way its files must be those the decoder recorded (:func:`check_prior`).
+    allow_other_prior : bool
+        Decode with a prior whose files differ (``--allow-other-prior``); ``meta['prior_used']`` says so.
 
     Returns
     -------
@@ -294,7 +488,11 @@ def load_dcldm(folder, base=None, dtype=None):
     folder = Path(folder)
     meta = read_decoder_meta(folder)
     check_digests(folder, meta["sha256"], META_FILE, fix=RERUN_FINETUNE)
-    generator = load_generator(base or meta["base"], image_size=meta.get("image_size"), dtype=dtype)
+    prior_dir = resolve_prior(meta, folder, base)
+    same_prior = check_prior(meta, folder, prior_dir, allow=allow_other_prior)
+    # Where the prior was found and whether it is the recorded one, for the stage's outputs (not in the file).
+    meta = {**meta, "prior_used": {"path": str(prior_dir), "same_as_recorded": same_prior}}
+    generator = load_generator(prior_dir, image_size=meta.get("image_size"), dtype=dtype)
     encoder = MBMAutoencoder.from_config(MBMAutoencoder.load_config(folder / "encoder"))
     conditioner_config = FmriConditioner.load_config(folder / "conditioner")
     kind = MindVisConditioner if conditioner_config.get("_class_name") == "MindVisConditioner" else FmriConditioner
@@ -397,7 +595,7 @@ def check_decoder_responses(meta, data, path, model_dir):
     return same
 
 
-def save_dcldm(decoder, out_dir, meta, metadata=None):
+def save_dcldm(decoder, out_dir, meta, metadata=None, prior_files_at=None):
     """Write a decoder folder (see the module docstring): configs, weights, then ``dcldm.json`` last.
 
     Parameters
@@ -408,8 +606,17 @@ def save_dcldm(decoder, out_dir, meta, metadata=None):
         The contents of ``dcldm.json`` (``base`` names the base generator folder).
     metadata : dict of str -> str, optional
         Stored in the safetensors header.
+    prior_files_at : path, optional
+        Where the base's files are now, when not yet at ``meta['base']`` (:func:`prior_record`).
+
+    ``meta`` gains what binds the decoder to its inputs: ``prior`` (:func:`prior_record`) and
+    ``inputs.stimuli_sha256`` (None where ``inputs`` names no stimulus file: an imported decoder's).
     """
     out_dir = Path(out_dir)
+    inputs = dict(meta.get("inputs") or {})
+    if "stimuli_sha256" not in inputs:
+        inputs["stimuli_sha256"] = sha256_file(inputs["stimuli"]) if inputs.get("stimuli") else None
+    meta = {**meta, "inputs": inputs, "prior": prior_record(meta["base"], out_dir, prior_files_at)}
     # dcldm.json goes first and comes back last, with the SHA-256 of every file it stands for: a write cut short
     # leaves a folder the loader refuses ("run finetune"), never old metadata over new weights.
     (out_dir / META_FILE).unlink(missing_ok=True)

@@ -249,7 +249,8 @@ def import_mindvis_finetuned(checkpoint, out_dir, base=None, ldm_config=None, su
                 "trained_parameter_names": [f"unet.{name}" for name in changed],
                 "inputs": {"checkpoint": str(path), "checkpoint_sha256": sha256_file(path)},
                 "config": config, "versions": software_versions()}
-        save_dcldm(decoder, staging, meta, metadata={"subject": str(subject), "source": "mindvis-release"})
+        save_dcldm(decoder, staging, meta, metadata={"subject": str(subject), "source": "mindvis-release"},
+                   prior_files_at=staging / "generator" if base is None else None)
         report = {"source": str(path), "source_sha256": meta["inputs"]["checkpoint_sha256"],
                   "n_tensors_in_checkpoint": len(state), "pickled_classes_replaced": stand_ins,
                   "settings": settings, "encoder": {"n_mapped": len(encoder_report["mapped"]),

@@ -535,7 +535,8 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, c
         # The decoder before any fine-tuning step (ridge start, zero encoder path), to measure what training adds.
         start_meta = {"stage": "finetune", "subject": subject, "baseline": bool(baseline), "base": str(base),
                       "image_size": generator.image_size, "n_voxels": int(data.n_voxels), "step": 0,
-                      "start_of": str(out_dir), "voxel_path_ridge": ridge_report, "config": config,
+                      "start_of": str(out_dir), "voxel_path_ridge": ridge_report,
+                      "inputs": {**responses_record(responses, data), "stimuli": str(stimuli)}, "config": config,
                       "versions": software_versions()}
     log.info("%s%s: training %d of %d decoder parameters (%s); %d training, %d validation trials",
              subject, " (baseline, random encoder)" if baseline else "", n_trained, n_total,

@@ -121,7 +121,7 @@ def _select(settings, classifier):
     return select
 
 
-def _view_meta(config, subject, view, base, generator, data, responses, trained_groups, result, extra):
+def _view_meta(config, subject, view, base, generator, data, responses, trained_groups, result, extra, stimuli):
     n_trained = sum(p.numel() for p in view.parameters() if p.requires_grad)
     return {
         "stage": extra.pop("stage"), "subject": subject, "baseline": False, "base": str(base),
@@ -132,7 +132,7 @@ def _view_meta(config, subject, view, base, generator, data, responses, trained_
         "step": result["step"], "epochs": result["epochs_done"],
         "training": {"peak_lr": result["peak_lr"], "effective_batch": result["effective_batch"],
                      "mixed_precision": result["mixed_precision"], "torch_threads": torch.get_num_threads()},
-        "inputs": responses_record(responses, data),
+        "inputs": {**responses_record(responses, data), "stimuli": str(stimuli)},
         "config": config, "versions": software_versions(), **extra,
     }
 
@@ -281,7 +281,7 @@ def finetune_shared(config, subjects, responses, stimuli, base, out_dir, view_di
                               path, groups, result, {"stage": "finetune_shared", "shared_with": list(subjects),
                                                      "shared_dir": str(out_dir), "shared_rank": rank_info["rank"],
                                                      "n_train": len(loaded[subject][1]),
-                                                     "n_val": len(loaded[subject][2])})
+                                                     "n_val": len(loaded[subject][2])}, stimuli)
             _save_view(shared, subject, view_dir, meta, groups)
         write_json_atomic(out_dir / SHARED_META, summary)
         log.info("wrote %s and %d subject decoders (best %s)", out_dir, len(subjects), result["best"])
@@ -408,7 +408,7 @@ def adapt_subject(config, subject, responses, stimuli, shared_views, out_dir, ol
                           "adapter_rank": adapter_rank,
                           "prior_preservation": {"weight": prior_weight if trains_shared else None,
                                                  "old_val_before": before, "old_val_after": after},
-                          "wall_time_s": round(time.perf_counter() - started, 2)})
+                          "wall_time_s": round(time.perf_counter() - started, 2)}, stimuli)
     if trainer.accelerator.is_main_process:
         if trains_shared:
             for old in old_eval:

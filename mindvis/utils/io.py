@@ -286,6 +286,23 @@ def inputs_digest(paths):
     return digest.hexdigest()
 
 
+def file_identity(path, chunk_size=1 << 20):
+    """A path-independent identity of a file's content: its SHA-256 up to :data:`HASH_LIMIT_BYTES`; above, its
+    size and the SHA-256 of its first and last ``chunk_size`` bytes (a base generator's gigabytes are not read
+    whole on every load). Unlike :func:`inputs_digest`, neither the path nor the modification time counts, so a
+    moved or copied folder keeps its identity."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size <= HASH_LIMIT_BYTES:
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        digest.update(handle.read(chunk_size))
+        handle.seek(size - chunk_size)
+        digest.update(handle.read(chunk_size))
+    return f"size {size}, ends {digest.hexdigest()}"
+
+
 def software_versions():
     """Versions of Python, the platform and the packages that shape results, and the CPU that computed them.
 
