@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -206,3 +209,32 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def small_filesystem(folder, size="512k"):
+    """A real file system of ``size`` mounted at ``folder`` (tmpfs; writes past it fail with ENOSPC), unmounted
+    afterwards. Skips the test, with the reason, where mounting is not permitted (not root, no CAP_SYS_ADMIN)."""
+    import subprocess
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({(result.stderr or result.stdout).strip()[:200]}): the "
+                    "real-ENOSPC test needs root, as in CI")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def fill_filesystem(folder, leave_bytes):
+    """Write a filler file into ``folder``'s file system until only about ``leave_bytes`` stay free."""
+    import shutil
+
+    free = shutil.disk_usage(folder).free
+    with open(Path(folder) / "filler", "wb") as handle:
+        handle.write(b"\0" * max(free - leave_bytes, 0))
+    return Path(folder) / "filler"

@@ -527,3 +527,60 @@ def test_a_decoder_without_its_binding_record_is_refused_not_loaded_unchecked(wo
         generate_subject(config, "sub-01", folder, root / "responses.h5", root / "stimuli.h5", tmp_path / "samples")
     assert caught.value.path == folder / "dcldm.json" and record in caught.value.key
     assert not (tmp_path / "samples").exists()
+
+
+# -- generate on a real full disk, and its folder replaced as a unit (issue 37) --------------------------------
+
+def test_generate_on_a_real_full_disk_is_one_line_and_keeps_the_previous_folder(workspace, finetuned, tmp_path):
+    import hashlib
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ldm_fixtures import fill_filesystem, small_filesystem
+
+    from mindvis.config import dump_config
+    from mindvis.generate.run import generate_subject
+
+    root, config = workspace["root"], workspace["config"]
+    previous = tmp_path / "previous"
+    generate_subject(config, "sub-01", root / "dcldm", root / "responses.h5", root / "stimuli.h5", previous)
+    dump_config(config, tmp_path / "config.yaml")
+    with small_filesystem(tmp_path / "disk", "1m") as disk:
+        out = disk / "samples"
+        shutil.copytree(previous, out)
+        fill_filesystem(disk, 8 << 10)
+        before = {str(p.relative_to(disk)): hashlib.sha256(p.read_bytes()).hexdigest()
+                  for p in sorted(disk.rglob("*")) if p.is_file()}
+        result = subprocess.run(
+            [sys.executable, "-m", "mindvis.cli", "generate", "--config", str(tmp_path / "config.yaml"), "--subject",
+             "sub-01", "--model-dir", str(root / "dcldm"), "--responses", str(root / "responses.h5"), "--stimuli",
+             str(root / "stimuli.h5"), "--out-dir", str(out), "--threads", "1"],
+            capture_output=True, text=True, cwd=Path(__file__).parent)
+        assert result.returncode == 2, f"rc {result.returncode}: {result.stderr[-3000:]}"
+        assert "Traceback" not in result.stderr and "Segmentation" not in result.stderr, result.stderr[-3000:]
+        lines = [line for line in result.stderr.splitlines() if line.startswith("mindvis: error: ")]
+        assert len(lines) == 1 and "disk is full" in lines[0] and str(out) in lines[0], result.stderr[-2000:]
+        after = {str(p.relative_to(disk)): hashlib.sha256(p.read_bytes()).hexdigest()
+                 for p in sorted(disk.rglob("*")) if p.is_file()}
+        assert after == before, "the previous samples folder changed, or the new run left files"
+        assert not list(disk.glob(".*")), "a staging folder or temporary was left on the full disk"
+
+
+def test_generate_replaces_its_folder_as_a_unit_and_refuses_a_folder_of_other_files(workspace, finetuned, tmp_path):
+    from mindvis.generate.run import generate_subject
+
+    root, config = workspace["root"], workspace["config"]
+    out = tmp_path / "samples"
+    (out / "png").mkdir(parents=True)
+    (out / "png" / "an-earlier-stimulus_0.png").write_bytes(b"an earlier run's image of another stimulus")
+    generate_subject(config, "sub-01", root / "dcldm", root / "responses.h5", root / "stimuli.h5", out)
+    assert not (out / "png" / "an-earlier-stimulus_0.png").exists()  # nothing of the earlier run is left beside
+    assert len(list((out / "png").glob("*.png"))) == 6 and not list(tmp_path.glob(".*"))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("a user's notes")
+    with pytest.raises(MindvisError, match="holds 1 files generate did not write") as caught:
+        generate_subject(config, "sub-01", root / "dcldm", root / "responses.h5", root / "stimuli.h5",
+                         tmp_path / "mine")
+    assert caught.value.key == "--out-dir" and (tmp_path / "mine" / "notes.txt").read_text() == "a user's notes"

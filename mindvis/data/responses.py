@@ -80,7 +80,7 @@ import h5py
 import numpy as np
 
 from mindvis.errors import MindvisError
-from mindvis.utils.io import atomic_path, software_versions
+from mindvis.utils.io import atomic_path, hdf5_for_writing, software_versions
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test", "test_avg")
@@ -281,6 +281,25 @@ def _set_attrs(handle, attrs, extra_attrs):
         handle.attrs[key] = value
 
 
+def check_stimuli_pair(data, responses_path, stimuli_path):
+    """Refuse a stimulus file other than the one ``convert`` wrote beside these responses.
+
+    ``convert`` records the SHA-256 of the stimulus file it writes with the responses (attribute
+    ``stimuli_sha256``): the two files are renamed into place one after the other, and a job killed between the
+    renames, or files copied from two runs, leave a pair that both load. Responses that record no pair (the
+    preprocess stage's, read with the stimulus stage's file) are not checked.
+    """
+    from mindvis.utils.io import sha256_file
+
+    expected = data.attrs.get("stimuli_sha256")
+    if not expected or sha256_file(stimuli_path) == expected:
+        return
+    raise MindvisError(f"not the stimulus file converted with {responses_path} (its SHA-256 differs from the one "
+                       "the responses record): the two come from different convert runs, or a run was stopped "
+                       "between writing them", path=stimuli_path, key="stimuli_sha256",
+                       fix="rerun convert for this subject, which writes both files again.")
+
+
 def write_responses(path, *, splits, voxel_ijk, affine, volume_shape, voxel_roi, class_names, tr, subject,
                     method, preprocess_config, config, input_hashes, quality=None, versions=None,
                     extra_attrs=None):
@@ -329,7 +348,7 @@ def write_responses(path, *, splits, voxel_ijk, affine, volume_shape, voxel_roi,
         raise ValueError(f"refusing to write {path}: {problem[1]} ({problem[0]})")
 
     string_dtype = h5py.string_dtype("utf-8")
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as handle:
+    with atomic_path(path) as tmp, hdf5_for_writing(tmp) as handle:
         _write_geometry(handle, responses.voxel_ijk, responses.affine, responses.volume_shape, responses.voxel_roi)
         attrs = {
             "format_version": FORMAT_VERSION, "class_names": json.dumps(responses.class_names), "tr": float(tr),

@@ -93,7 +93,7 @@ from pathlib import Path
 import numpy as np
 
 from mindvis.config import shared_subjects
-from mindvis.data.responses import load_responses
+from mindvis.data.responses import check_stimuli_pair, load_responses
 from mindvis.data.stimuli import load_stimulus_set
 from mindvis.errors import MindvisError
 from mindvis.evaluate.baselines import (MAX_PIXEL_RIDGE_SIDE, base_ceiling_conditioning,
@@ -480,6 +480,7 @@ def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir
                            path=samples, key="stimulus_id", fix="decode a split with more stimuli.")
     data = load_responses(responses, splits=("train", "val", str(model_samples["attrs"].get("split", "test_avg"))))
     split_name, test_rows = _test_split(data, model_samples, samples)
+    check_stimuli_pair(data, responses, stimuli)
     used = check_samples_decoder(model_samples, samples, subject, data, responses, stimuli, base, overrides)
     stimulus_set = load_stimulus_set(stimuli)
     class_names = list(stimulus_set.class_names)

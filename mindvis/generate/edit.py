@@ -270,13 +270,11 @@ def resize_images(images, size):
 def write_edits(out_dir, arrays, record):
     """``edits.h5`` (``arrays``: dataset name -> array; attribute ``shown_groups`` where ``record`` has it), then
     ``edits.json`` (``record``), each atomically."""
-    import h5py
-
-    from mindvis.utils.io import atomic_path, write_json_atomic
+    from mindvis.utils.io import atomic_path, hdf5_for_writing, write_json_atomic
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / EDITS_FILE) as tmp, h5py.File(tmp, "w") as handle:
+    with atomic_path(out_dir / EDITS_FILE) as tmp, hdf5_for_writing(tmp) as handle:
         for name, values in arrays.items():
             handle.create_dataset(name, data=values)
         if "shown_groups" in record:
@@ -361,7 +359,7 @@ def edit_subject(config, subject, model_dir, responses, stimuli, out_dir, *, sti
     """
     import time
 
-    from mindvis.data.responses import load_responses
+    from mindvis.data.responses import check_stimuli_pair, load_responses
     from mindvis.data.stimuli import load_stimulus_set
     from mindvis.generate.control import AttentionEdit
     from mindvis.generate.writing import save_grid
@@ -402,6 +400,7 @@ def edit_subject(config, subject, model_dir, responses, stimuli, out_dir, *, sti
                                "the ROI the responses were read from).")
     generator, decoder, meta = load_dcldm(model_dir, base=base, allow_other_prior="prior" in overrides)
     check_decoder_responses(meta, data, responses, model_dir)
+    check_stimuli_pair(data, responses, stimuli)
     used = check_decoder_inputs(meta, model_dir, subject=subject, data=data, responses=responses, stimuli=stimuli,
                                 allow=overrides)
     used += [] if meta["prior_used"]["same_as_recorded"] else ["prior"]

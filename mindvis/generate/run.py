@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mindvis.data.responses import load_responses
+from mindvis.data.responses import check_stimuli_pair, load_responses
 from mindvis.data.stimuli import load_stimulus_set
 from mindvis.generate.decode import capture_attention, decode
 from mindvis.generate.writing import SAMPLES_FILE, save_grid, save_png, write_samples_h5
@@ -31,7 +31,7 @@ from mindvis.errors import MindvisError
 from mindvis.models.dcldm import (LOWLEVEL_FILE, check_decoder_inputs, check_decoder_responses, decoder_binding,
                                   load_dcldm, load_lowlevel)
 from mindvis.utils.device import device_name, resolve_precision, select_device, synchronize
-from mindvis.utils.io import derive_seed, software_versions, write_json_atomic
+from mindvis.utils.io import atomic_folder, derive_seed, software_versions, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
     started = time.perf_counter()
     settings = config["generate"]
     out_dir = Path(out_dir)
+    check_output_folder(out_dir)
     generator, decoder, meta = load_dcldm(model_dir, base=base, allow_other_prior="prior" in overrides)
     device = select_device(device)
     precision = resolve_precision(settings["mixed_precision"], device)
@@ -96,6 +97,7 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
                                fix="rerun finetune with generate.lowlevel: true, or decode without --lowlevel.")
     data = load_responses(responses, splits=(settings["split"],))
     fitted_on = check_decoder_responses(meta, data, responses, model_dir)
+    check_stimuli_pair(data, responses, stimuli)
     used = check_decoder_inputs(meta, model_dir, subject=subject, data=data, responses=responses, stimuli=stimuli,
                                 allow=overrides)
     used += [] if meta["prior_used"]["same_as_recorded"] else ["prior"]
@@ -150,6 +152,44 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
         attention = {"maps": maps, "stimulus_id": [stimulus_ids[i] for i in chosen], "timesteps": timesteps,
                      "token_weights": decoder.conditioner.token_weights().cpu().numpy()}
 
+    summary.update({"wall_time_s": round(time.perf_counter() - started, 2), "config": config,
+                    "versions": software_versions()})
+    # The folder is replaced as one unit: a full disk or a kill leaves the previous run's folder whole, never
+    # this run's images beside the previous run's samples.h5.
+    with atomic_folder(out_dir) as staging:
+        _write_outputs(staging, stimulus_ids, samples, true_images, labels, seeds, predicted, attention, summary,
+                       attrs={"subject": subject, "model_dir": str(model_dir), "n_samples": int(settings["n_samples"]),
+                              "split": settings["split"], "class_names": list(stimulus_set.class_names),
+                              "patch_size": int(decoder.encoder.config.patch_size),
+                              "n_voxels": int(split.fmri.shape[1]),
+                              "lowlevel_strength": -1.0 if start is None else float(start.strength),
+                              "overrides": sorted(used), "decoder": decoder_binding(meta, model_dir),
+                              **{k: settings[k] for k in ("sampler", "steps", "guidance_scale", "eta")},
+                              "config": config, "versions": software_versions()})
+    return summary
+
+
+#: What generate writes in its folder (replaced as a unit, so nothing else may live there).
+OUTPUT_NAMES = ("png", "grid.png", SAMPLES_FILE, "summary.json")
+
+
+def check_output_folder(out_dir):
+    """Refuse an output folder that holds files generate did not write: replacing the folder would delete them."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise MindvisError("not a folder", path=out_dir, key="--out-dir",
+                           fix="give a folder for the samples (e.g. results/{subject}/samples).")
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in OUTPUT_NAMES and not p.name.startswith("."))
+    if foreign:
+        raise MindvisError(f"holds {len(foreign)} files generate did not write ({', '.join(foreign[:3])}); the "
+                           "folder is replaced as a unit, which would delete them", path=out_dir, key="--out-dir",
+                           fix="give a folder of its own for the samples (e.g. results/{subject}/samples).")
+
+
+def _write_outputs(out_dir, stimulus_ids, samples, true_images, labels, seeds, predicted, attention, summary, attrs):
+    """The PNGs, grid, ``samples.h5`` and ``summary.json`` of one run, into ``out_dir``."""
     # test_avg has one row per stimulus; per-trial splits repeat ids, so their file names carry the row too.
     unique = len(set(stimulus_ids)) == len(stimulus_ids)
     for row, sid in enumerate(stimulus_ids):
@@ -158,17 +198,7 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
             save_png(out_dir / "png" / f"{stem}_{j}.png", samples[row, j])
     if len(stimulus_ids):
         save_grid(out_dir / "grid.png", samples, truth=true_images)
-    attrs = {"subject": subject, "model_dir": str(model_dir), "n_samples": int(settings["n_samples"]),
-             "split": settings["split"], "class_names": list(stimulus_set.class_names),
-             "patch_size": int(decoder.encoder.config.patch_size), "n_voxels": int(split.fmri.shape[1]),
-             "lowlevel_strength": -1.0 if start is None else float(start.strength), "overrides": sorted(used),
-             "decoder": decoder_binding(meta, model_dir),
-             **{k: settings[k] for k in ("sampler", "steps", "guidance_scale", "eta")},
-             "config": config, "versions": software_versions()}
     attrs.update({k: summary[k] for k in ("classifier_top1_mean", "classifier_top1_best_of_k") if k in summary})
     write_samples_h5(out_dir / SAMPLES_FILE, samples=samples, true_images=true_images, stimulus_id=stimulus_ids,
                      label=labels, seeds=seeds, attrs=attrs, predicted_label=predicted, attention=attention)
-    summary.update({"wall_time_s": round(time.perf_counter() - started, 2), "config": config,
-                    "versions": software_versions()})
     write_json_atomic(out_dir / "summary.json", summary)
-    return summary

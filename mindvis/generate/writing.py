@@ -39,7 +39,7 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from mindvis.utils.io import atomic_path
+from mindvis.utils.io import atomic_path, hdf5_for_writing
 
 FORMAT_VERSION = 1
 #: The file name of a samples folder's HDF5 (the generate stage's and the evaluated baselines').
@@ -108,7 +108,7 @@ def write_samples_h5(path, *, samples, true_images, stimulus_id, label, seeds, a
         File attributes; dicts and lists are stored as JSON.
     """
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as handle:
+        with hdf5_for_writing(tmp) as handle:
             handle.create_dataset("samples", data=np.asarray(samples, np.uint8), compression="gzip")
             handle.create_dataset("true_images", data=np.asarray(true_images, np.uint8), compression="gzip")
             handle.create_dataset("stimulus_id", data=np.asarray(stimulus_id, dtype=object),

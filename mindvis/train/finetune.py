@@ -38,7 +38,7 @@ from diffusers import DDPMScheduler
 from sklearn.linear_model import Ridge
 
 from mindvis.data.pairs import paired_trials, training_share
-from mindvis.data.responses import load_responses
+from mindvis.data.responses import check_stimuli_pair, load_responses
 from mindvis.data.stimuli import load_stimulus_set
 from mindvis.errors import MindvisError
 from mindvis.generate.decode import decode
@@ -477,6 +477,7 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, c
     seed = derive_seed(config["seed"], "finetune", subject, "baseline" if baseline else "pretrained")
     seed_everything(seed)
     data = load_responses(responses, splits=("train", "val"))
+    check_stimuli_pair(data, responses, stimuli)
     stimulus_set = load_stimulus_set(stimuli)
     generator = load_generator(base, image_size=config["ldm"]["image_size"])
     generator.vae.requires_grad_(False).eval()

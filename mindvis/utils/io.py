@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -127,6 +128,9 @@ def storage_error(error, path):
     if problem is None:
         return None
     reason = getattr(error, "strerror", None) or str(error)
+    # HDF5 quotes the system's message inside a multi-line report: keep that message, on one line.
+    quoted = re.search(r"error message = '([^']*)'", reason)
+    reason = quoted.group(1) if quoted else " ".join(reason.split())[:200]
     if problem == "full":
         return MindvisError(f"cannot be written: the disk is full, or a quota or file-size limit was reached "
                             f"({reason})", path=path,
@@ -179,32 +183,96 @@ def atomic_folder(path):
     The folder counterpart of :func:`atomic_path`: when the body raises, the
     temporary folder is removed and an older ``path`` is kept; on success the
     older one is moved aside, the new one renamed into place (the older one
-    restored if that fails), then the older one deleted.
+    restored if that fails), then the older one deleted. An error the body
+    meets inside the temporary folder names the file at its final place. The
+    temporary folders carry the writer's process id; those of a writer that is
+    gone (killed) are removed by the next write of ``path``, except a moved-aside
+    older folder that was never replaced, which is put back.
     """
     path = Path(path)
     with storage_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-new-"))
+        _recover_stale_folders(path)
+        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-new-{os.getpid()}-"))
     try:
-        with storage_errors(path):
-            yield staging
-        fsync_tree(staging)
+        try:
+            with storage_errors(path):
+                yield staging
+            with storage_errors(path):
+                fsync_tree(staging)
+        except MindvisError as error:
+            raise _relabelled(error, staging, path) from None
         if not path.exists():
-            os.replace(staging, path)
-            fsync_path(path.parent)
+            with storage_errors(path):
+                os.replace(staging, path)
+                fsync_path(path.parent)
             return
-        aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-old-"))
+        with storage_errors(path):
+            aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-old-{os.getpid()}-"))
         os.replace(path, aside / "previous")
         try:
             os.replace(staging, path)
-        except OSError:
+        except OSError as error:
             os.replace(aside / "previous", path)
-            raise
+            raise storage_error(error, path) or error from None
         finally:
             shutil.rmtree(aside, ignore_errors=True)
         fsync_path(path.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _relabelled(error, staging, path):
+    """``error`` naming ``path``'s file where it named the same file inside ``staging``."""
+    if error.path is None:
+        return error
+    try:
+        relative = error.path.relative_to(staging)
+    except ValueError:
+        return error
+    return MindvisError(error.message, path=path / relative, key=error.key, fix=error.fix)
+
+
+def _recover_stale_folders(path):
+    """Remove the staging folders of killed writes of ``path``; put back an older folder a killed swap left aside
+    (the kill fell between moving it aside and renaming the new one in)."""
+    for stale in sorted(path.parent.glob(f".{glob_escape(path.name)}-*-*-*")):
+        kind, _, rest = stale.name[len(path.name) + 2:].partition("-")
+        writer = rest.split("-", 1)[0]
+        if kind not in ("new", "old") or not writer.isdigit() or _process_alive(int(writer)) or not stale.is_dir():
+            continue
+        if kind == "old" and (stale / "previous").is_dir() and not path.exists():
+            os.replace(stale / "previous", path)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def hdf5_for_writing(path):
+    """An HDF5 file to fill, built in memory and written to ``path`` in one go when it closes.
+
+    HDF5 writing straight to a disk that fills up leaves the library unable to close the file: dozens of
+    tracebacks and a segmentation fault (issue 37). Held in memory (the ``core`` driver), the data reach the
+    disk in one write at close, whose failure is one ordinary error. Use inside :func:`atomic_path`.
+    """
+    import h5py
+
+    with h5py.File(path, "w", driver="core", backing_store=True) as handle:
+        yield handle
+
+
+def check_free_space(folder, n_bytes, path):
+    """Raise :func:`storage_error`'s one line (nothing written) when ``folder`` has not ``n_bytes`` free for
+    ``path``: checked before a write that cannot stop cleanly half-way."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if free < n_bytes:
+        raise storage_error(OSError(errno.ENOSPC, f"No space left on device: {n_bytes / 1e6:.1f} MB needed, "
+                                                  f"{free / 1e6:.1f} MB free"), path)
 
 
 def write_text_atomic(path, text):

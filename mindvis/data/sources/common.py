@@ -37,7 +37,7 @@ import numpy as np
 
 from mindvis.data.reliability import has_repeats, noise_ceiling
 from mindvis.errors import MindvisError
-from mindvis.utils.io import atomic_path, derive_seed, sha256_file
+from mindvis.utils.io import atomic_path, check_free_space, derive_seed, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -464,6 +464,8 @@ def convert_source(source, config, subject, source_name, out_responses, out_stim
     _check_source(source, source_name)
     # The stimulus file is written first (its images then leave memory) but only replaces out_stimuli once
     # responses.h5 is written too: a bad input found in the responses leaves both earlier outputs as they were.
+    # responses.h5 records the stimulus file's SHA-256, so a pair split by a kill between the two renames is
+    # refused where the files are read together (mindvis.data.responses.check_stimuli_pair).
     with atomic_path(out_stimuli) as stimuli_tmp:
         return _convert(source, config, subject, source_name, out_responses, out_stimuli, stimuli_tmp)
 
@@ -497,7 +499,13 @@ def _convert(source, config, subject, source_name, out_responses, out_stimuli, s
                "attribution": source.notes.get("attribution", source_name), "seed": config["seed"],
                "config": json.dumps({"stimuli": section, "data": config["data"]}),
                "versions": json.dumps(software_versions())})
+    # HDF5 cannot stop cleanly on a disk that fills up under it: both files must fit before either is begun.
+    n_voxels = len(np.asarray(source.voxel_ijk))
+    image_bytes = sum(split.images.nbytes for split in stimulus_set.splits.values())
+    response_bytes = (len(part) + len(test_ids)) * n_voxels * 4
+    check_free_space(Path(out_responses).parent, image_bytes + int(1.1 * response_bytes) + (256 << 10), out_responses)
     save_stimulus_set(stimulus_set, stimuli_tmp)
+    stimuli_sha256 = sha256_file(stimuli_tmp)
     trials_per_class = np.bincount(
         np.array([source.stimulus_label.get(sid, -1) for sid in stimulus_id[train_rows]], dtype=np.int64) + 1,
         minlength=len(source.class_names) + 1)[1:]
@@ -557,6 +565,7 @@ def _convert(source, config, subject, source_name, out_responses, out_stimuli, s
         preprocess_config={"data": config["data"], "val_fraction": config["preprocess"]["val_fraction"],
                            **{k: v for k, v in summary.items() if k not in ("n_train", "n_val", "n_test")}},
         config=config, input_hashes=hashes, quality=quality,
-        extra_attrs={"source": {**source.notes, **summary}, "stimuli_file": str(out_stimuli)})
+        extra_attrs={"source": {**source.notes, **summary}, "stimuli_file": str(out_stimuli),
+                     "stimuli_sha256": stimuli_sha256})
     log.info("%s: %s", subject, summary)
     return summary
