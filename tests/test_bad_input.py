@@ -869,6 +869,31 @@ def test_command_line_prints_the_one_line_and_returns_2(tmp_path, capsys):
     assert len(lines) == 1 and lines[0].startswith(f"mindvis: error: {path}: not valid YAML at line 2")
 
 
+@pytest.mark.parametrize("command, message", [
+    (["edit", "--operation", "zero", "--rois", "V1", "--tau", "-3"], r"key '--tau': --tau -3 is not a number of "
+                                                                      r"denoising steps"),
+    (["edit", "--operation", "scale", "--rois", "V1"], r"key '--factor': --operation scale needs the multiplier"),
+    (["summary", "--csv", "{bad_csv}"], r"summary.csv: not a readable summary CSV"),
+], ids=["edit-negative-tau", "edit-scale-without-factor", "summary-csv-not-a-csv"])
+def test_command_line_flags_and_files_give_one_line_not_a_traceback(tmp_path, good, capsys, command, message):
+    """The issue's own cases, through the command line: exit 2 and one line (argparse's checks aside)."""
+    from mindvis.cli import main
+    from mindvis.config import dump_config
+
+    config = tmp_path / "config.yaml"
+    dump_config(bids_config(), config)
+    (tmp_path / "summary.csv").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
+    decoder = ["--subject", SUBJECT, "--model-dir", str(tmp_path / "dcldm"), "--responses", str(good.responses),
+               "--stimuli", str(good.stimuli), "--out-dir", str(tmp_path / "edits"), "--ids", "x"]
+    argv = [command[0], "--config", str(config)] + (decoder if command[0] == "edit" else [])
+    argv += [part.format(bad_csv=tmp_path / "summary.csv") for part in command[1:]]
+    before = snapshot(tmp_path)
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mindvis: error: ") and re.search(message, lines[0]), lines
+    assert snapshot(tmp_path) == before
+
+
 # -- properties: random configs and random arrays ------------------------------------------------------
 
 #: Repeatable in CI: the same examples every run, none stored between runs.
