@@ -607,3 +607,32 @@ def test_new_subject_curve_refuses_a_benchmark_of_other_responses(tmp_path, rng)
     report["entries"][0]["left_out"] = "sub-09"
     benchmark.write_text(json.dumps(report))
     assert any("no entry for sub-01" in note for note in html.new_subject_curve(metrics, model, benchmark)["notes"])
+
+
+def test_the_report_refuses_samples_rewritten_after_the_evaluation_or_of_another_subject(report_inputs, tmp_path):
+    """The report shows the run its tables scored (issue 37): metrics.json's recorded SHA-256, and its subject."""
+    import hashlib
+    import shutil
+
+    import h5py
+
+    metrics = json.loads(report_inputs["metrics_path"].read_text())
+    model = Path(report_inputs["samples"]["dcldm"])
+    metrics["inputs"] = {str(model): hashlib.sha256(model.read_bytes()).hexdigest()}
+    report_inputs["metrics_path"].write_text(json.dumps(metrics))
+    config = {"experiment": "x", "generate": {"attention_stimuli": 2}}
+    with h5py.File(model, "a") as handle:  # a rerun of generate after the evaluation
+        handle.attrs["rerun"] = 1
+    with pytest.raises(MindvisError, match=r"not the file .*metrics.json scored") as caught:
+        html.build_report(report_inputs["metrics_path"], tmp_path / "report.html", config=config,
+                          samples=report_inputs["samples"], responses=report_inputs["responses"])
+    assert caught.value.path == model and "rerun evaluate" in caught.value.fix
+    other = tmp_path / "other" / "samples.h5"
+    other.parent.mkdir()
+    shutil.copy(model, other)
+    with h5py.File(other, "a") as handle:
+        handle.attrs["subject"] = "sub-09"
+    with pytest.raises(MindvisError, match=r"samples of sub-09, but .* is of") as caught:
+        html.build_report(report_inputs["metrics_path"], tmp_path / "report.html", config=config,
+                          samples={**report_inputs["samples"], "dcldm": other}, responses=report_inputs["responses"])
+    assert not (tmp_path / "report.html").exists()

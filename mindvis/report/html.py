@@ -361,6 +361,33 @@ def _file_hashes(paths):
     return {str(path): sha256_file(path) for path in paths if path and Path(path).is_file()}
 
 
+def check_report_inputs(metrics, metrics_path, samples, responses):
+    """Refuse files other than those ``metrics.json`` scored: a report must show the run its tables are of.
+
+    Every given file that ``metrics.json`` recorded (``inputs``: path -> SHA-256, as evaluate was given them)
+    must have that content, and the model's samples must be of the metrics' subject.
+    """
+    recorded = {}
+    for name, digest in (metrics.get("inputs") or {}).items():
+        if isinstance(digest, str):
+            recorded[Path(name).resolve()] = (name, digest)
+    for path in [responses, *samples.values()]:
+        if not path or not Path(path).is_file() or Path(path).resolve() not in recorded:
+            continue
+        name, digest = recorded[Path(path).resolve()]
+        if sha256_file(path) != digest:
+            raise MindvisError(f"not the file {metrics_path} scored (its SHA-256 differs from the one recorded for "
+                               f"{name}): it was rewritten after the evaluation", path=path, key="inputs",
+                               fix="rerun evaluate for this subject (snakemake reruns it when its inputs change), "
+                                   "then the report.")
+    model = samples.get("dcldm")
+    if model and Path(model).is_file():
+        subject = _load_samples(model)["attrs"].get("subject")
+        if subject is not None and str(subject) != str(metrics["subject"]):
+            raise MindvisError(f"samples of {subject}, but {metrics_path} is of {metrics['subject']}", path=model,
+                               key="subject", fix=f"give {metrics['subject']}'s own samples.h5.")
+
+
 def build_report(metrics_path, out_path, *, config, samples=None, responses=None, curves=None, figures_dir=None,
                  fewshot_model=None, fewshot_benchmark=None, edits=None):
     """Write a subject's self-contained ``report.html``.
@@ -401,6 +428,7 @@ def build_report(metrics_path, out_path, *, config, samples=None, responses=None
     start = time.perf_counter()
     metrics = tables.load_metrics(metrics_path)
     samples = dict(samples or {})
+    check_report_inputs(metrics, metrics_path, samples, responses)
     drawn = {}
     grids = grid_figures(samples)
     if grids:
