@@ -870,8 +870,8 @@ def test_command_line_prints_the_one_line_and_returns_2(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command, message", [
-    (["edit", "--operation", "zero", "--rois", "V1", "--tau", "-3"], r"key '--tau': --tau -3 is not a number of "
-                                                                      r"denoising steps"),
+    (["edit", "--operation", "zero", "--rois", "V1", "--tau", "-3"],
+     r"key '--tau': --tau -3 is not a number of denoising steps"),
     (["edit", "--operation", "scale", "--rois", "V1"], r"key '--factor': --operation scale needs the multiplier"),
     (["summary", "--csv", "{bad_csv}"], r"summary.csv: not a readable summary CSV"),
 ], ids=["edit-negative-tau", "edit-scale-without-factor", "summary-csv-not-a-csv"])

@@ -49,7 +49,7 @@ def hidden(folder):
 
 
 def run_python(code, cwd):
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=cwd, check=False,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
 
 
@@ -88,7 +88,7 @@ def test_convert_on_a_real_full_disk_is_one_line_and_keeps_the_previous_pair(tmp
         if where == "before-writing":
             result = subprocess.run([sys.executable, "-m", "mindvis.cli", "convert", "--config", str(config),
                                      "--subject", SUBJECT, "--out", str(out / "responses.h5"), "--stimuli-out",
-                                     str(out / "stimuli.h5")], capture_output=True, text=True)
+                                     str(out / "stimuli.h5")], capture_output=True, text=True, check=False)
         else:
             result = run_python(f"""
                 import sys
@@ -162,7 +162,7 @@ def test_two_summary_writers_of_one_csv_do_not_delete_each_others_temporary(tmp_
         live = tmp_path / f".summary.csv.{sleeper.pid}-abcdefgh.tmp.csv"
         live.write_text("another writer's table, being written")
         dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                                  text=True).stdout.strip()
+                                  text=True, check=False).stdout.strip()
         stale = tmp_path / f".summary.csv.{dead_pid}-ijklmnop.tmp.csv"
         stale.write_text("a killed writer's table")
         legacy = tmp_path / ".summary.csv.qrstuvwx.tmp.csv"  # written before writers named themselves

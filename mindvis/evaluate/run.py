@@ -103,7 +103,7 @@ from mindvis.evaluate.classifier_check import CLASSIFIER_METRICS, check_classifi
 from mindvis.evaluate.table import (BASE_CEILING_LABELS, GROUND_TRUTH, SUBSETS, Table, chance_metrics, class_scores,
                                     derangement, log_table, make_reference, stimulus_categories)
 from mindvis.generate.decode import sample_classes, sample_like
-from mindvis.generate.writing import SAMPLES_FILE, read_samples_h5, save_grid, write_samples_h5
+from mindvis.generate.writing import SAMPLES_FILE, read_samples_attrs, read_samples_h5, save_grid, write_samples_h5
 from mindvis.models.classifiers.load import load_image_classifier
 from mindvis.models.ldm import load_generator
 from mindvis.utils.device import device_name, resolve_precision, select_device
@@ -482,6 +482,11 @@ def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir
     split_name, test_rows = _test_split(data, model_samples, samples)
     check_stimuli_pair(data, responses, stimuli)
     used = check_samples_decoder(model_samples, samples, subject, data, responses, stimuli, base, overrides)
+    # Every other decoder's samples scored beside the model's are held to the same inputs.
+    for other in (baseline_samples, start_samples, lowlevel_samples, shared_samples, fewshot_samples):
+        if other is not None and Path(other).is_file():
+            used = sorted(set(used) | set(check_samples_decoder({"attrs": read_samples_attrs(other)}, other, subject,
+                                                                 data, responses, stimuli, base, overrides)))
     stimulus_set = load_stimulus_set(stimuli)
     class_names = list(stimulus_set.class_names)
     device = select_device(device)

@@ -140,13 +140,23 @@ def read_samples_h5(path):
             group = handle["attention"]
             out["attention"] = {"maps": group["maps"][()], "stimulus_id": group["stimulus_id"].asstr()[()],
                                 "timesteps": group["timesteps"][()], "token_weights": group["token_weights"][()]}
-        attrs = {}
-        for key, value in handle.attrs.items():
-            if isinstance(value, str) and value[:1] in "[{":
-                try:
-                    value = json.loads(value)
-                except ValueError:
-                    pass
-            attrs[key] = value
-        out["attrs"] = attrs
+        out["attrs"] = _attrs(handle)
     return out
+
+
+def read_samples_attrs(path):
+    """Only the attributes of a ``samples.h5`` (JSON ones parsed), without reading its images."""
+    with h5py.File(Path(path), "r") as handle:
+        return _attrs(handle)
+
+
+def _attrs(handle):
+    attrs = {}
+    for key, value in handle.attrs.items():
+        if isinstance(value, str) and value[:1] in "[{":
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+        attrs[key] = value
+    return attrs

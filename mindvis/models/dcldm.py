@@ -47,11 +47,11 @@ from safetensors.torch import load_file, save_file
 
 from mindvis.data.voxel_space import same_space, space_spec
 from mindvis.errors import MindvisError
+from mindvis.models.bundled import ASSETS
 from mindvis.models.conditioning import FmriConditioner, MindVisConditioner
 from mindvis.models.ldm import load_generator
 from mindvis.models.mbm import MBMAutoencoder, load_pretrained_mbm, mbm_from_config
 from mindvis.models.weights import save_weights
-from mindvis.models.bundled import ASSETS
 from mindvis.utils.io import atomic_path, check_digests, file_digests, file_identity, sha256_file, write_json_atomic
 
 MODEL_FILE = "dcldm.safetensors"

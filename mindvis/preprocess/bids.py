@@ -273,7 +273,7 @@ def check_tr_header(image, tr, sidecar, bold_path):
     try:
         zooms = header.get_zooms()
         units = header.get_xyzt_units()[1]
-    except Exception:  # a header without these fields (not NIfTI-1/2): the sidecar stands alone
+    except (AttributeError, TypeError, ValueError):  # a header without these fields: the sidecar stands alone
         return
     if len(zooms) < 4 or units not in ("sec", "msec", "usec"):
         return
