@@ -528,6 +528,8 @@ def edit_case(**arguments):
         out.mkdir(parents=True)
         (out / "edits.json").write_text('{"stage": "edit"}')
         (out / "edits.h5").write_bytes(b"an earlier edit")
+        if arguments.pop("foreign", False):
+            (out / "notes.txt").write_text("a user's notes, which replacing the folder would delete")
         ids = [str(s) for s in load_responses(good.responses, splits=("test_avg",))["test_avg"].stimulus_id]
         kwargs = {"stimulus_ids": ids[:2], "operation": "zero", "rois": ["V1"], **arguments}
         for name in ("mask",):
@@ -803,6 +805,9 @@ CASES = [
                  id="edit-unknown-roi"),
     pytest.param(edit_case(stimulus_ids=["no-such-image"]), "responses.h5", "test_avg/stimulus_id",
                  r"stimulus no-such-image not in the test_avg split", id="edit-stimulus-not-in-split"),
+    pytest.param(edit_case(foreign=True), "edits-manual", "--out-dir",
+                 r"holds 1 files edits did not write \(notes.txt\); the folder is replaced as a unit",
+                 id="edit-out-dir-holds-other-files"),
     # the summary table and the metrics it is built from
     pytest.param(summary_csv_case(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe binary"), "summary.csv", None,
                  r"not a readable summary CSV \(UnicodeDecodeError", id="summary-csv-binary"),

@@ -267,19 +267,27 @@ def resize_images(images, size):
     return out[..., None] if out.ndim == 3 else out
 
 
-def write_edits(out_dir, arrays, record):
-    """``edits.h5`` (``arrays``: dataset name -> array; attribute ``shown_groups`` where ``record`` has it), then
-    ``edits.json`` (``record``), each atomically."""
-    from mindvis.utils.io import atomic_path, hdf5_for_writing, write_json_atomic
+#: What an edit writes in its folder (replaced as a unit, so nothing else may live there).
+EDIT_OUTPUTS = (EDITS_FILE, EDITS_JSON, "grid.png")
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / EDITS_FILE) as tmp, hdf5_for_writing(tmp) as handle:
-        for name, values in arrays.items():
-            handle.create_dataset(name, data=values)
-        if "shown_groups" in record:
-            handle.attrs["shown_groups"] = json.dumps(record["shown_groups"])
-    write_json_atomic(out_dir / EDITS_JSON, record)
+
+def write_edits(out_dir, arrays, record, grid=None):
+    """``edits.h5`` (``arrays``: dataset name -> array; attribute ``shown_groups`` where ``record`` has it),
+    ``edits.json`` (``record``) and, given ``grid`` (rows and true images), ``grid.png``: the folder replaced as
+    one unit, so ``edits.json``'s groups always index the ``edits.h5`` beside it."""
+    from mindvis.generate.writing import save_grid
+    from mindvis.utils.io import atomic_folder, atomic_path, check_own_folder, hdf5_for_writing, write_json_atomic
+
+    check_own_folder(out_dir, EDIT_OUTPUTS, "edits")
+    with atomic_folder(out_dir) as staging:
+        with atomic_path(staging / EDITS_FILE) as tmp, hdf5_for_writing(tmp) as handle:
+            for name, values in arrays.items():
+                handle.create_dataset(name, data=values)
+            if "shown_groups" in record:
+                handle.attrs["shown_groups"] = json.dumps(record["shown_groups"])
+        write_json_atomic(staging / EDITS_JSON, record)
+        if grid is not None:
+            save_grid(staging / "grid.png", grid[0], truth=grid[1])
 
 
 def _voxel_group(responses, rois=None, mask=None, path=None):
@@ -362,15 +370,15 @@ def edit_subject(config, subject, model_dir, responses, stimuli, out_dir, *, sti
     from mindvis.data.responses import check_stimuli_pair, load_responses
     from mindvis.data.stimuli import load_stimulus_set
     from mindvis.generate.control import AttentionEdit
-    from mindvis.generate.writing import save_grid
     from mindvis.models.dcldm import check_decoder_inputs, check_decoder_responses, load_dcldm
     from mindvis.utils.device import select_device
-    from mindvis.utils.io import derive_seed, software_versions
+    from mindvis.utils.io import check_own_folder, derive_seed, software_versions
 
     started = time.perf_counter()
     settings = config["generate"]
     out_dir = Path(out_dir)
     check_edit_arguments(operation, donor_ids, factor, taus, settings["steps"])
+    check_own_folder(out_dir, EDIT_OUTPUTS, "edits")
     data = load_responses(responses, splits=(settings["split"],))
     split = data[settings["split"]]
     known = [str(s) for s in split.stimulus_id]
@@ -434,7 +442,7 @@ def edit_subject(config, subject, model_dir, responses, stimuli, out_dir, *, sti
     heat = (np.clip(change * 4, 0, 1) * 255).astype(np.uint8)[..., None]
     if source.shape[-1] == 3:
         heat = np.repeat(heat, 3, axis=-1)
-    save_grid(out_dir / "grid.png", np.concatenate([*columns, heat], axis=1), truth=truth)
+    grid = (np.concatenate([*columns, heat], axis=1), truth)
     record = {"stage": "edit", "subject": subject, "model_dir": str(model_dir), "operation": operation,
               "factor": None if factor is None else float(factor), "rois": list(rois) if rois is not None else None,
               "mask": None if mask is None else str(mask), "n_group_voxels": int(voxels.sum()),
@@ -448,5 +456,5 @@ def edit_subject(config, subject, model_dir, responses, stimuli, out_dir, *, sti
               "overrides": sorted(used), "config": config, "versions": software_versions()}
     record["wall_time_s"] = round(time.perf_counter() - started, 2)
     write_edits(out_dir, {"source": source, "edited": edited, "change": change.astype(np.float32),
-                          "true_images": truth, "label": np.asarray(labels, np.int64)}, record)
+                          "true_images": truth, "label": np.asarray(labels, np.int64)}, record, grid=grid)
     return record

@@ -31,7 +31,7 @@ from mindvis.errors import MindvisError
 from mindvis.models.dcldm import (LOWLEVEL_FILE, check_decoder_inputs, check_decoder_responses, decoder_binding,
                                   load_dcldm, load_lowlevel)
 from mindvis.utils.device import device_name, resolve_precision, select_device, synchronize
-from mindvis.utils.io import atomic_folder, derive_seed, software_versions, write_json_atomic
+from mindvis.utils.io import atomic_folder, check_own_folder, derive_seed, software_versions, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
     started = time.perf_counter()
     settings = config["generate"]
     out_dir = Path(out_dir)
-    check_output_folder(out_dir)
+    check_own_folder(out_dir, OUTPUT_NAMES, "generate")
     generator, decoder, meta = load_dcldm(model_dir, base=base, allow_other_prior="prior" in overrides)
     device = select_device(device)
     precision = resolve_precision(settings["mixed_precision"], device)
@@ -171,21 +171,6 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
 
 #: What generate writes in its folder (replaced as a unit, so nothing else may live there).
 OUTPUT_NAMES = ("png", "grid.png", SAMPLES_FILE, "summary.json")
-
-
-def check_output_folder(out_dir):
-    """Refuse an output folder that holds files generate did not write: replacing the folder would delete them."""
-    out_dir = Path(out_dir)
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise MindvisError("not a folder", path=out_dir, key="--out-dir",
-                           fix="give a folder for the samples (e.g. results/{subject}/samples).")
-    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in OUTPUT_NAMES and not p.name.startswith("."))
-    if foreign:
-        raise MindvisError(f"holds {len(foreign)} files generate did not write ({', '.join(foreign[:3])}); the "
-                           "folder is replaced as a unit, which would delete them", path=out_dir, key="--out-dir",
-                           fix="give a folder of its own for the samples (e.g. results/{subject}/samples).")
 
 
 def _write_outputs(out_dir, stimulus_ids, samples, true_images, labels, seeds, predicted, attention, summary, attrs):

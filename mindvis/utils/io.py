@@ -222,6 +222,22 @@ def atomic_folder(path):
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def check_own_folder(folder, names, stage):
+    """Refuse an output folder holding files ``stage`` does not write (``names``; hidden temporaries aside):
+    :func:`atomic_folder` replaces the folder as a unit, which would delete them."""
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise MindvisError("not a folder", path=folder, key="--out-dir",
+                           fix=f"give a folder of its own for the {stage} outputs.")
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in names and not p.name.startswith("."))
+    if foreign:
+        raise MindvisError(f"holds {len(foreign)} files {stage} did not write ({', '.join(foreign[:3])}); the "
+                           "folder is replaced as a unit, which would delete them", path=folder, key="--out-dir",
+                           fix=f"give a folder of its own for the {stage} outputs.")
+
+
 def _relabelled(error, staging, path):
     """``error`` naming ``path``'s file where it named the same file inside ``staging``."""
     if error.path is None:
