@@ -132,7 +132,10 @@ def _view_meta(config, subject, view, base, generator, data, responses, trained_
         "step": result["step"], "epochs": result["epochs_done"],
         "training": {"peak_lr": result["peak_lr"], "effective_batch": result["effective_batch"],
                      "mixed_precision": result["mixed_precision"], "torch_threads": torch.get_num_threads()},
-        "inputs": {**responses_record(responses, data), "stimuli": str(stimuli)},
+        # Trained on an image corpus that may merge every subject's images (real data: results/pretrain/stimuli.h5),
+        # not the subject's own stimulus file that generate reads: the stimuli are recorded, explicitly unbound.
+        "inputs": {**responses_record(responses, data), "stimuli": str(stimuli), "stimuli_sha256": None,
+                   "stimuli_unbound": "a shared decoder is trained on the image corpus of every shared subject"},
         "config": config, "versions": software_versions(), **extra,
     }
 
