@@ -143,6 +143,16 @@ def _check_consistency(config, path):
                 raise MindvisError("no subject is left for the shared decoder", path=path, key="finetune.shared",
                                    fix="decode at least two subjects, or set finetune.shared false.")
     data = config["data"]
+    classifier = config["evaluate"]["classifier"]
+    if (data["source"] == "simulated" and sim["category_model"] == "deepnet"
+            and classifier == sim["feature_network"]):
+        # A decoder would be scored by the very features the simulated higher visual cortex carries.
+        others = [name for name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+                  if name != classifier]
+        raise MindvisError(f"the simulated cortex reads {classifier}'s layers and evaluate.classifier is "
+                           f"{classifier} too", path=path, key="evaluate.classifier",
+                           fix=f"score with another classifier (auto or domain), or simulate with "
+                               f"simulate.feature_network: {others[0]}.")
     if data["source"] == "bids":
         if not data["bids_dir"]:
             raise MindvisError("data.source is bids but no BIDS folder is given", path=path, key="data.bids_dir",

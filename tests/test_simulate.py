@@ -152,11 +152,13 @@ def test_retinotopy_and_receptive_field_sizes(rng):
     assert layout.mni[early, 1].mean() < layout.mni[~early, 1].mean()
 
 
-def test_category_tuning_is_spatially_clustered(rng):
+@pytest.mark.parametrize("category_model", ["labels", "deepnet"])
+def test_category_tuning_is_spatially_clustered(rng, category_model):
     layout = geometry.place_rois(3.0, FOV, 200, 600, rng)
-    model = encoding.make_encoding_model(layout, 10, validate({})["simulate"], rng)
+    model = encoding.make_encoding_model(layout, 10, validate({"simulate": {"category_model": category_model}})[
+        "simulate"], rng)
     higher = np.flatnonzero(~layout.is_early)
-    tuning = model.category_tuning[higher]
+    tuning = model.category_maps[higher]
     distance = np.linalg.norm(layout.mni[higher, None] - layout.mni[None, higher], axis=2)
     similarity = np.corrcoef(tuning)
     near = similarity[(distance > 0) & (distance <= 3.1)].mean()
@@ -222,8 +224,7 @@ def test_labels_category_model_reproduces_the_original_responses():
     rng = np.random.default_rng(11)
     layout = _small_layout(rng)
     images, labels = _object_images(rng, 5)
-    section = validate({})["simulate"]
-    assert section["category_model"] == "labels"
+    section = validate({"simulate": {"category_model": "labels"}})["simulate"]
     model = encoding.make_encoding_model(layout, 4, section, rng)
     response = model.calibrate_predict(images, labels)
     early, higher = np.flatnonzero(layout.is_early), np.flatnonzero(~layout.is_early)
@@ -236,6 +237,43 @@ def test_labels_category_model_reproduces_the_original_responses():
     assert response.sum() == pytest.approx(1596.8806, rel=1e-5)
     assert model.feature_tuning is None and model.c2_prototypes is None
     np.testing.assert_array_equal(model.predict(images, labels), response)
+
+
+def test_features_category_model_reproduces_the_original_responses():
+    # Reference values from the features model before the deepnet model and shared maps existed.
+    rng = np.random.default_rng(11)
+    layout = _small_layout(rng)
+    images, _ = _object_images(rng, 5)
+    response = _features_model(rng, layout, images).calibrate_predict(images)
+    early, higher = np.flatnonzero(layout.is_early), np.flatnonzero(~layout.is_early)
+    block = response[[0, 7, 13, 19]][:, [early[0], early[1], higher[0], higher[1]]]
+    expected = [[1.4443105, 0.85916656, 0.5853914, 0.6669653],
+                [1.112888, 0.92492807, 1.5938345, 0.78104657],
+                [1.4207706, 0.84933335, 0.6812734, 0.66970986],
+                [1.5573794, 0.91414756, 1.6886501, 0.61211973]]
+    np.testing.assert_allclose(block, expected, rtol=1e-5)
+    assert response.sum() == pytest.approx(1589.9657, rel=1e-5)
+
+
+@pytest.mark.parametrize("category_model, totals", [
+    # Sums of sub-01's ground-truth responses and of the first BOLD run of sub-01 and sub-rest01, computed by the
+    # simulator before shared maps, resting-state networks and the deepnet model existed (commit a5889f9).
+    ("labels", (19513.50334681943, 863864515.0, 590320410.0)),
+    ("features", (19579.62874584645, 863886434.0, 590320422.0)),
+])
+def test_older_category_models_without_shared_maps_reproduce_the_earlier_simulator(tmp_path, category_model, totals):
+    config = validate({**TINY, "simulate": {**TINY["simulate"], "category_model": category_model,
+                                            "shared_tuning": 0, "rest_networks": 0}})
+    stimuli = tmp_path / "stimuli.h5"
+    build_stimulus_set(config, stimuli)
+    simulate_subject(config, stimuli, tmp_path / "bids", "sub-01")
+    simulate_rest_subject(config, tmp_path / "bids", "sub-rest01")
+    truth = bids.read_ground_truth(bids_layout.derivative_paths(tmp_path / "bids", "sub-01")["groundtruth"])
+    found = [float(truth["response"].astype(np.float64).sum())]
+    for subject in ("sub-01", "sub-rest01"):
+        bold = sorted((tmp_path / "bids" / subject / "func").glob("*_bold.nii.gz"))[0]
+        found.append(float(np.asarray(nib.load(bold).dataobj, dtype=np.float64).sum()))
+    assert found == list(totals)
 
 
 def test_c2_features_peak_at_one_on_the_prototypes_source_images():
@@ -288,7 +326,8 @@ def test_feature_category_drive_follows_visual_similarity_and_label_drive_does_n
     centroids = np.stack([similarity[:, labels == c].mean(axis=1) for c in range(4)], axis=1)
     assert np.mean(centroids.argmax(axis=1) == labels) > 0.8
 
-    labelled = encoding.make_encoding_model(layout, 4, validate({})["simulate"], rng).calibrate(images, labels)
+    labelled = encoding.make_encoding_model(layout, 4, validate({"simulate": {"category_model": "labels"}})["simulate"],
+                                            rng).calibrate(images, labels)
     label_similarity = np.corrcoef(labelled.category_drive(images, labels))
     np.testing.assert_allclose(label_similarity[same], 1.0, atol=1e-5)  # one pattern per class, whatever the image
 
@@ -304,6 +343,184 @@ def test_features_category_model_simulates_task_and_rest_subjects(tmp_path):
     for subject in ("sub-01", "sub-rest01"):
         for bold in sorted((tmp_path / "bids" / subject / "func").glob("*_bold.nii.gz")):
             assert np.isfinite(np.asarray(nib.load(bold).dataobj)).all()
+
+
+# -- the deepnet category model and shared anatomy ------------------------------------
+
+def _deepnet_model(rng, layout, shared=None):
+    section = validate({})["simulate"]
+    assert section["category_model"] == "deepnet"  # the default
+    return encoding.make_encoding_model(layout, 4, section, rng, shared=shared)
+
+
+@pytest.fixture(scope="module")
+def object_features():
+    """Four classes of objects and their deep-network features (computed once for the module)."""
+    from mindvis.simulate.deepnet import layer_features
+
+    images, labels = _object_images(np.random.default_rng(21), 12)
+    return images, labels, layer_features(images)
+
+
+def test_deepnet_features_have_the_documented_layers(object_features):
+    from mindvis.simulate import deepnet
+
+    images, _, features = object_features
+    assert features["mid"].shape == (len(images), 112 * deepnet.MID_GRID ** 2)
+    assert features["late"].shape == (len(images), 1280)
+    assert all(np.isfinite(values).all() and values.std(axis=0).max() > 0 for values in features.values())
+    # Computed the same in any batch size (the network is in eval mode: no dropout, frozen batch norm).
+    again = deepnet.layer_features(images[:5], batch_size=2)
+    np.testing.assert_allclose(again["late"], features["late"][:5], rtol=1e-4, atol=1e-5)
+
+
+def test_deepnet_model_reads_the_network_not_the_label(object_features):
+    images, labels, features = object_features
+    rng = np.random.default_rng(4)
+    layout = _small_layout(rng)
+    model = _deepnet_model(rng, layout)
+    assert model.feature_tuning.shape == (80, 2 * encoding.DEEPNET_COMPONENTS)
+    assert model.shape_weights.shape == (80, 0) and np.isnan(model.category_tuning).all()
+    response = model.calibrate_predict(images, labels, features)
+    np.testing.assert_array_equal(model.predict(images, rng.permutation(labels), features=features), response)
+    # Without the cached features it computes them itself, to the same responses.
+    np.testing.assert_allclose(model.predict(images), response, rtol=1e-4, atol=1e-5)
+    higher = ~layout.is_early
+    assert np.isfinite(response).all() and response[:, higher].std(axis=0).min() > 0
+    assert response[:, higher].mean() == pytest.approx(model.percent_signal_change, rel=0.05)
+    assert np.mean(model.category_drive(images, features=features) ** 2) == pytest.approx(1.0, rel=1e-3)
+    # Images of a class drive the higher voxels alike (the network sees them alike); other classes less so.
+    similarity = np.corrcoef(model.category_drive(images, features=features))
+    same = (labels[:, None] == labels[None]) & ~np.eye(len(labels), dtype=bool)
+    assert similarity[same].mean() > similarity[labels[:, None] != labels[None]].mean() + 0.3
+
+
+def test_deepnet_layers_weigh_mid_in_loc_and_late_in_vot(object_features):
+    images, labels, features = object_features
+    rng = np.random.default_rng(8)
+    layout = _small_layout(rng)
+    model = _deepnet_model(rng, layout)
+    model.calibrate(images, labels, features)
+    names = layout.roi_names
+    for roi, (mid, late) in encoding.DEEPNET_LAYER_WEIGHTS.items():
+        np.testing.assert_allclose(model.layer_weights[names == roi], [[mid, late]] * int((names == roi).sum()), rtol=1e-6)
+    # Each layer's drive has unit mean square on the calibration set.
+    for drive, scale in zip(model._layer_drives(features), model.layer_scales_):
+        assert np.mean((drive / scale) ** 2) == pytest.approx(1.0, rel=1e-6)
+
+
+def _two_layouts():
+    rng = np.random.default_rng(30)
+    return _small_layout(rng), rng
+
+
+def test_shared_maps_at_weight_zero_are_the_independent_maps():
+    layout, _ = _two_layouts()
+    fields = encoding.draw_shared_maps(layout.grid.shape, 2 * encoding.DEEPNET_COMPONENTS, 3.0,
+                                       np.random.default_rng(1))
+    alone = _deepnet_model(np.random.default_rng(5), layout)
+    zero = _deepnet_model(np.random.default_rng(5), layout, shared=encoding.SharedMaps(fields, 0.0, np.zeros(3)))
+    np.testing.assert_array_equal(alone.feature_tuning, zero.feature_tuning)
+    np.testing.assert_array_equal(alone.gain, zero.gain)
+
+
+def test_fully_shared_maps_are_identical_across_subjects_up_to_misalignment():
+    layout, _ = _two_layouts()
+    higher = ~layout.is_early
+    n_maps = 2 * encoding.DEEPNET_COMPONENTS
+    fields = encoding.draw_shared_maps(layout.grid.shape, n_maps, 3.0, np.random.default_rng(1))
+    # Two subjects (their own random streams) with the same voxels and no misalignment: the same tuning.
+    first = _deepnet_model(np.random.default_rng(5), layout, shared=encoding.SharedMaps(fields, 1.0, np.zeros(3)))
+    second = _deepnet_model(np.random.default_rng(6), layout, shared=encoding.SharedMaps(fields, 1.0, np.zeros(3)))
+    np.testing.assert_allclose(first.feature_tuning[higher], second.feature_tuning[higher], atol=1e-5)
+    assert not np.allclose(first.gain, second.gain)  # gains stay individual
+    # Misaligned by one voxel along x: the tuning is the shared map read one voxel over.
+    offset = np.array([1.0, 0.0, 0.0])
+    moved = _deepnet_model(np.random.default_rng(6), layout, shared=encoding.SharedMaps(fields, 1.0, offset))
+    shifted = fields[:, (layout.ijk[higher, 0] + 1) % layout.grid.shape[0], layout.ijk[higher, 1],
+                     layout.ijk[higher, 2]].T
+    expected = (shifted - shifted.mean(axis=0)) / shifted.std(axis=0)
+    np.testing.assert_allclose(moved.feature_tuning[higher], expected, atol=1e-4)
+    assert not np.allclose(moved.feature_tuning[higher], first.feature_tuning[higher], atol=1e-2)
+    # Half shared: correlated with the shared maps, but not identical.
+    half = _deepnet_model(np.random.default_rng(6), layout, shared=encoding.SharedMaps(fields, 0.5, np.zeros(3)))
+    r = np.mean([np.corrcoef(half.feature_tuning[higher, k], first.feature_tuning[higher, k])[0, 1]
+                 for k in range(n_maps)])
+    assert 0.5 < r < 0.9
+
+
+def test_shared_tuning_makes_subjects_alike_in_the_simulation(tmp_path):
+    def tuning_correlation(shared):
+        config = validate({**TINY, "simulate": {**TINY["simulate"], "shared_tuning": shared, "n_higher_voxels": 400,
+                                                "misalignment_mm": 0.0}})
+        from mindvis.simulate.run import _anatomy, make_subject_model
+        from mindvis.simulate.traits import subject_traits
+
+        maps = {}
+        for subject in ("sub-01", "sub-02"):
+            layout, _ = _anatomy(config, subject, subject_traits(config, subject))
+            model = make_subject_model(config, subject, layout, 10, None)
+            maps[subject] = {tuple(ijk): row for ijk, row in zip(layout.ijk[~layout.is_early],
+                                                                 model.feature_tuning[~layout.is_early])}
+        common = sorted(set(maps["sub-01"]) & set(maps["sub-02"]))
+        assert len(common) > 20
+        a = np.array([maps["sub-01"][key] for key in common])
+        b = np.array([maps["sub-02"][key] for key in common])
+        return np.mean([np.corrcoef(a[:, k], b[:, k])[0, 1] for k in range(a.shape[1])])
+
+    assert abs(tuning_correlation(0.0)) < 0.15
+    assert tuning_correlation(1.0) > 0.8
+
+
+def test_ground_truth_handle_rebuilds_the_simulated_responses(tiny_dataset, tiny_config):
+    from mindvis.simulate import ground_truth
+
+    stimuli_path = tiny_dataset / "bids" / "stimuli" / "stimuli.h5"
+    truth = ground_truth(tiny_config, stimuli_path, "sub-02")
+    stored = bids.read_ground_truth(bids_layout.derivative_paths(tiny_dataset / "bids", "sub-02")["groundtruth"])
+    stimuli = load_stimulus_set(stimuli_path, splits=("train", "test"))
+    images = np.concatenate([stimuli["train"].images, stimuli["test"].images])
+    responses, roi = truth.respond(images)
+    np.testing.assert_allclose(responses, stored["response"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(roi, stored["voxel_roi"])
+    # Any size and any channels: fitted as the stimuli were.
+    other = np.random.default_rng(0).integers(0, 256, (3, 50, 40, 3)).astype(np.uint8)
+    responses, _ = truth.respond(other)
+    assert responses.shape == (3, len(roi)) and np.isfinite(responses).all()
+    with pytest.raises(MindvisError, match="uint8"):
+        truth.respond(other.astype(np.float32))
+
+
+def test_cached_features_are_checked_against_the_network_and_the_stimuli(tiny_dataset, tmp_path):
+    from mindvis.simulate import deepnet
+
+    stimuli_path = tiny_dataset / "bids" / "stimuli" / "stimuli.h5"
+    cache = deepnet.write_stimulus_features(stimuli_path, tmp_path / "features.h5")
+    stimuli = load_stimulus_set(stimuli_path, splits=("test",))
+    ids = list(stimuli["test"].stimulus_id[::-1])
+    read = deepnet.read_stimulus_features(cache, ids, "efficientnet_lite0", stimuli_path=stimuli_path)
+    direct = deepnet.layer_features(stimuli["test"].images[::-1])
+    np.testing.assert_allclose(read["late"], direct["late"], rtol=1e-4, atol=1e-5)
+    with pytest.raises(MindvisError, match="efficientnet_lite0"):
+        deepnet.read_stimulus_features(cache, ids, "efficientnet_lite1")
+    with pytest.raises(MindvisError, match="no features"):
+        deepnet.read_stimulus_features(cache, ["not-a-stimulus"], "efficientnet_lite0")
+    other = tmp_path / "other.h5"
+    other.write_bytes(stimuli_path.read_bytes() + b"")
+    import h5py
+
+    with h5py.File(other, "a") as handle:
+        handle.attrs["touched"] = 1
+    with pytest.raises(MindvisError, match="another stimulus file"):
+        deepnet.read_stimulus_features(cache, ids, "efficientnet_lite0", stimuli_path=other)
+
+
+def test_the_evaluation_classifier_is_never_the_simulators_feature_network():
+    with pytest.raises(MindvisError, match="evaluate.classifier"):
+        validate({"evaluate": {"classifier": "efficientnet_lite0"}})
+    # Another feature network, or another category model, is fine.
+    validate({"evaluate": {"classifier": "efficientnet_lite0"}, "simulate": {"feature_network": "efficientnet_lite1"}})
+    validate({"evaluate": {"classifier": "efficientnet_lite0"}, "simulate": {"category_model": "features"}})
 
 
 # -- time series ------------------------------------------------------------------

@@ -41,7 +41,10 @@ derivatives live in ``{bids}/derivatives/simulation/{sub}/``:
             half-widths; x right, y up), exponent [V], feature_weights [V, F]
             (F = n_wavelengths x n_orientations), category_tuning [V, C],
             shape_weights [V, K], category_weight [V], shape_weight [V], gain [V];
-            attrs: wavelengths, n_orientations, shape_feature_names, class_names
+            features / deepnet models: feature_tuning [V, K]; deepnet:
+            feature_layer int [K], layer_weights [V, 2];
+            attrs: wavelengths, n_orientations, shape_feature_names, class_names,
+            category_model, feature_network (deepnet)
         stimulus_id        str [S]          every train and test image (task subjects)
         label              int64 [S]
         response           float32 [S, V]   noise-free peak evoked response, percent signal change
@@ -213,6 +216,13 @@ def write_ground_truth(path, layout, model, noise_sd, baseline, attrs, class_nam
         for name in ("is_early", "prf_x", "prf_y", "prf_sigma", "exponent", "feature_weights",
                      "category_tuning", "shape_weights", "category_weight", "shape_weight", "gain"):
             group.create_dataset(name, data=getattr(model, name))
+        # The tuning of the C2 (features) or deep-network (deepnet) model, and the latter's layer weights.
+        for name in ("feature_tuning", "feature_layer", "layer_weights"):
+            if getattr(model, name) is not None:
+                group.create_dataset(name, data=getattr(model, name))
+        group.attrs["category_model"] = model.category_model
+        if model.feature_network:
+            group.attrs["feature_network"] = model.feature_network
         group.attrs["wavelengths"] = json.dumps(list(model.wavelengths))
         group.attrs["n_orientations"] = model.n_orientations
         group.attrs["shape_feature_names"] = json.dumps(list(SHAPE_FEATURE_NAMES))

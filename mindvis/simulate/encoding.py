@@ -37,6 +37,21 @@ The category drive comes in two forms (``simulate.category_model``):
     this is what lets a feature decoder trained on some categories identify
     novel ones (Horikawa & Kamitani 2017, Nat. Commun. 8:15037): visually
     similar images evoke similar patterns, whatever their class.
+``deepnet``
+    The goal-driven encoding model (:mod:`mindvis.simulate.deepnet`): each
+    LOC/VOT voxel is a linear read-out of a pretrained ImageNet network's mid
+    and late layers, with read-out weights from smooth maps across cortex
+    over the top ``DEEPNET_COMPONENTS`` principal components of each layer
+    (fitted on the calibration set; unwhitened, so the network's dominant
+    dimensions dominate, as IT's object space does: Bao et al. 2020,
+    Nature 583:103). LOC leans to the mid layer and VOT to the late one
+    (``DEEPNET_LAYER_WEIGHTS``). The silhouette shape features are not used.
+
+Shared anatomy: the smooth tuning maps of the higher areas can be the sum of
+a template-space component shared by every subject (drawn from the config
+seed alone, :func:`draw_shared_maps`) and an individual one, the shared one
+displaced by a few millimetres per subject (residual misalignment after
+anatomical normalisation); see :class:`SharedMaps`.
 
 Visual-field coordinates are in image half-widths: the image spans [-1, 1] in
 x (left to right) and y (bottom to top).
@@ -75,7 +90,15 @@ SILHOUETTE_THRESHOLD = 0.1
 SHAPE_BLOCKS = 4
 
 #: Forms of the higher voxels' category drive (``simulate.category_model``).
-CATEGORY_MODELS = ("labels", "features")
+CATEGORY_MODELS = ("labels", "features", "deepnet")
+#: Principal components of each deep-network layer that the ``deepnet`` voxels read (Bao et al. 2020 used 50).
+DEEPNET_COMPONENTS = 50
+#: Weight of the mid and late layer in each higher area (``deepnet``): intermediate layers predict lateral
+#: occipital cortex best and the late layers ventral temporal cortex, a gradient along the ventral stream
+#: (Güçlü & van Gerven 2015, J. Neurosci. 35:10005, Fig. 4; Eickenberg et al. 2017, NeuroImage 152:184).
+#: The root sum of squares (0.81 LOC, 0.72 VOT) keeps each area's tuned share of the response where the
+#: shape-and-category models put it (0.85, 0.71).
+DEEPNET_LAYER_WEIGHTS = {"LOC": (0.7, 0.4), "VOT": (0.4, 0.6)}
 #: Number of C2 features (S2 prototype patches) of the ``features`` category model.
 C2_PROTOTYPES = 48
 #: Side, in C1 positions, of an S2 patch (each patch spans all orientations).
@@ -427,10 +450,19 @@ class EncodingModel:
         Fractions of the image side.
     percent_signal_change : float
         Mean evoked response over voxels and calibration images.
-    category_model : {'labels', 'features'}
+    category_model : {'labels', 'features', 'deepnet'}
         What drives the category part of the higher voxels (module docstring).
-    feature_tuning : float32 [V, K_c2] or None
-        ``features`` only: weights on the z-scored C2 features (z-scored over higher voxels).
+    feature_tuning : float32 [V, K_c2] or [V, 2 * DEEPNET_COMPONENTS] or None
+        ``features``: weights on the z-scored C2 features; ``deepnet``: weights
+        on the principal-component scores of the network's layers (columns of
+        ``feature_layer``). Z-scored over higher voxels.
+    feature_layer : int [K] or None
+        ``deepnet`` only: the layer of each ``feature_tuning`` column (index into
+        :data:`mindvis.simulate.deepnet.LAYERS`).
+    layer_weights : float32 [V, 2] or None
+        ``deepnet`` only: weight of the mid and the late layer per voxel.
+    feature_network : str or None
+        ``deepnet`` only: the ImageNet network whose layers are read.
     c2_prototypes : float32 [K_c2, O, P, P] or None
         ``features`` only: the S2 prototypes (:func:`draw_c2_prototypes`);
         a model without them (a rest subject's) has tuning but cannot predict.
@@ -438,13 +470,18 @@ class EncodingModel:
     shape_mean_, shape_std_ : float32 [K]
     c2_mean_, c2_std_ : float32 [K_c2]
         ``features`` only: C2 normalisation, like the shape features'.
+    pca_means_, pca_components_ : list of float32 [D_l], [K_l, D_l]
+        ``deepnet`` only: each layer's principal components on the calibration set.
+    layer_scales_ : list of float
+        ``deepnet`` only: root mean square of each layer's raw drive (calibration set, higher voxels).
     category_scale_ : float
-        ``features`` only: root mean square of the raw C2 drive over the
+        ``features``: root mean square of the raw C2 drive over the
         calibration images and higher voxels. Dividing by it gives the feature
         drive the unit mean square that the label drive has (each class's
         tuning is z-scored over higher voxels, so for every image the label
         drive has mean 0 and variance 1 over them); ``HIGHER_WEIGHTS`` then
-        weigh category against shape as before.
+        weigh category against shape as before. ``deepnet``: the same of the
+        layer-weighted drive, used only by :meth:`category_drive`.
 
     The trailing-underscore attributes are set by :meth:`calibrate` on the
     experiment's stimulus set.
@@ -474,6 +511,12 @@ class EncodingModel:
     c2_mean_: np.ndarray = field(default=None)
     c2_std_: np.ndarray = field(default=None)
     category_scale_: float = 1.0
+    feature_layer: np.ndarray = field(default=None)
+    layer_weights: np.ndarray = field(default=None)
+    feature_network: str = None
+    pca_means_: list = field(default=None)
+    pca_components_: list = field(default=None)
+    layer_scales_: list = field(default=None)
 
     @property
     def n_voxels(self):
@@ -482,10 +525,10 @@ class EncodingModel:
     @property
     def category_maps(self):
         """The tuning that carries the category drive: ``category_tuning [V, C]`` or ``feature_tuning [V, K_c2]``."""
-        return self.feature_tuning if self.category_model == "features" else self.category_tuning
+        return self.category_tuning if self.category_model == "labels" else self.feature_tuning
 
     def _check_labels(self, labels, n_images):
-        if self.category_model == "features":
+        if self.category_model != "labels":
             return None  # the label is not read
         if labels is None:
             raise ValueError("the labels category model needs one label per image")
@@ -520,6 +563,33 @@ class EncodingModel:
         higher = np.flatnonzero(~self.is_early)
         return ((c2 - self.c2_mean_) / self.c2_std_) @ self.feature_tuning[higher].T
 
+    def _layer_drives(self, features):
+        """Unscaled drive of each deep-network layer: PC scores through the voxels' tuning, list of [S, V_higher]."""
+        from mindvis.simulate.deepnet import LAYERS
+
+        higher = np.flatnonzero(~self.is_early)
+        drives = []
+        for index, layer in enumerate(LAYERS):
+            scores = (np.asarray(features[layer], dtype=np.float64) - self.pca_means_[index]) \
+                @ self.pca_components_[index].T
+            columns = np.flatnonzero(self.feature_layer == index)
+            drives.append(scores @ self.feature_tuning[np.ix_(higher, columns)].T)
+        return drives
+
+    def _deepnet_drive(self, features):
+        """Deep-network drive of the higher voxels, each layer at unit mean square, weighted; float [S, V_higher]."""
+        higher = np.flatnonzero(~self.is_early)
+        return sum(self.layer_weights[higher, index] * drive / scale
+                   for index, (drive, scale) in enumerate(zip(self._layer_drives(features), self.layer_scales_)))
+
+    def _features(self, images, features):
+        """The deep-network features of the images: the ones given, or computed now."""
+        if features is not None:
+            return features
+        from mindvis.simulate.deepnet import layer_features
+
+        return layer_features(images, self.feature_network)
+
     def _category_drive(self, lum, labels):
         """Category drive of the higher voxels, unit mean square over them, float [S, V_higher]."""
         if self.category_model == "features":
@@ -535,30 +605,43 @@ class EncodingModel:
         drive = 1.0 + self.category_weight[higher] * category + self.shape_weight[higher] * shape
         return np.logaddexp(0, drive).astype(np.float32)  # softplus: responses stay positive
 
-    def category_drive(self, images, labels=None):
+    def _higher_response(self, images, lum, labels, features):
+        """Higher-voxel drive through the soft rectifier, before the calibrated scale, float32 [S, V_higher]."""
+        if self.category_model == "deepnet":
+            return np.logaddexp(0, 1.0 + self._deepnet_drive(self._features(images, features))).astype(np.float32)
+        return self._higher_drive(lum, self._category_drive(lum, labels))
+
+    def category_drive(self, images, labels=None, features=None):
         """The category drive of the higher voxels alone, before weighting, shape and rectification.
 
-        Under both category models it has unit mean square over higher voxels
-        (on the calibration set, for ``features``).
+        Under every category model it has unit mean square over higher voxels
+        (on the calibration set, for ``features`` and ``deepnet``).
 
         Parameters
         ----------
         images : uint8 [S, H, W, C]
         labels : int [S], optional
             Needed by the ``labels`` category model only.
+        features : dict, optional
+            ``deepnet`` only: the images' layer features
+            (:func:`mindvis.simulate.deepnet.layer_features`); computed when not given.
 
         Returns
         -------
         float32 [S, V_higher]
             Columns in the order of ``np.flatnonzero(~is_early)``.
         """
-        if self.category_model == "features" and self.c2_mean_ is None:
+        if self.category_model != "labels" and self.shape_mean_ is None:
             raise RuntimeError("call calibrate() on the stimulus set before category_drive()")
         labels = self._check_labels(labels, len(images))
+        if self.category_model == "deepnet":
+            # The weighted sum of the layers' drives, rescaled to unit mean square like the others.
+            return np.asarray(self._deepnet_drive(self._features(images, features)) / self.category_scale_,
+                              dtype=np.float32)
         return np.asarray(self._category_drive(luminance(images), labels), dtype=np.float32)
 
-    def calibrate(self, images, labels=None):
-        """Fix the response scale and the shape- (and C2-) feature normalisation on a stimulus set.
+    def calibrate(self, images, labels=None, features=None):
+        """Fix the response scale and the feature normalisations on a stimulus set.
 
         After calibration the mean response over the set and over voxels of a
         kind (early or higher) is ``percent_signal_change``.
@@ -568,15 +651,38 @@ class EncodingModel:
         images : uint8 [S, H, W, C]
         labels : int [S], optional
             Needed by the ``labels`` category model only.
+        features : dict, optional
+            ``deepnet`` only: the images' layer features; computed when not given.
 
         Returns
         -------
         self
         """
-        self.calibrate_predict(images, labels)
+        self.calibrate_predict(images, labels, features)
         return self
 
-    def calibrate_predict(self, images, labels=None):
+    def _fit_components(self, features):
+        """``deepnet``: each layer's top principal components and its drive's scale, on the calibration set."""
+        from mindvis.simulate.deepnet import LAYERS
+
+        self.pca_means_, self.pca_components_, self.layer_scales_ = [], [], []
+        for index, layer in enumerate(LAYERS):
+            values = np.asarray(features[layer], dtype=np.float64)
+            mean = values.mean(axis=0)
+            n_components = int(np.sum(self.feature_layer == index))
+            _, _, vt = np.linalg.svd(values - mean, full_matrices=False)
+            components = np.zeros((n_components, values.shape[1]))
+            kept = min(n_components, len(vt))
+            components[:kept] = vt[:kept]
+            # Fix each component's sign (largest loading positive), so the model is the same on any LAPACK.
+            signs = np.sign(components[np.arange(n_components), np.abs(components).argmax(axis=1)])
+            components *= np.where(signs == 0, 1.0, signs)[:, None]
+            self.pca_means_.append(mean)
+            self.pca_components_.append(components)
+        self.layer_scales_ = [float(max(np.sqrt(np.mean(drive ** 2)), 1e-12))
+                              for drive in self._layer_drives(features)]
+
+    def calibrate_predict(self, images, labels=None, features=None):
         """:meth:`calibrate` on a stimulus set and return :meth:`predict` of it, computing the drives once.
 
         Returns
@@ -595,21 +701,25 @@ class EncodingModel:
             self.early_scale_ = float(drive.mean())
             out[:, early] = drive / self.early_scale_
         if (~early).any():
-            if self.category_model == "features":
+            if self.category_model == "deepnet":
+                features = self._features(images, features)
+                self._fit_components(features)
+                self.category_scale_ = float(max(np.sqrt(np.mean(self._deepnet_drive(features) ** 2)), 1e-12))
+                drive = self._higher_response(images, lum, labels, features)
+            elif self.category_model == "features":
                 c2 = self._c2(lum)
                 self.c2_mean_ = c2.mean(axis=0)
                 self.c2_std_ = np.maximum(c2.std(axis=0), 1e-3)
                 raw = self._c2_drive(c2)
                 self.category_scale_ = float(np.sqrt(np.mean(raw ** 2)))
-                category = raw / self.category_scale_
+                drive = self._higher_drive(lum, raw / self.category_scale_)
             else:
-                category = self._category_drive(lum, labels)
-            drive = self._higher_drive(lum, category)
+                drive = self._higher_drive(lum, self._category_drive(lum, labels))
             self.higher_scale_ = float(drive.mean())
             out[:, ~early] = drive / self.higher_scale_
         return out * self.gain * self.percent_signal_change
 
-    def predict(self, images, labels=None, chunk=256):
+    def predict(self, images, labels=None, chunk=256, features=None):
         """Noise-free evoked response to each image.
 
         Parameters
@@ -617,9 +727,11 @@ class EncodingModel:
         images : uint8 [S, H, W, C]
         labels : int [S], optional
             Category of each image: drives the category tuning of the
-            ``labels`` model (required there); the ``features`` model ignores it.
+            ``labels`` model (required there); the other models ignore it.
         chunk : int
             Images processed at once (bounds memory).
+        features : dict, optional
+            ``deepnet`` only: the images' layer features; computed when not given.
 
         Returns
         -------
@@ -637,8 +749,9 @@ class EncodingModel:
             if early.any():
                 out[rows, early] = self._early_drive(lum) / self.early_scale_
             if (~early).any():
-                category = self._category_drive(lum, None if labels is None else labels[rows])
-                out[rows, ~early] = self._higher_drive(lum, category) / self.higher_scale_
+                block = None if features is None else {layer: values[rows] for layer, values in features.items()}
+                out[rows, ~early] = self._higher_response(images[rows], lum, None if labels is None else labels[rows],
+                                                          block) / self.higher_scale_
         return out * self.gain * self.percent_signal_change
 
 
@@ -663,7 +776,57 @@ def _zscore_columns(values):
     return (values - values.mean(axis=0)) / np.maximum(values.std(axis=0), 1e-9)
 
 
-def make_encoding_model(layout, n_classes, section, rng, c2_prototypes=None):
+@dataclass
+class SharedMaps:
+    """The template-space part of the tuning maps, common to every subject, and one subject's view of it.
+
+    A subject's map is ``sqrt(1 - weight) * individual + sqrt(weight) * shared``
+    (both smooth fields of the same smoothness, so of equal variance) before
+    the columns are z-scored over the higher voxels: ``weight`` 0 gives
+    independent maps, 1 the same map in every subject up to ``offset_vox``.
+
+    Attributes
+    ----------
+    fields : float32 [n_maps, X, Y, Z]
+        Drawn from ``simulate.population_seed`` alone (:func:`draw_shared_maps`).
+    weight : float
+        ``simulate.shared_tuning``, in [0, 1].
+    offset_vox : float [3]
+        This subject's displacement of the shared maps (grid voxels): the
+        residual misalignment after anatomical normalisation.
+    """
+
+    fields: np.ndarray
+    weight: float
+    offset_vox: np.ndarray
+
+    def sample(self, ijk):
+        """The shared maps at voxel indices ``ijk`` int [V, 3], read ``offset_vox`` away; float [V, n_maps].
+
+        Linear interpolation, periodic at the box edges as the fields are.
+        """
+        from scipy import ndimage
+
+        positions = (np.asarray(ijk, dtype=np.float64) + np.asarray(self.offset_vox, dtype=np.float64)).T
+        return np.stack([ndimage.map_coordinates(field, positions, order=1, mode="grid-wrap")
+                         for field in self.fields], axis=1)
+
+
+def draw_shared_maps(grid_shape, n_maps, resolution_mm, rng, smoothness_mm=TUNING_SMOOTHNESS_MM):
+    """The shared template-space tuning fields, float32 [n_maps, X, Y, Z] (draw ``rng`` from the population seed)."""
+    return smooth_fields(grid_shape, n_maps, smoothness_mm / resolution_mm, rng)
+
+
+def n_tuning_maps(category_model, n_classes, n_prototypes=C2_PROTOTYPES):
+    """How many smooth maps the higher voxels' tuning reads: category (or feature) maps, then shape maps."""
+    if category_model == "labels":
+        return n_classes + len(SHAPE_FEATURE_NAMES)
+    if category_model == "features":
+        return n_prototypes + len(SHAPE_FEATURE_NAMES)
+    return 2 * DEEPNET_COMPONENTS  # deepnet: no silhouette shape features
+
+
+def make_encoding_model(layout, n_classes, section, rng, c2_prototypes=None, shared=None):
     """Draw one subject's voxel tuning.
 
     Parameters
@@ -680,6 +843,11 @@ def make_encoding_model(layout, n_classes, section, rng, c2_prototypes=None):
         (:func:`draw_c2_prototypes`). Without them the model has its tuning
         (``C2_PROTOTYPES`` features) but cannot predict, which is all a rest
         subject needs. Under the ``labels`` model it must be None.
+    shared : SharedMaps, optional
+        The template-space part of the higher areas' tuning maps (as many maps
+        as :func:`n_tuning_maps`). None: the maps are the subject's alone.
+        The subject's own maps are drawn from ``rng`` either way, so every
+        other draw is unchanged by it.
 
     Returns
     -------
@@ -699,14 +867,18 @@ def make_encoding_model(layout, n_classes, section, rng, c2_prototypes=None):
 
         raise MindvisError(f"unknown category model '{category_model}'", key="simulate.category_model",
                            fix=f"use one of {', '.join(CATEGORY_MODELS)}.")
-    if category_model == "labels" and c2_prototypes is not None:
+    if category_model != "features" and c2_prototypes is not None:
         raise ValueError("C2 prototypes are only used by the features category model")
     if c2_prototypes is not None and np.shape(c2_prototypes)[1:] != (n_orientations, S2_PATCH_SIDE, S2_PATCH_SIDE):
         raise ValueError(f"C2 prototypes must be [K, {n_orientations}, {S2_PATCH_SIDE}, {S2_PATCH_SIDE}], "
                          f"got {np.shape(c2_prototypes)}")
     # The label model's maps are one per class; the feature model's one per C2 feature.
+    # The deepnet model's maps are one per principal component of each layer, and it has no shape maps.
     n_category_maps = n_classes if category_model == "labels" else (
+        2 * DEEPNET_COMPONENTS if category_model == "deepnet" else
         C2_PROTOTYPES if c2_prototypes is None else len(c2_prototypes))
+    if category_model == "deepnet":
+        n_shape = 0
 
     nan = np.full(n_voxels, np.nan, dtype=np.float32)
     prf_x, prf_y, prf_sigma, exponent = nan.copy(), nan.copy(), nan.copy(), nan.copy()
@@ -714,7 +886,7 @@ def make_encoding_model(layout, n_classes, section, rng, c2_prototypes=None):
     category_tuning = np.full((n_voxels, n_classes), np.nan, dtype=np.float32)
     shape_weights = np.full((n_voxels, n_shape), np.nan, dtype=np.float32)
     feature_tuning = (np.full((n_voxels, n_category_maps), np.nan, dtype=np.float32)
-                      if category_model == "features" else None)
+                      if category_model != "labels" else None)
     category_weight, shape_weight = nan.copy(), nan.copy()
 
     # Early: receptive fields on the retinotopic map.
@@ -745,11 +917,20 @@ def make_encoding_model(layout, n_classes, section, rng, c2_prototypes=None):
         smoothness_vox = TUNING_SMOOTHNESS_MM / layout.grid.resolution_mm
         maps = smooth_fields(layout.grid.shape, n_category_maps + n_shape, smoothness_vox, rng)
         sampled = maps[:, layout.ijk[higher, 0], layout.ijk[higher, 1], layout.ijk[higher, 2]].T
+        if shared is not None and shared.weight > 0:
+            if len(shared.fields) != n_category_maps + n_shape:
+                raise ValueError(f"{len(shared.fields)} shared maps for {n_category_maps + n_shape} tuning maps")
+            sampled = (np.sqrt(1 - shared.weight) * sampled
+                       + np.sqrt(shared.weight) * shared.sample(layout.ijk[higher]))
         sampled = _zscore_columns(sampled)
         (category_tuning if category_model == "labels" else feature_tuning)[higher] = sampled[:, :n_category_maps]
         shape_weights[higher] = sampled[:, n_category_maps:]
-        category_weight[higher] = [HIGHER_WEIGHTS[n]["category"] for n in names[higher]]
-        shape_weight[higher] = [HIGHER_WEIGHTS[n]["shape"] for n in names[higher]]
+        if category_model == "deepnet":
+            layer_weights = np.full((n_voxels, 2), np.nan, dtype=np.float32)
+            layer_weights[higher] = [DEEPNET_LAYER_WEIGHTS[n] for n in names[higher]]
+        else:
+            category_weight[higher] = [HIGHER_WEIGHTS[n]["category"] for n in names[higher]]
+            shape_weight[higher] = [HIGHER_WEIGHTS[n]["shape"] for n in names[higher]]
 
     gain = np.exp(rng.normal(0, GAIN_SPREAD, n_voxels))
     return EncodingModel(
@@ -763,4 +944,9 @@ def make_encoding_model(layout, n_classes, section, rng, c2_prototypes=None):
         percent_signal_change=float(section["percent_signal_change"]),
         category_model=category_model, feature_tuning=feature_tuning,
         c2_prototypes=None if c2_prototypes is None else np.asarray(c2_prototypes, dtype=np.float32),
+        **({} if category_model != "deepnet" else {
+            "feature_layer": np.repeat(np.arange(2), DEEPNET_COMPONENTS),
+            "layer_weights": layer_weights if higher.any() else np.full((n_voxels, 2), np.nan, dtype=np.float32),
+            "feature_network": section.get("feature_network", "efficientnet_lite0"),
+        }),
     )

@@ -9,6 +9,12 @@ carry spontaneous slow fluctuations that follow the same functional layout
 an ROI), so a masked autoencoder pretrained on rest data meets the structure
 it will see in the task data.
 
+Anatomy is shared, imperfectly: with ``simulate.shared_tuning`` above 0 the
+higher areas' tuning maps and the resting-state networks are part template
+space (the same in every subject, displaced by ``simulate.misalignment_mm``
+per subject) and part individual (:class:`mindvis.simulate.encoding.SharedMaps`),
+so what one subject's (or a rest corpus's) responses teach transfers to another.
+
 Runs are generated and written one at a time, so memory stays bounded by one
 run. Every random stream derives from ``derive_seed(seed, 'simulate',
 subject, part)``: subjects differ, reruns are identical, and changing one part
@@ -39,6 +45,11 @@ REST_LATENT_AR1 = 0.9
 #: Weight of the fluctuation shared by all voxels of an ROI, and of the one shared by all visual voxels.
 REST_ROI_SHARE = 0.5
 REST_GLOBAL_SHARE = 0.3
+#: Weight of the resting-state networks (``simulate.rest_networks`` smooth spatial modes, each with its own
+#: slow time course), and their spatial smoothness: networks span centimetres of cortex (Yeo et al. 2011,
+#: J. Neurophysiol. 106:1125), coarser than the tuning maps.
+REST_NETWORK_SHARE = 0.5
+REST_NETWORK_SMOOTHNESS_MM = 12.0
 
 
 def _rng(config, subject, part):
@@ -58,6 +69,93 @@ def _anatomy(config, subject, traits):
                                  traits["n_higher_voxels"], _rng(config, subject, "geometry"))
     _, fraction = geometry.brain_fraction(section["resolution_mm"], section["field_of_view"])
     return layout, fraction
+
+
+def _alignment_offset(config, subject):
+    """This subject's displacement of the shared template maps (grid voxels), float [3]."""
+    section = config["simulate"]
+    rng = _rng(config, subject, "alignment")
+    return rng.normal(0.0, section["misalignment_mm"], 3) / section["resolution_mm"]
+
+
+def _shared_maps(config, subject, layout, n_maps):
+    """The shared part of the subject's tuning maps (:class:`encoding.SharedMaps`), or None when not shared."""
+    section = config["simulate"]
+    if section["shared_tuning"] == 0:
+        return None
+    # Drawn from the population seed alone: every subject of every experiment reads the same template maps.
+    fields = encoding.draw_shared_maps(layout.grid.shape, n_maps, section["resolution_mm"], np.random.default_rng(
+        derive_seed(section["population_seed"], "simulate", "shared_tuning")))
+    return encoding.SharedMaps(fields, float(section["shared_tuning"]), _alignment_offset(config, subject))
+
+
+def rest_network_maps(config, subject, layout):
+    """Loadings of the subject's visual voxels on the resting-state networks, float32 [V, N] (or None).
+
+    Each network is a smooth spatial mode, ``shared_tuning`` of it common to all
+    subjects in template space (displaced as the tuning maps are) and the rest
+    the subject's own, z-scored over the subject's voxels.
+    """
+    section = config["simulate"]
+    n_networks = section["rest_networks"]
+    if n_networks == 0:
+        return None
+    smoothness_vox = REST_NETWORK_SMOOTHNESS_MM / section["resolution_mm"]
+    own = encoding.smooth_fields(layout.grid.shape, n_networks, smoothness_vox, _rng(config, subject, "networks"))
+    loadings = own[:, layout.ijk[:, 0], layout.ijk[:, 1], layout.ijk[:, 2]].T.astype(np.float64)
+    weight = float(section["shared_tuning"])
+    if weight > 0:
+        fields = encoding.smooth_fields(layout.grid.shape, n_networks, smoothness_vox, np.random.default_rng(
+            derive_seed(section["population_seed"], "simulate", "rest_networks")))
+        shared = encoding.SharedMaps(fields, weight, _alignment_offset(config, subject))
+        loadings = np.sqrt(1 - weight) * loadings + np.sqrt(weight) * shared.sample(layout.ijk)
+    return ((loadings - loadings.mean(axis=0)) / np.maximum(loadings.std(axis=0), 1e-9)).astype(np.float32)
+
+
+def _subject_model(config, subject, layout, n_classes, c2_prototypes=None):
+    """The subject's encoding model, its tuning maps part shared when ``simulate.shared_tuning`` > 0."""
+    section = config["simulate"]
+    shared = _shared_maps(config, subject, layout, encoding.n_tuning_maps(
+        section["category_model"], n_classes,
+        encoding.C2_PROTOTYPES if c2_prototypes is None else len(c2_prototypes)))
+    return encoding.make_encoding_model(layout, n_classes, section, _rng(config, subject, "tuning"),
+                                        c2_prototypes=c2_prototypes, shared=shared)
+
+
+def make_subject_model(config, subject, layout, n_classes, train_images):
+    """A task subject's (uncalibrated) encoding model, as :func:`simulate_subject` draws it.
+
+    Parameters
+    ----------
+    config : dict
+    subject : str
+    layout : mindvis.simulate.geometry.VoxelLayout
+    n_classes : int
+    train_images : uint8 [S, H, W, C]
+        The stimulus set's training images (the ``features`` model samples its C2 prototypes from them).
+
+    Returns
+    -------
+    mindvis.simulate.encoding.EncodingModel
+    """
+    section = config["simulate"]
+    prototypes = None
+    if section["category_model"] == "features":
+        # Drawn from the config seed alone: every subject's C2 features are the same features.
+        prototypes = encoding.draw_c2_prototypes(train_images, section["n_orientations"], section["gabor_wavelengths"],
+                                                 np.random.default_rng(derive_seed(config["seed"], "simulate",
+                                                                                   "c2_prototypes")))
+    return _subject_model(config, subject, layout, n_classes, c2_prototypes=prototypes)
+
+
+def _stimulus_features(config, stimuli_path, features_path, stimulus_ids, images):
+    """``deepnet``: the stimuli's layer features, from the cache file when given, else computed here."""
+    from mindvis.simulate import deepnet
+
+    network = config["simulate"]["feature_network"]
+    if features_path is not None:
+        return deepnet.read_stimulus_features(features_path, stimulus_ids, network, stimuli_path=stimuli_path)
+    return deepnet.layer_features(images, network)
 
 
 def _roi_columns(scanner, layout):
@@ -119,7 +217,7 @@ def _manifest(config, bids_dir, subject, written, seed_parts, started, extra):
     })
 
 
-def simulate_subject(config, stimuli_path, bids_dir, subject):
+def simulate_subject(config, stimuli_path, bids_dir, subject, features_path=None):
     """Simulate one task subject and write its runs, events, confounds, ROIs and ground truth.
 
     Parameters
@@ -132,6 +230,10 @@ def simulate_subject(config, stimuli_path, bids_dir, subject):
         The BIDS root to write into.
     subject : str
         BIDS label with prefix, e.g. ``sub-01``.
+    features_path : str or Path, optional
+        ``deepnet`` category model: the stimuli's deep-network features
+        (:func:`mindvis.simulate.deepnet.write_stimulus_features`, computed once
+        for all subjects); computed here when not given.
 
     Returns
     -------
@@ -153,15 +255,11 @@ def simulate_subject(config, stimuli_path, bids_dir, subject):
 
     _remove_previous(bids_dir, subject)
     layout, fraction = _anatomy(config, subject, traits)
-    prototypes = None
-    if section["category_model"] == "features":
-        # Drawn from the config seed alone: every subject's C2 features are the same features.
-        prototypes = encoding.draw_c2_prototypes(train.images, section["n_orientations"], section["gabor_wavelengths"],
-                                                 np.random.default_rng(derive_seed(config["seed"], "simulate",
-                                                                                   "c2_prototypes")))
-    model = encoding.make_encoding_model(layout, len(class_names), section, _rng(config, subject, "tuning"),
-                                         c2_prototypes=prototypes)
-    response = model.calibrate_predict(images, labels)  # [S, V], percent signal change
+    model = make_subject_model(config, subject, layout, len(class_names), train.images)
+    features = None
+    if section["category_model"] == "deepnet":
+        features = _stimulus_features(config, stimuli_path, features_path, stimulus_ids, images)
+    response = model.calibrate_predict(images, labels, features)  # [S, V], percent signal change
 
     # Noise level: mean stimulus-driven sd over ROI voxels / mean noise sd = this subject's SNR.
     noise_level = float(response.std(axis=0).mean()) / (section["single_trial_snr"] * traits["snr_factor"])
@@ -174,6 +272,7 @@ def simulate_subject(config, stimuli_path, bids_dir, subject):
     noise_rng = _rng(config, subject, "noise")
     spontaneous_rng = _rng(config, subject, "spontaneous")
     spontaneous_sd = section["spontaneous_to_noise"] * scanner.noise_sd[roi_columns] * model.gain
+    networks = rest_network_maps(config, subject, layout)
     written = []
     for run in runs:
         events = run.events
@@ -182,7 +281,7 @@ def simulate_subject(config, stimuli_path, bids_dir, subject):
         amplitudes = response[[row_of[sid] for sid in events["stimulus_id"]]]  # [K, V]
         # Spontaneous fluctuations look like evoked patterns: noise a decoder cannot simply average away.
         signal = regressors @ amplitudes + spontaneous_sd * spontaneous_signal(
-            model, layout, run.n_volumes, section["tr"], spontaneous_rng)
+            model, layout, run.n_volumes, section["tr"], spontaneous_rng, networks=networks)
         volumes, motion = timeseries.acquire_run(scanner, run.n_volumes, signal, section, noise_rng,
                                                  columns=roi_columns)
         written += _write_run(bids_dir, subject, run, volumes, motion, section, layout.grid.affine)
@@ -200,19 +299,26 @@ def simulate_subject(config, stimuli_path, bids_dir, subject):
              "n_volumes": int(sum(run.n_volumes for run in runs)), "grid_shape": list(layout.grid.shape),
              "traits": traits}
     _manifest(config, bids_dir, subject, written,
-              ("geometry", "tuning", "scanner", "design", "noise", "spontaneous"), started, extra)
+              ("geometry", "tuning", "alignment", "networks", "scanner", "design", "noise", "spontaneous"), started,
+              extra)
     return paths["manifest"]
 
 
-def spontaneous_signal(model, layout, n_volumes, tr, rng):
+def spontaneous_signal(model, layout, n_volumes, tr, rng, networks=None):
     """Slow spontaneous BOLD fluctuations of the visual voxels, z-scored per voxel.
 
     Early voxels see a random, slowly changing pattern of activity over the
     visual field through their receptive fields (so retinotopic neighbours
     co-fluctuate); higher voxels follow slowly changing category and shape
     activations through their tuning; every ROI adds a fluctuation of its
-    own, and all visual voxels share one more. The neural drive is convolved
-    with the Glover HRF.
+    own, and all visual voxels share one more; with ``networks``, each
+    resting-state network adds a slow fluctuation through its spatial loadings.
+    The neural drive is convolved with the Glover HRF.
+
+    Parameters
+    ----------
+    networks : float32 [V, N], optional
+        Loadings on the resting-state networks (:func:`rest_network_maps`).
 
     Returns
     -------
@@ -238,14 +344,24 @@ def spontaneous_signal(model, layout, n_volumes, tr, rng):
     higher = ~early
     if higher.any():
         categories = latent(model.category_maps.shape[1])
-        shapes = latent(model.shape_weights.shape[1])
-        drive[:, higher] = (model.category_weight[higher] * (categories @ model.category_maps[higher].T)
-                            + model.shape_weight[higher] * (shapes @ model.shape_weights[higher].T)
-                            / np.sqrt(shapes.shape[1]))
+        if model.category_model == "deepnet":
+            # Slow activations of each layer's components, through the voxels' read-out of that layer.
+            for index in range(model.layer_weights.shape[1]):
+                columns = np.flatnonzero(model.feature_layer == index)
+                drive[:, higher] += model.layer_weights[higher, index] * (
+                    categories[:, columns] @ model.feature_tuning[np.ix_(higher, columns)].T) / np.sqrt(len(columns))
+        else:
+            shapes = latent(model.shape_weights.shape[1])
+            drive[:, higher] = (model.category_weight[higher] * (categories @ model.category_maps[higher].T)
+                                + model.shape_weight[higher] * (shapes @ model.shape_weights[higher].T)
+                                / np.sqrt(shapes.shape[1]))
     drive = (drive - drive.mean(axis=0)) / np.maximum(drive.std(axis=0), 1e-9)
     per_roi = latent(len(geometry.ROI_NAMES))[:, layout.roi - 1]
     shared = latent(1)
     drive = drive + np.sqrt(REST_ROI_SHARE) * per_roi + np.sqrt(REST_GLOBAL_SHARE) * shared
+    if networks is not None:
+        drive = drive + np.sqrt(REST_NETWORK_SHARE) * (latent(networks.shape[1]) @ networks.T) / np.sqrt(
+            networks.shape[1])
     kernel = timeseries.hrf_kernel(tr, oversampling=1)
     bold = fftconvolve(drive, kernel[:, None], axes=0)[:n_volumes]
     return ((bold - bold.mean(axis=0)) / np.maximum(bold.std(axis=0), 1e-9)).astype(np.float32)
@@ -275,7 +391,7 @@ def simulate_rest_subject(config, bids_dir, subject):
     traits = subject_traits(config, subject)
     _remove_previous(bids_dir, subject)
     layout, fraction = _anatomy(config, subject, traits)
-    model = encoding.make_encoding_model(layout, REST_CATEGORIES, section, _rng(config, subject, "tuning"))
+    model = _subject_model(config, subject, layout, REST_CATEGORIES)
 
     # No stimuli to calibrate on: take the noise level a task subject's typical signal would give.
     typical_signal_sd = section["percent_signal_change"] * TYPICAL_RESPONSE_SPREAD
@@ -285,10 +401,11 @@ def simulate_rest_subject(config, bids_dir, subject):
 
     noise_rng = _rng(config, subject, "noise")
     signal_rng = _rng(config, subject, "spontaneous")
+    networks = rest_network_maps(config, subject, layout)
     written = []
     runs = design.rest_runs(section)
     for run in runs:
-        spontaneous = spontaneous_signal(model, layout, run.n_volumes, section["tr"], signal_rng)
+        spontaneous = spontaneous_signal(model, layout, run.n_volumes, section["tr"], signal_rng, networks=networks)
         signal = spontaneous * section["spontaneous_to_noise"] * scanner.noise_sd[roi_columns] * model.gain
         volumes, motion = timeseries.acquire_run(scanner, run.n_volumes, signal, section, noise_rng,
                                                  columns=roi_columns)
@@ -306,5 +423,5 @@ def simulate_rest_subject(config, bids_dir, subject):
              "n_volumes": int(sum(run.n_volumes for run in runs)), "grid_shape": list(layout.grid.shape),
              "traits": traits}
     _manifest(config, bids_dir, subject, written,
-              ("geometry", "tuning", "scanner", "noise", "spontaneous"), started, extra)
+              ("geometry", "tuning", "alignment", "networks", "scanner", "noise", "spontaneous"), started, extra)
     return paths["manifest"]

@@ -52,6 +52,20 @@ BIDS = config["data"]["bids_dir"] if config["data"]["source"] == "bids" else "re
 STIMULI = config["data"]["bids_stimuli"] or f"{BIDS}/stimuli/stimuli.h5"
 # The simulator's group template (preprocess.space: template), written with the dataset metadata.
 SIMULATED_TEMPLATE = f"{BIDS}/derivatives/simulation/template/tpl-MNI152NLin2009aAsym_desc-visual_mask.nii.gz"
+# The deep-network features the simulated higher visual cortex reads (simulate.category_model: deepnet),
+# computed once for every subject.
+SIMULATION_FEATURES = f"{BIDS}/derivatives/simulation/stimulus_features.h5"
+DEEPNET = SIMULATED and config["simulate"]["category_model"] == "deepnet"
+
+
+def simulation_inputs(wildcards):
+    """Input function: the stimuli, and their deep-network features under the deepnet category model."""
+    return {"stimuli": STIMULI, **({"features": SIMULATION_FEATURES} if DEEPNET else {})}
+
+
+def features_flag(wildcards, input):
+    """Params function: `--features FILE` under the deepnet category model, else nothing."""
+    return f" --features {input.features}" if DEEPNET else ""
 
 
 wildcard_constraints:
@@ -453,6 +467,7 @@ STAGES = {
     "stimuli": (None, False, 1000, 0, (30, 30)),
     "bids_metadata": (None, False, 1000, 0, (10, 10)),
     "simulate": (None, False, 1500, 0, (60, 60)),  # measured peak 660 MiB on configs/default.yaml
+    "stimulus_features": (None, False, 1500, 0, (30, 30)),  # EfficientNet-Lite0 on the stimuli, batches of 64
     "preprocess": (None, False, 2000, 8, (60, 120)),  # gzip-compressed BOLD expands about fourfold, in float32
     "convert": (None, False, 8000, 4, (60, 120)),  # reads its data set's files from the config, not as inputs
     "convert_rest": (None, False, 2000, 2, (60, 60)),  # one run's visual grayordinates in float64 at a time

@@ -5,7 +5,7 @@ if SIMULATED:
     rule simulate:
         """One simulated subject's task fMRI written as BIDS (runs, events, confounds, ROI, ground truth)."""
         input:
-            stimuli=STIMULI,
+            unpack(simulation_inputs),
         output:
             manifest=f"{BIDS}/derivatives/simulation/{{subject}}/{{subject}}_desc-simulation_manifest.json",
         conda:
@@ -14,6 +14,7 @@ if SIMULATED:
             config=RESOLVED_CONFIG,
             bids=bids_root,
             digest=config_digest("stimuli", "simulate"),
+            features=features_flag,
         log:
             "logs/simulate/{subject}.log",
         benchmark:
@@ -25,7 +26,30 @@ if SIMULATED:
             **stage_resources("simulate"),
         shell:
             "mindvis simulate --config {params.config} --stimuli {input.stimuli} --bids-dir {params.bids}"
-            " --subject {wildcards.subject} --threads {threads} > {log} 2>&1"
+            " --subject {wildcards.subject}{params.features} --threads {threads} > {log} 2>&1"
+
+
+    rule stimulus_features:
+        """The deep-network features of every stimulus that the simulated higher visual cortex reads, once."""
+        input:
+            stimuli=STIMULI,
+        output:
+            features=SIMULATION_FEATURES,
+        conda:
+            "../envs/mindvis.yaml"
+        params:
+            config=RESOLVED_CONFIG,
+            digest=config_digest("stimuli", "simulate"),
+        log:
+            "logs/stimulus_features.log",
+        benchmark:
+            "logs/benchmarks/stimulus_features.tsv",
+        threads: stage_threads("stimulus_features")
+        resources:
+            **stage_resources("stimulus_features"),
+        shell:
+            "mindvis stimulus-features --config {params.config} --stimuli {input.stimuli} --out {output.features}"
+            " --threads {threads} > {log} 2>&1"
 
 
     rule simulate_rest:

