@@ -661,9 +661,8 @@ CASES = [
                  r"2 rows have trial_type 'test ', which is not exactly", id="events-trial-type-trailing-space"),
     pytest.param(bids_case(set_trial_type(1, "TRAIN")), EVENTS, "trial_type", r"'TRAIN', which is not exactly",
                  id="events-trial-type-upper-case"),
-    pytest.param(bids_case(lambda root: [set_trial_type(run, "fixation")(root) for run in (3, 4)]), EVENTS,
-                 "trial_type", r"no run holds trials of trial_type 'test': the test split would be empty",
-                 id="events-no-test-trials"),
+    pytest.param(bids_case(set_trial_type(4, "Test", rows=[1])), "sub-01_task-objects_run-04_events.tsv",
+                 "trial_type", r"1 rows have trial_type 'Test', which is not exactly", id="events-test-capitalised"),
     pytest.param(bids_case(set_trial_type(2, "rest")), EVENTS, "trial_type",
                  r"a single run \(run 1\) holds trials of trial_type 'train': the validation split.*would be empty",
                  id="events-single-training-run-empty-validation"),
@@ -872,6 +871,20 @@ def test_command_line_prints_the_one_line_and_returns_2(tmp_path, capsys):
     assert main(["check-config", "--config", str(path)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"mindvis: error: {path}: not valid YAML at line 2")
+
+
+def test_events_that_are_not_stimulus_trials_are_counted_on_the_console(good, tmp_path, caplog):
+    """Nuisance events (any trial_type but train and test) and an empty test split: a warning with the counts."""
+    root = tmp_path / "bids"
+    shutil.copytree(good.bids, root)
+    for run in (3, 4):
+        set_trial_type(run, "fixation")(root)
+    set_trial_type(1, "catch", rows=[0])(root)
+    with caplog.at_level("WARNING", logger="mindvis.preprocess.run"):
+        report = preprocess_subject(bids_config(), root, SUBJECT, tmp_path / "responses.h5")
+    said = " ".join(record.getMessage() for record in caplog.records)
+    assert "1 'catch', 4 'fixation'" in said and "the test split is empty (0 trials)" in said
+    assert report["n_trials"]["test"] == 0 and any("4 'fixation'" in warning for warning in report["warnings"])
 
 
 @pytest.mark.parametrize("command, message", [

@@ -312,10 +312,6 @@ def preprocess_subject(config, bids_dir, subject, out_path, stimuli_path=None):
     if not train_runs:
         raise MindvisError("no run holds trials of trial_type 'train'", path=runs[0].events, key="trial_type",
                            fix="mark training trials with trial_type 'train' (test trials with 'test').")
-    if not test_runs:
-        raise MindvisError("no run holds trials of trial_type 'test': the test split would be empty",
-                           path=runs[0].events, key="trial_type",
-                           fix="mark the test trials with trial_type 'test' (exactly, lower case).")
     val_runs = choose_val_runs(train_runs, section["val_fraction"],
                                derive_seed(config["seed"], "preprocess", subject, "val"))
     if not val_runs:
@@ -325,6 +321,12 @@ def preprocess_subject(config, bids_dir, subject, out_path, stimuli_path=None):
                            fix="give at least two runs with training trials (check that every training trial's "
                                "trial_type is exactly 'train').")
     warnings = []
+    if not test_runs:
+        # A data set for cross-validation only (Haxby's) has none; said on the console, and decode stages refuse.
+        message = ("no run holds trials of trial_type 'test': the test split is empty (0 trials); generate and "
+                   "evaluate need test trials")
+        logger.warning("%s: %s", subject, message)
+        warnings.append(message)
     if nuisance:
         # Not stimulus trials, on purpose or not: said on the console with counts, never dropped silently.
         message = ("events modelled as nuisance conditions, not responses: "
