@@ -83,6 +83,9 @@ class SourceData:
         Source-specific facts recorded as the ``source`` attribute (JSON).
     close : callable or None
         Releases open files once the conversion is done.
+    test_average : tuple (object (str) [M], float32 [M, V]) or None
+        The source's own per-stimulus test averages (raw, before normalisation), used as ``test_avg``
+        instead of the recomputed ones (``data.god_npz.test_average: file``); None recomputes them.
     """
 
     part: np.ndarray
@@ -102,6 +105,7 @@ class SourceData:
     onset: np.ndarray | None = None
     notes: dict = field(default_factory=dict)
     close: Callable | None = None
+    test_average: tuple | None = None
 
     def __len__(self):
         return len(self.part)
@@ -345,6 +349,45 @@ def _zscore_inplace(array, mean, std, chunk=CHUNK_TRIALS):
         block /= std32
 
 
+def wrap_pad_to_patches(array, patch_size):
+    """MinD-Vis's ``pad_to_patch_size``: wrap-pad the columns by ``patch_size - V % patch_size`` (a whole patch
+    when V is already a multiple, as its code does).
+
+    Parameters
+    ----------
+    array : float [N, V]
+    patch_size : int
+
+    Returns
+    -------
+    float [N, V + patch_size - V % patch_size]
+    """
+    return np.pad(array, ((0, 0), (0, patch_size - array.shape[1] % patch_size)), mode="wrap")
+
+
+def mindvis_scalars(train, patch_size):
+    """One mean and SD of the wrap-padded training matrix, and those of it once normalised by them.
+
+    MinD-Vis (code/dataset.py, ``create_Kamitani_dataset``) normalises the padded training matrix by its own
+    scalar mean and SD, then the test matrix by ``np.mean(tr), np.std(tr)`` of the already normalised
+    training matrix: about 0 and 1, computed here exactly as its code does (float64).
+
+    Parameters
+    ----------
+    train : float [N, V]
+        Every training trial of the file (validation trials included: its code has no validation split).
+    patch_size : int
+
+    Returns
+    -------
+    (train_mean, train_std), (test_mean, test_std) : tuples of float
+    """
+    padded = wrap_pad_to_patches(np.asarray(train, dtype=np.float64), patch_size)
+    mean, std = float(np.mean(padded)), float(np.std(padded))
+    normalised = (padded - mean) / (std * 1.0)
+    return (mean, std), (float(np.mean(normalised)), float(np.std(normalised)))
+
+
 def group_sums(values, groups, n_groups):
     """Sum the rows of ``values`` per group (a sort and ``np.add.reduceat``: far faster than ``np.add.at``).
 
@@ -435,6 +478,17 @@ def _check_source(source, source_name):
                            fix="check the source files: the test fMRI and its images are empty.")
 
 
+def _file_test_average(source, keep):
+    """The source's own test averages (ids, float32 [M, V kept], a copy) or None."""
+    if source.test_average is None:
+        return None
+    ids, values = source.test_average
+    values = np.asarray(values, dtype=np.float32)
+    if values.ndim != 2 or values.shape != (len(ids), len(keep)):
+        raise ValueError(f"test_average has shape {values.shape} for {len(ids)} ids and {len(keep)} voxels")
+    return np.asarray(ids, dtype=object), np.ascontiguousarray(values[:, keep])
+
+
 def _first_input(source):
     """The source's main file (its fMRI), named in errors about the data as a whole."""
     return source.input_files[0] if source.input_files else None
@@ -520,7 +574,10 @@ def _convert(source, config, subject, source_name, out_responses, out_stimuli, s
     mean, std, finite = _column_stats(arrays["train"])
     for name in ("val", "test"):
         finite &= _finite_columns(arrays[name])
-    keep = finite & (std > 0)
+    normalisation = config["data"].get("normalisation", "voxel_zscore")
+    # Under one scalar per split a constant voxel is harmless and dropping it would shift a released encoder's
+    # columns: only non-finite voxels go.
+    keep = finite & (std > 0) if normalisation == "voxel_zscore" else finite.copy()
     n_dropped = int((~keep).sum())
     if n_dropped:
         log.warning("%s: dropping %d of %d voxels (%d not finite in some trial, %d constant over training "
@@ -531,8 +588,27 @@ def _convert(source, config, subject, source_name, out_responses, out_stimuli, s
                                fix="check the ROI selection and the source files.")
         arrays = {name: np.ascontiguousarray(array[:, keep]) for name, array in arrays.items()}
         mean, std = mean[keep], std[keep]
-    for array in arrays.values():
-        _zscore_inplace(array, mean, std)
+    file_average = _file_test_average(source, keep)
+    if normalisation == "voxel_zscore":
+        for array in arrays.values():
+            _zscore_inplace(array, mean, std)
+        if file_average is not None:
+            _zscore_inplace(file_average[1], mean, std)
+        normalisation_note = "z-score per voxel with training-split statistics (val and test excluded)"
+    else:
+        (train_mean, train_std), test_scalars = mindvis_scalars(
+            np.concatenate([arrays["train"], arrays["val"]]), config["mbm"]["patch_size"])
+        test_mean, test_std = test_scalars if normalisation == "mindvis_scalar" else (train_mean, train_std)
+        for name, array in arrays.items():
+            split_mean, split_std = (test_mean, test_std) if name == "test" else (train_mean, train_std)
+            array -= np.float32(split_mean)
+            array /= np.float32(split_std)
+        if file_average is not None:
+            file_average[1][:] = (file_average[1] - np.float32(test_mean)) / np.float32(test_std)
+        mean, std = np.full(len(mean), train_mean), np.full(len(std), train_std)
+        normalisation_note = (f"{normalisation}: training (and val) trials wrap-padded to patches of "
+                              f"{config['mbm']['patch_size']}, scaled by mean {train_mean:.6g} and SD "
+                              f"{train_std:.6g}; test trials by mean {test_mean:.6g} and SD {test_std:.6g}")
 
     splits = {}
     for name, split_rows in rows.items():
@@ -540,6 +616,23 @@ def _convert(source, config, subject, source_name, out_responses, out_stimuli, s
         splits[name] = ResponseSplit(fmri=arrays[name], stimulus_id=stimulus_id[split_rows], label=labels,
                                      run=run[split_rows], onset=onset[split_rows])
     averaged, avg_ids, n_repeats = average_repeats(arrays["test"], stimulus_id[test_rows])
+    average_note = {}
+    if file_average is not None:
+        file_ids, file_values = file_average
+        position = {str(sid): row for row, sid in enumerate(file_ids)}
+        missing = [sid for sid in avg_ids if sid not in position]
+        if missing or len(file_ids) != len(avg_ids):
+            raise MindvisError(f"the file's test averages hold {len(file_ids)} stimuli but the single test trials "
+                               f"show {len(avg_ids)} (e.g. {missing[:3]} without an average)",
+                               path=_first_input(source), key="data.god_npz.test_average",
+                               fix="use the file's own arrays, or set data.god_npz.test_average: recomputed.")
+        file_values = file_values[[position[str(sid)] for sid in avg_ids]]
+        # The file's averages and the recomputed ones agree when arr_2 is the mean of arr_1: the record says how far.
+        average_note = {"test_average": "file",
+                        "test_average_max_abs_difference": float(np.max(np.abs(file_values - averaged)))}
+        log.info("%s: test_avg read from the file (largest difference from the recomputed averages %.3g)", subject,
+                 average_note["test_average_max_abs_difference"])
+        averaged = np.ascontiguousarray(file_values, dtype=np.float32)
     splits["test_avg"] = ResponseSplit(
         fmri=averaged, stimulus_id=avg_ids,
         label=np.array([source.stimulus_label.get(sid, -1) for sid in avg_ids], dtype=np.int64),
@@ -557,7 +650,7 @@ def _convert(source, config, subject, source_name, out_responses, out_stimuli, s
     summary = {"source": source_name, "n_train": len(rows["train"]), "n_val": len(rows["val"]),
                "n_test": len(test_rows), "n_test_stimuli": len(avg_ids), "n_voxels": int(keep.sum()),
                "n_voxels_dropped": n_dropped, "validation_grouping": grouping,
-               "normalisation": "z-score per voxel with training-split statistics (val and test excluded)"}
+               "normalisation": normalisation_note, **average_note}
     write_responses(
         out_responses, splits=splits, voxel_ijk=np.asarray(source.voxel_ijk)[keep],
         affine=source.affine, volume_shape=source.volume_shape, voxel_roi=np.asarray(source.voxel_roi)[keep],

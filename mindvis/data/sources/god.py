@@ -25,7 +25,8 @@ the labels unknown. The order of ``arr_1`` (35 repeats of image 0 first, or
 image 0..49 of repeat 1 first) is found by which grouping averages to
 ``arr_2`` (``data.god_npz.test_order: auto``), and the averages are then
 recomputed from the single trials after normalisation with training
-statistics. The voxels carry no coordinates in this form: they are laid on a
+statistics, or read from ``arr_2`` itself as MinD-Vis reads them
+(``data.god_npz.test_average: file``). The voxels carry no coordinates in this form: they are laid on a
 1-D grid. Training trials record no runs: the validation split takes whole
 blocks of 50 consecutive trials (one GOD run).
 
@@ -230,7 +231,8 @@ def read_god_npz(config, subject):
                            fix="set data.roi to an ROI mask of the file that holds voxels.")
     train = train_all[:, mask].astype(np.float32)
     single = single_all[:, mask].astype(np.float32)
-    order, repeats, errors = _test_order(single, averaged_all[:, mask], section["test_order"], fmri_path)
+    averaged = averaged_all[:, mask].astype(np.float32)
+    order, repeats, errors = _test_order(single, averaged, section["test_order"], fmri_path)
     del train_all, single_all, averaged_all
 
     with ArrayFile(image_path, config_key="data.god_npz.images_file") as image_file:
@@ -280,7 +282,9 @@ def read_god_npz(config, subject):
         tr=GOD_TR, input_files=[fmri_path, image_path] + label_files,
         notes={"attribution": GOD_ATTRIBUTION, "source_subject": name, "roi": roi, "test_order": order,
                "test_repeats": repeats, "test_order_errors": errors,
-               "voxel_grid": "1-D: voxel_ijk[:, 0] is the column in the file's full voxel vector"})
+               "voxel_grid": "1-D: voxel_ijk[:, 0] is the column in the file's full voxel vector"},
+        test_average=((np.asarray(stems["test"], dtype=object), averaged)
+                      if section.get("test_average", "recomputed") == "file" else None))
 
 
 # -- god_bdata --------------------------------------------------------------------------------------
