@@ -6,7 +6,9 @@ The reference formulas below restate MinD-Vis's ``code/dataset.py`` (``pad_to_pa
 
 import numpy as np
 import pytest
+import torch
 
+from mindvis.generate.sampling import make_scheduler
 from test_sources import convert, god_names, make_config, write_god_npz
 
 PATCH = 16
@@ -98,3 +100,75 @@ def test_constant_voxel_kept_under_scalar_normalisation(tmp_path):
     _, zscored, _ = convert(make_config(tmp_path, source="god_npz", trials_per_block=3,
                                         god_npz={"dir": str(tmp_path / "npz")}), tmp_path / "z")
     assert zscored.n_voxels == int(truth["vc"].sum()) - 1
+
+
+# -- PLMS as CompVis's PLMSSampler (latent-diffusion ldm/models/diffusion/plms.py, MinD-Vis's dc_ldm copy) ---------
+
+CIN256_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.0015, "beta_end": 0.0195,
+                   "beta_schedule": "scaled_linear", "prediction_type": "epsilon"}
+
+
+def toy_eps(x, t):
+    """A deterministic noise prediction that depends on the sample and the timestep."""
+    return torch.tanh(0.7 * x + 0.001 * float(t)) * (1.0 + 0.0005 * float(t))
+
+
+def compvis_plms(x, steps, alphas_cumprod):
+    """CompVis's ``make_ddim_timesteps('uniform')``, ``make_ddim_sampling_parameters`` (eta 0) and
+    ``p_sample_plms``, restated: the reference the ``plms_compvis`` sampler must reproduce."""
+    ddim_timesteps = np.asarray(list(range(0, 1000, 1000 // steps))) + 1
+    alphas = alphas_cumprod[ddim_timesteps]
+    alphas_prev = torch.tensor([float(alphas_cumprod[0])] + alphas_cumprod[ddim_timesteps[:-1]].tolist())
+    time_range = np.flip(ddim_timesteps)
+    old_eps = []
+
+    def x_prev_of(x, e_t, index):
+        a_t, a_prev = alphas[index], alphas_prev[index]
+        pred_x0 = (x - (1 - a_t).sqrt() * e_t) / a_t.sqrt()
+        return a_prev.sqrt() * pred_x0 + (1.0 - a_prev).sqrt() * e_t
+
+    for i, step in enumerate(time_range):
+        index = len(time_range) - i - 1
+        t_next = time_range[min(i + 1, len(time_range) - 1)]
+        e_t = toy_eps(x, step)
+        if len(old_eps) == 0:
+            e_t_next = toy_eps(x_prev_of(x, e_t, index), t_next)
+            e_t_prime = (e_t + e_t_next) / 2
+        elif len(old_eps) == 1:
+            e_t_prime = (3 * e_t - old_eps[-1]) / 2
+        elif len(old_eps) == 2:
+            e_t_prime = (23 * e_t - 16 * old_eps[-1] + 5 * old_eps[-2]) / 12
+        else:
+            e_t_prime = (55 * e_t - 59 * old_eps[-1] + 37 * old_eps[-2] - 9 * old_eps[-3]) / 24
+        x = x_prev_of(x, e_t_prime, index)
+        old_eps.append(e_t)
+        old_eps = old_eps[-3:]
+    return x, ddim_timesteps
+
+
+def mindvis_plms(sampler, x, steps):
+    scheduler = make_scheduler(sampler, CIN256_SCHEDULE)
+    scheduler.set_timesteps(steps)
+    for timestep in scheduler.timesteps:
+        x = scheduler.step(toy_eps(scheduler.scale_model_input(x, timestep), timestep), timestep, x).prev_sample
+    return x, scheduler
+
+
+@pytest.mark.parametrize("steps", [250, 10])
+def test_plms_compvis_is_compvis_plms(steps):
+    x = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(0))
+    ours, scheduler = mindvis_plms("plms_compvis", x.clone(), steps)
+    reference, ddim_timesteps = compvis_plms(x.clone(), steps, scheduler.alphas_cumprod)
+    assert sorted(set(scheduler.timesteps.tolist())) == ddim_timesteps.tolist()
+    if steps == 250:
+        assert ddim_timesteps[0] == 1 and ddim_timesteps[-1] == 997
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_diffusers_plms_differs_from_compvis():
+    """The ``plms`` sampler (kept for configs that use it) runs timesteps 0 ... 996: not MinD-Vis's."""
+    x = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(0))
+    ours, scheduler = mindvis_plms("plms", x.clone(), 10)
+    reference, ddim_timesteps = compvis_plms(x.clone(), 10, scheduler.alphas_cumprod)
+    assert sorted(set(scheduler.timesteps.tolist())) != ddim_timesteps.tolist()
+    assert not torch.allclose(ours, reference, rtol=1e-4, atol=1e-4)

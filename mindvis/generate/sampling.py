@@ -20,7 +20,7 @@ import torch
 from mindvis.errors import MindvisError
 from mindvis.models.conditioning import Condition
 
-SAMPLERS = ("ddim", "ddpm", "dpmsolver++", "plms")
+SAMPLERS = ("ddim", "ddpm", "dpmsolver++", "plms", "plms_compvis")
 
 
 def make_scheduler(name, scheduler_config, eta=0.0):
@@ -28,10 +28,13 @@ def make_scheduler(name, scheduler_config, eta=0.0):
 
     Parameters
     ----------
-    name : {'ddim', 'ddpm', 'dpmsolver++', 'plms'}
+    name : {'ddim', 'ddpm', 'dpmsolver++', 'plms', 'plms_compvis'}
         DDIM (deterministic for ``eta = 0``); DDPM, the full stochastic reverse
         process; DPM-Solver++ (2nd order multistep); PLMS (diffusers'
-        PNDMScheduler without Runge-Kutta warm-up, as MinD-Vis's 250-step sampler).
+        PNDMScheduler without Runge-Kutta warm-up, timesteps 0 ... 996 for 250
+        steps); PLMS as CompVis's ``PLMSSampler`` that MinD-Vis samples with
+        (timesteps 1 ... 997: ``steps_offset`` 1, and the last step's previous
+        alpha the schedule's first, not 1).
     scheduler_config : dict
         The generator's training schedule.
     """
@@ -47,6 +50,11 @@ def make_scheduler(name, scheduler_config, eta=0.0):
                                                        solver_order=2)
     if name == "plms":
         return PNDMScheduler.from_config(scheduler_config, skip_prk_steps=True)
+    if name == "plms_compvis":
+        # CompVis's make_ddim_timesteps adds 1 to range(0, T, T // steps) and its last alpha_prev is alphas_cumprod[0];
+        # PNDM's skip-PRK first step is CompVis's pseudo improved Euler step (tests/test_god_protocol.py).
+        return PNDMScheduler.from_config(scheduler_config, skip_prk_steps=True, steps_offset=1,
+                                         set_alpha_to_one=False, timestep_spacing="leading")
     raise MindvisError(f"unknown sampler '{name}'", key="generate.sampler",
                        fix=f"use one of {', '.join(SAMPLERS)}.")
 
