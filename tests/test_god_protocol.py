@@ -172,3 +172,35 @@ def test_diffusers_plms_differs_from_compvis():
     reference, ddim_timesteps = compvis_plms(x.clone(), 10, scheduler.alphas_cumprod)
     assert sorted(set(scheduler.timesteps.tolist())) != ddim_timesteps.tolist()
     assert not torch.allclose(ours, reference, rtol=1e-4, atol=1e-4)
+
+
+# -- what fine-tuning trains: MinD-Vis's configure_optimizers (dc_ldm/models/diffusion/ddpm.py) -------------------
+
+def test_cross_attn_norms_are_mindvis_norm2_parameters():
+    """MinD-Vis trains the condition stage and every parameter whose name holds 'attn2', 'time_embed_condtion' or
+    'norm2'; in CompVis's UNet 'norm2' names only the LayerNorm before each cross-attention. Converted to diffusers,
+    those tensors are exactly what ``attn2`` + ``cross_attn_norms`` train (diffusers' resnets also have a
+    ``norm2``, which MinD-Vis does not train)."""
+    from types import SimpleNamespace
+
+    from diffusers import UNet2DConditionModel
+
+    from compvis_fixtures import TINY_LDM_PARAMS, ldm_unet_state
+    from mindvis.models.compvis import convert_unet_state, split_ldm_state, unet_config_from_ldm
+    from mindvis.train.finetune import trainable_parameter_names
+
+    unet_params = TINY_LDM_PARAMS["unet_config"]["params"]
+    compvis_unet = split_ldm_state(ldm_unet_state(TINY_LDM_PARAMS))["unet"]
+    unet_config = unet_config_from_ldm(unet_params)
+    state, _ = convert_unet_state(compvis_unet, unet_config, unet_params)
+
+    def diffusers_name(tensor):
+        (name,) = [key for key, value in state.items() if value.shape == tensor.shape and torch.equal(value, tensor)]
+        return name
+
+    mindvis_trained = {diffusers_name(value) for key, value in compvis_unet.items() if "attn2" in key or "norm2" in key}
+    unet = UNet2DConditionModel(**unet_config)
+    ours = {name.removeprefix("unet.")
+            for name in trainable_parameter_names(SimpleNamespace(unet=unet), ["attn2", "cross_attn_norms"])}
+    assert ours == mindvis_trained
+    assert any(".norm2." in name for name in ours) and not any("resnets" in name for name in ours)

@@ -55,7 +55,7 @@ from mindvis.utils.io import derive_seed, seed_everything, software_versions
 
 log = logging.getLogger(__name__)
 
-TRAINABLE_GROUPS = ("encoder", "conditioner", "attn2", "norms", "unet")
+TRAINABLE_GROUPS = ("encoder", "conditioner", "attn2", "cross_attn_norms", "norms", "unet")
 
 
 # -- what is trained ------------------------------------------------------------
@@ -69,8 +69,11 @@ def trainable_parameter_names(model, groups):
     groups : sequence of str
         From :data:`TRAINABLE_GROUPS`: ``encoder`` (the SC-MBM encoder, not its
         unused reconstruction decoder), ``conditioner``, ``attn2`` (every UNet
-        cross-attention layer), ``norms`` (every UNet GroupNorm / LayerNorm),
-        ``unet`` (the whole UNet).
+        cross-attention layer), ``cross_attn_norms`` (the LayerNorm before each
+        cross-attention, a transformer block's ``norm2``: what MinD-Vis's
+        ``configure_optimizers`` adds by the name ``norm2``, which in CompVis's UNet
+        names only these), ``norms`` (every UNet GroupNorm / LayerNorm), ``unet``
+        (the whole UNet).
     """
     unknown = sorted(set(groups) - set(TRAINABLE_GROUPS))
     if unknown:
@@ -86,6 +89,8 @@ def trainable_parameter_names(model, groups):
         unused = ("null_context", "null_pooled") if model.prior is not None else ()
         names |= {f"conditioner.{name}" for name, _ in model.conditioner.named_parameters() if name not in unused}
     for module_name, module in model.unet.named_modules():
+        if "cross_attn_norms" in groups and getattr(module, "attn2", None) is not None:
+            names |= {f"unet.{module_name}.norm2.{name}" for name, _ in module.norm2.named_parameters()}
         is_attn2 = "attn2" in groups and module_name.endswith("attn2")
         is_norm = "norms" in groups and isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm))
         if "unet" in groups or is_attn2 or is_norm:
