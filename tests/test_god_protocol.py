@@ -204,3 +204,42 @@ def test_cross_attn_norms_are_mindvis_norm2_parameters():
             for name in trainable_parameter_names(SimpleNamespace(unet=unet), ["attn2", "cross_attn_norms"])}
     assert ours == mindvis_trained
     assert any(".norm2." in name for name in ours) and not any("resnets" in name for name in ours)
+
+
+# -- MinD-Vis's own PixCorr and SSIM (code/eval_metrics.py, pair_wise_score with pcc_metric / ssim_metric) --------
+
+def upstream_pair_wise(pred_imgs, gt_imgs, metric):
+    corrects = []
+    for idx, pred in enumerate(pred_imgs):
+        gt_score = metric(pred, gt_imgs[idx])
+        rest = [img for i, img in enumerate(gt_imgs) if i != idx]
+        corrects.append(sum(gt_score > metric(pred, comp) for comp in rest) / len(rest))
+    return corrects
+
+
+def test_mindvis_pixel_metrics_are_mindvis_code():
+    from skimage.metrics import structural_similarity
+
+    from mindvis.evaluate.metrics import pixcorr_mindvis, ssim_mindvis
+
+    rng = np.random.default_rng(5)
+    true = rng.integers(0, 256, (6, 20, 18, 3), dtype=np.uint8)
+    gen = np.clip(true.astype(int) + rng.normal(0, 90, true.shape), 0, 255).astype(np.uint8)
+    gen[2] = rng.integers(0, 256, gen[2].shape)  # one reconstruction unrelated to its image
+
+    def pcc(a, b):
+        return np.corrcoef(a.reshape(-1), b.reshape(-1))[0, 1]
+
+    def ssim(a, b):
+        return structural_similarity(a, b, data_range=255, channel_axis=-1)
+
+    as_float = (gen.astype(np.float64), true.astype(np.float64))
+    np.testing.assert_allclose(pixcorr_mindvis(gen, true), upstream_pair_wise(*as_float, pcc), atol=1e-12)
+    np.testing.assert_allclose(ssim_mindvis(gen, true), upstream_pair_wise(*as_float, ssim), atol=1e-12)
+    assert pixcorr_mindvis(true, true).tolist() == [1.0] * 6
+
+
+def test_mindvis_metrics_only_where_asked():
+    from mindvis.config import validate
+
+    assert validate({})["evaluate"]["mindvis_metrics"] is False

@@ -14,6 +14,8 @@ metric                    definition followed
                           2023, Sec. "Evaluation") and MindEye (Scotti et al.,
                           NeurIPS 2023, Sec. 3.1 / their ``two_way_identification``)
 :func:`pixcorr`           same papers: Pearson r of pixel values
+:func:`pixcorr_mindvis`, :func:`ssim_mindvis`  MinD-Vis's own (code/eval_metrics.py): two-way
+                          identification by RGB Pearson r / scikit-image's default SSIM
 :func:`ssim`              same papers: grey, Gaussian-weighted SSIM (Wang et al.
                           2004) as ``skimage.metrics.structural_similarity``
 :func:`fid`               Heusel et al., NeurIPS 2017, Eq. 6 (Fréchet distance of
@@ -321,6 +323,92 @@ def ssim(gen_images, true_images, size):
     """
     gen, true = _paired(gen_images, true_images, size, grey=True)
     return _ssim_grey(gen, true)
+
+
+# -- MinD-Vis's own pixel metrics ----------------------------------------------------
+
+def _mindvis_pairwise(score):
+    """MinD-Vis's ``pair_wise_score``: for each row i, the share of other true images j != i that score
+    strictly below its own, ``score[i, i] > score[i, j]``.
+
+    Parameters
+    ----------
+    score : float [N, N]
+        ``score[i, j]``: reconstruction i against true image j.
+
+    Returns
+    -------
+    float [N]
+    """
+    n_images = len(score)
+    if n_images < 2:
+        return np.full(n_images, np.nan)
+    wins = (np.diag(score)[:, None] > score).sum(axis=1)  # the diagonal never beats itself
+    return wins / (n_images - 1)
+
+
+def _mindvis_pixels(images):
+    """[N, H, W, 3] float64 in 0 .. 255, as MinD-Vis's ``get_similarity_metric`` takes them (grey repeated)."""
+    values = np.asarray(images, dtype=np.float64)
+    return np.repeat(values, 3, axis=-1) if values.shape[-1] == 1 else values
+
+
+def pixcorr_mindvis(gen_images, true_images):
+    """MinD-Vis's PCC: two-way identification by Pearson r of RGB pixels.
+
+    Definition (MinD-Vis, ``code/eval_metrics.py`` ``pcc_metric`` with ``pair_wise_score``, called by
+    ``code/gen_eval.py`` ``get_eval_metric``): ``np.corrcoef`` of the flattened RGB pixel values (0 .. 255,
+    the generated size, no resizing) of reconstruction i with every true image; the share of other true
+    images whose r is below the true one's. Not MindEye's PixCorr (:func:`pixcorr`, a raw correlation).
+
+    Parameters
+    ----------
+    gen_images, true_images : array [N, H, W, C] uint8
+        Row i paired; the same size (MinD-Vis compares at the generated size).
+
+    Returns
+    -------
+    array [N] float in [0, 1]
+    """
+    gen, true = _mindvis_pixels(gen_images), _mindvis_pixels(true_images)
+    if gen.shape != true.shape:
+        raise MindvisError(f"MinD-Vis's metrics compare images of one size, got {gen.shape} and {true.shape}",
+                           key="images")
+    gen = gen.reshape(len(gen), -1)
+    true = true.reshape(len(true), -1)
+    gen = (gen - gen.mean(axis=1, keepdims=True)) / np.linalg.norm(gen - gen.mean(axis=1, keepdims=True), axis=1,
+                                                                    keepdims=True)
+    true = (true - true.mean(axis=1, keepdims=True)) / np.linalg.norm(true - true.mean(axis=1, keepdims=True),
+                                                                       axis=1, keepdims=True)
+    return _mindvis_pairwise(gen @ true.T)
+
+
+def ssim_mindvis(gen_images, true_images):
+    """MinD-Vis's SSIM: two-way identification by scikit-image's default RGB SSIM.
+
+    Definition (MinD-Vis, ``code/eval_metrics.py`` ``ssim_metric`` with ``pair_wise_score``):
+    ``skimage.metrics.structural_similarity(pred, gt, data_range=255, channel_axis=-1)`` (7 x 7 uniform
+    window, sample covariance, mean over the three channels) of reconstruction i with every true image; the
+    share of other true images scoring below the true one. Not MindEye's SSIM (:func:`ssim`).
+
+    Parameters
+    ----------
+    gen_images, true_images : array [N, H, W, C] uint8
+        Row i paired; the same size.
+
+    Returns
+    -------
+    array [N] float in [0, 1]
+    """
+    from skimage.metrics import structural_similarity
+
+    gen, true = _mindvis_pixels(gen_images), _mindvis_pixels(true_images)
+    if gen.shape != true.shape:
+        raise MindvisError(f"MinD-Vis's metrics compare images of one size, got {gen.shape} and {true.shape}",
+                           key="images")
+    score = np.array([[structural_similarity(pred, truth, data_range=255, channel_axis=-1) for truth in true]
+                      for pred in gen])
+    return _mindvis_pairwise(score)
 
 
 # -- FID --------------------------------------------------------------------------

@@ -100,8 +100,9 @@ from mindvis.evaluate.baselines import (MAX_PIXEL_RIDGE_SIDE, base_ceiling_condi
                                         embedding_prototype_similarity, fmri_linear_probabilities,
                                         mean_training_image, pixel_ridge_images, ridge_images)
 from mindvis.evaluate.classifier_check import CLASSIFIER_METRICS, check_classifier
-from mindvis.evaluate.table import (BASE_CEILING_LABELS, GROUND_TRUTH, SUBSETS, Table, chance_metrics, class_scores,
-                                    derangement, log_table, make_reference, stimulus_categories)
+from mindvis.evaluate.table import (BASE_CEILING_LABELS, GROUND_TRUTH, MINDVIS_GROUND_TRUTH, SUBSETS, Table,
+                                    chance_metrics, class_scores, derangement, log_table, make_reference,
+                                    stimulus_categories)
 from mindvis.generate.decode import sample_classes, sample_like
 from mindvis.generate.writing import SAMPLES_FILE, read_samples_attrs, read_samples_h5, save_grid, write_samples_h5
 from mindvis.models.classifiers.load import load_image_classifier
@@ -542,7 +543,8 @@ def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir
                        "held_out_accuracy": _held_out_accuracy(classifier),
                        "test_label_accuracy": test_label_accuracy, "usable": check.usable,
                        "reason": check.reason, "check": check.record},
-        "ground_truth": GROUND_TRUTH, "class_names": class_names, "rows": rows, "per_class": table.per_class,
+        "ground_truth": {**GROUND_TRUTH, **(MINDVIS_GROUND_TRUTH if reference.mindvis_metrics else {})},
+        "class_names": class_names, "rows": rows, "per_class": table.per_class,
         "confusion": table.confusion,
         "per_stimulus": table.per_stimulus,
         # The order of every per_stimulus list.

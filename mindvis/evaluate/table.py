@@ -79,8 +79,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from mindvis.evaluate.classifier_check import CLASSIFIER_METRICS
-from mindvis.evaluate.metrics import (best_of_k, bootstrap_ci, fid, n_way_top1, pixcorr, prepare_images,
-                                      resolve_n_way, ssim, two_way_identification)
+from mindvis.evaluate.metrics import (best_of_k, bootstrap_ci, fid, n_way_top1, pixcorr, pixcorr_mindvis,
+                                      prepare_images, resolve_n_way, ssim, ssim_mindvis, two_way_identification)
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,11 @@ GROUND_TRUTH = {
     "pixcorr": "the true image's pixels",
     "ssim": "the true image's pixels",
     "fid": "the true images' classifier features (as a set)",
+}
+#: MinD-Vis's own pixel metrics (evaluate.mindvis_metrics), only in the tables of configs that ask for them.
+MINDVIS_GROUND_TRUTH = {
+    "pixcorr_mindvis": "the true image's RGB pixels, against the other true images (MinD-Vis's pair-wise PCC)",
+    "ssim_mindvis": "the true image's RGB pixels, against the other true images (MinD-Vis's pair-wise SSIM)",
 }
 #: Why the chance row has no PixCorr or SSIM.
 NO_PIXEL_CHANCE = ("no exact chance level (it depends on the images); see the measured floors: rows shuffled-pairs "
@@ -161,6 +166,8 @@ class Reference:
     label_space : bool
         Whether the classifier's classes are the data set's classes (so argmax can be compared with labels).
     n_way, trials, seed, image_size : int
+    mindvis_metrics : bool
+        Also score MinD-Vis's own PixCorr and SSIM (``pixcorr_mindvis``, ``ssim_mindvis``).
     """
 
     images: np.ndarray
@@ -172,6 +179,7 @@ class Reference:
     trials: int
     seed: int
     image_size: int
+    mindvis_metrics: bool = False
 
     @property
     def labelled(self):
@@ -232,6 +240,8 @@ def score_images(classifier, images, reference):
     features = features.reshape(n_stimuli, n_samples, -1)
     values, predicted = class_scores(probs, reference.gt_class, reference, reference.label_space)
     per_sample = {"two_way_id": [], "two_way_id_pixels": [], "pixcorr": [], "ssim": []}
+    if reference.mindvis_metrics:
+        per_sample.update(pixcorr_mindvis=[], ssim_mindvis=[])
     true_pixels = prepare_images(reference.images, reference.image_size).reshape(len(reference.images), -1)
     for j in range(n_samples):
         per_sample["two_way_id"].append(two_way_identification(features[:, j], reference.features))
@@ -239,6 +249,9 @@ def score_images(classifier, images, reference):
         per_sample["two_way_id_pixels"].append(two_way_identification(pixels, true_pixels))
         per_sample["pixcorr"].append(pixcorr(images[:, j], reference.images, reference.image_size))
         per_sample["ssim"].append(ssim(images[:, j], reference.images, reference.image_size))
+        if reference.mindvis_metrics:
+            per_sample["pixcorr_mindvis"].append(pixcorr_mindvis(images[:, j], reference.images))
+            per_sample["ssim_mindvis"].append(ssim_mindvis(images[:, j], reference.images))
     values.update({key: np.stack(rows, axis=1).mean(axis=1) for key, rows in per_sample.items()})
     return values, features, predicted
 
@@ -577,7 +590,8 @@ def make_reference(classifier, samples, settings, seed, n_classes_match):
     return Reference(images=true_images, features=true_features, gt_class=true_probs.argmax(axis=1),
                      labels=np.asarray(samples["label"], np.int64), label_space=n_classes_match,
                      n_way=n_way_for(settings["n_way"], classifier.n_classes), trials=int(settings["trials"]),
-                     seed=seed, image_size=int(settings["image_size"] or images.shape[2]))
+                     seed=seed, image_size=int(settings["image_size"] or images.shape[2]),
+                     mindvis_metrics=bool(settings.get("mindvis_metrics", False)))
 
 
 def log_table(rows, n_way, n_samples):
