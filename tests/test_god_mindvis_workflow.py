@@ -1,7 +1,8 @@
 """configs/god_mindvis.yaml end to end: `snakemake decode` converts a CompVis .ckpt (import_ldm), imports a
 MinD-Vis finetuned.pth as the subject's decoder (finetune.released), samples with PLMS and evaluates, with
 no SC-MBM stage and nothing trained. Tiny fixtures in the real layouts (GOD npz, latent-diffusion .ckpt,
-MinD-Vis's pickled checkpoint); the ViT-H/14 classifier is replaced by the offline EfficientNet-Lite0."""
+MinD-Vis's pickled checkpoint); the ViT-H/14 classifier is replaced by the offline EfficientNet-Lite0. Every other
+protocol key of the config (docs/god_protocol.md) runs as the lab runs it."""
 
 import json
 import subprocess
@@ -12,6 +13,8 @@ import numpy as np
 import pytest
 import yaml
 from compvis_fixtures import TINY_LDM_PARAMS, save_mindvis_release, tiny_ldm_checkpoint
+
+from mindvis.data.responses import load_responses
 from test_sources import write_god_npz
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +40,8 @@ def god_mindvis_run(tmp_path_factory):
     config["finetune"]["released"] = {"sub-01": str(data / "finetuned.pth")}
     config["generate"].update(steps=3, n_samples=2, batch_size=8, attention_stimuli=1, edit_stimuli=2,
                               edit_groups={"V1": ["V1"], "VC outside V1": ["VC"]})  # the fixture's two masks
-    config["evaluate"] = {"classifier": "efficientnet_lite0", "n_way": 50, "trials": 20, "n_bootstrap": 20}
+    config["evaluate"] = {"classifier": "efficientnet_lite0", "n_way": 50, "trials": 20, "n_bootstrap": 20,
+                          "mindvis_metrics": config["evaluate"]["mindvis_metrics"]}
     configfile = data / "god_mindvis.yaml"
     configfile.write_text(yaml.safe_dump(config))
     workdir = tmp_path_factory.mktemp("work")
@@ -61,9 +65,14 @@ def test_released_decoder_is_imported_sampled_and_scored(god_mindvis_run):
     assert meta["imported_from"] == "mindvis-release" and meta["base"] == "results/pretrain/ldm-compvis"
     assert meta["unet_tensors_stored"] > 0 and not (workdir / "results/sub-01/dcldm/train").exists()
     samples = json.loads((workdir / "results/sub-01/samples/summary.json").read_text())
-    assert samples["sampler"] == "plms" and samples["guidance_scale"] == 1.0 and samples["images_per_s"] > 0
+    assert samples["sampler"] == "plms_compvis" and samples["guidance_scale"] == 1.0 and samples["images_per_s"] > 0
     metrics = json.loads((workdir / "results/sub-01/evaluation/metrics.json").read_text())
     assert metrics["n_way"] == 50 and metrics["n_samples"] == 2 and metrics["classifier"]["name"] == "efficientnet_lite0"
+    # MinD-Vis's own PCC and SSIM beside MindEye's; its scalar normalisation and the file's test averages
+    model_row = next(row for row in metrics["rows"] if row["id"] == "dcldm")
+    assert 0 <= model_row["metrics"]["pixcorr_mindvis"]["value"] <= 1 and "ssim_mindvis" in metrics["ground_truth"]
+    source = load_responses(workdir / "results/sub-01/responses.h5").attrs["source"]
+    assert source["normalisation"].startswith("mindvis_scalar") and source["test_average"] == "file"
     assert (workdir / "results/sub-01/report.html").exists()
     # The brain-token edits run through MinD-Vis's own layout (no class token, wrapped padding, no voxel path).
     edits = json.loads((workdir / "results/sub-01/edits/edits.json").read_text())
