@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
+from compvis_fixtures import TINY_LDM_PARAMS, tiny_ldm_checkpoint
 from test_sources import write_bold5000, write_god_npz, write_hcp, write_nsd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,6 +107,10 @@ def shipped_config_on(name, data):
         write_god_npz(data / "npz", rng)
         section["god_npz"]["dir"] = str(data / "npz")
         section["god_bdata"] = {"dir": str(data / "bdata"), "image_dir": str(data / "bdata/images")}
+        # MinD-Vis's base, a CompVis checkpoint, in its own layout at test size
+        tiny_ldm_checkpoint(data / "model.ckpt")
+        (data / "label2img.yaml").write_text(yaml.safe_dump({"model": {"params": TINY_LDM_PARAMS}}))
+        config["ldm"].update(base=str(data / "model.ckpt"), compvis_config=str(data / "label2img.yaml"))
     elif name == "bold5000":
         write_bold5000(data / "bold5000", rng)
         section["bold5000"].update(betas_dir=str(data / "bold5000/BOLD5000_GLMsingle_ROI_betas/py"),
@@ -132,7 +137,12 @@ def test_shipped_real_data_configs_build_a_dag(tmp_path, name):
             jobs[parts[0]] = int(parts[1])
     n_subjects = len(config["subjects"])
     assert jobs["convert"] == jobs["finetune"] == jobs["generate"] == n_subjects
-    assert jobs["merge_stimuli"] == jobs["pretrain_ldm"] == jobs["pretrain_mbm"] == jobs["convert_rest"] == 1
+    assert jobs["pretrain_mbm"] == jobs["convert_rest"] == 1
+    if name == "god":  # MinD-Vis's base converted, never a prior trained from scratch on GOD's images
+        assert jobs["import_ldm"] == 1 and not {"pretrain_ldm", "merge_stimuli"} & set(jobs)
+        assert config["evaluate"]["classifier"] == "vit_h_14"
+    else:
+        assert jobs["merge_stimuli"] == jobs["pretrain_ldm"] == 1
     # natural images: an ImageNet classifier scores, so no domain classifier is trained; nothing simulated
     assert not {"train_classifier", "stimuli", "simulate", "simulate_rest", "preprocess"} & set(jobs)
 
