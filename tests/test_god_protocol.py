@@ -81,7 +81,7 @@ def test_scalar_normalisation_scales_test_by_training_scalars(god_files):
 
 
 def test_file_averages_must_cover_the_test_stimuli(god_files):
-    tmp_path, truth = god_files
+    tmp_path, _ = god_files
     # the recomputed averages (the default) equal the file's when arr_2 is arr_1's mean, as in the release
     _, recomputed, _ = convert(god_config(tmp_path), tmp_path)
     _, from_file, _ = convert(god_config(tmp_path, test_average="file"), tmp_path / "file")
