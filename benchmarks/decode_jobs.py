@@ -29,8 +29,8 @@ from pathlib import Path
 
 #: Stages in workflow order; a rule not listed is shown under its own name after them.
 STAGES = [
-    ("stimuli, simulate, BIDS metadata", ("stimuli", "simulate", "simulate_rest", "bids_metadata", "convert",
-                                          "merge_stimuli", "convert_rest")),
+    ("stimuli, simulate, BIDS metadata", ("stimuli", "stimulus_features", "simulate", "simulate_rest",
+                                          "bids_metadata", "convert", "merge_stimuli", "convert_rest")),
     ("preprocess", ("preprocess", "preprocess_rest")),
     ("train_classifier", ("train_classifier",)),
     ("pretrain_mbm", ("pretrain_mbm",)),

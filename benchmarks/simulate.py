@@ -134,9 +134,18 @@ def main(argv=None):
     rows = []
     wall, cpu, rss = run_timed(mindvis + ["stimuli", "--config", args.config, "--out", str(stimuli)])
     rows.append(("stimuli", wall, cpu, rss, None))
+    features = []
+    if config["simulate"]["category_model"] == "deepnet":
+        # Once for every subject, as the workflow's stimulus_features rule does.
+        cache = bids_dir / "derivatives" / "simulation" / "stimulus_features.h5"
+        wall, cpu, rss = run_timed(mindvis + ["stimulus-features", "--config", args.config, "--stimuli", str(stimuli),
+                                              "--out", str(cache), "--threads", "1"])
+        rows.append(("stimulus features (deepnet, once)", wall, cpu, rss, None))
+        features = ["--features", str(cache)]
     for subject in task_subjects:
         wall, cpu, rss = run_timed(mindvis + ["simulate", "--config", args.config, "--stimuli", str(stimuli),
-                                         "--bids-dir", str(bids_dir), "--subject", subject, "--threads", "1"])
+                                         "--bids-dir", str(bids_dir), "--subject", subject, "--threads", "1"]
+                                   + features)
         rows.append((subject, wall, cpu, rss, _manifest_time(bids_dir, subject)))
     for subject in resting_subjects:
         wall, cpu, rss = run_timed(mindvis + ["simulate-rest", "--config", args.config, "--bids-dir", str(bids_dir),
@@ -166,10 +175,13 @@ def main(argv=None):
         "",
         f"{len(subjects(config))} task subjects, {len(rest_subjects(config))} rest subjects; per task subject "
         f"{section['n_early_voxels']} early + {section['n_higher_voxels']} higher voxels (each subject varies), "
-        f"{config['stimuli']['n_train_per_class'] * 10} training images once, "
+        f"{config['stimuli']['n_train_per_class'] * (10 - len(config['stimuli']['novel_classes']))} training "
+        "images once, "
         f"{config['stimuli']['n_test_per_class'] * 10} test images x {section['test_repeats']}, "
         f"{section['trials_per_run']} trials per run, TR {section['tr']} s, single_trial_snr "
-        f"{section['single_trial_snr']}, spontaneous_to_noise {section['spontaneous_to_noise']}.",
+        f"{section['single_trial_snr']}, spontaneous_to_noise {section['spontaneous_to_noise']}; category model "
+        f"{section['category_model']}, shared_tuning {section['shared_tuning']}, rest_networks "
+        f"{section['rest_networks']}.",
         "",
         "## Wall time",
         "",
