@@ -47,7 +47,7 @@ import h5py
 import numpy as np
 
 from mindvis.errors import MindvisError
-from mindvis.utils.io import atomic_path, derive_seed, software_versions
+from mindvis.utils.io import atomic_path, derive_seed, hdf5_for_writing, software_versions
 
 SPLITS = ("train", "test", "pool")
 
@@ -294,7 +294,8 @@ def build_stimulus_set(config, out_path):
 def save_stimulus_set(stimulus_set, out_path):
     """Write a :class:`StimulusSet` to HDF5 atomically (layout in the module docstring)."""
     string_dtype = h5py.string_dtype("utf-8")
-    with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as handle:
+    # Built in memory and written in one go: HDF5 writing straight to a full disk crashes (utils.io.hdf5_for_writing).
+    with atomic_path(out_path) as tmp, hdf5_for_writing(tmp) as handle:
         for key, value in stimulus_set.attrs.items():
             handle.attrs[key] = value
         handle.attrs["class_names"] = json.dumps(list(stimulus_set.class_names))

@@ -481,7 +481,8 @@ def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir
                            path=samples, key="stimulus_id", fix="decode a split with more stimuli.")
     data = load_responses(responses, splits=("train", "val", str(model_samples["attrs"].get("split", "test_avg"))))
     split_name, test_rows = _test_split(data, model_samples, samples)
-    check_stimuli_pair(data, responses, stimuli)
+    if "stimuli" not in overrides:  # --allow-other-stimuli: the user means another stimulus file
+        check_stimuli_pair(data, responses, stimuli)
     used = check_samples_decoder(model_samples, samples, subject, data, responses, stimuli, base, overrides)
     # Every other decoder's samples scored beside the model's are held to the same inputs.
     for other in (baseline_samples, start_samples, lowlevel_samples, shared_samples, fewshot_samples):

@@ -408,7 +408,8 @@ def edit_subject(config, subject, model_dir, responses, stimuli, out_dir, *, sti
                                "the ROI the responses were read from).")
     generator, decoder, meta = load_dcldm(model_dir, base=base, allow_other_prior="prior" in overrides)
     check_decoder_responses(meta, data, responses, model_dir)
-    check_stimuli_pair(data, responses, stimuli)
+    if "stimuli" not in overrides:  # --allow-other-stimuli: the user means another stimulus file
+        check_stimuli_pair(data, responses, stimuli)
     used = check_decoder_inputs(meta, model_dir, subject=subject, data=data, responses=responses, stimuli=stimuli,
                                 allow=overrides)
     used += [] if meta["prior_used"]["same_as_recorded"] else ["prior"]

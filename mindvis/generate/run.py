@@ -97,7 +97,8 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
                                fix="rerun finetune with generate.lowlevel: true, or decode without --lowlevel.")
     data = load_responses(responses, splits=(settings["split"],))
     fitted_on = check_decoder_responses(meta, data, responses, model_dir)
-    check_stimuli_pair(data, responses, stimuli)
+    if "stimuli" not in overrides:  # --allow-other-stimuli: the user means another stimulus file
+        check_stimuli_pair(data, responses, stimuli)
     used = check_decoder_inputs(meta, model_dir, subject=subject, data=data, responses=responses, stimuli=stimuli,
                                 allow=overrides)
     used += [] if meta["prior_used"]["same_as_recorded"] else ["prior"]

@@ -128,7 +128,7 @@ def write_stimulus_features(stimuli_path, out_path, network_name="efficientnet_l
     import h5py
 
     from mindvis.data.stimuli import load_stimulus_set
-    from mindvis.utils.io import atomic_path, sha256_file, software_versions
+    from mindvis.utils.io import atomic_path, hdf5_for_writing, sha256_file, software_versions
 
     stimuli = load_stimulus_set(stimuli_path, splits=("train", "test"))  # what subjects see
     ids = np.concatenate([split.stimulus_id for split in stimuli.splits.values()])
@@ -137,7 +137,7 @@ def write_stimulus_features(stimuli_path, out_path, network_name="efficientnet_l
     string = h5py.string_dtype("utf-8")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as handle:
+    with atomic_path(out_path) as tmp, hdf5_for_writing(tmp) as handle:
         handle.attrs["network"] = network_name
         handle.attrs["recipe"] = RECIPE
         handle.attrs["stimuli_sha256"] = sha256_file(stimuli_path)

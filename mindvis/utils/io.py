@@ -314,12 +314,25 @@ def _json_default(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+#: Digests of large files already computed in this process, by (path, inode, size, modification time in ns): the
+#: binding checks hash the same stimulus file several times per command, and an NSD-sized one is tens of GB. Small
+#: files are always read again (cheap, and safe from a same-size rewrite within the clock's resolution).
+_DIGESTS = {}
+_CACHE_DIGEST_BYTES = 64 << 20
+
+
 def sha256_file(path, chunk_size=1 << 20):
-    """SHA-256 hex digest of a file, read in chunks."""
+    """SHA-256 hex digest of a file, read in chunks (a large one once per process while it is unchanged)."""
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(chunk_size), b""):
             digest.update(block)
+    if stat.st_size >= _CACHE_DIGEST_BYTES:
+        _DIGESTS[key] = digest.hexdigest()
     return digest.hexdigest()
 
 
