@@ -32,6 +32,8 @@ then be scored by the very features the simulated cortex carries
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from mindvis.errors import MindvisError
@@ -48,7 +50,9 @@ NETWORKS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 RECIPE = f"mid=last stride-16 block, {MID_GRID}x{MID_GRID} avg; late=head, global avg; input {INPUT_SIZE} px"
 
 
+@functools.lru_cache(maxsize=1)
 def _load(network_name):
+    """The network in eval mode, loaded once per process (it is only ever run under inference mode)."""
     from mindvis.data.imagenet_networks import load_efficientnet_lite
 
     if network_name not in NETWORKS:

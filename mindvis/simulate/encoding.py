@@ -9,14 +9,15 @@ pooled under its Gaussian receptive field, and compressed by a power below one.
 Receptive fields grow with eccentricity and from V1 to V3, and preferred
 wavelength grows with receptive field size.
 
-Higher visual voxels (LOC, VOT) are tuned to object category and to global
-shape features of the silhouette (occupancy of coarse image blocks, area,
-elongation, extent, symmetry). Tuning comes from spatially smooth random fields
-sampled at the voxels, so neighbouring voxels prefer similar categories and
-shapes (category- and shape-selective patches). LOC leans to shape, VOT to
-category.
+Higher visual voxels (LOC, VOT) read, by default, a deep network's layers
+(``deepnet`` below). Under the two older category models they are tuned to
+object category and to global shape features of the silhouette (occupancy of
+coarse image blocks, area, elongation, extent, symmetry). Either way tuning
+comes from spatially smooth random fields sampled at the voxels, so
+neighbouring voxels prefer similar features (selective patches). LOC leans to
+shape (or the mid layer), VOT to category (or the late layer).
 
-The category drive comes in two forms (``simulate.category_model``):
+The drive comes in three forms (``simulate.category_model``):
 
 ``labels``
     A smooth random preference per class (``category_tuning [V, C]``), read
@@ -48,8 +49,8 @@ The category drive comes in two forms (``simulate.category_model``):
     (``DEEPNET_LAYER_WEIGHTS``). The silhouette shape features are not used.
 
 Shared anatomy: the smooth tuning maps of the higher areas can be the sum of
-a template-space component shared by every subject (drawn from the config
-seed alone, :func:`draw_shared_maps`) and an individual one, the shared one
+a template-space component shared by every subject (drawn from
+``simulate.population_seed`` alone, :func:`draw_shared_maps`) and an individual one, the shared one
 displaced by a few millimetres per subject (residual misalignment after
 anatomical normalisation); see :class:`SharedMaps`.
 
