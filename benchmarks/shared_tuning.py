@@ -30,6 +30,7 @@ import argparse
 import copy
 import itertools
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -187,7 +188,7 @@ def main():
         print(f"shared_tuning {level}: WSC {within:.3f}, BSC {between:.3f}, ratio {ratio:.2f}", flush=True)
 
     lines = ["# shared_tuning calibrated against Haxby et al. 2011\n",
-             f"Run: `python benchmarks/shared_tuning.py --config {Path(args.config).relative_to(ROOT)}` "
+             f"Run: `python benchmarks/shared_tuning.py {' '.join(sys.argv[1:])}` "
              f"({time.perf_counter() - started:.0f} s on {platform.processor() or platform.machine()}, "
              f"{platform.system()}; stimuli from the committed Fashion-MNIST subset unless Debian's "
              f"dataset-fashion-mnist is installed). Subjects {', '.join(names)}; "
