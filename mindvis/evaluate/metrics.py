@@ -370,10 +370,7 @@ def pixcorr_mindvis(gen_images, true_images):
     -------
     array [N] float in [0, 1]
     """
-    gen, true = _mindvis_pixels(gen_images), _mindvis_pixels(true_images)
-    if gen.shape != true.shape:
-        raise MindvisError(f"MinD-Vis's metrics compare images of one size, got {gen.shape} and {true.shape}",
-                           key="images")
+    gen, true = _mindvis_pair(gen_images, true_images)
     gen = gen.reshape(len(gen), -1)
     true = true.reshape(len(true), -1)
     gen = (gen - gen.mean(axis=1, keepdims=True)) / np.linalg.norm(gen - gen.mean(axis=1, keepdims=True), axis=1,
@@ -381,6 +378,15 @@ def pixcorr_mindvis(gen_images, true_images):
     true = (true - true.mean(axis=1, keepdims=True)) / np.linalg.norm(true - true.mean(axis=1, keepdims=True),
                                                                        axis=1, keepdims=True)
     return _mindvis_pairwise(gen @ true.T)
+
+
+def _mindvis_pair(gen_images, true_images):
+    """Both image sets as MinD-Vis's metrics read them (:func:`_mindvis_pixels`), refused unless of one size."""
+    gen, true = _mindvis_pixels(gen_images), _mindvis_pixels(true_images)
+    if gen.shape != true.shape:
+        raise MindvisError(f"MinD-Vis's metrics compare images of one size, got {gen.shape} and {true.shape}",
+                           key="images")
+    return gen, true
 
 
 def ssim_mindvis(gen_images, true_images):
@@ -402,10 +408,7 @@ def ssim_mindvis(gen_images, true_images):
     """
     from skimage.metrics import structural_similarity
 
-    gen, true = _mindvis_pixels(gen_images), _mindvis_pixels(true_images)
-    if gen.shape != true.shape:
-        raise MindvisError(f"MinD-Vis's metrics compare images of one size, got {gen.shape} and {true.shape}",
-                           key="images")
+    gen, true = _mindvis_pair(gen_images, true_images)
     score = np.array([[structural_similarity(pred, truth, data_range=255, channel_axis=-1) for truth in true]
                       for pred in gen])
     return _mindvis_pairwise(score)
