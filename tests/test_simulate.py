@@ -219,6 +219,12 @@ def _features_model(rng, layout, train_images):
     return encoding.make_encoding_model(layout, 4, section, rng, c2_prototypes=prototypes)
 
 
+def _reference_block(response, layout):
+    """The responses the reference values were taken at: 4 images x the first 2 early and 2 higher voxels."""
+    early, higher = np.flatnonzero(layout.is_early), np.flatnonzero(~layout.is_early)
+    return response[[0, 7, 13, 19]][:, [early[0], early[1], higher[0], higher[1]]]
+
+
 def test_labels_category_model_reproduces_the_original_responses():
     # Reference values from the encoding model before category_model existed (same seed, same inputs).
     rng = np.random.default_rng(11)
@@ -227,8 +233,7 @@ def test_labels_category_model_reproduces_the_original_responses():
     section = validate({"simulate": {"category_model": "labels"}})["simulate"]
     model = encoding.make_encoding_model(layout, 4, section, rng)
     response = model.calibrate_predict(images, labels)
-    early, higher = np.flatnonzero(layout.is_early), np.flatnonzero(~layout.is_early)
-    block = response[[0, 7, 13, 19]][:, [early[0], early[1], higher[0], higher[1]]]
+    block = _reference_block(response, layout)
     expected = [[0.8598504, 0.9062211, 1.1776097, 1.2331371],
                 [0.6625425, 0.97558415, 1.2698643, 0.64142585],
                 [0.8458362, 0.8958492, 1.7124896, 1.6824579],
@@ -245,8 +250,7 @@ def test_features_category_model_reproduces_the_original_responses():
     layout = _small_layout(rng)
     images, _ = _object_images(rng, 5)
     response = _features_model(rng, layout, images).calibrate_predict(images)
-    early, higher = np.flatnonzero(layout.is_early), np.flatnonzero(~layout.is_early)
-    block = response[[0, 7, 13, 19]][:, [early[0], early[1], higher[0], higher[1]]]
+    block = _reference_block(response, layout)
     expected = [[1.4443105, 0.85916656, 0.5853914, 0.6669653],
                 [1.112888, 0.92492807, 1.5938345, 0.78104657],
                 [1.4207706, 0.84933335, 0.6812734, 0.66970986],

@@ -705,8 +705,9 @@ class EncodingModel:
             if self.category_model == "deepnet":
                 features = self._features(images, features)
                 self._fit_components(features)
-                self.category_scale_ = float(max(np.sqrt(np.mean(self._deepnet_drive(features) ** 2)), 1e-12))
-                drive = self._higher_response(images, lum, labels, features)
+                raw = self._deepnet_drive(features)
+                self.category_scale_ = float(max(np.sqrt(np.mean(raw ** 2)), 1e-12))
+                drive = np.logaddexp(0, 1.0 + raw).astype(np.float32)  # as _higher_response, the drive once
             elif self.category_model == "features":
                 c2 = self._c2(lum)
                 self.c2_mean_ = c2.mean(axis=0)
@@ -773,7 +774,8 @@ def smooth_fields(grid_shape, n_fields, smoothness_vox, rng):
     return fields
 
 
-def _zscore_columns(values):
+def zscore_columns(values):
+    """Each column of ``values [N, K]`` at mean 0 and sd 1 (a constant column stays 0)."""
     return (values - values.mean(axis=0)) / np.maximum(values.std(axis=0), 1e-9)
 
 
@@ -923,7 +925,7 @@ def make_encoding_model(layout, n_classes, section, rng, c2_prototypes=None, sha
                 raise ValueError(f"{len(shared.fields)} shared maps for {n_category_maps + n_shape} tuning maps")
             sampled = (np.sqrt(1 - shared.weight) * sampled
                        + np.sqrt(shared.weight) * shared.sample(layout.ijk[higher]))
-        sampled = _zscore_columns(sampled)
+        sampled = zscore_columns(sampled)
         (category_tuning if category_model == "labels" else feature_tuning)[higher] = sampled[:, :n_category_maps]
         shape_weights[higher] = sampled[:, n_category_maps:]
         if category_model == "deepnet":

@@ -109,7 +109,7 @@ def rest_network_maps(config, subject, layout):
             derive_seed(section["population_seed"], "simulate", "rest_networks")))
         shared = encoding.SharedMaps(fields, weight, _alignment_offset(config, subject))
         loadings = np.sqrt(1 - weight) * loadings + np.sqrt(weight) * shared.sample(layout.ijk)
-    return ((loadings - loadings.mean(axis=0)) / np.maximum(loadings.std(axis=0), 1e-9)).astype(np.float32)
+    return encoding.zscore_columns(loadings).astype(np.float32)
 
 
 def _subject_model(config, subject, layout, n_classes, c2_prototypes=None):
