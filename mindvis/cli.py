@@ -146,7 +146,7 @@ def cmd_train_classifier(args):
 
 def cmd_pretrain_ldm(args):
     _call("mindvis.train.pretrain_ldm:pretrain_ldm", _config(args), stimuli=args.stimuli, out_dir=args.out_dir,
-          classifier_dir=args.classifier, resume=args.resume)
+          resume=args.resume)
 
 
 def cmd_bundle(args):
@@ -157,7 +157,7 @@ def cmd_bundle(args):
 def cmd_finetune(args):
     _call("mindvis.train.finetune:finetune", _config(args), subject=args.subject, responses=args.responses,
           stimuli=args.stimuli, base=args.base, out_dir=args.out_dir, mbm_dir=args.mbm,
-          classifier_dir=args.classifier, baseline=args.baseline, resume=args.resume, released=args.released)
+          baseline=args.baseline, resume=args.resume, released=args.released)
 
 
 def cmd_finetune_shared(args):
@@ -166,7 +166,7 @@ def cmd_finetune_shared(args):
                            key="--subjects", fix="give one responses.h5 and one view folder per subject, in order.")
     _call("mindvis.train.shared:finetune_shared", _config(args), subjects=args.subjects, responses=args.responses,
           stimuli=args.stimuli, base=args.base, out_dir=args.out_dir, view_dirs=args.view_dirs, mbm_dir=args.mbm,
-          classifier_dir=args.classifier, resume=args.resume)
+          resume=args.resume)
 
 
 def cmd_adapt_subject(args):
@@ -177,7 +177,7 @@ def cmd_adapt_subject(args):
     _call("mindvis.train.shared:adapt_subject", _config(args), subject=args.subject, responses=args.responses,
           stimuli=args.stimuli, shared_views=dict(zip(args.shared_subjects, args.shared_views)),
           out_dir=args.out_dir, old_responses=dict(zip(args.shared_subjects, args.shared_responses)),
-          classifier_dir=args.classifier, resume=args.resume)
+          resume=args.resume)
 
 
 def cmd_import_ldm(args):
@@ -399,7 +399,6 @@ def build_parser():
     sub.add_argument("--base", required=True, help="base generator folder (results/pretrain/ldm or Stable Diffusion)")
     sub.add_argument("--out-dir", required=True)
     sub.add_argument("--mbm", default=None, help="pretrained SC-MBM folder (not used with --baseline)")
-    sub.add_argument("--classifier", default=None, help="domain classifier folder (enables val/accuracy)")
     sub.add_argument("--baseline", action="store_true", help="random encoder: no SC-MBM pretraining (ablation)")
     sub.add_argument("--resume", action="store_true")
     sub.add_argument("--released", default=None,
@@ -415,7 +414,6 @@ def build_parser():
     sub.add_argument("--view-dirs", nargs="+", required=True,
                      help="each subject's decoder folder to write (results/{subject}/dcldm-shared), in order")
     sub.add_argument("--mbm", default=None, help="the SC-MBM encoder every subject's fMRI enters")
-    sub.add_argument("--classifier", default=None, help="domain classifier folder (enables val/accuracy)")
     sub.add_argument("--resume", action="store_true")
 
     sub = add("adapt-subject", cmd_adapt_subject,
@@ -428,7 +426,6 @@ def build_parser():
     sub.add_argument("--shared-responses", nargs="*", default=[],
                      help="their responses.h5 (prior preservation and its measure), in order")
     sub.add_argument("--out-dir", required=True)
-    sub.add_argument("--classifier", default=None)
     sub.add_argument("--resume", action="store_true")
 
     sub = add("import-ldm", cmd_import_ldm,

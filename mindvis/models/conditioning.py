@@ -221,6 +221,105 @@ class FmriConditioner(_NullMixin, ModelMixin, ConfigMixin):
         self.null_pooled.copy_(other.null_pooled)
 
 
+class ReadoutConditioner(_NullMixin, ModelMixin, ConfigMixin):
+    """SC-MBM encoder tokens -> condition by one linear read-out of every token (the default mapper).
+
+    Each token is standardised (a LayerNorm over the encoder width), the class
+    token and the patch tokens are concatenated, and one linear map gives the
+    condition: ``context_tokens`` x ``cross_attention_dim`` (and ``pooled_dim``)
+    values. MinD-Vis's mapper (a 1x1 convolution over the token axis, then a
+    width map) is the Kronecker-structured special case of this map. Being one
+    linear layer on the encoder's features, it can start at the ridge solution
+    from the starting encoder's features (:meth:`features`, :meth:`set_readout`),
+    so the encoder carries the condition from the first step and every part
+    goes on training, the encoder included. In ``embedding`` mode (an image
+    prior) each output token is standardised as the prior's own are, the pooled
+    vector is empty and the null condition is the prior's, as in
+    :class:`FmriConditioner`.
+
+    Parameters
+    ----------
+    input_tokens : int
+        Tokens the encoder gives per sample (the class token, then the patches).
+    input_dim : int
+        Encoder width.
+    context_tokens, cross_attention_dim, pooled_dim : int
+        As in :class:`FmriConditioner`.
+    dropout : float
+        Dropout on the standardised features during training.
+    embedding : bool
+        Output an image prior's embedding (see :class:`FmriConditioner`).
+
+    Attributes
+    ----------
+    voxel_map : None
+        No voxel path (kept so that code that asks finds none).
+    """
+
+    @register_to_config
+    def __init__(self, input_tokens: int, input_dim: int, context_tokens: int, cross_attention_dim: int,
+                 pooled_dim: int, dropout: float = 0.0, embedding: bool = False):
+        super().__init__()
+        pooled_dim = 0 if embedding else pooled_dim
+        self.norm = nn.LayerNorm(input_dim)
+        self.feature_dropout = nn.Dropout(dropout)
+        self.readout = nn.Linear(input_tokens * input_dim, context_tokens * cross_attention_dim + pooled_dim)
+        nn.init.normal_(self.readout.weight, std=(input_tokens * input_dim) ** -0.5)
+        nn.init.zeros_(self.readout.bias)
+        self.output_norm = nn.LayerNorm(cross_attention_dim, elementwise_affine=False) if embedding else None
+        self.voxel_map = self.voxel_down = None
+        self.null_context = nn.Parameter(torch.zeros(context_tokens, cross_attention_dim))
+        self.null_pooled = nn.Parameter(torch.zeros(pooled_dim))
+
+    def features(self, tokens, token_mask=None):
+        """The read-out's input: ``[B, input_tokens * input_dim]``, each token standardised, padding zeroed."""
+        if tokens.shape[1] != self.config.input_tokens:
+            raise ValueError(f"expected {self.config.input_tokens} encoder tokens, got {tokens.shape[1]}")
+        hidden = self.norm(tokens)
+        if token_mask is not None:
+            hidden = hidden * token_mask[..., None].to(hidden.dtype)
+        return hidden.flatten(1)
+
+    def forward(self, tokens, token_mask=None, fmri=None):
+        """Encoder tokens ``[B, input_tokens, input_dim]`` -> :class:`Condition` (``fmri`` is unused)."""
+        direct = self.readout(self.feature_dropout(self.features(tokens, token_mask)))
+        n_context = self.config.context_tokens * self.config.cross_attention_dim
+        context = direct[:, :n_context].reshape(len(direct), self.config.context_tokens, -1)
+        if self.output_norm is not None:
+            context = self.output_norm(context)
+        return Condition(context, direct[:, n_context:])
+
+    @torch.no_grad()
+    def set_readout(self, weight, bias):
+        """Set the read-out: ``condition = weight @ features + bias`` (flattened context, then pooled)."""
+        self.readout.weight.copy_(torch.as_tensor(weight, dtype=self.readout.weight.dtype))
+        self.readout.bias.copy_(torch.as_tensor(bias, dtype=self.readout.bias.dtype))
+
+    def token_weights(self):
+        """``[context_tokens, input_tokens]``: the read-out's weight magnitude from each encoder token into each
+        context token, normalised per context token (as :meth:`FmriConditioner.token_weights`)."""
+        config = self.config
+        n_context = config.context_tokens * config.cross_attention_dim
+        weight = self.readout.weight.detach()[:n_context].float().abs()
+        weights = weight.reshape(config.context_tokens, config.cross_attention_dim, config.input_tokens,
+                                 config.input_dim).sum(dim=(1, 3))
+        return weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def set_null(self, condition):
+        """Start the null condition from a :class:`Condition` of one row."""
+        self.null_context.copy_(condition.context.reshape(self.null_context.shape))
+        self.null_pooled.copy_(condition.pooled.reshape(self.null_pooled.shape))
+
+    @torch.no_grad()
+    def init_null_from(self, other):
+        """Start the null condition from another conditioner's (an embedding-space read-out uses the prior's)."""
+        if other is None or self.config.embedding:
+            return
+        self.null_context.copy_(other.null_context.reshape(self.null_context.shape))
+        self.null_pooled.copy_(other.null_pooled.reshape(self.null_pooled.shape))
+
+
 class ClassConditioner(_NullMixin, ModelMixin, ConfigMixin):
     """A learned condition per object class (and a null one): the embedded base's "text encoder".
 

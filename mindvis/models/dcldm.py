@@ -48,7 +48,7 @@ from safetensors.torch import load_file, save_file
 from mindvis.data.voxel_space import same_space, space_spec
 from mindvis.errors import MindvisError
 from mindvis.models.bundled import ASSETS
-from mindvis.models.conditioning import FmriConditioner, MindVisConditioner
+from mindvis.models.conditioning import FmriConditioner, MindVisConditioner, ReadoutConditioner
 from mindvis.models.ldm import load_generator
 from mindvis.models.mbm import MBMAutoencoder, load_pretrained_mbm, mbm_from_config
 from mindvis.models.weights import save_weights
@@ -60,6 +60,8 @@ LOWLEVEL_FILE = "lowlevel.safetensors"
 LOWLEVEL_META = "lowlevel.json"
 START_DIR = "start"
 #: The files ``dcldm.json`` records the SHA-256 of (``sha256``), checked by :func:`load_dcldm`.
+#: The mapper classes a decoder folder's ``conditioner/config.json`` may name.
+CONDITIONERS = {kind.__name__: kind for kind in (FmriConditioner, MindVisConditioner, ReadoutConditioner)}
 DIGESTED_FILES = (MODEL_FILE, "encoder/config.json", "conditioner/config.json", LOWLEVEL_FILE, LOWLEVEL_META)
 
 log = logging.getLogger(__name__)
@@ -182,8 +184,12 @@ def build_decoder(config, generator, n_voxels, mbm_dir=None, baseline=False):
     tokens, width = prior.embedding_shape if prior is not None else (generator.context_tokens,
                                                                        generator.cross_attention_dim)
     settings = config["finetune"]
-    if settings.get("mapper", "mindvis-ext") == "mindvis":
+    mapper = settings.get("mapper", "readout")
+    if mapper == "mindvis":
         return DCLDM(encoder, mindvis_mapper(encoder, generator, settings, prior), generator.unet)
+    if mapper == "readout":
+        return DCLDM(encoder, readout_mapper(encoder, generator, settings, prior, tokens, width), generator.unet,
+                     prior=prior)
     n_outputs = tokens * width + (0 if prior is not None else generator.pooled_dim)
     rank = voxel_path_rank(int(n_voxels), n_outputs, settings.get("voxel_path_max_params", 8_000_000),
                            settings.get("voxel_path_rank"))
@@ -199,6 +205,28 @@ def build_decoder(config, generator, n_voxels, mbm_dir=None, baseline=False):
     elif generator.null_condition is not None and not conditioner.config.embedding:
         conditioner.set_null(generator.null_condition)
     return DCLDM(encoder, conditioner, generator.unet, prior=prior)
+
+
+def readout_mapper(encoder, generator, settings, prior, tokens, width):
+    """The read-out route's mapper (``finetune.mapper: readout``): one linear map of every encoder token
+    (:class:`~mindvis.models.conditioning.ReadoutConditioner`), within ``finetune.voxel_path_max_params``."""
+    n_inputs = (1 + encoder.n_tokens) * encoder.config.embed_dim
+    n_outputs = tokens * width + (0 if prior is not None else generator.pooled_dim)
+    if n_inputs * n_outputs > settings.get("voxel_path_max_params", 8_000_000):
+        raise MindvisError(f"finetune.mapper 'readout' would map {n_inputs} encoder features onto {n_outputs} "
+                           f"condition values ({n_inputs * n_outputs:,} parameters, over "
+                           "finetune.voxel_path_max_params)", key="finetune.mapper",
+                           fix="use mapper: mindvis (MinD-Vis's factorised token and width maps) for a condition "
+                               "this wide, or raise finetune.voxel_path_max_params.")
+    conditioner = ReadoutConditioner(input_tokens=1 + encoder.n_tokens, input_dim=encoder.config.embed_dim,
+                                     context_tokens=tokens, cross_attention_dim=width,
+                                     pooled_dim=generator.pooled_dim, dropout=settings["mapper_dropout"],
+                                     embedding=prior is not None)
+    if generator.conditioner is not None:
+        conditioner.init_null_from(generator.conditioner)
+    elif generator.null_condition is not None and prior is None:
+        conditioner.set_null(generator.null_condition)
+    return conditioner
 
 
 def mindvis_mapper(encoder, generator, settings, prior):
@@ -495,7 +523,7 @@ def load_dcldm(folder, base=None, dtype=None, allow_other_prior=False):
     generator = load_generator(prior_dir, image_size=meta.get("image_size"), dtype=dtype)
     encoder = MBMAutoencoder.from_config(MBMAutoencoder.load_config(folder / "encoder"))
     conditioner_config = FmriConditioner.load_config(folder / "conditioner")
-    kind = MindVisConditioner if conditioner_config.get("_class_name") == "MindVisConditioner" else FmriConditioner
+    kind = CONDITIONERS.get(conditioner_config.get("_class_name"), FmriConditioner)
     conditioner = kind.from_config(conditioner_config)
     if conditioner.config.embedding and generator.image_conditioner is None:
         raise MindvisError("this decoder outputs an image prior's embedding, and its base has no image conditioner",

@@ -31,14 +31,15 @@ from mindvis.data.pairs import MultiSubjectTrials, paired_trials, training_share
 from mindvis.data.responses import load_responses
 from mindvis.data.stimuli import load_stimulus_set
 from mindvis.errors import MindvisError
-from mindvis.models.classifiers.domain import load_classifier
 from mindvis.models.dcldm import build_decoder, condition_space, load_dcldm, responses_record, save_dcldm
 from mindvis.models.ldm import load_generator
 from mindvis.models.shared import (SharedDecoder, adapter_from_ridge, fit_adapter, mask_adapter_rows, rank_candidates,
                                    rank_errors, select_rank, shared_ridge_start)
 from mindvis.train.engine import Trainer, TrainConfig, checkpoint_minutes
-from mindvis.train.finetune import (condition_targets, finetune_param_groups, fit_ridge_voxel_map,
-                                    make_eval_fn, make_loss_fn, trainable_parameter_names)
+from mindvis.train.finetune import finetune_param_groups, trainable_parameter_names
+from mindvis.train.losses import make_loss_fn
+from mindvis.train.ridge_start import condition_targets, fit_ridge_voxel_map
+from mindvis.train.selection import SELECT_MODES, make_eval_fn, select_metric
 from mindvis.utils.io import derive_seed, seed_everything, software_versions, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def _train_config(settings, seed, select, config, epochs=None):
         weight_decay=settings["weight_decay"], warmup_epochs=settings["warmup_epochs"], betas=(0.9, 0.999),
         clip_grad_norm=settings["clip_grad_norm"] or None, mixed_precision=settings["mixed_precision"], seed=seed,
         eval_every=settings["eval_every"], eval_at_start=select is not None, select_metric=select,
-        select_mode="max" if select == "val/accuracy" else "min", optimizer=settings["optimizer"],
+        select_mode=SELECT_MODES.get(select, "min"), optimizer=settings["optimizer"],
         checkpoint_every_minutes=checkpoint_minutes(config))
 
 
@@ -111,14 +112,6 @@ def _mean_eval(shared, eval_fns, weights):
         return metrics
 
     return eval_fn
-
-
-def _select(settings, classifier):
-    select = settings["select_metric"]
-    if select == "val/accuracy" and classifier is None:
-        log.warning("no classifier given: selecting the checkpoint on val/loss instead of val/accuracy")
-        select = "val/loss"
-    return select
 
 
 def _view_meta(config, subject, view, base, generator, data, responses, trained_groups, result, extra, stimuli):
@@ -168,7 +161,7 @@ def _train(shared, data, generator, scheduler, settings, train_config, out_dir, 
 
 
 def finetune_shared(config, subjects, responses, stimuli, base, out_dir, view_dirs, mbm_dir=None,
-                    classifier_dir=None, resume=False):
+                    resume=False):
     """Fine-tune one decoder for ``subjects`` and write each subject's view (see the module docstring).
 
     Parameters
@@ -186,7 +179,6 @@ def finetune_shared(config, subjects, responses, stimuli, base, out_dir, view_di
         Where each subject's decoder folder goes (``results/{subject}/dcldm-shared``).
     mbm_dir : path
         The SC-MBM encoder every subject's fMRI enters (the pretrained or shipped base, not one subject's).
-    classifier_dir : path, optional
     resume : bool
     """
     started = time.perf_counter()
@@ -230,7 +222,8 @@ def finetune_shared(config, subjects, responses, stimuli, base, out_dir, view_di
     else:
         log.warning("no validation trials: the shared space keeps finetune.shared_rank %d", rank_info["rank"])
         rank = rank_info["rank"]
-    shaped = {**config, "finetune": {**settings, "voxel_path": True, "voxel_path_rank": rank}}
+    # The shared decoder's subjects meet in the voxel path's rank-K space (mapper mindvis-ext).
+    shaped = {**config, "finetune": {**settings, "mapper": "mindvis-ext", "voxel_path": True, "voxel_path_rank": rank}}
     first = subjects[0]
     core = build_decoder(shaped, generator, loaded[first][0].n_voxels, mbm_dir=mbm_dir)
     widest = max(item[0].n_voxels for item in loaded.values())
@@ -254,10 +247,9 @@ def finetune_shared(config, subjects, responses, stimuli, base, out_dir, view_di
 
     train = MultiSubjectTrials({subject: item[1] for subject, item in loaded.items()})
     scheduler = DDPMScheduler.from_config(generator.scheduler_config)
-    classifier = load_classifier(classifier_dir) if classifier_dir is not None else None
-    select = _select(settings, classifier)
-    eval_fns = {subject: make_eval_fn(generator, scheduler, item[2], settings, generate_settings, classifier,
-                                      derive_seed(seed, subject))
+    select = select_metric(settings, generator)
+    eval_fns = {subject: make_eval_fn(generator, scheduler, item[2], settings, generate_settings,
+                                      derive_seed(seed, subject), select)
                 for subject, item in loaded.items() if len(item[2])}
     eval_fn = _mean_eval(shared, eval_fns, {s: len(loaded[s][2]) for s in eval_fns}) if eval_fns else None
     if eval_fn is None:
@@ -291,7 +283,7 @@ def finetune_shared(config, subjects, responses, stimuli, base, out_dir, view_di
     return summary
 
 
-def adapt_subject(config, subject, responses, stimuli, shared_views, out_dir, old_responses=(), classifier_dir=None,
+def adapt_subject(config, subject, responses, stimuli, shared_views, out_dir, old_responses=(),
                   resume=False):
     """Adapt a shared decoder to a subject it has not seen, from a share of its training trials.
 
@@ -312,7 +304,6 @@ def adapt_subject(config, subject, responses, stimuli, shared_views, out_dir, ol
     old_responses : dict of str -> path
         The old subjects' ``responses.h5``: their training trials are the prior-preservation set,
         their val trials measure what it keeps.
-    classifier_dir : path, optional
     resume : bool
     """
     started = time.perf_counter()
@@ -369,8 +360,7 @@ def adapt_subject(config, subject, responses, stimuli, shared_views, out_dir, ol
     trains_shared = any(g != "adapter" for g in groups)
 
     scheduler = DDPMScheduler.from_config(generator.scheduler_config)
-    classifier = load_classifier(classifier_dir) if classifier_dir is not None else None
-    select = _select(settings, classifier) if len(val) else None
+    select = select_metric(settings, generator) if len(val) else None
     trials = {subject: train}
     old_val = {}
     if trains_shared:
@@ -381,11 +371,11 @@ def adapt_subject(config, subject, responses, stimuli, shared_views, out_dir, ol
     prior_weight = float(settings["prior_weight"])
     data_set = MultiSubjectTrials(trials, weights={old: prior_weight for old in trials if old != subject},
                                   subjects=shared.subjects)
-    eval_fns = {subject: make_eval_fn(generator, scheduler, val, settings, generate_settings, classifier,
-                                      derive_seed(seed, subject))} if len(val) else {}
+    eval_fns = {subject: make_eval_fn(generator, scheduler, val, settings, generate_settings,
+                                      derive_seed(seed, subject), select)} if len(val) else {}
     eval_fn = _mean_eval(shared, eval_fns, {subject: len(val)}) if eval_fns else None
-    old_eval = {old: make_eval_fn(generator, scheduler, v, settings, generate_settings, classifier,
-                                  derive_seed(seed, old)) for old, v in old_val.items() if len(v)}
+    old_eval = {old: make_eval_fn(generator, scheduler, v, settings, generate_settings, derive_seed(seed, old),
+                                  select) for old, v in old_val.items() if len(v)}
     before = {old: fn(shared.view(old), -1) for old, fn in old_eval.items()}
     n_trained = sum(p.numel() for p in shared.parameters() if p.requires_grad)
     log.info("%s: training %d parameters (%s) on %d trials%s", subject, n_trained, ", ".join(groups), len(data_set),

@@ -1,4 +1,5 @@
-# Per-subject DC-LDM fine-tuning on the training trials (model selection on the val split only),
+# Per-subject DC-LDM fine-tuning on the training trials (model selection on the val split only, by a
+# criterion that reads no label and not the evaluation classifier),
 # with SC-MBM pretraining (dcldm/) and, if finetune.baseline, without it (dcldm-baseline/).
 
 
@@ -9,7 +10,6 @@ rule finetune:
         stimuli=subject_stimuli,
         base=ldm_base_input,
         mbm=mbm_input,
-        classifier=classifier_input,
     output:
         weights="results/{subject}/dcldm/dcldm.safetensors",
         meta="results/{subject}/dcldm/dcldm.json",
@@ -18,7 +18,6 @@ rule finetune:
     params:
         config=RESOLVED_CONFIG,
         base=ldm_base_dir,
-        classifier=classifier_flag,
         out_dir=output_dir,
         encoder=encoder_flag,
         digest=config_digest("ldm", "mbm", "finetune", "generate"),  # generate: the start and low-level start it writes
@@ -38,7 +37,7 @@ rule finetune:
         # --resume: a retried job continues from its last checkpoint of this config and these inputs.
         "{params.launch} finetune --config {params.config} --subject {wildcards.subject} --responses {input.responses}"
         " --stimuli {input.stimuli} --base {params.base} --out-dir {params.out_dir} {params.encoder}"
-        " {params.classifier} {params.released} --threads {params.threads} --resume > {log} 2>&1"
+        " {params.released} --threads {params.threads} --resume > {log} 2>&1"
 
 
 use rule finetune as finetune_baseline with:
@@ -46,7 +45,6 @@ use rule finetune as finetune_baseline with:
         responses="results/{subject}/responses.h5",
         stimuli=subject_stimuli,
         base=ldm_base_input,
-        classifier=classifier_input,
     output:
         weights="results/{subject}/dcldm-baseline/dcldm.safetensors",
         meta="results/{subject}/dcldm-baseline/dcldm.json",
@@ -69,8 +67,7 @@ if SHARED_SUBJECTS:
             stimuli=LDM_STIMULI,
             base=ldm_base_input,
             mbm=SHARED_MBM_INPUT,
-            classifier=classifier_input,
-        output:
+            output:
             summary="results/shared/dcldm/shared.json",
             views=expand("results/{subject}/dcldm-shared/dcldm.json", subject=SHARED_SUBJECTS),
         conda:
@@ -81,8 +78,7 @@ if SHARED_SUBJECTS:
             view_dirs=" ".join(f"results/{subject}/dcldm-shared" for subject in SHARED_SUBJECTS),
             base=ldm_base_dir,
             mbm=SHARED_MBM,
-            classifier=classifier_flag,
-            digest=config_digest("ldm", "mbm", "finetune", "generate"),
+                digest=config_digest("ldm", "mbm", "finetune", "generate"),
             launch=launcher("finetune_shared"),
             threads=process_threads("finetune_shared"),
         log:
@@ -96,7 +92,7 @@ if SHARED_SUBJECTS:
         shell:
             "{params.launch} finetune-shared --config {params.config} --subjects {params.subjects}"
             " --responses {input.responses} --stimuli {input.stimuli} --base {params.base} --mbm {params.mbm}"
-            " --out-dir results/shared/dcldm --view-dirs {params.view_dirs} {params.classifier}"
+            " --out-dir results/shared/dcldm --view-dirs {params.view_dirs}"
             " --threads {params.threads} --resume > {log} 2>&1"
 
 
@@ -111,8 +107,7 @@ if NEW_SUBJECT:
             stimuli=LDM_STIMULI,
             views=expand("results/{subject}/dcldm-shared/dcldm.json", subject=SHARED_SUBJECTS),
             old=expand("results/{subject}/responses.h5", subject=SHARED_SUBJECTS),
-            classifier=classifier_input,
-        output:
+            output:
             meta=f"results/{NEW_SUBJECT}/dcldm-fewshot/dcldm.json",
         conda:
             "../envs/mindvis.yaml"
@@ -120,8 +115,7 @@ if NEW_SUBJECT:
             config=RESOLVED_CONFIG,
             subjects=" ".join(SHARED_SUBJECTS),
             view_dirs=" ".join(f"results/{subject}/dcldm-shared" for subject in SHARED_SUBJECTS),
-            classifier=classifier_flag,
-            digest=config_digest("ldm", "mbm", "finetune", "generate"),
+                digest=config_digest("ldm", "mbm", "finetune", "generate"),
             launch=launcher("adapt_subject"),
             threads=process_threads("adapt_subject"),
         log:
@@ -136,4 +130,4 @@ if NEW_SUBJECT:
             "{params.launch} adapt-subject --config {params.config} --subject " + NEW_SUBJECT +
             " --responses {input.responses} --stimuli {input.stimuli} --shared-subjects {params.subjects}"
             " --shared-views {params.view_dirs} --shared-responses {input.old} --out-dir results/"
-            + NEW_SUBJECT + "/dcldm-fewshot {params.classifier} --threads {params.threads} --resume > {log} 2>&1"
+            + NEW_SUBJECT + "/dcldm-fewshot --threads {params.threads} --resume > {log} 2>&1"

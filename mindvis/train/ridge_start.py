@@ -1,0 +1,143 @@
+"""Closed-form starts of the decoders' linear maps (ridge regression, alpha chosen on the val split).
+
+* :func:`fit_readout_start`: the read-out route's start (``finetune.mapper: readout``,
+  :class:`~mindvis.models.conditioning.ReadoutConditioner`): a ridge from the
+  starting encoder's features to each trial's target, so that the encoder
+  carries the condition from the first step; then everything trains.
+* :func:`fit_ridge_voxel_map`: the voxel path's start (``mapper: mindvis-ext``).
+
+The target of a trial (:func:`condition_targets`) is the base's own reading of
+the image it showed: the prior's embedding of it for an image prior (no label
+is read), else the class condition of a class-conditioned base.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from sklearn.linear_model import Ridge
+
+from mindvis.errors import MindvisError
+from mindvis.models.linear import fit_ridge
+
+log = logging.getLogger(__name__)
+
+
+def class_condition_targets(class_conditioner, labels):
+    """Flattened base conditions (context, then pooled) of ``labels``: float64 [N, T * D + P]."""
+    with torch.no_grad():
+        condition = class_conditioner(torch.as_tensor(labels, dtype=torch.int64).clamp_min(0))
+    return torch.cat([condition.context.flatten(1), condition.pooled], dim=1).double().numpy()
+
+
+@torch.no_grad()
+def base_conditions(generator, images, labels):
+    """The base's own condition of each trial's image (:class:`~mindvis.models.conditioning.Condition`) and which trials have one.
+
+    An image-conditioned prior encodes the image itself, so every trial has a
+    target and no label is read; a class-conditioned base takes the trial's
+    class, and trials of unknown class (-1) have none.
+    """
+    if generator.image_conditioner is not None:
+        embedding = generator.embed_all(images)
+        return (generator.image_conditioner.condition(embedding),
+                torch.ones(len(images), dtype=torch.bool, device=embedding.device))
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    device = generator.class_conditioner.context.device
+    condition = generator.class_conditioner(labels.to(device).clamp_min(0))
+    return condition, labels.to(device) >= 0
+
+
+def condition_targets(generator, images, labels, space="condition"):
+    """What the voxel path regresses onto, flattened: float64 [M, ...], and the mask of trials kept.
+
+    In ``embedding`` space each trial's target is the prior's embedding of the image it showed
+    (:meth:`~mindvis.models.ldm.Generator.embed_all`, every trial kept); in ``condition`` space the base's condition of it,
+    context then pooled (:func:`base_conditions`).
+    """
+    if space == "embedding":
+        flat = generator.embed_all(images).flatten(1)
+        return flat.double().cpu().numpy(), np.ones(len(flat), dtype=bool)
+    condition, known = base_conditions(generator, images, labels)
+    flat = torch.cat([condition.context.flatten(1), condition.pooled], dim=1)[known]
+    return flat.double().cpu().numpy(), known.cpu().numpy()
+
+
+def fit_ridge_voxel_map(train_fmri, train_targets, val_fmri, val_targets, alphas, what="voxel path ridge",
+                        key="finetune.ridge_init"):
+    """Ridge from fMRI to the base's conditions of the seen images, alpha chosen on the validation split.
+
+    The one ridge of the project (:func:`mindvis.models.linear.fit_ridge`, in
+    float64): ``train_targets`` holds each training trial's target condition
+    (:func:`condition_targets`: the seen image's own embedding for an
+    image-conditioned prior, label-free; its class's condition for a class
+    base); the alpha with the lowest relative squared error on the validation
+    trials (the alignment loss's measure) is refitted on the training trials
+    only, since the validation split goes on to select fine-tuning's checkpoint
+    (and the low-level strength) with this map inside. Without validation trials the median alpha is fitted on the
+    training trials, with a warning.
+
+    Returns
+    -------
+    weight : float32 [T * D + P, V]
+    bias : float32 [T * D + P]
+    report : dict
+        ``alpha``, ``val_relative_error`` per alpha, ``n_train``, ``n_val``.
+    """
+    x_train, y_train = np.asarray(train_fmri, np.float64), np.asarray(train_targets, np.float64)
+    x_val, y_val = np.asarray(val_fmri, np.float64), np.asarray(val_targets, np.float64)
+    if len(x_train) < 2:
+        raise MindvisError(f"too few training trials with a target condition to fit the {what}", key=key,
+                           fix="set finetune.ridge_init: false, or check the labels in responses.h5.")
+    errors = {}
+    if len(x_val):
+        model, info = fit_ridge(x_train, y_train, x_val, y_val, alphas, error="relative", what=what,
+                                refit="train")
+        alpha, errors = info["alpha"], dict(zip(info["alphas"], info["val_error"]))
+    else:
+        alpha = float(np.median(alphas))
+        log.warning("no validation trials: the voxel path's ridge uses the median alpha %g", alpha)
+        model = Ridge(alpha=alpha).fit(x_train, y_train)
+    report = {"alpha": alpha, "val_relative_error": errors, "n_train": int(len(x_train)), "n_val": int(len(x_val))}
+    return model.coef_.astype(np.float32), model.intercept_.astype(np.float32), report
+
+
+def voxel_path_record(conditioner):
+    """The voxel path's shape for ``dcldm.json``: voxels, outputs, rank (0 = full) and parameter count."""
+    if conditioner.voxel_map is None:
+        return None
+    n_parameters = sum(p.numel() for name, p in conditioner.named_parameters() if name.startswith("voxel_"))
+    return {"n_voxels": int(conditioner.config.n_voxels), "n_outputs": int(conditioner.voxel_map.out_features),
+            "rank": 0 if conditioner.voxel_down is None else int(conditioner.voxel_down.out_features),
+            "n_parameters": int(n_parameters)}
+
+
+@torch.no_grad()
+def readout_features(model, fmri, batch_size=256):
+    """The read-out's input for ``fmri`` [N, V] through the model's encoder as it is now (eval mode): float64 [N, F]."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    rows = []
+    for start in range(0, len(fmri), batch_size):
+        batch = torch.as_tensor(fmri[start:start + batch_size]).to(device)
+        rows.append(model.conditioner.features(model.encoder.encode(batch), model.token_mask(batch)).double().cpu())
+    model.train(was_training)
+    return torch.cat(rows).numpy() if rows else np.zeros((0, model.conditioner.readout.in_features))
+
+
+def fit_readout_start(model, train_fmri, train_targets, val_fmri, val_targets, alphas):
+    """Start a :class:`~mindvis.models.conditioning.ReadoutConditioner` at the ridge solution from the encoder's
+    features to the targets (alpha of lowest relative squared error on the val trials, refitted on train only, as
+    the val split then selects the checkpoint). Returns the report (``alpha``, ``val_relative_error`` per alpha, ...).
+    """
+    x_train = readout_features(model, train_fmri)
+    x_val = readout_features(model, val_fmri)
+    weight, bias, report = fit_ridge_voxel_map(x_train, train_targets, x_val, val_targets, alphas,
+                                               what="read-out start, ridge encoder features -> target",
+                                               key="finetune.ridge_init")
+    model.conditioner.set_readout(torch.from_numpy(weight), torch.from_numpy(bias))
+    report["n_features"] = int(x_train.shape[1])
+    return report
