@@ -146,7 +146,7 @@ def cmd_train_classifier(args):
 
 def cmd_pretrain_ldm(args):
     _call("mindvis.train.pretrain_ldm:pretrain_ldm", _config(args), stimuli=args.stimuli, out_dir=args.out_dir,
-          resume=args.resume)
+          classifier_dir=args.classifier, resume=args.resume)
 
 
 def cmd_bundle(args):

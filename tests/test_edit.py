@@ -116,14 +116,16 @@ def test_the_controller_refuses_a_batch_that_is_not_source_then_edit(generator):
 
 # -- brain-token edits -----------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def decoder(tmp_path_factory):
+@pytest.fixture(scope="module", params=["readout", "mindvis-ext"])
+def decoder(tmp_path_factory, request):
+    """The default read-out (encoder tokens only), and mindvis-ext's voxel path beside its encoder path."""
     root = tmp_path_factory.mktemp("edit")
     save_tiny_mbm(root / "mbm", n_voxels=37)
-    config = tiny_config()
+    config = tiny_config(finetune={"mapper": request.param})
     generator = tiny_generator(seed=2, num_train_timesteps=20)
     model = build_decoder(config, generator, 37, mbm_dir=root / "mbm").eval()
-    with torch.no_grad():  # a voxel path and an encoder path that both carry the input
+    assert (model.conditioner.voxel_map is not None) == (request.param == "mindvis-ext")
+    with torch.no_grad():  # every path (encoder tokens, and a voxel path where there is one) carries the input
         for parameter in model.conditioner.parameters():
             parameter.normal_(0, 0.2, generator=torch.Generator().manual_seed(parameter.numel()))
     return model, generator

@@ -153,7 +153,7 @@ def decoder_reference(inputs, prior_reference):
 
     root = inputs["root"]
     finetune(inputs["config"], "sub-01", root / "responses.h5", root / "stimuli.h5", prior_reference,
-             root / "dcldm", mbm_dir=root / "mbm", classifier_dir=root / "classifier")
+             root / "dcldm", mbm_dir=root / "mbm")
     return root / "dcldm"
 
 
@@ -165,11 +165,10 @@ def test_finetune_killed_and_rerun_equals_an_uninterrupted_run(inputs, prior_ref
     root, out = inputs["root"], tmp_path / "dcldm"
     run_killed(tmp_path, "mindvis.train.finetune:finetune", inputs["config"], {**kill, "trainer": "train"},
                subject="sub-01", responses=str(root / "responses.h5"), stimuli=str(root / "stimuli.h5"),
-               base=str(prior_reference), out_dir=str(out), mbm_dir=str(root / "mbm"),
-               classifier_dir=str(root / "classifier"), resume=True)
+               base=str(prior_reference), out_dir=str(out), mbm_dir=str(root / "mbm"), resume=True)
     assert not (out / "dcldm.json").exists()
     finetune(inputs["config"], "sub-01", root / "responses.h5", root / "stimuli.h5", prior_reference, out,
-             mbm_dir=root / "mbm", classifier_dir=root / "classifier", resume=True)
+             mbm_dir=root / "mbm", resume=True)
     assert_same_training(decoder_reference / "train", out / "train")
     assert_same_tensors(out / "dcldm.safetensors", decoder_reference / "dcldm.safetensors", "decoder weights")
     rerun, reference = (json.loads((f / "dcldm.json").read_text()) for f in (out, decoder_reference))
@@ -300,7 +299,7 @@ def test_two_runs_from_scratch_with_one_seed_give_identical_metrics(inputs, mbm_
     save_tiny_mbm(second / "mbm")
     pretrain_ldm(config, second / "stimuli.h5", second / "ldm", classifier_dir=second / "classifier")
     finetune(config, "sub-01", second / "responses.h5", second / "stimuli.h5", second / "ldm", second / "dcldm",
-             mbm_dir=second / "mbm", classifier_dir=second / "classifier")
+             mbm_dir=second / "mbm")
     generate_subject(config, "sub-01", second / "dcldm", second / "responses.h5", second / "stimuli.h5",
                      second / "samples", classifier_dir=second / "classifier")
     _evaluate(config, second, second / "samples" / "samples.h5", second / "evaluation-first")

@@ -15,6 +15,7 @@ from ldm_fixtures import (
 from safetensors.torch import load_file
 
 from mindvis.errors import MindvisError
+from mindvis.models.conditioning import ReadoutConditioner
 from mindvis.models.dcldm import build_decoder, load_dcldm
 from mindvis.models.ldm import load_generator
 from mindvis.train.finetune import finetune, freeze_for_finetuning, trainable_parameter_names
@@ -81,7 +82,7 @@ UNUSED_ENCODER_PARTS = ("encoder.decoder", "encoder.mask_token")
 def finetuned(workspace):
     root, config = workspace["root"], workspace["config"]
     meta = finetune(config, "sub-01", root / "responses.h5", root / "stimuli.h5", root / "ldm", root / "dcldm",
-                    mbm_dir=root / "mbm", classifier_dir=root / "classifier")
+                    mbm_dir=root / "mbm")
     return meta
 
 
@@ -92,13 +93,20 @@ def test_finetune_changes_trained_parameters_and_keeps_frozen_ones_bit_identical
     _, decoder, meta = load_dcldm(root / "dcldm")
     before = dict(initial.named_parameters())
     trained = set(meta["trained_parameter_names"])
-    # The ridge-started voxel path is kept fixed (finetune.ridge_lr_scale 0); everything else named trains.
-    voxel_path = {"conditioner.voxel_map.weight", "conditioner.voxel_map.bias"}
-    assert meta["voxel_path_ridge"] is not None and config["finetune"]["ridge_lr_scale"] == 0
-    assert trained == trainable_parameter_names(initial, config["finetune"]["train"]) - voxel_path
+    # The default mapper is the read-out: ridge-started, then trained whole with the rest (at ridge_lr_scale x lr);
+    # there is no voxel path.
+    readout = {"conditioner.readout.weight", "conditioner.readout.bias"}
+    assert isinstance(initial.conditioner, ReadoutConditioner) and initial.conditioner.voxel_map is None
+    assert meta["voxel_path_ridge"] is not None and meta["voxel_path"] is None
+    assert config["finetune"]["mapper"] == "readout" and config["finetune"]["ridge_lr_scale"] > 0
+    assert readout <= trained == trainable_parameter_names(initial, config["finetune"]["train"])
     stored = load_file(str(root / "dcldm" / "dcldm.safetensors"))
-    assert trained | voxel_path <= set(stored) and not any(k.startswith("unet.") and k not in trained for k in stored)
-    assert stored["conditioner.voxel_map.weight"].abs().sum() > 0  # the ridge start, stored though frozen
+    assert trained <= set(stored) and not any(k.startswith("unet.") and k not in trained for k in stored)
+    assert not any("voxel" in k for k in stored)
+    # The loaded decoder is a read-out decoder holding the stored tensors.
+    assert isinstance(decoder.conditioner, ReadoutConditioner) and decoder.conditioner.voxel_map is None
+    loaded = dict(decoder.named_parameters())
+    assert all(torch.equal(loaded[name], stored[name]) for name in readout)
     for name, param in decoder.named_parameters():
         if name not in trained and name.startswith(("unet.", "encoder.")) and not name.startswith(UNUSED_ENCODER_PARTS):
             assert torch.equal(param, before[name]), f"frozen {name} changed"
@@ -110,6 +118,10 @@ def test_finetune_changes_trained_parameters_and_keeps_frozen_ones_bit_identical
                            if name.startswith(prefix) and not name.startswith("conditioner.null"))
                for prefix in ("unet.", "encoder.")}
     assert changed["unet."] > 0 and changed["encoder."] > 0
+    # The read-out trains on from its ridge start (the 0-step decoder in start/).
+    _, start, _ = load_dcldm(root / "dcldm" / "start")
+    ridge = dict(start.named_parameters())
+    assert all(not torch.equal(after[name], ridge[name]) for name in readout)
     assert trained <= set(after)
     assert meta["n_trained_parameters"] < meta["n_parameters"]
 
@@ -117,11 +129,14 @@ def test_finetune_changes_trained_parameters_and_keeps_frozen_ones_bit_identical
 def test_finetune_selects_on_validation_and_records_its_provenance(workspace, finetuned):
     root = workspace["root"]
     meta = json.loads((root / "dcldm" / "dcldm.json").read_text())
-    assert meta["select_metric"] == "val/accuracy" and meta["baseline"] is False
+    # A class-conditioned base has no image encoder: auto selects on the validation diffusion loss (no label, no
+    # classifier; the image-prior case is test_fine_tuning_and_its_selection_read_no_label_and_no_classifier).
+    assert meta["select_metric"] == "val/loss" and meta["baseline"] is False
     history = [json.loads(line) for line in (root / "dcldm" / "train" / "metrics.jsonl").read_text().splitlines()]
-    assert all("val/loss" in line and "val/accuracy" in line for line in history)
-    assert not any(key.startswith("test") for line in history for key in line)
-    best = max(history, key=lambda line: line["val/accuracy"])  # first of ties, as the engine keeps
+    assert all("val/loss" in line for line in history)
+    assert not any(key.startswith("test") or "accuracy" in key or "identification" in key
+                   for line in history for key in line)
+    best = min(history, key=lambda line: line["val/loss"])  # first of ties, as the engine keeps
     assert meta["best"]["epoch"] == best["epoch"]
     assert meta["config"]["finetune"]["epochs"] == 2 and meta["inputs"]["responses_sha256"]
     assert meta["n_val"] == 6 and meta["n_train"] == 18
@@ -166,7 +181,7 @@ def test_generate_writes_seeded_samples_attention_and_scores(workspace, finetune
 
 def test_alignment_loss_is_relative_and_ignores_unknown_classes():
     from mindvis.models.conditioning import Condition
-    from mindvis.train.finetune import alignment_loss
+    from mindvis.train.losses import alignment_loss
 
     generator = torch.Generator().manual_seed(0)
     target = Condition(torch.randn(4, 3, 5, generator=generator), torch.randn(4, 7, generator=generator))
@@ -200,7 +215,7 @@ def test_ridge_voxel_map_picks_alpha_on_val_and_refits_on_train_only():
     from sklearn.linear_model import Ridge
 
     from mindvis.models.conditioning import ClassConditioner
-    from mindvis.train.finetune import class_condition_targets, fit_ridge_voxel_map
+    from mindvis.train.ridge_start import class_condition_targets, fit_ridge_voxel_map
 
     torch.manual_seed(0)
     classes = ClassConditioner(n_classes=3, context_tokens=2, cross_attention_dim=4, pooled_dim=5)
@@ -250,7 +265,7 @@ def test_a_frozen_encoder_is_stored_with_the_decoder(workspace):
 def test_an_image_prior_gives_every_trial_a_label_free_target():
     """With an image-conditioned prior the ridge target is the seen image's own condition: labels are not read."""
     from mindvis.models.ldm import build_embedded_generator
-    from mindvis.train.finetune import condition_targets
+    from mindvis.train.ridge_start import condition_targets
 
     ldm = {"vae_block_out_channels": [8, 8], "vae_layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 4,
            "unet_block_out_channels": [8, 16], "unet_layers_per_block": 1, "cross_attention_dim": 8,
@@ -283,7 +298,7 @@ def test_an_embedding_space_decoder_conditions_through_the_frozen_prior():
     torch.manual_seed(0)
     generator = build_embedded_generator(16, 1, 3, IMAGE_PRIOR).to(dtype=torch.float32)
     generator.image_conditioner.eval()
-    config = tiny_config()
+    config = tiny_config(finetune={"mapper": "mindvis-ext"})  # the voxel path's start (the read-out's: below)
     model = build_decoder(config, generator, 37, baseline=True).eval()
     assert model.conditioner.config.embedding and model.prior is generator.image_conditioner
     assert (model.conditioner.config.context_tokens, model.conditioner.config.cross_attention_dim) == (4, 3)
@@ -315,7 +330,7 @@ def tiny_generator_class():
 
 
 def test_contrastive_loss_prefers_matched_pairs():
-    from mindvis.train.finetune import contrastive_loss, embedding_alignment_loss
+    from mindvis.train.losses import contrastive_loss, embedding_alignment_loss
 
     torch.manual_seed(0)
     target = torch.randn(8, 4, 3)
@@ -584,3 +599,294 @@ def test_generate_replaces_its_folder_as_a_unit_and_refuses_a_folder_of_other_fi
         generate_subject(config, "sub-01", root / "dcldm", root / "responses.h5", root / "stimuli.h5",
                          tmp_path / "mine")
     assert caught.value.key == "--out-dir" and (tmp_path / "mine" / "notes.txt").read_text() == "a user's notes"
+
+
+# -- the read-out route and label-free model selection (issue 32) ----------------------------------------------
+
+def test_the_readout_starts_at_the_ridge_solution_of_the_encoder_features(workspace, finetuned):
+    """The 0-step decoder's condition is the ridge from the starting encoder's features: its relative error on the
+    val trials is the one the fit reports for the alpha it chose (the smallest), as dcldm.json records it."""
+    from mindvis.data.pairs import paired_trials
+    from mindvis.data.responses import load_responses
+    from mindvis.data.stimuli import load_stimulus_set
+    from mindvis.models.linear import relative_squared_error
+    from mindvis.train.ridge_start import condition_targets
+
+    root = workspace["root"]
+    report = json.loads((root / "dcldm" / "dcldm.json").read_text())["voxel_path_ridge"]
+    errors = {float(alpha): error for alpha, error in report["val_relative_error"].items()}
+    assert report["alpha"] == min(errors, key=errors.get) and report["target"] == "class condition"
+    assert report["n_features"] == 11 * 16 and report["n_train"] == 18 and report["n_val"] == 6
+    generator, start, _ = load_dcldm(root / "dcldm" / "start")
+    assert isinstance(start.conditioner, ReadoutConditioner) and start.prior is None
+    val = paired_trials(load_responses(root / "responses.h5", splits=("val",))["val"],
+                        load_stimulus_set(root / "stimuli.h5"), generator.image_size, generator.image_channels)
+    targets, known = condition_targets(generator, val.images, val.labels, "condition")
+    assert known.all()
+    with torch.no_grad():
+        condition = start.eval().condition(val.fmri)
+    decoded = torch.cat([condition.context.flatten(1), condition.pooled], dim=1).double().numpy()
+    assert relative_squared_error(targets, decoded) == pytest.approx(errors[report["alpha"]], rel=1e-4)
+
+
+def test_readout_conditioner_shapes_standardised_embedding_set_readout_and_round_trip(tmp_path):
+    from mindvis.models.dcldm import CONDITIONERS
+
+    torch.manual_seed(0)
+    conditioner = ReadoutConditioner(input_tokens=6, input_dim=10, context_tokens=3, cross_attention_dim=4,
+                                     pooled_dim=7).eval()
+    assert conditioner.voxel_map is None and tuple(conditioner.readout.weight.shape) == (3 * 4 + 7, 6 * 10)
+    tokens = torch.randn(2, 6, 10)
+    out = conditioner(tokens)
+    assert out.context.shape == (2, 3, 4) and out.pooled.shape == (2, 7)
+    assert conditioner.null(2).context.shape == (2, 3, 4) and conditioner.null(2).pooled.shape == (2, 7)
+    assert conditioner.token_weights().shape == (3, 6)
+    torch.testing.assert_close(conditioner.token_weights().sum(1), torch.ones(3))
+    with pytest.raises(ValueError, match="expected 6 encoder tokens"):
+        conditioner(torch.randn(2, 5, 10))
+    # Padding tokens (mask False) have no influence.
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[:, 4:] = False
+    moved = tokens.clone()
+    moved[:, 4:] += 5.0
+    torch.testing.assert_close(conditioner(tokens, mask).context, conditioner(moved, mask).context)
+    # set_readout: condition = weight @ features + bias, the features each token standardised, then flattened.
+    weight, bias = torch.randn(19, 60), torch.randn(19)
+    conditioner.set_readout(weight, bias)
+    features = conditioner.features(tokens)
+    torch.testing.assert_close(features, torch.nn.functional.layer_norm(tokens, (10,)).flatten(1))
+    out = conditioner(tokens)
+    torch.testing.assert_close(torch.cat([out.context.flatten(1), out.pooled], 1), features @ weight.T + bias,
+                               rtol=1e-5, atol=1e-5)
+    # Embedding mode (an image prior): each output token standardised as the prior's are, no pooled vector.
+    embedding = ReadoutConditioner(input_tokens=6, input_dim=10, context_tokens=3, cross_attention_dim=4,
+                                   pooled_dim=7, embedding=True).eval()
+    assert tuple(embedding.readout.weight.shape) == (12, 60)
+    embedding.set_readout(torch.randn(12, 60) * 3, torch.randn(12) + 2)
+    context = embedding(tokens * 3 + 1).context
+    assert embedding(tokens).pooled.shape == (2, 0)
+    torch.testing.assert_close(context.mean(-1), torch.zeros(2, 3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(context.var(-1, unbiased=False), torch.ones(2, 3), atol=1e-3, rtol=0)
+    expected = embedding.readout(embedding.features(tokens * 3 + 1)).reshape(2, 3, 4)
+    torch.testing.assert_close(context, torch.nn.functional.layer_norm(expected, (4,)))
+    # save_pretrained / from_pretrained, and the loader's class table, give it back.
+    for name, original in (("plain", conditioner), ("embedding", embedding)):
+        original.save_pretrained(tmp_path / name)
+        loaded = CONDITIONERS[json.loads((tmp_path / name / "config.json").read_text())["_class_name"]]
+        assert loaded is ReadoutConditioner
+        loaded = loaded.from_pretrained(tmp_path / name).eval()
+        assert loaded.config.embedding == original.config.embedding and loaded.voxel_map is None
+        for key, value in original.state_dict().items():
+            assert torch.equal(loaded.state_dict()[key], value), key
+        again, first = loaded(tokens, mask), original(tokens, mask)
+        torch.testing.assert_close(again.context, first.context, rtol=0, atol=0)
+        torch.testing.assert_close(again.pooled, first.pooled, rtol=0, atol=0)
+
+
+def test_a_readout_embedding_decoder_conditions_through_the_frozen_prior():
+    """The default mapper on an image prior: the read-out of the encoder's features, standardised per token, is the
+    embedding the frozen prior turns into the condition; the null condition is the prior's."""
+    from mindvis.models.ldm import build_embedded_generator
+
+    torch.manual_seed(0)
+    generator = build_embedded_generator(16, 1, 3, IMAGE_PRIOR).to(dtype=torch.float32)
+    generator.image_conditioner.eval()
+    model = build_decoder(tiny_config(), generator, 37, baseline=True).eval()
+    conditioner = model.conditioner
+    assert isinstance(conditioner, ReadoutConditioner) and conditioner.config.embedding
+    assert model.prior is generator.image_conditioner and conditioner.voxel_map is None
+    n_features = conditioner.readout.in_features
+    weight, bias = torch.randn(4 * 3, n_features), torch.randn(4 * 3)
+    conditioner.set_readout(weight, bias)
+    fmri = torch.randn(5, 37)
+    with torch.no_grad():
+        features = conditioner.features(model.encoder.encode(fmri), model.token_mask(fmri))
+        expected = torch.nn.functional.layer_norm((features @ weight.T + bias).reshape(5, 4, 3), (3,))
+        embedding = model.embedding(fmri)
+        condition = model.condition(fmri)
+    torch.testing.assert_close(embedding, expected, rtol=1e-4, atol=1e-4)
+    prior_condition = generator.image_conditioner.condition(embedding)
+    torch.testing.assert_close(condition.context, prior_condition.context)
+    torch.testing.assert_close(condition.pooled, prior_condition.pooled)
+    torch.testing.assert_close(model.null(2).context, generator.image_conditioner.null(2).context)
+
+
+def test_identification_is_one_for_a_perfect_match_and_chance_for_a_shuffle():
+    from mindvis.train.selection import identification
+
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=(200, 4, 3))
+    assert identification(truth, truth) == 1.0
+    assert identification(torch.as_tensor(truth) * 3.0 + 1.0, torch.as_tensor(truth)) == 1.0  # centred cosine
+    near = truth + 0.3 * rng.normal(size=truth.shape)
+    assert identification(near, truth) > 0.95
+    assert identification(truth[::-1].copy(), truth) == pytest.approx(0.5, abs=0.06)
+    assert identification(truth[rng.permutation(200)], truth) == pytest.approx(0.5, abs=0.06)
+    assert identification(rng.normal(size=truth.shape), truth) == pytest.approx(0.5, abs=0.06)
+    assert np.isnan(identification(truth[:1], truth[:1])) and np.isnan(identification(truth[:0], truth[:0]))
+    assert identification(truth[:2], truth[:2]) == 1.0 and identification(truth[1::-1].copy(), truth[:2]) == 0.0
+
+
+#: Each fine-tuning command with its required flags.
+FINETUNE_COMMANDS = {
+    "finetune": ["--subject", "sub-01", "--responses", "r.h5", "--stimuli", "s.h5", "--base", "ldm", "--out-dir", "o"],
+    "finetune-shared": ["--subjects", "sub-01", "--responses", "r.h5", "--stimuli", "s.h5", "--base", "ldm",
+                        "--out-dir", "o", "--view-dirs", "v"],
+    "adapt-subject": ["--subject", "sub-02", "--responses", "r.h5", "--stimuli", "s.h5", "--shared-subjects", "sub-01",
+                      "--shared-views", "v", "--out-dir", "o"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(FINETUNE_COMMANDS))
+def test_fine_tuning_commands_take_no_classifier(command, capsys, monkeypatch):
+    """finetune, finetune-shared and adapt-subject refuse --classifier (argparse, exit 2) and hand their stage no
+    classifier; pretrain-ldm still passes its --classifier on (its class samples are scored with it)."""
+    from mindvis import cli
+
+    parser = cli.build_parser()
+    argv = [command, "--config", "c.yaml", *FINETUNE_COMMANDS[command]]
+    with pytest.raises(SystemExit) as info:
+        parser.parse_args([*argv, "--classifier", "clf"])
+    assert info.value.code == 2 and "unrecognized arguments: --classifier" in capsys.readouterr().err
+    called = {}
+    monkeypatch.setattr(cli, "_call", lambda target, *args, **kwargs: called.update(target=target, **kwargs))
+    monkeypatch.setattr(cli, "_config", lambda args: {})
+    args = parser.parse_args(argv)
+    args.handler(args)
+    assert called["target"].split(":")[1] in ("finetune", "finetune_shared", "adapt_subject")
+    assert not any("classifier" in key for key in called)
+    args = parser.parse_args(["pretrain-ldm", "--config", "c.yaml", "--stimuli", "s.h5", "--out-dir", "o",
+                              "--classifier", "clf"])
+    args.handler(args)
+    assert called["target"].endswith(":pretrain_ldm") and called["classifier_dir"] == "clf"
+
+
+#: A tiny image prior (its label-free image encoder gives the ridge targets and val/identification).
+IMAGE_BASE = {"conditioning": "image", "vae_steps": 3, "unet_steps": 5, "val_images": 4, "eval_samples_per_class": 1}
+
+
+@pytest.fixture(scope="module")
+def image_prior(workspace):
+    from mindvis.train.pretrain_ldm import pretrain_ldm
+
+    root = workspace["root"]
+    config = tiny_config(ldm=IMAGE_BASE, finetune={"epochs": 1, "val_max_trials": None})  # every val trial
+    pretrain_ldm(config, root / "stimuli.h5", root / "ldm-image")
+    return {"base": root / "ldm-image", "config": config}
+
+
+def _refuse_classifiers(monkeypatch):
+    """Every way to the evaluation classifier raises (its loaders, wherever imported by name, and its predictions)."""
+    import sys
+
+    from mindvis.models.classifiers import base, domain, imagenet, load
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("fine-tuning read the evaluation classifier")
+
+    loaders = {id(getattr(module, name)): name for module, name in (
+        (domain, "load_classifier"), (domain, "domain_image_classifier"), (load, "load_image_classifier"),
+        (imagenet, "load_efficientnet_lite0"), (imagenet, "load_vit_h_14"))}
+    for module in [m for name, m in sys.modules.items() if name.startswith("mindvis") and m is not None]:
+        for attribute, value in list(vars(module).items()):
+            if id(value) in loaders and attribute == loaders[id(value)]:
+                monkeypatch.setattr(module, attribute, refuse)
+    for kind, methods in ((domain.DomainClassifier, ("forward", "predict_proba")),
+                          (base.ImageClassifier, ("predict_proba", "predict_proba_and_features"))):
+        for method in methods:
+            monkeypatch.setattr(kind, method, refuse)
+
+
+def _scramble_labels(monkeypatch, n_classes):
+    """Fine-tuning reads stimuli and responses whose labels are all changed: every other trial's class moved on
+    by one, the rest unknown (-1). Returns the labels its trials were paired with."""
+    import mindvis.train.finetune as stage
+
+    def scrambled(labels):
+        labels = np.asarray(labels)
+        return np.where(np.arange(len(labels)) % 2 == 0, (labels + 1) % n_classes, -1).astype(labels.dtype)
+
+    original = {name: getattr(stage, name) for name in ("load_responses", "load_stimulus_set", "paired_trials")}
+    seen = []
+
+    def responses(*args, **kwargs):
+        data = original["load_responses"](*args, **kwargs)
+        for split in data.splits.values():
+            split.label = scrambled(split.label)
+        return data
+
+    def stimuli(*args, **kwargs):
+        stimulus_set = original["load_stimulus_set"](*args, **kwargs)
+        for split in stimulus_set.splits.values():
+            split.label = scrambled(split.label)
+        return stimulus_set
+
+    def paired(*args, **kwargs):
+        trials = original["paired_trials"](*args, **kwargs)
+        seen.append(trials.labels.clone())
+        return trials
+
+    monkeypatch.setattr(stage, "load_responses", responses)
+    monkeypatch.setattr(stage, "load_stimulus_set", stimuli)
+    monkeypatch.setattr(stage, "paired_trials", paired)
+    return seen
+
+
+def test_fine_tuning_and_its_selection_read_no_label_and_no_classifier(workspace, image_prior, tmp_path, monkeypatch):
+    """With an image prior, fine-tuning on trials whose labels are scrambled gives the very decoder (every stored
+    tensor, the low-level start, the checkpoint chosen, every val metric) that the true labels give, and no step
+    reaches the evaluation classifier: the ridge start, the losses, val/identification and the low-level strength
+    read neither."""
+    from mindvis.data.responses import load_responses
+
+    root, config = workspace["root"], image_prior["config"]
+    assert load_generator(image_prior["base"]).image_conditioner is not None
+    _refuse_classifiers(monkeypatch)
+    runs = {}
+    for name in ("labels", "scrambled"):
+        with monkeypatch.context() as patch:
+            seen = _scramble_labels(patch, 3) if name == "scrambled" else None
+            runs[name] = finetune(config, "sub-01", root / "responses.h5", root / "stimuli.h5", image_prior["base"],
+                                  tmp_path / name, mbm_dir=root / "mbm")
+    # The scrambled run's trials carried other labels than the true ones, every one of them.
+    data = load_responses(root / "responses.h5", splits=("train", "val"))
+    assert [len(labels) for labels in seen] == [18, 6]
+    for labels, split in zip(seen, ("train", "val")):
+        assert (labels.numpy() != data[split].label).all()
+    meta = runs["labels"]
+    assert meta["select_metric"] == "val/identification" and meta["condition_space"] == "embedding"
+    assert meta["voxel_path_ridge"]["target"] == "prior image embedding" and meta["lowlevel"] is not None
+    history = {name: [json.loads(line) for line in (tmp_path / name / "train/metrics.jsonl").read_text().splitlines()]
+               for name in runs}
+    assert all({"val/loss", "val/identification", "val/embedding_identification"} <= set(line)
+               for line in history["labels"])
+    assert not any("accuracy" in key for line in history["labels"] for key in line)
+    best = max(history["labels"], key=lambda line: line["val/identification"])  # first of ties, as the engine keeps
+    assert meta["best"]["epoch"] == best["epoch"]
+    untimed = [{k: v for k, v in line.items() if k not in ("time_s", "samples_per_s")} for line in history["labels"]]
+    assert untimed == [{k: v for k, v in line.items() if k not in ("time_s", "samples_per_s")}
+                       for line in history["scrambled"]]
+    recorded = [json.loads((tmp_path / name / "dcldm.json").read_text()) for name in runs]
+    for key in ("best", "select_metric", "voxel_path_ridge", "lowlevel"):
+        assert recorded[0][key] == recorded[1][key], key
+    # The decoder kept (maybe the start), the start, the low-level start, and what training made (last checkpoint).
+    last = max((tmp_path / "labels" / "train" / "checkpoints").glob("step-*")).relative_to(tmp_path / "labels")
+    for file_name in ("dcldm.safetensors", "start/dcldm.safetensors", "lowlevel.safetensors",
+                      last / "model.safetensors"):
+        tensors = [load_file(str(tmp_path / name / file_name)) for name in runs]
+        assert tensors[0].keys() == tensors[1].keys()
+        for key, value in tensors[0].items():
+            assert torch.equal(value, tensors[1][key]), f"{file_name}: {key} depends on the labels"
+
+
+def test_the_fine_tuning_defaults_select_without_labels():
+    """The defaults: the read-out, a label-free criterion over every val trial; val/accuracy is no criterion."""
+    from mindvis.config import validate
+
+    settings = validate({"experiment": "x"})["finetune"]
+    assert settings["mapper"] == "readout" and settings["select_metric"] == "auto"
+    assert settings["val_max_trials"] is None and settings["val_loss_repeats"] == 2 and settings["training_seed"] == 0
+    assert validate({"experiment": "x", "finetune": {"val_max_trials": 8}})["finetune"]["val_max_trials"] == 8
+    with pytest.raises(MindvisError) as info:
+        validate({"experiment": "x", "finetune": {"select_metric": "val/accuracy"}})
+    assert info.value.key == "finetune.select_metric"

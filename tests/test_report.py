@@ -158,7 +158,8 @@ def make_report_inputs(folder, rng):
     _write_samples(samples["ridge"], rng, attention=False)
     _write_responses(folder / "responses.h5", rng)
     _write_curve(folder / "mbm/metrics.jsonl", 3, ["train/loss", "val/loss", "val/recon_corr"])
-    _write_curve(folder / "dcldm/train/metrics.jsonl", 2, ["train/loss", "val/loss", "val/accuracy"])
+    _write_curve(folder / "dcldm/train/metrics.jsonl", 2, ["train/loss", "val/loss", "val/embedding_identification",
+                                                           "val/identification"])
     return {"metrics_path": metrics_path, "metrics": metrics, "samples": samples,
             "responses": folder / "responses.h5",
             "curves": {"SC-MBM: pretraining": folder / "mbm/metrics.jsonl",

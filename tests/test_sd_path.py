@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from mindvis.errors import MindvisError
 from mindvis.models.conditioning import FmriConditioner
-from mindvis.models.dcldm import MODEL_FILE, load_dcldm, voxel_path_rank
+from mindvis.models.dcldm import MODEL_FILE, build_decoder, load_dcldm, voxel_path_rank
 
 ROOT = Path(__file__).resolve().parents[1]
 SD_CONTEXT = 77 * 768 + 1280  # SD 1.x: 77 x 768 context + the 1,280-wide pooled vector
@@ -82,10 +82,17 @@ def test_sd_decoder_starts_from_the_empty_prompt_and_stores_a_budgeted_voxel_pat
     assert float(null.context.abs().sum()) > 0  # the text encoder's output, not zeros
     n_outputs = 77 * 12 + generator.pooled_dim
     budget = 37 * n_outputs // 2  # half of the full 37-voxel map: a low-rank path
+    # The voxel path is mindvis-ext's (configs/sd15.yaml pins it); the default read-out of every encoder token
+    # refuses a condition this wide for the budget, naming the mapper.
     config = tiny_config(finetune={"epochs": 1, "align_weight": 0.0, "voxel_path_max_params": budget,
-                                   "gradient_checkpointing": True, "select_metric": "val/loss"},
+                                   "gradient_checkpointing": True, "select_metric": "val/loss",
+                                   "mapper": "mindvis-ext"},
                          generate={"start_row": False, "lowlevel": False, "attention_stimuli": 0})
     config["ldm"]["image_size"] = 16
+    readout = {**config, "finetune": {**config["finetune"], "mapper": "readout"}}
+    with pytest.raises(MindvisError, match="voxel_path_max_params") as info:
+        build_decoder(readout, generator, 37, mbm_dir=root / "mbm")
+    assert info.value.key == "finetune.mapper"
     checkpointed = []
     original = UNet2DConditionModel.enable_gradient_checkpointing
     monkeypatch.setattr(UNet2DConditionModel, "enable_gradient_checkpointing",
@@ -106,7 +113,6 @@ def test_sd_decoder_starts_from_the_empty_prompt_and_stores_a_budgeted_voxel_pat
 
 
 def test_build_decoder_copies_the_empty_prompt_into_the_null_condition(sd_workspace):
-    from mindvis.models.dcldm import build_decoder
     from mindvis.models.ldm import load_generator
 
     generator = load_generator(sd_workspace / "sd")

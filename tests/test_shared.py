@@ -37,7 +37,8 @@ def workspace(tmp_path_factory):
 
 def _rng_decoder(workspace, n_voxels=37):
     config = {**workspace["config"]}
-    config["finetune"] = {**config["finetune"], "voxel_path_rank": 6}
+    # The shared decoder's core is mindvis-ext's (finetune_shared pins it): its subjects meet in the voxel path.
+    config["finetune"] = {**config["finetune"], "mapper": "mindvis-ext", "voxel_path_rank": 6}
     return build_decoder(config, load_generator(workspace["root"] / "ldm"), n_voxels, mbm_dir=workspace["root"] / "mbm")
 
 

@@ -324,8 +324,7 @@ def test_fine_tuning_on_two_processes_follows_the_one_process_run(finished_run, 
                "finetune", "--config", str(results / "config.yaml"), "--subject", "sub-01",
                "--responses", str(results / "sub-01/responses.h5"),
                "--stimuli", str(results / "bids/stimuli/stimuli.h5"), "--base", str(results / "pretrain/ldm"),
-               "--mbm", str(results / "pretrain/mbm"), "--classifier", str(results / "classifier"),
-               "--out-dir", str(tmp_path / "dcldm"), "--threads", "1"]
+               "--mbm", str(results / "pretrain/mbm"), "--out-dir", str(tmp_path / "dcldm"), "--threads", "1"]
     result = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -67,7 +67,7 @@ if SHARED_SUBJECTS:
             stimuli=LDM_STIMULI,
             base=ldm_base_input,
             mbm=SHARED_MBM_INPUT,
-            output:
+        output:
             summary="results/shared/dcldm/shared.json",
             views=expand("results/{subject}/dcldm-shared/dcldm.json", subject=SHARED_SUBJECTS),
         conda:
@@ -78,7 +78,7 @@ if SHARED_SUBJECTS:
             view_dirs=" ".join(f"results/{subject}/dcldm-shared" for subject in SHARED_SUBJECTS),
             base=ldm_base_dir,
             mbm=SHARED_MBM,
-                digest=config_digest("ldm", "mbm", "finetune", "generate"),
+            digest=config_digest("ldm", "mbm", "finetune", "generate"),
             launch=launcher("finetune_shared"),
             threads=process_threads("finetune_shared"),
         log:
@@ -107,7 +107,7 @@ if NEW_SUBJECT:
             stimuli=LDM_STIMULI,
             views=expand("results/{subject}/dcldm-shared/dcldm.json", subject=SHARED_SUBJECTS),
             old=expand("results/{subject}/responses.h5", subject=SHARED_SUBJECTS),
-            output:
+        output:
             meta=f"results/{NEW_SUBJECT}/dcldm-fewshot/dcldm.json",
         conda:
             "../envs/mindvis.yaml"
@@ -115,7 +115,7 @@ if NEW_SUBJECT:
             config=RESOLVED_CONFIG,
             subjects=" ".join(SHARED_SUBJECTS),
             view_dirs=" ".join(f"results/{subject}/dcldm-shared" for subject in SHARED_SUBJECTS),
-                digest=config_digest("ldm", "mbm", "finetune", "generate"),
+            digest=config_digest("ldm", "mbm", "finetune", "generate"),
             launch=launcher("adapt_subject"),
             threads=process_threads("adapt_subject"),
         log:
