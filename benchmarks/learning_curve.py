@@ -414,8 +414,7 @@ def decode_run(config, subject, inputs, variant, run_dir, resume, label=""):
         else:
             print(f"{label}: fine-tuning into {model_dir} ...", flush=True)
             meta = finetune(config, subject, inputs["responses"], inputs["stimuli"], inputs["base"], model_dir,
-                            mbm_dir=None if variant == "baseline" else inputs["mbm"], classifier_dir=classifier_dir,
-                            baseline=variant == "baseline",
+                            mbm_dir=None if variant == "baseline" else inputs["mbm"], baseline=variant == "baseline",
                             resume=resume and _checkpoint_matches(model_dir / "train", digest))
             if meta.get("stopped_early"):
                 raise MindvisError("fine-tuning stopped early (a time box): no decoder was written", path=model_dir,

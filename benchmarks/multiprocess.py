@@ -74,27 +74,27 @@ def finetune(work, run_dir):
         seconds = run(["finetune", "--config", str(path), "--subject", "sub-01", "--responses",
                        str(results / "sub-01/responses.h5"), "--stimuli", str(results / "bids/stimuli/stimuli.h5"),
                        "--base", str(results / "pretrain/ldm"), "--mbm", str(results / "pretrain/mbm"),
-                       "--classifier", str(results / "classifier"), "--out-dir", str(out), "--threads", "1"],
+                       "--out-dir", str(out), "--threads", "1"],
                       processes)
         meta = json.loads((out / "dcldm.json").read_text())
         history = [json.loads(line) for line in (out / "train/metrics.jsonl").read_text().splitlines()]
         last = history[-1]
         rows.append({"stage": "finetune", "seed": seed, "processes": processes, "seconds": round(seconds, 1),
                      "step": meta["step"], "effective_batch": meta["training"]["effective_batch"],
-                     "val/loss": last.get("val/loss"), "val/accuracy": last.get("val/accuracy"),
+                     "val/loss": last.get("val/loss"), "val/identification": last.get("val/identification"),
                      "train/loss": last.get("train/loss")})
     return rows
 
 
 def markdown(rows, machine):
     lines = ["# 1 vs 2 processes at the same global batch (CPU, gloo)\n", f"Machine: {machine}.\n",
-             "| stage | training seed | processes | steps | global batch | val/recon_corr | val/loss | val/accuracy"
+             "| stage | training seed | processes | steps | global batch | val/recon_corr | val/loss | val/identification"
              " | train/loss | seconds |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     fmt = lambda value: "" if value is None else f"{value:.4f}"  # noqa: E731
     for row in rows:
         lines.append(f"| {row['stage']} | {row['seed']} | {row['processes']} | {row['step']} | "
                      f"{row['effective_batch']} | {fmt(row.get('val/recon_corr'))} | {fmt(row.get('val/loss'))} | "
-                     f"{fmt(row.get('val/accuracy'))} | {fmt(row.get('train/loss'))} | {row['seconds']} |")
+                     f"{fmt(row.get('val/identification'))} | {fmt(row.get('train/loss'))} | {row['seconds']} |")
     for stage, metric in (("pretrain_mbm", "val/recon_corr"), ("finetune", "val/loss")):
         chosen = [row for row in rows if row["stage"] == stage]
         if not chosen:

@@ -136,8 +136,7 @@ def leave_out(config, left_out, subjects, args, classifier):
     view_dirs = [work / "shared" / "views" / s for s in others]
     if not (args.resume and all((d / "dcldm.json").exists() for d in view_dirs)):
         finetune_shared(base_config, others, [inputs[s]["responses"] for s in others], inputs[left_out]["stimuli"],
-                        inputs[left_out]["base"], work / "shared", view_dirs, mbm_dir=encoder,
-                        classifier_dir=inputs[left_out]["classifier"] if inputs[left_out]["domain"] else None)
+                        inputs[left_out]["base"], work / "shared", view_dirs, mbm_dir=encoder)
     entry["timings_s"]["finetune_shared"] = round(time.perf_counter() - tick, 1)
     entry["shared_rank"] = json.loads((work / "shared" / "shared.json").read_text())["rank"]
     before = {}
@@ -151,8 +150,7 @@ def leave_out(config, left_out, subjects, args, classifier):
     full_dir = work / "full"
     if not (args.resume and (full_dir / "dcldm" / "dcldm.json").exists()):
         finetune(base_config, left_out, inputs[left_out]["responses"], inputs[left_out]["stimuli"],
-                 inputs[left_out]["base"], full_dir / "dcldm", mbm_dir=encoder,
-                 classifier_dir=inputs[left_out]["classifier"] if inputs[left_out]["domain"] else None)
+                 inputs[left_out]["base"], full_dir / "dcldm", mbm_dir=encoder)
     samples = _generate(base_config, left_out, full_dir / "dcldm", inputs[left_out], full_dir / "samples", args.resume)
     entry["full"] = _score(base_config, left_out, samples, classifier, inputs[left_out])
     entry["timings_s"]["full"] = round(time.perf_counter() - tick, 1)
@@ -165,8 +163,7 @@ def leave_out(config, left_out, subjects, args, classifier):
         if not (args.resume and (fewshot / "dcldm.json").exists()):
             meta = adapt_subject(cfg, left_out, inputs[left_out]["responses"], inputs[left_out]["stimuli"],
                                  dict(zip(others, view_dirs)), fewshot,
-                                 old_responses={s: inputs[s]["responses"] for s in others},
-                                 classifier_dir=inputs[left_out]["classifier"] if inputs[left_out]["domain"] else None)
+                                 old_responses={s: inputs[s]["responses"] for s in others})
         meta = json.loads((fewshot / "dcldm.json").read_text())
         samples = _generate(cfg, left_out, fewshot, inputs[left_out], run_dir / "samples-fewshot", args.resume)
         run["fewshot"] = _score(cfg, left_out, samples, classifier, inputs[left_out])
@@ -177,8 +174,7 @@ def leave_out(config, left_out, subjects, args, classifier):
         scratch = run_dir / "scratch"
         if not (args.resume and (scratch / "dcldm.json").exists()):
             finetune(cfg, left_out, inputs[left_out]["responses"], inputs[left_out]["stimuli"], inputs[left_out]["base"],
-                     scratch, mbm_dir=encoder,
-                     classifier_dir=inputs[left_out]["classifier"] if inputs[left_out]["domain"] else None)
+                     scratch, mbm_dir=encoder)
         samples = _generate(cfg, left_out, scratch, inputs[left_out], run_dir / "samples-scratch", args.resume)
         run["scratch"] = _score(cfg, left_out, samples, classifier, inputs[left_out])
         categories = run["fewshot"]["categories"]

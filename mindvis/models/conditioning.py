@@ -1,6 +1,6 @@
 """Conditions for the latent diffusion UNet: fMRI tokens or object classes -> context + pooled vector.
 
-Both conditioners return a :class:`Condition`: ``context`` ``[B, context_tokens,
+Every conditioner returns a :class:`Condition`: ``context`` ``[B, context_tokens,
 cross_attention_dim]`` for the UNet's cross-attention (in place of CLIP text;
 77 x 768 for Stable Diffusion 1.x) and ``pooled`` ``[B, pooled_dim]`` added to
 the timestep embedding (the second half of MinD-Vis's double conditioning).
@@ -21,10 +21,14 @@ during training and as the unconditional branch of classifier-free guidance.
   :meth:`ImageConditioner.condition` turns into the UNet's condition, both its
   cross-attention context and its pooled timestep vector (so the double
   conditioning of MinD-Vis is kept, through the prior's own mapping).
+* :class:`ReadoutConditioner` (the default mapper) reads every encoder token
+  out by one linear map, which fine-tuning starts at the ridge solution from
+  the starting encoder's features and then trains with everything else.
+* :class:`MindVisConditioner` is MinD-Vis's own mapper, layer for layer.
 * :class:`ClassConditioner` is the embedded base generator's stand-in for a
   text encoder: one learned context and pooled vector per class, plus null.
 
-Both subclass diffusers' ``ModelMixin, ConfigMixin``, so they save and load
+All subclass diffusers' ``ModelMixin, ConfigMixin``, so they save and load
 with ``save_pretrained`` / ``from_pretrained`` like any diffusers part.
 """
 

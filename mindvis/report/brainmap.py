@@ -190,14 +190,16 @@ def attribution_paths(model_dir, metrics=None):
         has_voxel_path = "conditioner.voxel_map.weight" in handle.keys()
         voxel_norm = float(np.linalg.norm(handle.get_tensor("conditioner.voxel_map.weight"))) if has_voxel_path else 0.0
 
-    encoder_trained = {"conditioner.width_map.weight", "conditioner.token_map.weight"} <= trained
+    # The mapper from SC-MBM tokens: FmriConditioner's width and token maps, or the read-out of every token.
+    encoder_trained = ({"conditioner.width_map.weight", "conditioner.token_map.weight"} <= trained
+                       or "conditioner.readout.weight" in trained)
     signal = _decoder_signal(metrics)
     if has_voxel_path:
         attention = {"show": False, "text": "the decoder also reads every voxel directly (its voxel path), so each "
                      "context token sums both paths and attention on it cannot be traced to SC-MBM patches alone"}
     elif not encoder_trained:
-        attention = {"show": False, "text": "the SC-MBM encoder path's mapper (conditioner.width_map, token_map) was "
-                     "not among the trained parameters"}
+        attention = {"show": False, "text": "the SC-MBM encoder path's mapper (conditioner.width_map and token_map, or "
+                     "conditioner.readout) was not among the trained parameters"}
     elif signal is None:
         attention = {"show": False, "text": "the decoder's test figures show no signal above the floors (2-way "
                      "identification not above 1/2, PixCorr not above the shuffled-pairs floor), so there is "
