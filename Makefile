@@ -20,7 +20,7 @@ BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.mindvis-installed
 TEST_STAMP := $(VENV)/.mindvis-test-installed
 
-.PHONY: decode test lint bench clean-results browser slurm prior fashion-mnist sc-mbm sc-mbm-corpus learning-curve
+.PHONY: decode test lint bench clean-results browser slurm prior fashion-mnist sc-mbm sc-mbm-corpus learning-curve decoder-seeds
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -112,7 +112,11 @@ lint: $(TEST_STAMP)
 clean-results:
 	rm -rf results logs
 
-# The learning curve of benchmarks/results/learning_curve.md (after `make decode`; QUICK= for all subjects, ~1 h).
-QUICK ?= --quick
+# The decoder arms across training seeds (benchmarks/results/decoder_seeds.md; after `make decode`, about 1 h 15 min
+# of one core for 3 subjects x 3 arms x 3 seeds) and the learning curve of SC-MBM pretraining against a random
+# encoder and no encoder (benchmarks/results/learning_curve_seeds.md; sub-01, 10-50 % of the training trials).
+decoder-seeds: $(STAMP)
+	$(BIN)/python benchmarks/decoder_seeds.py --results results --config $(CONFIG)
 learning-curve: $(STAMP)
-	$(BIN)/python benchmarks/learning_curve.py --results results --config $(CONFIG) $(QUICK) --resume
+	$(BIN)/python benchmarks/decoder_seeds.py --results results --config $(CONFIG) --subjects sub-01 \
+		--fractions 0.1 0.25 0.5 1.0 --out benchmarks/results/learning_curve_seeds

@@ -86,6 +86,38 @@ def finished_run(tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_the_decoder_clears_its_shuffled_pair_floor(finished_run):
+    """A regression guard: the test config's fine-tuned decoders must identify their test stimuli.
+
+    The tiny prior trained for two epochs draws nothing recognisable (its images sit at every floor), so the guard
+    reads what the decoder itself outputs: each test fMRI's decoded embedding, identified among the prior's
+    embeddings of all the test images (two-way identification, as selection does on val). The mean over subjects
+    must clear the 95th percentile of the same figure with the pairs shuffled (200 permutations): a decoder at
+    chance, or one whose encoder path carries nothing, fails.
+    """
+    from mindvis.data.pairs import paired_trials
+    from mindvis.data.responses import load_responses
+    from mindvis.data.stimuli import load_stimulus_set
+    from mindvis.models.dcldm import load_dcldm
+    from mindvis.train.selection import identification
+
+    results = finished_run / "results"
+    stimuli = load_stimulus_set(results / "bids/stimuli/stimuli.h5")
+    rng = np.random.default_rng(0)
+    scores, floors = [], []
+    for subject in ["sub-01", "sub-02"]:
+        generator, decoder, _ = load_dcldm(results / subject / "dcldm")
+        trials = paired_trials(load_responses(results / subject / "responses.h5", splits=("test_avg",))["test_avg"],
+                               stimuli, generator.image_size, generator.image_channels)
+        with torch.no_grad():
+            decoded, truth = decoder.embedding(trials.fmri), generator.embed_all(trials.images)
+        scores.append(identification(decoded, truth))
+        floors.append([identification(decoded[rng.permutation(len(decoded))], truth) for _ in range(200)])
+    floor = np.percentile(np.mean(floors, axis=0), 95)
+    assert np.mean(scores) > floor, f"decoded embeddings identify the test stimuli at {scores}, floor {floor:.3f}"
+
+
+@pytest.mark.slow
 def test_decode_produces_every_stage_output(finished_run):
     results = finished_run / "results"
     config = yaml.safe_load((results / "config.yaml").read_text())
@@ -104,11 +136,11 @@ def test_decode_produces_every_stage_output(finished_run):
 
     for subject in ["sub-01", "sub-02"]:
         responses = load_responses(results / subject / "responses.h5")
-        assert responses.split("train").fmri.shape[0] > 0 and responses.split("test_avg").fmri.shape[0] == 10
+        assert responses.split("train").fmri.shape[0] > 0 and responses.split("test_avg").fmri.shape[0] == 20
         for model, samples in [("dcldm", "samples"), ("dcldm-baseline", "samples-baseline")]:
             assert (results / subject / model / "dcldm.safetensors").exists()
             summary = json.loads((results / subject / samples / "summary.json").read_text())
-            assert summary["n_stimuli"] == 10 and summary["n_samples"] == 2
+            assert summary["n_stimuli"] == 20 and summary["n_samples"] == 2
             assert 0.0 <= summary["classifier_top1_mean"] <= 1.0
             assert (results / subject / samples / "grid.png").stat().st_size > 0
     assert (results / "pretrain/rest/sub-rest01.h5").exists()
