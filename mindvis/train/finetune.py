@@ -264,7 +264,7 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, b
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     start_meta = None
-    if generate_settings.get("start_row", False) and not baseline:  # the rows are of the main decoder
+    if generate_settings.get("start_row", False):  # the workflow decodes the main decoder's; benchmarks both
         # The decoder before any fine-tuning step (ridge start, zero encoder path), to measure what training adds.
         start_meta = {"stage": "finetune", "subject": subject, "baseline": bool(baseline), "base": str(base),
                       "image_size": generator.image_size, "n_voxels": int(data.n_voxels), "step": 0,
