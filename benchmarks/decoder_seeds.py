@@ -22,6 +22,10 @@ Arms (each fine-tuned with the resolved config, ``finetune.training_seed`` = the
     No encoder: a ridge map from the voxels to the prior's embedding, fixed, with the same UNet training
     (``mapper: mindvis-ext``, ``ridge_lr_scale: 0``, ``train: [attn2, norms]``).
 
+Below 100 % of the training trials (``--fractions``, the learning curve) the epochs, the warm-up and the
+evaluation interval are scaled by 1 / fraction, so that every share gets the optimiser steps and validation
+points of the full-data run.
+
 Each arm's decoder at its start (0 steps; ``generate.start_row``) is decoded and scored too
 (``pretrained-start``, ``baseline-start``, ``ridge-start``: the last is the ridge embedding in the frozen
 prior), and the evaluate stage's ``ridge`` row (ridge fMRI -> VAE latent, no seed) is read from
@@ -87,6 +91,12 @@ def arm_config(config, arm, seed, fraction, n_samples, epochs=None):
     settings.update(training_seed=int(seed), train_fraction=float(fraction))
     if epochs:
         settings["epochs"] = int(epochs)
+    if fraction < 1:
+        # The same optimiser steps, warm-up and evaluation points as on all the trials: fixed epochs on a tenth of
+        # the trials would be a tenth of the training, and the curve would measure that instead of the labels.
+        scale = 1.0 / float(fraction)
+        settings.update(epochs=int(round(settings["epochs"] * scale)), warmup_epochs=settings["warmup_epochs"] * scale,
+                        eval_every=max(1, int(round(settings["eval_every"] * scale))))
     if arm == "ridge":
         settings.update(mapper="mindvis-ext", voxel_path=True, ridge_lr_scale=0.0, train=["attn2", "norms"])
     config["generate"].update(start_row=True, lowlevel=False, attention_stimuli=0, n_samples=int(n_samples))
