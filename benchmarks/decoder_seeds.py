@@ -281,10 +281,13 @@ ROW_NAMES = {"pretrained": "DC-LDM, SC-MBM pretrained (the default)", "pretraine
 
 def markdown(report):
     meta, agg = report["meta"], report["aggregate"]
+    runs = [run for entry in report["results"].values() for run in entry["runs"]]
     lines = ["# Decoder arms across training seeds", "",
              f"`{meta['command']}` on {meta['machine'].get('cpu')} ({meta['machine'].get('cores')} cores, "
              f"{meta['machine'].get('torch_threads')} torch thread per process); torch {meta['versions'].get('torch')}; "
-             f"{meta['wall_time_s'] / 60:.0f} min wall for this invocation.",
+             f"{len(runs)} runs, {sum(r['total_s'] for r in runs) / 60:.0f} min in all (each run one process at one thread; "
+             f"fine-tuning {np.mean([r['finetune_s'] for r in runs]):.0f} s per run on average, then decoding the "
+             "decoder and its start); inputs: the `make decode` results folder named in the command.",
              f"n-way top-1 (n = {meta['n_way']}, mean over {meta['n_samples']} samples per stimulus; chance "
              f"{1 / meta['n_way']:.2f}) on test_avg; seeds {meta['seeds']}; intervals: 95 % percentile bootstrap "
              "over seeds and test stimuli resampled by class (the mean over subjects resamples each subject).", ""]
