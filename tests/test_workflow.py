@@ -197,7 +197,7 @@ def test_quickstart_notebook_runs_on_the_finished_run(finished_run):
     NotebookClient(notebook, timeout=60, kernel_name="python3",
                    resources={"metadata": {"path": str(finished_run)}}).execute()
     outputs = "".join(output.get("text", "") for cell in notebook.cells for output in cell.get("outputs", []))
-    assert "decoded 2 images" in outputs and "sub-02: n = 10 stimuli" in outputs
+    assert "decoded 2 images" in outputs and "sub-02: n = 20 stimuli" in outputs
     images = [output for cell in notebook.cells for output in cell.get("outputs", [])
               if "image/png" in output.get("data", {})]
     assert len(images) >= 3

@@ -61,8 +61,7 @@ from mindvis.models.ldm import load_generator
 from mindvis.models.mindvis_release import import_mindvis_finetuned
 from mindvis.train.engine import Trainer, TrainConfig, checkpoint_minutes
 from mindvis.train.losses import make_loss_fn
-from mindvis.train.ridge_start import (condition_targets, fit_readout_start, fit_ridge_voxel_map,
-                                       voxel_path_record)
+from mindvis.train.ridge_start import start_mapper, voxel_path_record
 from mindvis.train.selection import SELECT_MODES, fit_lowlevel_start, make_eval_fn, select_metric
 from mindvis.utils.io import derive_seed, seed_everything, software_versions
 
@@ -226,40 +225,9 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, b
     val_trials = paired_trials(data["val"], stimulus_set, generator.image_size, generator.image_channels)
     if len(train_trials) == 0:
         raise MindvisError("no training trials", path=responses, key="train", fix="check the preprocessing output.")
-    ridge_report = None
     space = "embedding" if model.prior is not None else "condition"
-    readout = getattr(model.conditioner, "readout", None) is not None
-    if settings["ridge_init"] and generator.conditioner is not None and (readout or model.conditioner.voxel_map
-                                                                          is not None):
-        y_train, train_known = condition_targets(generator, train_trials.images, train_trials.labels, space)
-        y_val, val_known = condition_targets(generator, val_trials.images, val_trials.labels, space)
-        target = {"embedding": "prior image embedding",
-                  "condition": "image condition" if generator.image_conditioner is not None else "class condition"}
-        if len(y_train) < 2:
-            log.warning("only %d training trials of known class: no ridge start (a class-conditioned base on a data "
-                        "set without classes)", len(y_train))
-        elif readout:
-            ridge_report = fit_readout_start(model, train_trials.fmri.numpy()[train_known], y_train,
-                                             val_trials.fmri.numpy()[val_known], y_val, settings["ridge_alphas"])
-            ridge_report["target"] = target[space]
-            log.info("read-out starts from ridge of the %s encoder's features onto the base's %s (alpha %g chosen "
-                     "on val; val relative error %s)", "random" if baseline else "pretrained", target[space],
-                     ridge_report["alpha"], {a: round(e, 3) for a, e in ridge_report["val_relative_error"].items()})
-        else:
-            weight, bias, ridge_report = fit_ridge_voxel_map(
-                train_trials.fmri.numpy()[train_known], y_train, val_trials.fmri.numpy()[val_known], y_val,
-                settings["ridge_alphas"])
-            ridge_report["target"] = target[space]
-            model.conditioner.set_voxel_map(torch.from_numpy(weight), torch.from_numpy(bias))
-            frozen = settings["ridge_lr_scale"] == 0
-            if frozen:
-                model.conditioner.voxel_map.requires_grad_(False)
-                if model.conditioner.voxel_down is not None:
-                    model.conditioner.voxel_down.requires_grad_(False)
-            log.info("voxel path starts from ridge onto the base's %s (alpha %g chosen on val; val relative error "
-                     "%s)%s", target[space], ridge_report["alpha"],
-                     {a: round(e, 3) for a, e in ridge_report["val_relative_error"].items()},
-                     "; kept fixed (finetune.ridge_lr_scale 0)" if frozen else "")
+    ridge_report = start_mapper(model, generator, train_trials, val_trials, settings, space,
+                                "random" if baseline else "pretrained")
     trained = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())

@@ -141,3 +141,46 @@ def fit_readout_start(model, train_fmri, train_targets, val_fmri, val_targets, a
     model.conditioner.set_readout(torch.from_numpy(weight), torch.from_numpy(bias))
     report["n_features"] = int(x_train.shape[1])
     return report
+
+
+def start_mapper(model, generator, train_trials, val_trials, settings, space, encoder="pretrained"):
+    """Start the decoder's linear map from ridge (``finetune.ridge_init``): the read-out, or the voxel path.
+
+    Targets in ``space`` (:func:`condition_targets`). A voxel path with ``finetune.ridge_lr_scale`` 0 is frozen
+    here. Returns the ridge report for ``dcldm.json`` (None when nothing was fitted: no base conditions, no linear
+    map, or fewer than two training trials with a target).
+    """
+    ridge_report = None
+    readout = getattr(model.conditioner, "readout", None) is not None
+    if settings["ridge_init"] and generator.conditioner is not None and (readout or model.conditioner.voxel_map
+                                                                          is not None):
+        y_train, train_known = condition_targets(generator, train_trials.images, train_trials.labels, space)
+        y_val, val_known = condition_targets(generator, val_trials.images, val_trials.labels, space)
+        target = {"embedding": "prior image embedding",
+                  "condition": "image condition" if generator.image_conditioner is not None else "class condition"}
+        if len(y_train) < 2:
+            log.warning("only %d training trials of known class: no ridge start (a class-conditioned base on a data "
+                        "set without classes)", len(y_train))
+        elif readout:
+            ridge_report = fit_readout_start(model, train_trials.fmri.numpy()[train_known], y_train,
+                                             val_trials.fmri.numpy()[val_known], y_val, settings["ridge_alphas"])
+            ridge_report["target"] = target[space]
+            log.info("read-out starts from ridge of the %s encoder's features onto the base's %s (alpha %g chosen "
+                     "on val; val relative error %s)", encoder, target[space],
+                     ridge_report["alpha"], {a: round(e, 3) for a, e in ridge_report["val_relative_error"].items()})
+        else:
+            weight, bias, ridge_report = fit_ridge_voxel_map(
+                train_trials.fmri.numpy()[train_known], y_train, val_trials.fmri.numpy()[val_known], y_val,
+                settings["ridge_alphas"])
+            ridge_report["target"] = target[space]
+            model.conditioner.set_voxel_map(torch.from_numpy(weight), torch.from_numpy(bias))
+            frozen = settings["ridge_lr_scale"] == 0
+            if frozen:
+                model.conditioner.voxel_map.requires_grad_(False)
+                if model.conditioner.voxel_down is not None:
+                    model.conditioner.voxel_down.requires_grad_(False)
+            log.info("voxel path starts from ridge onto the base's %s (alpha %g chosen on val; val relative error "
+                     "%s)%s", target[space], ridge_report["alpha"],
+                     {a: round(e, 3) for a, e in ridge_report["val_relative_error"].items()},
+                     "; kept fixed (finetune.ridge_lr_scale 0)" if frozen else "")
+    return ridge_report
