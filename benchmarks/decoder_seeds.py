@@ -290,7 +290,10 @@ def markdown(report):
              "decoder and its start); inputs: the `make decode` results folder named in the command.",
              f"n-way top-1 (n = {meta['n_way']}, mean over {meta['n_samples']} samples per stimulus; chance "
              f"{1 / meta['n_way']:.2f}) on test_avg; seeds {meta['seeds']}; intervals: 95 % percentile bootstrap "
-             "over seeds and test stimuli resampled by class (the mean over subjects resamples each subject).", ""]
+             "over seeds and test stimuli resampled by class (the mean over subjects resamples each subject)."
+             + (" Below 100 % of the training trials the epochs, warm-up and evaluation interval are scaled by "
+                "1 / share: every share trains the steps of the full-data run." if min(meta["fractions"]) < 1 else ""),
+             ""]
     for fraction, scopes in agg["tables"].items():
         lines += [f"## {float(fraction):.0%} of the training trials", ""]
         for scope, table in scopes.items():
