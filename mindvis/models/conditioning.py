@@ -65,6 +65,23 @@ class _NullMixin:
         return Condition(self.null_context[None].expand(batch_size, -1, -1),
                          self.null_pooled[None].expand(batch_size, -1))
 
+    @torch.no_grad()
+    def set_null(self, condition):
+        """Start the null condition from a :class:`Condition` of one row (e.g. a text encoder's empty prompt)."""
+        self.null_context.copy_(condition.context.reshape(self.null_context.shape))
+        self.null_pooled.copy_(condition.pooled.reshape(self.null_pooled.shape))
+
+    @torch.no_grad()
+    def init_null_from(self, other):
+        """Start the null condition from another conditioner's (e.g. the base generator's)."""
+        if other is None or getattr(self.config, "embedding", False):  # an embedding-space one uses the prior's null
+            return
+        if tuple(other.null_context.shape) != tuple(self.null_context.shape) or \
+                tuple(other.null_pooled.shape) != tuple(self.null_pooled.shape):
+            raise ValueError("null condition shapes differ")
+        self.null_context.copy_(other.null_context)
+        self.null_pooled.copy_(other.null_pooled)
+
 
 class FmriConditioner(_NullMixin, ModelMixin, ConfigMixin):
     """SC-MBM encoder tokens -> UNet condition (double conditioning).
@@ -207,24 +224,6 @@ class FmriConditioner(_NullMixin, ModelMixin, ConfigMixin):
         weights = self.token_map.weight.detach()[..., 0].abs().float()
         return weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
-    @torch.no_grad()
-    def set_null(self, condition):
-        """Start the null condition from a :class:`Condition` of one row (e.g. a text encoder's empty prompt)."""
-        self.null_context.copy_(condition.context.reshape(self.null_context.shape))
-        self.null_pooled.copy_(condition.pooled.reshape(self.null_pooled.shape))
-
-    @torch.no_grad()
-    def init_null_from(self, other):
-        """Start the null condition from another conditioner's (e.g. the base generator's)."""
-        if other is None or self.config.embedding:  # an embedding-space conditioner uses the prior's null
-            return
-        if tuple(other.null_context.shape) != tuple(self.null_context.shape) or \
-                tuple(other.null_pooled.shape) != tuple(self.null_pooled.shape):
-            raise ValueError("null condition shapes differ")
-        self.null_context.copy_(other.null_context)
-        self.null_pooled.copy_(other.null_pooled)
-
-
 class ReadoutConditioner(_NullMixin, ModelMixin, ConfigMixin):
     """SC-MBM encoder tokens -> condition by one linear read-out of every token (the default mapper).
 
@@ -308,21 +307,6 @@ class ReadoutConditioner(_NullMixin, ModelMixin, ConfigMixin):
         weights = weight.reshape(config.context_tokens, config.cross_attention_dim, config.input_tokens,
                                  config.input_dim).sum(dim=(1, 3))
         return weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-12)
-
-    @torch.no_grad()
-    def set_null(self, condition):
-        """Start the null condition from a :class:`Condition` of one row."""
-        self.null_context.copy_(condition.context.reshape(self.null_context.shape))
-        self.null_pooled.copy_(condition.pooled.reshape(self.null_pooled.shape))
-
-    @torch.no_grad()
-    def init_null_from(self, other):
-        """Start the null condition from another conditioner's (an embedding-space read-out uses the prior's)."""
-        if other is None or self.config.embedding:
-            return
-        self.null_context.copy_(other.null_context.reshape(self.null_context.shape))
-        self.null_pooled.copy_(other.null_pooled.reshape(self.null_pooled.shape))
-
 
 class ClassConditioner(_NullMixin, ModelMixin, ConfigMixin):
     """A learned condition per object class (and a null one): the embedded base's "text encoder".
