@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mindvis.data.images import images_to_tensor, tensor_to_images
 from mindvis.generate.decode import decode
 from mindvis.models.dcldm import LowLevelStart
 from mindvis.models.linear import fit_ridge
@@ -70,9 +71,15 @@ def identification(decoded, truth):
     return float(((similarity < own).double().sum(1) / (len(truth) - 1)).mean())
 
 
-def images_to_tensor(images):
-    """uint8 [N, H, W, C] -> float32 [N, C, H, W] in [-1, 1] (what the prior's encoder reads)."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+def _embed_samples(generator, images):
+    """The prior's embedding of sampled uint8 images ``[N, H, W, C]``."""
+    return generator.embed_all(images_to_tensor(images, generator.image_size, generator.image_channels))
+
+
+def n_sampled(settings, val_trials):
+    """How many validation trials the quick samples take (``finetune.val_max_trials``; None: all)."""
+    cap = settings["val_max_trials"]
+    return len(val_trials) if cap is None else min(len(val_trials), cap)
 
 
 @torch.no_grad()
@@ -103,8 +110,7 @@ def sample_seeds(seed, what, n):
 def make_eval_fn(generator, scheduler, val_trials, settings, generate_settings, seed, metric):
     """The engine's eval hook: ``val/loss`` always; with an image prior ``val/embedding_identification``, and
     ``val/identification`` of quick samples when it is the criterion (``metric``) or ``val_identify`` is set."""
-    n_quick = len(val_trials) if settings["val_max_trials"] is None else min(len(val_trials),
-                                                                               settings["val_max_trials"])
+    n_quick = n_sampled(settings, val_trials)
     quick = {**generate_settings, "sampler": "ddim"}
     seeds = sample_seeds(seed, "val-sample", n_quick)
     prior = generator.image_conditioner
@@ -123,7 +129,7 @@ def make_eval_fn(generator, scheduler, val_trials, settings, generate_settings, 
         if metric == "val/identification":
             images = decode(model, generator, val_trials.fmri[:n_quick], seeds, quick, batch_size=n_quick,
                             num_steps=settings["val_sample_steps"])[:, 0]
-            metrics["val/identification"] = identification(generator.embed_all(images_to_tensor(images)), truth)
+            metrics["val/identification"] = identification(_embed_samples(generator, images), truth)
         return metrics
 
     return eval_fn
@@ -165,10 +171,9 @@ def fit_lowlevel_start(model, generator, train_trials, val_trials, settings, gen
                             error="mse", what="low-level start, ridge fMRI -> VAE latent", refit="train")
     start = LowLevelStart(torch.from_numpy(ridge.coef_.astype(np.float32)),
                           torch.from_numpy(ridge.intercept_.astype(np.float32)), 1.0)
-    n_quick = len(val_trials) if settings["val_max_trials"] is None else min(len(val_trials),
-                                                                               settings["val_max_trials"])
+    n_quick = n_sampled(settings, val_trials)
     fmri = val_trials.fmri[:n_quick]
-    truth = np.clip((val_trials.images[:n_quick].permute(0, 2, 3, 1).numpy() + 1) * 127.5, 0, 255).round()
+    truth = tensor_to_images(val_trials.images[:n_quick])
     embedded = generator.embed_all(val_trials.images[:n_quick]) if generator.image_conditioner is not None else None
     seeds = sample_seeds(seed, "lowlevel-sample", n_quick)
     quick = {**generate_settings, "sampler": "ddim"}
@@ -179,7 +184,7 @@ def fit_lowlevel_start(model, generator, train_trials, val_trials, settings, gen
                         num_steps=settings["val_sample_steps"], lowlevel=start)[:, 0]
         score = {"strength": strength, "val_pixcorr": _pixcorr(images, truth)}
         if embedded is not None:
-            score["val_identification"] = identification(generator.embed_all(images_to_tensor(images)), embedded)
+            score["val_identification"] = identification(_embed_samples(generator, images), embedded)
         scores.append(score)
     full = next(score for score in scores if score["strength"] == 1.0)
     tolerance = float(settings["lowlevel_tolerance"])
