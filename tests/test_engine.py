@@ -74,6 +74,18 @@ def test_lr_schedule_warms_up_then_decays_to_min():
     assert factors[12] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
 
 
+def test_constant_schedule_keeps_the_peak_rate(tmp_path):
+    """MinD-Vis's fine-tuning (configs/god_mindvis.yaml): after the warmup the rate stays at its peak."""
+    factors = [lr_factor(step, warmup_steps=2, total_steps=10, schedule="constant") for step in range(11)]
+    assert factors == pytest.approx([0.5, 1.0] + [1.0] * 9)
+    trainer = make_trainer(tmp_path, lr=0.02, warmup_epochs=0, lr_schedule="constant")
+    trainer.fit()
+    assert [group["lr"] for group in trainer.optimizer.param_groups] == pytest.approx([0.02] * len(
+        trainer.optimizer.param_groups))
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="linear")
+
+
 def test_effective_lr_uses_batch_rule(tmp_path):
     trainer = make_trainer(tmp_path, lr=None, base_lr=0.064, batch_size=4, grad_accum_steps=2)
     assert trainer.effective_batch == 8

@@ -890,3 +890,48 @@ def test_the_fine_tuning_defaults_select_without_labels():
     with pytest.raises(MindvisError) as info:
         validate({"experiment": "x", "finetune": {"select_metric": "val/accuracy"}})
     assert info.value.key == "finetune.select_metric"
+
+
+def test_god_mindvis_optimiser_settings_reach_the_engine():
+    """configs/god_mindvis.yaml's MinD-Vis optimiser (constant rate, 2 batches of 5 per step, clip 0.5) is what
+    the fine-tuning engine runs with (docs/god_protocol.md)."""
+    from pathlib import Path
+
+    from mindvis.config import load_config, section_settings
+    from mindvis.train.finetune import finetune_train_config
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "god_mindvis.yaml")
+    settings = section_settings(config, "finetune")
+    train = finetune_train_config(settings, seed=0, select="val/loss", config=config)
+    assert (train.lr, train.lr_schedule, train.warmup_epochs) == (5.3e-5, "constant", 0)
+    assert (train.batch_size, train.grad_accum_steps, train.clip_grad_norm) == (5, 2, 0.5)
+    assert (settings["crop_mode"], settings["crop_pixels"], settings["crop_p"]) == ("resized", 51, 0.5)
+
+
+def _ramp(size):
+    """An image whose value is its column index: bilinear resampling of it is linear, so the expected
+    output of a crop-and-resize is known in closed form."""
+    return torch.arange(size, dtype=torch.float64).expand(1, 3, size, size).clone()
+
+
+def test_resized_crop_is_mindvis_random_crop_then_resize():
+    """MinD-Vis's augmentation: RandomCrop(256 - 51) with p 0.5, then torchvision's Resize back to 256, which
+    samples output pixel j at source (j + 0.5) * crop / size - 0.5 (half-pixel centres, clamped at the edge)."""
+    from mindvis.models.augment import resized_crop
+
+    size, crop_pixels = 64, 13
+    crop = size - crop_pixels
+    torch.manual_seed(0)
+    images = _ramp(size).expand(200, 3, size, size).clone()
+    out = resized_crop(images, crop_pixels, p=0.5)
+    assert out.shape == images.shape
+    changed = [not torch.equal(o, i) for o, i in zip(out, images)]
+    assert 0.4 < np.mean(changed) < 0.6  # about half cropped
+    source = ((torch.arange(size, dtype=torch.float64) + 0.5) * crop / size - 0.5).clamp(0, crop - 1)
+    for row, was_changed in zip(out, changed):
+        if not was_changed:
+            continue
+        x0 = row[0, 0, 0] - source[0]  # the crop's left edge, an integer in 0 ... crop_pixels
+        assert abs(x0 - round(float(x0))) < 1e-9 and 0 <= round(float(x0)) <= crop_pixels
+        torch.testing.assert_close(row, (source + x0).expand(3, size, size))
+    torch.testing.assert_close(resized_crop(images[:4], crop_pixels, p=0.0), images[:4])

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from compvis_fixtures import TINY_LDM_PARAMS, save_mindvis_release, tiny_ldm_checkpoint
@@ -38,7 +39,7 @@ def god_mindvis_run(tmp_path_factory):
     config["mbm"]["base"] = "bundled"  # unused: every subject's decoder is released
     config["ldm"].update(base=str(data / "model.ckpt"), compvis_config=str(data / "label2img.yaml"), image_size=16)
     config["finetune"]["released"] = {"sub-01": str(data / "finetuned.pth")}
-    config["generate"].update(steps=3, n_samples=2, batch_size=8, attention_stimuli=1, edit_stimuli=2,
+    config["generate"].update(steps=3, diagnostic_steps=2, n_samples=2, batch_size=8, attention_stimuli=1, edit_stimuli=2,
                               edit_groups={"V1": ["V1"], "VC outside V1": ["VC"]})  # the fixture's two masks
     config["evaluate"] = {"classifier": "efficientnet_lite0", "n_way": 50, "trials": 20, "n_bootstrap": 20,
                           "mindvis_metrics": config["evaluate"]["mindvis_metrics"]}
@@ -73,10 +74,17 @@ def test_released_decoder_is_imported_sampled_and_scored(god_mindvis_run):
     assert 0 <= model_row["metrics"]["pixcorr_mindvis"]["value"] <= 1 and "ssim_mindvis" in metrics["ground_truth"]
     source = load_responses(workdir / "results/sub-01/responses.h5").attrs["source"]
     assert source["normalisation"].startswith("mindvis_scalar") and source["test_average"] == "file"
-    assert (workdir / "results/sub-01/report.html").exists()
+    page = (workdir / "results/sub-01/report.html").read_text()
+    assert 'data-metric="pixcorr_mindvis"' in page and 'data-metric="ssim_mindvis"' in page
+    assert "efficientnet_lite0" in page  # the report names the classifier that scored it
+    summary = pd.read_csv(workdir / "results/summary.csv", index_col="subject")
+    assert summary.loc["sub-01", "classifier"] == "efficientnet_lite0"
+    assert summary.loc["sub-01", "dcldm/pixcorr_mindvis"] == pytest.approx(model_row["metrics"]["pixcorr_mindvis"]["value"],
+                                                                      abs=1e-5)
     # The brain-token edits run through MinD-Vis's own layout (no class token, wrapped padding, no voxel path).
     edits = json.loads((workdir / "results/sub-01/edits/edits.json").read_text())
     assert edits["shown_groups"] == ["V1", "VC outside V1"] and len(edits["stimulus_id"]) == 2
+    assert edits["steps"] == 2  # generate.diagnostic_steps: the edits need not run the scored rows' 250 steps
     assert all(group["n_tokens"] > 0 for group in edits["groups"].values())
     assert set(edits["check"]["groups"]) == {"V1", "VC outside V1"}
     assert 'id="edits"' in (workdir / "results/sub-01/report.html").read_text()

@@ -364,10 +364,17 @@ def test_summary_has_a_row_per_subject_and_the_mean(tmp_path, rng):
     assert any("sub-02" in note and "row not available" in note for note in frame.attrs["notes"])
     back = summary.read_summary(tmp_path / "summary.csv")
     assert back.attrs["notes"] == []  # no metrics.json at results/{subject}/evaluation/ beside this CSV
-    np.testing.assert_allclose(back.to_numpy(float), frame.to_numpy(float), rtol=1e-5)
+    numbers = [column for column in frame.columns if column != "classifier"]
+    np.testing.assert_allclose(back[numbers].to_numpy(float), frame[numbers].to_numpy(float), rtol=1e-5)
     page = (tmp_path / "summary.html").read_text()
     assert tables.format_value("ssim", frame.loc["mean", "dcldm/ssim"]) in page and "http" not in page
     assert tables.format_value("fid", frame.loc["sub-01", "dcldm/fid"]) in summary.summary_text(back)
+    # Every table names the classifier that scored it: the CSV's first column, the page, the printed text.
+    name = first["classifier"]["name"]
+    assert list(back["classifier"]) == [name] * 3 and frame.columns[0] == "classifier"
+    assert f"scored by the classifier '{name}'" in page
+    assert summary.summary_text(back).startswith(f"Classifier metrics (n-way, 2-way, FID) scored by the classifier "
+                                                 f"'{name}'")
 
 
 # -- the HTML report ---------------------------------------------------------------

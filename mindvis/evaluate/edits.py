@@ -37,6 +37,7 @@ import numpy as np
 from mindvis.errors import MindvisError
 from mindvis.evaluate.metrics import bootstrap_ci, pixcorr
 from mindvis.generate.control import AttentionEdit
+from mindvis.generate.decode import diagnostic_settings
 from mindvis.generate.edit import (EDITS_FILE, EDITS_JSON, TokenEdit, edit_trials, group_tokens, resize_images,
                                   write_edits)
 from mindvis.utils.io import derive_seed, software_versions
@@ -111,7 +112,8 @@ def edit_set(config, subject, model_dir, responses, stimuli, out_dir, classifier
     from mindvis.utils.device import select_device
 
     started = time.perf_counter()
-    settings, evaluate = config["generate"], config["evaluate"]
+    # Edits show what a token group changes: generate.diagnostic_steps where set (recorded as "steps").
+    settings, evaluate = diagnostic_settings(config["generate"]), config["evaluate"]
     out_dir = Path(out_dir)
     data = load_responses(responses, splits=(settings["split"],))
     split = data[settings["split"]]

@@ -159,6 +159,12 @@ def sample_like(generator, images, seeds, settings, batch_size=None):
 
 
 @torch.no_grad()
+def diagnostic_settings(settings):
+    """``generate`` settings for the diagnostic images (brain-token edits, attention capture): ``steps`` replaced
+    by ``diagnostic_steps`` where set."""
+    return {**settings, "steps": int(settings.get("diagnostic_steps") or settings["steps"])}
+
+
 def capture_attention(decoder, generator, fmri, seeds, settings):
     """Cross-attention maps of one sample per fMRI row, per denoising step.
 

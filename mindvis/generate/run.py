@@ -24,7 +24,7 @@ import numpy as np
 
 from mindvis.data.responses import check_stimuli_pair, load_responses
 from mindvis.data.stimuli import load_stimulus_set
-from mindvis.generate.decode import capture_attention, decode
+from mindvis.generate.decode import capture_attention, decode, diagnostic_settings
 from mindvis.generate.writing import SAMPLES_FILE, save_grid, save_png, write_samples_h5
 from mindvis.models.classifiers.domain import load_classifier
 from mindvis.errors import MindvisError
@@ -149,7 +149,7 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
         order = list(first_of_class) + [i for i in range(len(labels)) if i not in set(first_of_class)]
         chosen = sorted(order[:n_attention])
         maps, timesteps = capture_attention(decoder, generator, split.fmri[chosen], seeds[chosen, 0].tolist(),
-                                            settings)
+                                            diagnostic_settings(settings))
         attention = {"maps": maps, "stimulus_id": [stimulus_ids[i] for i in chosen], "timesteps": timesteps,
                      "token_weights": decoder.conditioner.token_weights().cpu().numpy()}
 

@@ -104,17 +104,50 @@ class FmriAugment(nn.Module):
         return f"dropout_rate={self.dropout_rate}, noise_std={self.noise_std}"
 
 
-def augment_images(images, shift_pixels, hflip):
+def augment_images(images, shift_pixels, hflip, crop_mode="shift", crop_p=1.0):
     """Random shift (reflect padding, then crop) and horizontal flip of a batch ``[B, C, H, W]``.
 
-    Uses torch's global generator, which the training engine seeds per step.
+    ``crop_mode`` 'resized' replaces the shift by :func:`resized_crop` (``shift_pixels`` smaller, with
+    probability ``crop_p``). Uses torch's global generator, which the training engine seeds per step.
     """
+    if crop_mode == "resized":
+        if hflip:
+            images = augment_images(images, 0, hflip)
+        return resized_crop(images, shift_pixels, crop_p)
+    if crop_mode != "shift":
+        raise ValueError(f"crop_mode must be 'shift' or 'resized', not {crop_mode!r}")
     if hflip:
         flip = torch.rand(images.shape[0], device=images.device) < 0.5
         images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    if shift_pixels > 0 and crop_p < 1.0:
+        keep = images
+        shifted = augment_images(images, shift_pixels, False)
+        chosen = torch.rand(images.shape[0], device=images.device) < crop_p
+        return torch.where(chosen[:, None, None, None], shifted, keep)
     if shift_pixels > 0:
         size = images.shape[-1]
         padded = F.pad(images, [shift_pixels] * 4, mode="reflect")
         offsets = torch.randint(0, 2 * shift_pixels + 1, (images.shape[0], 2))
         images = torch.stack([padded[i, :, y:y + size, x:x + size] for i, (y, x) in enumerate(offsets.tolist())])
     return images
+
+
+def resized_crop(images, crop_pixels, p=1.0):
+    """MinD-Vis's image augmentation: with probability ``p`` a square crop ``crop_pixels`` smaller than the
+    image at a uniform position, resized back to the image's size (bilinear, antialiased, as torchvision's
+    ``RandomCrop`` then ``Resize`` on tensors); other images unchanged. ``[B, C, H, W]`` -> same shape."""
+    if crop_pixels <= 0 or p <= 0:
+        return images
+    height, width = images.shape[-2:]
+    if crop_pixels >= min(height, width):
+        raise ValueError(f"crop_pixels ({crop_pixels}) must be smaller than the image ({height} x {width})")
+    chosen = (torch.rand(images.shape[0]) < p).tolist()
+    offsets = torch.randint(0, crop_pixels + 1, (images.shape[0], 2)).tolist()
+    out = []
+    for image, crop, (y, x) in zip(images, chosen, offsets):
+        if crop:
+            patch = image[None, :, y:y + height - crop_pixels, x:x + width - crop_pixels]
+            image = F.interpolate(patch.float(), size=(height, width), mode="bilinear", align_corners=False,
+                                  antialias=True)[0].to(images.dtype)
+        out.append(image)
+    return torch.stack(out)

@@ -8,7 +8,9 @@ top-1 (mean of k), or, where a row has none, its top-1 against the labels,
 else its PixCorr. The same columns follow for the seen- and novel-category
 test stimuli (``seen:`` and ``novel:`` before the column name, no FID: it is a
 set figure), each subset led by its number of stimuli (``n_stimuli``,
-``seen:n_stimuli``, ``novel:n_stimuli``). Numbers in the CSV are unrounded
+``seen:n_stimuli``, ``novel:n_stimuli``). The first column, ``classifier``, names the
+classifier that scored each subject's classifier metrics (``metrics.json``'s ``classifier.name``; the
+mean row: the one name, or ``mixed``), and the printed and HTML tables name it above the tables. Numbers in the CSV are unrounded
 (empty where unavailable); the HTML and the printed table show one table per
 subset, use :func:`mindvis.report.tables.format_value` and list below the
 tables why each empty cell is empty (:func:`summary_notes`: an unavailable
@@ -34,6 +36,8 @@ from mindvis.utils.io import atomic_path, software_versions
 MODEL_ROW = "dcldm"
 MODEL_METRICS = ("n_way_top1_mean", "n_way_top1_best_of_k", "two_way_id", "two_way_id_pixels", "pixcorr", "ssim",
                  "fid")
+# MinD-Vis's own pixel metrics (evaluate.mindvis_metrics), shown for the model where scored.
+MINDVIS_METRICS = ("pixcorr_mindvis", "ssim_mindvis")
 # A baseline's or ceiling's key metric: the first of these it has.
 KEY_METRICS = ("n_way_top1_mean", "label_top1_mean", "pixcorr")
 # Where each subject's metrics.json lies relative to summary.csv (results/summary.csv).
@@ -42,6 +46,8 @@ METRICS_BESIDE_SUMMARY = "{subject}/evaluation/metrics.json"
 SUBSETS = ("all", "seen", "novel")
 #: The column of each subset's number of test stimuli (before the prefix).
 N_STIMULI = "n_stimuli"
+#: The column naming the classifier that scored each subject (the only column of text).
+CLASSIFIER = "classifier"
 #: The metrics whose paired comparisons the summary lists (the per-subject report lists every one).
 COMPARISON_METRICS = ("n_way_top1_mean", "label_top1_mean", "two_way_id", "pixcorr", "ssim")
 
@@ -96,7 +102,9 @@ def summary_table(metrics_list):
         raise MindvisError("no metrics.json given", key="metrics", fix="run the evaluate stage first.")
     reference = metrics_list[0]
     labels = {row["id"]: row["label"] for row in reference["rows"]}
-    picked = [(MODEL_ROW, metric) for metric in MODEL_METRICS]
+    scored = {metric for metrics in metrics_list for metric in MINDVIS_METRICS
+              if tables.metric_value(metrics, MODEL_ROW, metric) is not None}
+    picked = [(MODEL_ROW, metric) for metric in MODEL_METRICS + tuple(m for m in MINDVIS_METRICS if m in scored)]
     picked += [(row["id"], _key_metric(reference, row["id"])) for row in reference["rows"] if row["id"] != MODEL_ROW]
     has_subsets = any(metrics.get("subsets") for metrics in metrics_list)
     columns, titles = [], {}
@@ -116,9 +124,31 @@ def summary_table(metrics_list):
         records[metrics["subject"]] = [np.nan if value is None else float(value) for value in values]
     frame = pd.DataFrame.from_dict(records, orient="index", columns=[column_name(*column) for column in columns])
     frame.loc["mean"] = frame.mean(axis=0, skipna=False)
+    names = [classifier_name(metrics) for metrics in metrics_list]
+    frame.insert(0, CLASSIFIER, names + [names[0] if len(set(names)) == 1 else "mixed"])
     frame.index.name = "subject"
     frame.attrs["titles"] = titles
     return frame
+
+
+def classifier_name(metrics):
+    """The name of the classifier that scored ``metrics.json`` (``unknown`` where it records none)."""
+    return str((metrics.get("classifier") or {}).get("name") or "unknown")
+
+
+def _numeric_columns(frame):
+    return [column for column in frame.columns if column != CLASSIFIER]
+
+
+def _classifier_line(frame):
+    """'Classifier metrics scored by X' (per subject where they differ); '' without the column."""
+    if CLASSIFIER not in frame.columns:
+        return ""
+    names = frame[CLASSIFIER].drop(index="mean", errors="ignore")
+    if names.nunique() == 1:
+        return f"Classifier metrics (n-way, 2-way, FID) scored by the classifier '{names.iloc[0]}'."
+    each = ", ".join(f"{subject}: '{name}'" for subject, name in names.items())
+    return f"Classifier metrics (n-way, 2-way, FID) scored by: {each}."
 
 
 def summary_notes(metrics_list, frame):
@@ -139,7 +169,7 @@ def summary_notes(metrics_list, frame):
     lines = []
     for metrics in metrics_list:
         reasons = {}
-        for column in frame.columns:
+        for column in _numeric_columns(frame):
             subset, row_id, metric = parse_column(column)
             if subset != "all":
                 entry = (metrics.get("subsets") or {}).get(subset)
@@ -190,7 +220,7 @@ def _format_cell(metric, value):
 def _formatted(frame):
     """The table with every number formatted as the report shows it."""
     out = frame.copy().astype(object)
-    for column in frame.columns:
+    for column in _numeric_columns(frame):
         metric = parse_column(column)[2]
         out[column] = [_format_cell(metric, v) for v in frame[column]]
     return out
@@ -199,7 +229,7 @@ def _formatted(frame):
 def _subset_columns(frame):
     """Subset -> its columns of ``frame``, in :data:`SUBSETS` order (subsets without a column left out)."""
     groups = {}
-    for column in frame.columns:
+    for column in _numeric_columns(frame):
         groups.setdefault(parse_column(column)[0], []).append(column)
     return {subset: groups[subset] for subset in SUBSETS if subset in groups}
 
@@ -237,7 +267,7 @@ tr.above-zero td {{ font-weight: 600; background: #eefbea; }}
 the subject's training trials) and the novel ones (absent from them), each with its number of test stimuli.
 DC-LDM columns: the model; the others: each baseline's and ceiling's key metric (n-way top-1, mean of k). FID:
 lower is better (not per subset: it compares whole sets). Per-subject reports with confidence
-intervals: <code>results/&lt;subject&gt;/report.html</code>. Written {html.escape(written)} by mindvis
+intervals: <code>results/&lt;subject&gt;/report.html</code>. <span id="classifier">{html.escape(_classifier_line(frame), quote=False)}</span> Written {html.escape(written)} by mindvis
 {html.escape(versions.get("mindvis", "?"))} (torch {html.escape(versions.get("torch", "?"))}).</p>
 {chr(10).join(sections)}
 {_notes_html(notes)}{_comparisons_html(comparisons)}</body></html>
@@ -279,6 +309,8 @@ def summary_text(frame, notes=(), comparisons=()):
         table.index.name = "row/metric"
         blocks.append(f"{tables.SUBSET_TITLES[subset]}:\n{table.to_string()}")
     text = "\n\n".join(blocks)
+    if _classifier_line(frame):
+        text = f"{_classifier_line(frame)}\n\n{text}"
     if notes:
         text += "\n\nEmpty cells (n/a):\n" + "\n".join(f"  {note}" for note in notes)
     if comparisons:
@@ -324,7 +356,7 @@ def read_summary(csv_path):
         raise MindvisError(f"not a mindvis summary table: no 'subject' column (found: "
                            f"{', '.join(map(str, frame.columns[:5]))})", path=csv_path, key="subject", fix=fix)
     frame = frame.set_index("subject")
-    for column in frame.columns:
+    for column in _numeric_columns(frame):
         subset, _, name = str(column).rpartition(":")
         numeric = pd.api.types.is_numeric_dtype(frame[column])
         if (name != N_STIMULI and "/" not in name) or (subset and subset not in SUBSETS) or not numeric:

@@ -43,6 +43,8 @@ METRIC_COLUMNS = (
     ("two_way_id_pixels", "2-way identification (pixels)", True),
     ("pixcorr", "PixCorr (true pixels)", True),
     ("ssim", "SSIM (true pixels)", True),
+    ("pixcorr_mindvis", "MinD-Vis's pair-wise PCC (true pixels)", True),
+    ("ssim_mindvis", "MinD-Vis's pair-wise SSIM (true pixels)", True),
     ("fid", "FID (classifier features)", False),
 )
 #: How a figure withheld with a reason is shown.

@@ -128,6 +128,9 @@ class TrainConfig:
         Absolute learning rate; overrides ``base_lr`` when given.
     min_lr : float
         Learning rate the cosine decays to.
+    lr_schedule : {'cosine', 'constant'}
+        After the warmup, half a cosine down to ``min_lr``, or the peak rate to the end (MinD-Vis's
+        fine-tuning).
     warmup_epochs : float
         Linear warmup length in epochs (fractions allowed).
     weight_decay : float
@@ -185,6 +188,7 @@ class TrainConfig:
     base_lr: float = 1e-3
     lr: float | None = None
     min_lr: float = 0.0
+    lr_schedule: str = "cosine"
     warmup_epochs: float = 1.0
     weight_decay: float = 0.05
     betas: tuple = (0.9, 0.95)
@@ -210,6 +214,8 @@ class TrainConfig:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION_CHOICES}, not {self.mixed_precision!r}")
         if self.select_mode not in ("max", "min"):
             raise ValueError(f"select_mode must be 'max' or 'min', not {self.select_mode!r}")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', not {self.lr_schedule!r}")
         for name in ("epochs", "batch_size", "grad_accum_steps", "eval_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -249,14 +255,17 @@ def scaled_lr(base_lr, effective_batch):
     return float(base_lr) * float(effective_batch) / 256.0
 
 
-def lr_factor(step, warmup_steps, total_steps, min_ratio=0.0):
+def lr_factor(step, warmup_steps, total_steps, min_ratio=0.0, schedule="cosine"):
     """Multiplier of the peak learning rate at optimiser step ``step`` (0-based).
 
     Linear warmup from ``1 / warmup_steps`` to 1 over ``warmup_steps`` steps,
-    then half a cosine down to ``min_ratio`` at ``total_steps``.
+    then half a cosine down to ``min_ratio`` at ``total_steps`` (``schedule``
+    'cosine'), or 1 to the end ('constant').
     """
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -385,7 +394,8 @@ class Trainer:
         min_ratio = config.min_lr / self.peak_lr if self.peak_lr > 0 else 0.0
         # Each group's lr is peak_lr x its lr_scale; the schedule multiplies all of them alike.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(step, self.warmup_steps, self.total_steps, min_ratio))
+            self.optimizer,
+            lambda step: lr_factor(step, self.warmup_steps, self.total_steps, min_ratio, config.lr_schedule))
         # Only the model and optimizer go through accelerate: its scheduler wrapper steps once per
         # process, which would change the schedule with the process count.
         self._wrapped, self._accel_optimizer = self.accelerator.prepare(model, self.optimizer)

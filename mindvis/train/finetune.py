@@ -152,6 +152,18 @@ def finetune_param_groups(model, settings, ridge_started=False, voxel_lr_scale=N
 
 # -- the stage -----------------------------------------------------------------
 
+def finetune_train_config(settings, seed, select, config, epochs=None):
+    """The engine's settings of a fine-tuning run (``finetune`` section; ``select``: the selection metric)."""
+    return TrainConfig(
+        epochs=epochs or settings["epochs"], batch_size=settings["batch_size"],
+        grad_accum_steps=settings["grad_accum_steps"], lr=settings["lr"], lr_schedule=settings["lr_schedule"],
+        weight_decay=settings["weight_decay"], warmup_epochs=settings["warmup_epochs"], betas=(0.9, 0.999),
+        clip_grad_norm=settings["clip_grad_norm"] or None, mixed_precision=settings["mixed_precision"], seed=seed,
+        eval_every=settings["eval_every"], eval_at_start=select is not None, select_metric=select,
+        select_mode=SELECT_MODES.get(select, "min"), optimizer=settings["optimizer"],
+        checkpoint_every_minutes=checkpoint_minutes(config))
+
+
 def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, baseline=False, resume=False,
              released=None):
     """Fine-tune the DC-LDM decoder for one subject and write ``out_dir`` (see the module docstring).
@@ -251,13 +263,7 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, b
     else:
         log.warning("the val split is empty: no checkpoint selection, the last epoch's model is kept")
     param_groups = finetune_param_groups(model, settings, ridge_started=ridge_report is not None)
-    train_config = TrainConfig(
-        epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"],
-        weight_decay=settings["weight_decay"], warmup_epochs=settings["warmup_epochs"], betas=(0.9, 0.999),
-        clip_grad_norm=settings["clip_grad_norm"] or None, mixed_precision=settings["mixed_precision"], seed=seed,
-        eval_every=settings["eval_every"], eval_at_start=select is not None, select_metric=select,
-        select_mode=SELECT_MODES.get(select, "min"), optimizer=settings["optimizer"],
-        checkpoint_every_minutes=checkpoint_minutes(config))
+    train_config = finetune_train_config(settings, seed, select, config)
     trained_on = [responses, stimuli, base, *([Path(mbm_dir) / "diffusion_pytorch_model.safetensors"] if mbm_dir else [])]
     trainer = Trainer(model, train_trials, make_loss_fn(generator, scheduler, settings), train_config,
                       out_dir / "train", eval_fn=eval_fn, run_config=config, param_groups=param_groups,

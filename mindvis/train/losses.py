@@ -87,7 +87,8 @@ def make_loss_fn(generator, scheduler, settings):
     aligned = (align_weight > 0 or contrastive_weight > 0) and generator.conditioner is not None
 
     def loss_fn(model, batch):
-        images = augment_images(batch["images"], settings["crop_pixels"], settings["hflip"])
+        images = augment_images(batch["images"], settings["crop_pixels"], settings["hflip"], settings["crop_mode"],
+                                settings["crop_p"])
         with torch.no_grad():
             latents = generator.encode(images.to(generator.vae.dtype)).float()
         noise = torch.randn_like(latents)

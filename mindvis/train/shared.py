@@ -35,8 +35,8 @@ from mindvis.models.dcldm import build_decoder, condition_space, load_dcldm, res
 from mindvis.models.ldm import load_generator
 from mindvis.models.shared import (SharedDecoder, adapter_from_ridge, fit_adapter, mask_adapter_rows, rank_candidates,
                                    rank_errors, select_rank, shared_ridge_start)
-from mindvis.train.engine import Trainer, TrainConfig, checkpoint_minutes
-from mindvis.train.finetune import finetune_param_groups, trainable_parameter_names
+from mindvis.train.engine import Trainer
+from mindvis.train.finetune import finetune_param_groups, finetune_train_config, trainable_parameter_names
 from mindvis.train.losses import make_loss_fn
 from mindvis.train.ridge_start import condition_targets, fit_ridge_voxel_map
 from mindvis.train.selection import SELECT_MODES, make_eval_fn, select_metric
@@ -84,16 +84,6 @@ def _set_trainable(shared, groups, adapters=True, only=None):
                 parameter.requires_grad_(adapters and (only is None or subject == only))
             else:
                 parameter.requires_grad_(name in names)
-
-
-def _train_config(settings, seed, select, config, epochs=None):
-    return TrainConfig(
-        epochs=epochs or settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"],
-        weight_decay=settings["weight_decay"], warmup_epochs=settings["warmup_epochs"], betas=(0.9, 0.999),
-        clip_grad_norm=settings["clip_grad_norm"] or None, mixed_precision=settings["mixed_precision"], seed=seed,
-        eval_every=settings["eval_every"], eval_at_start=select is not None, select_metric=select,
-        select_mode=SELECT_MODES.get(select, "min"), optimizer=settings["optimizer"],
-        checkpoint_every_minutes=checkpoint_minutes(config))
 
 
 def _mean_eval(shared, eval_fns, weights):
@@ -259,7 +249,7 @@ def finetune_shared(config, subjects, responses, stimuli, base, out_dir, view_di
              sum(p.numel() for p in shared.parameters()), ", ".join(groups),
              "" if voxel_fixed else ", adapters", len(train), len(subjects))
     trainer, shared, result = _train(
-        shared, train, generator, scheduler, settings, _train_config(settings, seed, select, config), out_dir,
+        shared, train, generator, scheduler, settings, finetune_train_config(settings, seed, select, config), out_dir,
         eval_fn, config, finetune_param_groups(shared, settings, ridge_started=True),
         [*responses, stimuli, base, *([Path(mbm_dir) / "config.json"] if mbm_dir else [])], select, resume)
     if result["stopped_early"]:
@@ -383,7 +373,7 @@ def adapt_subject(config, subject, responses, stimuli, shared_views, out_dir, ol
              if trains_shared else "")
     adapt_settings = {**settings, "epochs": settings["adapt_epochs"]}
     trainer, shared, result = _train(
-        shared, data_set, generator, scheduler, settings, _train_config(adapt_settings, seed, select, config),
+        shared, data_set, generator, scheduler, settings, finetune_train_config(adapt_settings, seed, select, config),
         out_dir, eval_fn, config, finetune_param_groups(shared, settings, voxel_lr_scale=settings["adapter_lr_scale"]),
         [responses, stimuli, *[Path(f) / "dcldm.safetensors" for f in shared_views.values()]], select, resume)
     if mask_hook is not None:
