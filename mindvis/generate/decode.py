@@ -158,13 +158,13 @@ def sample_like(generator, images, seeds, settings, batch_size=None):
     return sample_conditions(generator, condition, conditioner.null, seeds, settings, batch_size)
 
 
-@torch.no_grad()
 def diagnostic_settings(settings):
     """``generate`` settings for the diagnostic images (brain-token edits, attention capture): ``steps`` replaced
     by ``diagnostic_steps`` where set."""
     return {**settings, "steps": int(settings.get("diagnostic_steps") or settings["steps"])}
 
 
+@torch.no_grad()
 def capture_attention(decoder, generator, fmri, seeds, settings):
     """Cross-attention maps of one sample per fMRI row, per denoising step.
 
