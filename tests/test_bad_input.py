@@ -581,6 +581,48 @@ def summary_metrics_case(content):
     return build
 
 
+def evaluation_folder_case(build_earlier):
+    """``evaluate_subject`` into an earlier evaluation folder that ``build_earlier(folder)`` wrote (refused before
+    any input is read: the samples and base named are never opened)."""
+    def build(tmp_path, good):
+        from mindvis.evaluate.run import evaluate_subject
+
+        out = tmp_path / "results" / SUBJECT / "evaluation"
+        (out / "ridge").mkdir(parents=True)
+        (out / "metrics.json").write_text('{"subject": "sub-01"}')
+        (out / "ridge" / "samples.h5").write_bytes(b"an earlier ridge row")
+        build_earlier(out)
+        return lambda: evaluate_subject(validate({"seed": 3}), SUBJECT, good.responses, good.stimuli,
+                                        tmp_path / "no-samples-needed.h5", tmp_path / "no-base-needed", out)
+    return build
+
+
+def report_figures_case(damage):
+    """``build_report`` over an earlier report.html and figures folder, ``damage(figures)`` applied to the folder
+    (refused before metrics.json, which does not exist, is read)."""
+    def build(tmp_path, good):
+        from mindvis.report.html import build_report
+
+        results = tmp_path / "results" / SUBJECT
+        figures = results / "report"
+        figures.mkdir(parents=True)
+        (results / "report.html").write_text("<p>an earlier report</p>")
+        (figures / "grid.png").write_bytes(b"an earlier grid")
+        damage(figures)
+        return lambda: build_report(results / "evaluation" / "metrics.json", results / "report.html",
+                                    config=validate({"seed": 3}), figures_dir=figures)
+    return build
+
+
+def user_notes(folder):
+    (folder / "notes.txt").write_text("a user's notes, which replacing the folder would delete")
+
+
+def folder_made_a_file(folder):
+    shutil.rmtree(folder)
+    folder.write_text("a file where the figures folder goes")
+
+
 # -- the corpus ---------------------------------------------------------------------------------------
 
 BOLD, EVENTS = "sub-01_task-objects_run-02_bold.nii.gz", "sub-01_task-objects_run-01_events.tsv"
@@ -807,6 +849,15 @@ CASES = [
     pytest.param(edit_case(foreign=True), "edits-manual", "--out-dir",
                  r"holds 1 files edits did not write \(notes.txt\); the folder is replaced as a unit",
                  id="edit-out-dir-holds-other-files"),
+    # folders replaced as a unit (evaluate's, the report's figures): another file there is refused, not deleted
+    pytest.param(evaluation_folder_case(user_notes), "evaluation", "--out-dir",
+                 r"holds 1 files evaluate did not write \(notes.txt\); the folder is replaced as a unit",
+                 id="evaluate-out-dir-holds-other-files"),
+    pytest.param(report_figures_case(user_notes), "report", "--figures-dir",
+                 r"holds 1 files report did not write \(notes.txt\); the folder is replaced as a unit",
+                 id="report-figures-dir-holds-other-files"),
+    pytest.param(report_figures_case(folder_made_a_file), "report", "--figures-dir", r"^not a folder$",
+                 id="report-figures-dir-is-a-file"),
     # the summary table and the metrics it is built from
     pytest.param(summary_csv_case(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe binary"), "summary.csv", None,
                  r"not a readable summary CSV \(UnicodeDecodeError", id="summary-csv-binary"),

@@ -11,6 +11,7 @@ import dataclasses
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -249,10 +250,38 @@ def test_evaluate_killed_before_its_rename_leaves_the_old_metrics_and_reruns(inp
                stimuli=str(root / "stimuli.h5"), samples=str(samples_reference / "samples.h5"), base=str(root / "ldm"),
                out_dir=str(out), classifier_dir=str(root / "classifier"))
     assert (out / "metrics.json").read_bytes() == before
-    assert list(out.glob(".metrics.json.*"))  # the complete temporary the kill left unrenamed
+    # The folder is replaced as a unit: the kill left this run's complete folder unswapped beside the old one.
+    assert list(tmp_path.glob(".evaluation-new-*/.metrics.json.*"))
     _evaluate(inputs["config"], root, samples_reference / "samples.h5", out)
     assert untimed(out / "metrics.json") == untimed_text(before)
-    assert not list(out.glob(".metrics.json.*"))
+    assert not list(tmp_path.glob(".evaluation-*")) and not list(out.glob(".metrics.json.*"))
+
+
+def test_evaluate_on_a_real_full_disk_keeps_the_previous_folder_whole(inputs, samples_reference, tmp_path):
+    """A small tmpfs (real ENOSPC): evaluate's folder (metrics.json, the ridge and base-ceiling rows' samples.h5 and
+    grids) is replaced as a unit, so a full disk leaves the previous evaluation whole and no temporary beside it."""
+    from ldm_fixtures import fill_filesystem, small_filesystem
+
+    root = inputs["root"]
+    _evaluate(inputs["config"], root, samples_reference / "samples.h5", tmp_path / "previous")
+    config = _config_file(inputs["config"], tmp_path)
+    with small_filesystem(tmp_path / "disk", "4m") as disk:
+        out = disk / "evaluation"
+        shutil.copytree(tmp_path / "previous", out)
+        before = {str(p.relative_to(disk)): p.read_bytes() for p in sorted(disk.rglob("*")) if p.is_file()}
+        assert {"metrics.json", "ridge/samples.h5", "base-ceiling/grid.png"} <= {k[len("evaluation/"):] for k in before}
+        fill_filesystem(disk, 16 << 10)
+        result = _cli("evaluate", "--config", config, "--subject", "sub-01", "--responses", root / "responses.h5",
+                      "--stimuli", root / "stimuli.h5", "--samples", samples_reference / "samples.h5", "--base",
+                      root / "ldm", "--classifier", root / "classifier", "--out-dir", out)
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert "Traceback" not in result.stderr and "Segmentation" not in result.stderr, result.stderr[-3000:]
+        lines = [line for line in result.stderr.splitlines() if line.startswith("mindvis: error: ")]
+        assert len(lines) == 1 and "disk is full" in lines[0] and f"{out}/" in lines[0], result.stderr[-3000:]
+        (disk / "filler").unlink()
+        after = {str(p.relative_to(disk)): p.read_bytes() for p in sorted(disk.rglob("*")) if p.is_file()}
+        assert after == before, "a failed evaluate changed the previous evaluation"
+        assert not list(disk.rglob(".*")), "temporaries left on the full disk"
 
 
 TIMINGS = ("timings_s", "wall_time_s", "time_s", "samples_per_s", "sampling_s", "images_per_s", "throughput")

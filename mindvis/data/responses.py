@@ -80,7 +80,12 @@ import h5py
 import numpy as np
 
 from mindvis.errors import MindvisError
-from mindvis.utils.io import atomic_path, hdf5_for_writing, software_versions
+from mindvis.utils.io import (
+    atomic_path,
+    hdf5_bytes,
+    hdf5_for_writing,
+    software_versions,
+)
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test", "test_avg")
@@ -396,7 +401,9 @@ def write_rest(path, *, fmri, run, voxel_ijk, affine, volume_shape, voxel_roi, t
     problem = _check_rest(rest)
     if problem:
         raise ValueError(f"refusing to write {path}: {problem[1]} ({problem[0]})")
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as handle:
+    # Built in memory like responses.h5 (HDF5 writing straight to a full disk crashes), after a check that it fits.
+    expected = hdf5_bytes(rest.fmri, rest.run, rest.voxel_ijk, rest.voxel_roi)
+    with atomic_path(path) as tmp, hdf5_for_writing(tmp, expected_bytes=expected) as handle:
         _write_geometry(handle, rest.voxel_ijk, rest.affine, rest.volume_shape, rest.voxel_roi)
         handle.create_dataset("fmri", data=rest.fmri, chunks=True if len(rest.run) else None)
         handle.create_dataset("run", data=rest.run)

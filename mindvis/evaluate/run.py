@@ -80,6 +80,12 @@ Outputs in ``out_dir`` (``results/{subject}/evaluation/``)
 ``ridge/``, ``ridge-pixels/``, ``base-ceiling/``
     ``samples.h5`` (:mod:`mindvis.generate.writing` layout; the ridges: k = 1
     and seeds -1, as no noise is drawn) and ``grid.png``, when the row is available.
+
+The folder is the stage's own (:data:`OUTPUT_NAMES`; a folder holding other
+files is refused) and is replaced as one unit when everything is scored
+(:func:`mindvis.utils.io.atomic_folder`): a full disk or a kill leaves the
+previous evaluation whole, never this run's ridge images beside the previous
+run's ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -87,7 +93,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -108,12 +114,15 @@ from mindvis.generate.writing import SAMPLES_FILE, read_samples_attrs, read_samp
 from mindvis.models.classifiers.load import load_image_classifier
 from mindvis.models.ldm import load_generator
 from mindvis.utils.device import device_name, resolve_precision, select_device
-from mindvis.utils.io import derive_seed, sha256_file, software_versions, write_json_atomic
+from mindvis.utils.io import (atomic_folder, check_own_folder, derive_seed, sha256_file, software_versions,
+                              write_json_atomic)
 
 log = logging.getLogger(__name__)
 
 #: Folders (under out_dir) of the images the stage draws itself.
 IMAGE_ROWS = ("ridge", "ridge-pixels", "base-ceiling")
+#: What evaluate writes in its folder (replaced as a unit, so nothing else may live there).
+OUTPUT_NAMES = ("metrics.json", *IMAGE_ROWS)
 #: The optional model rows from further samples.h5: row id -> (whether the config asks for them for a subject,
 #: the setting that does, the command-line flag that passes them, what is missing when they were not asked for).
 EXTRA_MODEL_ROWS = {
@@ -241,6 +250,13 @@ def _write_image_row(out_dir, images, samples, subject, seeds, attrs):
         save_grid(out_dir / "grid.png", images, truth=samples["true_images"])
 
 
+def _write_outputs(out_dir, inputs, metrics):
+    """The drawn rows' folders and ``metrics.json``, into ``out_dir``."""
+    for row_id, (images, seeds, attrs) in inputs.drawn.items():
+        _write_image_row(out_dir / row_id, images, inputs.samples, inputs.subject, seeds, attrs)
+    write_json_atomic(out_dir / "metrics.json", metrics)
+
+
 # -- the rows that draw or fit something ------------------------------------------
 
 @dataclass
@@ -256,7 +272,8 @@ class _Inputs:
     stimulus_set: object
     generator: object
     base: str
-    out_dir: Path
+    #: Row id -> (images, seeds, samples.h5 attributes) of the rows drawn here, written with metrics.json.
+    drawn: dict = field(default_factory=dict)
 
 
 def _samples_row(table, classifier, inputs, row_id, path, what):
@@ -345,8 +362,8 @@ def _add_ridge(table, classifier, inputs, row_id, images, info, attrs):
     table.add_images(row_id, classifier, images, n_samples=1, fit=info,
                      note=f"one image per stimulus (k = 1, so best-of-k = mean); predicted from the "
                           f"'{inputs.split_name}' fMRI")
-    _write_image_row(inputs.out_dir / row_id, images, inputs.samples, inputs.subject,
-                     np.full((len(images), 1), -1, np.int64), {**attrs, "fit": info, "config": inputs.config})
+    inputs.drawn[row_id] = (images, np.full((len(images), 1), -1, np.int64),
+                            {**attrs, "fit": info, "config": inputs.config})
 
 
 def _fmri_linear_row(table, inputs, n_classes):
@@ -413,10 +430,9 @@ def _base_ceiling_row(table, classifier, inputs, n_classes):
     table.add_images("base-ceiling", classifier, drawn, label=label, conditioning=conditioning,
                      n_samples=int(drawn.shape[1]),
                      note="the model's per-sample seeds and the generate section's sampler settings")
-    _write_image_row(inputs.out_dir / "base-ceiling", drawn, inputs.samples, inputs.subject, seeds,
-                     {"method": label, "conditioning": conditioning, "base": str(inputs.base),
-                      "config": inputs.config,
-                      **{key: settings[key] for key in ("sampler", "steps", "guidance_scale", "eta")}})
+    inputs.drawn["base-ceiling"] = (drawn, seeds, {
+        "method": label, "conditioning": conditioning, "base": str(inputs.base), "config": inputs.config,
+        **{key: settings[key] for key in ("sampler", "steps", "guidance_scale", "eta")}})
 
 
 def _timed(timings, name, func, *args):
@@ -474,6 +490,8 @@ def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir
     """
     started = time.perf_counter()
     settings = config["evaluate"]
+    out_dir = Path(out_dir)
+    check_own_folder(out_dir, OUTPUT_NAMES, "evaluate")
     model_samples = _load_samples(samples, "the model's samples.h5")
     n_stimuli, n_samples = model_samples["samples"].shape[:2]
     if n_stimuli < 2:
@@ -512,8 +530,7 @@ def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir
     generator.vae.eval()
     generator.unet.eval()
     inputs = _Inputs(config=config, subject=subject, samples=model_samples, responses=data, split_name=split_name,
-                     test_fmri=test_rows.fmri, stimulus_set=stimulus_set, generator=generator, base=str(base),
-                     out_dir=Path(out_dir))
+                     test_fmri=test_rows.fmri, stimulus_set=stimulus_set, generator=generator, base=str(base))
     timings = {}
     _timed(timings, "dcldm", _model_rows, table, classifier, inputs, samples, baseline_samples,
            {"dcldm-start": start_samples, "dcldm-lowlevel": lowlevel_samples, "dcldm-shared": shared_samples,
@@ -563,7 +580,11 @@ def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir
         "wall_time_s": round(time.perf_counter() - started, 2),
     }
     metrics = _finite(metrics)
-    write_json_atomic(Path(out_dir) / "metrics.json", metrics)
+    # The folder is replaced as one unit: a full disk or a kill leaves the previous evaluation whole, never this
+    # run's ridge images beside the previous run's metrics.json (nor a row's folder that this run no longer
+    # draws). Snakemake names only metrics.json, but the folder is evaluate's alone (report reads the rows there).
+    with atomic_folder(out_dir) as staging:
+        _write_outputs(staging, inputs, metrics)
     log_table(rows, reference.n_way, n_samples)
-    log.info("%s: wrote %s in %.1f s", subject, Path(out_dir) / "metrics.json", metrics["wall_time_s"])
+    log.info("%s: wrote %s in %.1f s", subject, out_dir / "metrics.json", metrics["wall_time_s"])
     return metrics

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from mindvis.data.bids_layout import derivative_paths
-from mindvis.utils.io import atomic_path
+from mindvis.utils.io import atomic_path, hdf5_bytes, hdf5_for_writing
 
 MOTION_COLUMNS = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
 
@@ -188,7 +188,10 @@ def make_synthetic_bids(root, subject="sub-01", shape=(7, 8, 9), n_classes=4, n_
 
     import h5py
 
-    with h5py.File(derivatives / f"{subject}_desc-groundtruth.h5", "w") as handle:
+    # Built in memory and replaced atomically like every other HDF5 output (utils.io.hdf5_for_writing).
+    ground_truth = derivatives / f"{subject}_desc-groundtruth.h5"
+    expected = hdf5_bytes(voxel_ijk, label, response, raw_bytes=64 * len(stimulus_id))
+    with atomic_path(ground_truth) as tmp, hdf5_for_writing(tmp, expected_bytes=expected) as handle:
         handle.create_dataset("voxel_ijk", data=voxel_ijk)
         handle.create_dataset("stimulus_id", data=stimulus_id, dtype=h5py.string_dtype("utf-8"))
         handle.create_dataset("label", data=label)

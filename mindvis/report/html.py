@@ -20,7 +20,10 @@ the reason: :func:`mindvis.report.brainmap.attribution_paths`); and provenance
 (config, input hashes, software versions).
 
 The same figures can be written as PNG files (``figures_dir``) so that
-Snakemake's ``report()`` can register them.
+Snakemake's ``report()`` can register them. That folder is the report's own (a
+folder holding other files is refused) and is replaced as one unit, before
+``report.html`` is renamed into place: a full disk or a kill leaves the previous
+figures and report whole.
 """
 
 from __future__ import annotations
@@ -37,7 +40,13 @@ import yaml
 
 from mindvis.errors import MindvisError
 from mindvis.report import figures, tables
-from mindvis.utils.io import atomic_path, sha256_file, software_versions
+from mindvis.utils.io import (
+    atomic_folder,
+    atomic_path,
+    check_own_folder,
+    sha256_file,
+    software_versions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -409,7 +418,8 @@ def build_report(metrics_path, out_path, *, config, samples=None, responses=None
     curves : dict of str -> path, optional
         Curve name (``"stage: run"``) -> an engine ``metrics.jsonl``; missing files are skipped.
     figures_dir : path, optional
-        Also write every figure there as PNG (names in :data:`FIGURE_FILES`).
+        Also write every figure there as PNG (names in :data:`FIGURE_FILES`); the folder is replaced as a unit,
+        so it must hold nothing else.
     fewshot_model : path, optional
         ``results/{subject}/dcldm-fewshot/dcldm.json`` of a new subject: the report gains its learning curve
         (:func:`new_subject_curve`).
@@ -426,6 +436,8 @@ def build_report(metrics_path, out_path, *, config, samples=None, responses=None
     from mindvis.data.responses import load_responses
 
     start = time.perf_counter()
+    if figures_dir is not None:
+        check_own_folder(figures_dir, set(FIGURE_FILES.values()), "report", key="--figures-dir")
     metrics = tables.load_metrics(metrics_path)
     samples = dict(samples or {})
     check_report_inputs(metrics, metrics_path, samples, responses)
@@ -481,10 +493,14 @@ def build_report(metrics_path, out_path, *, config, samples=None, responses=None
         "versions": {"evaluation": metrics.get("versions") or {}, "report": software_versions()},
     }
     html = template_environment().get_template(TEMPLATE).render(**context)
+    # The figures folder is swapped in as one unit and report.html renamed after it: a failure before the swap
+    # leaves the previous figures and report.html both whole. (Only a kill between the two renames leaves new
+    # figures beside the previous report.html, each whole; the report embeds its own figures.)
     with atomic_path(out_path) as tmp:
         Path(tmp).write_text(html, encoding="utf-8")
-    if figures_dir is not None:
-        write_figures(drawn, figures_dir)
+        if figures_dir is not None:
+            with atomic_folder(figures_dir) as staging:
+                write_figures(drawn, staging)
     seconds = time.perf_counter() - start
     log.info("%s: %d figures, %.0f kB in %.1f s", out_path, len(drawn), len(html) / 1024, seconds)
     return {"path": str(out_path), "figures": sorted(drawn), "bytes": len(html.encode()), "wall_time_s": seconds}

@@ -75,7 +75,8 @@ import numpy as np
 import pandas as pd
 
 from mindvis.data.bids_layout import derivative_paths, template_paths
-from mindvis.utils.io import atomic_path, software_versions, write_json_atomic, write_text_atomic
+from mindvis.utils.io import (atomic_path, hdf5_bytes, hdf5_for_writing, software_versions, write_json_atomic,
+                              write_text_atomic)
 
 BIDS_VERSION = "1.9.0"
 CONFOUND_COLUMNS = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z", "framewise_displacement")
@@ -183,6 +184,14 @@ def write_template_files(bids_dir, section):
     return [paths["mask"], paths["dseg"], paths["dseg_tsv"], paths["spec"]]
 
 
+#: The encoding model's per-voxel arrays in the ground truth's ``encoding`` group.
+ENCODING_ARRAYS = ("is_early", "prf_x", "prf_y", "prf_sigma", "exponent", "feature_weights", "category_tuning",
+                   "shape_weights", "category_weight", "shape_weight", "gain")
+#: Written where the model has them: the tuning of the C2 (features) or deep-network (deepnet) model, and the
+#: latter's layer weights.
+OPTIONAL_ENCODING_ARRAYS = ("feature_tuning", "feature_layer", "layer_weights")
+
+
 def write_ground_truth(path, layout, model, noise_sd, baseline, attrs, class_names,
                        stimulus_ids=None, labels=None, response=None):
     """Write the ground-truth HDF5 (layout in the module docstring), atomically.
@@ -204,7 +213,13 @@ def write_ground_truth(path, layout, model, noise_sd, baseline, attrs, class_nam
     from mindvis.simulate.encoding import SHAPE_FEATURE_NAMES
 
     string = h5py.string_dtype("utf-8")
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as handle:
+    n_strings = len(layout.ijk) + (0 if stimulus_ids is None else len(stimulus_ids))
+    expected = hdf5_bytes(layout.ijk, layout.mni, noise_sd, baseline, response,
+                          *(getattr(model, name) for name in ENCODING_ARRAYS + OPTIONAL_ENCODING_ARRAYS),
+                          raw_bytes=64 * n_strings)
+    # Built in memory and written in one go, after a check that it fits: HDF5 writing straight to a full disk
+    # crashes (utils.io.hdf5_for_writing).
+    with atomic_path(path) as tmp, hdf5_for_writing(tmp, expected_bytes=expected) as handle:
         for key, value in attrs.items():
             handle.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value)
         handle.create_dataset("voxel_ijk", data=layout.ijk.astype(np.int32))
@@ -213,11 +228,9 @@ def write_ground_truth(path, layout, model, noise_sd, baseline, attrs, class_nam
         handle.create_dataset("noise_sd", data=np.asarray(noise_sd, dtype=np.float32))
         handle.create_dataset("baseline", data=np.asarray(baseline, dtype=np.float32))
         group = handle.create_group("encoding")
-        for name in ("is_early", "prf_x", "prf_y", "prf_sigma", "exponent", "feature_weights",
-                     "category_tuning", "shape_weights", "category_weight", "shape_weight", "gain"):
+        for name in ENCODING_ARRAYS:
             group.create_dataset(name, data=getattr(model, name))
-        # The tuning of the C2 (features) or deep-network (deepnet) model, and the latter's layer weights.
-        for name in ("feature_tuning", "feature_layer", "layer_weights"):
+        for name in OPTIONAL_ENCODING_ARRAYS:
             if getattr(model, name) is not None:
                 group.create_dataset(name, data=getattr(model, name))
         group.attrs["category_model"] = model.category_model

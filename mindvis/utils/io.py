@@ -188,6 +188,10 @@ def atomic_folder(path):
     temporary folders carry the writer's process id; those of a writer that is
     gone (killed) are removed by the next write of ``path``, except a moved-aside
     older folder that was never replaced, which is put back.
+
+    Two writers of one folder at once: the one whose swap another writer's
+    overtook fails with :func:`folder_conflict_error` and discards its own
+    folder; the other's folder is left in place, whole.
     """
     path = Path(path)
     with storage_errors(path):
@@ -202,39 +206,87 @@ def atomic_folder(path):
                 fsync_tree(staging)
         except MindvisError as error:
             raise _relabelled(error, staging, path) from None
-        if not path.exists():
-            with storage_errors(path):
-                os.replace(staging, path)
-                fsync_path(path.parent)
-            return
-        with storage_errors(path):
-            aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-old-{os.getpid()}-"))
-        os.replace(path, aside / "previous")
-        try:
-            os.replace(staging, path)
-        except OSError as error:
-            os.replace(aside / "previous", path)
-            raise storage_error(error, path) or error from None
-        finally:
-            shutil.rmtree(aside, ignore_errors=True)
-        fsync_path(path.parent)
+        _swap_in(staging, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def check_own_folder(folder, names, stage):
+#: errno of a rename whose target another writer created, or whose source another writer moved, meanwhile.
+_RACE_ERRNOS = {errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT}
+
+
+def _swap_in(staging, path):
+    """Rename ``staging`` onto ``path``: directly where there is none, else with the older one moved aside first.
+
+    A rename that fails because another writer's swap of ``path`` came in between (``path`` appeared, or
+    vanished, under this one) raises :func:`folder_conflict_error`; only this writer's own folders are deleted.
+    """
+    if not path.exists():
+        try:
+            os.replace(staging, path)
+        except OSError as error:
+            raise _swap_error(error, path) from None
+        with storage_errors(path):
+            fsync_path(path.parent)
+        return
+    with storage_errors(path):
+        aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-old-{os.getpid()}-"))
+    keep_aside = False
+    try:
+        try:
+            os.replace(path, aside / "previous")
+        except OSError as error:  # ENOENT: another writer moved it aside first; its own folder is on its way in
+            raise _swap_error(error, path) from None
+        try:
+            os.replace(staging, path)
+        except OSError as error:
+            try:
+                os.replace(aside / "previous", path)
+            except OSError as restore_error:
+                if not path.is_dir():
+                    # Nothing in place: keep the older folder aside, where the next write of path puts it back.
+                    keep_aside = True
+                    raise storage_error(error, path) or error from None
+                # Another writer's folder took the place meanwhile: it is newer than the older one held here.
+                raise _swap_error(restore_error, path) from None
+            raise _swap_error(error, path) from None
+    finally:
+        if not keep_aside:
+            shutil.rmtree(aside, ignore_errors=True)
+    fsync_path(path.parent)
+
+
+def _swap_error(error, path):
+    """:func:`folder_conflict_error` for a rename another writer's swap of ``path`` broke, else the storage error
+    (or ``error`` itself)."""
+    if error.errno in _RACE_ERRNOS:
+        return folder_conflict_error(path)
+    return storage_error(error, path) or error
+
+
+def folder_conflict_error(path):
+    """The one-line :class:`MindvisError` of a folder write that another writer of ``path`` overtook."""
+    return MindvisError("another writer replaced this folder while this run was writing it (two runs of one "
+                        "output at once); the folder holds that writer's outputs, whole, and this run's were "
+                        "discarded", path=path,
+                        fix="run one writer of a folder at a time; rerun this one if its outputs are the ones "
+                            "wanted.")
+
+
+def check_own_folder(folder, names, stage, key="--out-dir"):
     """Refuse an output folder holding files ``stage`` does not write (``names``; hidden temporaries aside):
-    :func:`atomic_folder` replaces the folder as a unit, which would delete them."""
+    :func:`atomic_folder` replaces the folder as a unit, which would delete them. ``key``: the flag that names
+    the folder."""
     folder = Path(folder)
     if not folder.exists():
         return
     if not folder.is_dir():
-        raise MindvisError("not a folder", path=folder, key="--out-dir",
+        raise MindvisError("not a folder", path=folder, key=key,
                            fix=f"give a folder of its own for the {stage} outputs.")
     foreign = sorted(p.name for p in folder.iterdir() if p.name not in names and not p.name.startswith("."))
     if foreign:
         raise MindvisError(f"holds {len(foreign)} files {stage} did not write ({', '.join(foreign[:3])}); the "
-                           "folder is replaced as a unit, which would delete them", path=folder, key="--out-dir",
+                           "folder is replaced as a unit, which would delete them", path=folder, key=key,
                            fix=f"give a folder of its own for the {stage} outputs.")
 
 
@@ -262,33 +314,76 @@ def _recover_stale_folders(path):
         shutil.rmtree(stale, ignore_errors=True)
 
 
+#: An HDF5 file expected to be larger than this is written to disk as it is filled instead of built in memory.
+HDF5_IN_MEMORY_BYTES = 2 << 30
+#: Room for an HDF5 file's headers, attributes and chunk indexes beyond its arrays.
+HDF5_OVERHEAD_BYTES = 1 << 20
+
+
+def hdf5_bytes(*arrays, raw_bytes=0):
+    """An upper bound of the size of an HDF5 file holding ``arrays`` (and ``raw_bytes`` more data not in hand)
+    uncompressed: their bytes, a tenth more for the padding of partly filled edge chunks, and
+    :data:`HDF5_OVERHEAD_BYTES` (``expected_bytes`` of :func:`hdf5_for_writing`)."""
+    data = sum(np.asarray(array).nbytes for array in arrays if array is not None) + raw_bytes
+    return int(1.1 * data) + HDF5_OVERHEAD_BYTES
+
+
 @contextlib.contextmanager
-def hdf5_for_writing(path):
+def hdf5_for_writing(path, expected_bytes=None):
     """An HDF5 file to fill, built in memory and written to ``path`` in one go when it closes.
 
     HDF5 writing straight to a disk that fills up leaves the library unable to close the file: dozens of
     tracebacks and a segmentation fault (issue 37). Held in memory (the ``core`` driver), the data reach the
     disk in one write at close, whose failure is one ordinary error. Use inside :func:`atomic_path`.
+
+    Parameters
+    ----------
+    path : path
+        The file to write (a temporary of :func:`atomic_path`).
+    expected_bytes : int, optional
+        An upper bound of the file's size, where the writer knows one: checked against the free space first
+        (:func:`check_free_space`), so a file that cannot fit is refused before anything is built. A file
+        expected above :data:`HDF5_IN_MEMORY_BYTES` (an image corpus of tens of GB) cannot be held in memory: it
+        is written to disk as it is filled, and only that check guards it (a disk that another program fills
+        meanwhile can still crash HDF5).
     """
     import h5py
 
+    if expected_bytes is not None:
+        # Raised as the system's ENOSPC: the surrounding atomic_path turns it into the one line naming the output.
+        shortfall = _free_space_shortfall(Path(path).parent, expected_bytes)
+        if shortfall is not None:
+            raise shortfall
+        if expected_bytes > HDF5_IN_MEMORY_BYTES:
+            with h5py.File(path, "w") as handle:
+                yield handle
+            return
     with h5py.File(path, "w", driver="core", backing_store=True) as handle:
         yield handle
 
 
 def check_free_space(folder, n_bytes, path):
     """Raise :func:`storage_error`'s one line (nothing written) when ``folder`` has not ``n_bytes`` free for
-    ``path``: checked before a write that cannot stop cleanly half-way."""
+    ``path``: checked before a write that cannot stop cleanly half-way (HDF5's; :func:`hdf5_for_writing`), or
+    before the first of files that must all fit (``convert``'s pair)."""
+    shortfall = _free_space_shortfall(folder, n_bytes)
+    if shortfall is not None:
+        raise storage_error(shortfall, path)
+
+
+def _free_space_shortfall(folder, n_bytes):
+    """An ``OSError(ENOSPC)`` saying what is needed and what is free when ``folder`` (or the nearest folder above
+    it that exists) has not ``n_bytes`` free; None when it has, or when the free space cannot be read."""
     folder = Path(folder)
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
-        return
-    if free < n_bytes:
-        raise storage_error(OSError(errno.ENOSPC, f"No space left on device: {n_bytes / 1e6:.1f} MB needed, "
-                                                  f"{free / 1e6:.1f} MB free"), path)
+        return None
+    if free >= n_bytes:
+        return None
+    return OSError(errno.ENOSPC, f"No space left on device: {n_bytes / 1e6:.1f} MB needed, {free / 1e6:.1f} MB free")
 
 
 def write_text_atomic(path, text):

@@ -15,7 +15,11 @@ merged file holds
 * ``pool``: empty (real data sets have no unlabelled extra images).
 
 Images are copied one file at a time, chunk by chunk, so merging never holds
-more than one chunk of images in memory.
+more than one chunk of the inputs' images in memory. The merged file is built
+in memory and written in one go (HDF5 writing straight to a disk that fills up
+crashes), after a check that it fits; a corpus too large to hold in memory is
+written as it is filled, guarded by that check alone
+(:func:`mindvis.utils.io.hdf5_for_writing`).
 """
 
 from __future__ import annotations
@@ -28,7 +32,13 @@ import h5py
 import numpy as np
 
 from mindvis.errors import MindvisError
-from mindvis.utils.io import atomic_path, sha256_file, software_versions
+from mindvis.utils.io import (
+    atomic_path,
+    hdf5_bytes,
+    hdf5_for_writing,
+    sha256_file,
+    software_versions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +134,11 @@ def merge_stimulus_files(paths, out_path):
     summary = {"files": len(paths), "train": len(plan["train"]), "test": len(plan["test"]),
                "train_dropped_as_test": n_train_ids - len(plan["train"])}
     string_dtype = h5py.string_dtype("utf-8")
+    # At most the images uncompressed (gzip level 1 saves little on photographs), their ids, labels and rows.
+    expected = sum(len(plan.get(split, [])) * (int(np.prod(first[split]["shape"])) + 64) for split in SPLITS)
     sources = [h5py.File(p, "r") for p in paths]
     try:
-        with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as out:
+        with atomic_path(out_path) as tmp, hdf5_for_writing(tmp, expected_bytes=hdf5_bytes(raw_bytes=expected)) as out:
             for key, value in sources[0].attrs.items():
                 out.attrs[key] = value
             out.attrs["source"] = "merged:" + ",".join(str(sources[0].attrs.get("source", p)) for p in paths)
