@@ -935,3 +935,28 @@ def test_resized_crop_is_mindvis_random_crop_then_resize():
         assert abs(x0 - round(float(x0))) < 1e-9 and 0 <= round(float(x0)) <= crop_pixels
         torch.testing.assert_close(row, (source + x0).expand(3, size, size))
     torch.testing.assert_close(resized_crop(images[:4], crop_pixels, p=0.0), images[:4])
+
+
+@pytest.mark.parametrize("criterion", ["identification", "relative_error"])
+def test_ridge_start_alpha_is_chosen_by_its_criterion_and_both_are_recorded(criterion):
+    """finetune.ridge_select: the ridge start's alpha is the best on the val trials by two-way identification
+    (default) or by relative squared error; both are recorded per alpha, and the map is refitted on train only."""
+    from sklearn.linear_model import Ridge
+
+    from mindvis.train.ridge_start import fit_ridge_voxel_map
+
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(40, 6))
+    x_train, x_val = rng.normal(size=(60, 40)), rng.normal(size=(30, 40))
+    y_train = x_train @ weight + 3.0 * rng.normal(size=(60, 6))
+    y_val = x_val @ weight + 3.0 * rng.normal(size=(30, 6))
+    alphas = [1e-2, 1e1, 1e3, 1e5]
+    coef, bias, report = fit_ridge_voxel_map(x_train, y_train, x_val, y_val, alphas, criterion=criterion)
+    assert report["criterion"] == criterion and set(report["val_identification"]) == set(alphas)
+    if criterion == "identification":
+        assert report["alpha"] == max(alphas, key=lambda a: (report["val_identification"][a], -alphas.index(a)))
+    else:
+        assert report["alpha"] == min(alphas, key=lambda a: report["val_relative_error"][a])
+    expected = Ridge(alpha=report["alpha"]).fit(x_train, y_train)
+    np.testing.assert_allclose(coef, expected.coef_, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(bias, expected.intercept_, rtol=1e-4, atol=1e-5)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import make_scorer
 from sklearn.model_selection import GridSearchCV, PredefinedSplit
@@ -34,10 +36,39 @@ def relative_squared_error(target, prediction):
 
 
 #: Errors ``fit_ridge`` can choose ``alpha`` by: name -> (scikit-learn scoring, what it is).
+def identification(decoded, truth):
+    """Mean two-way identification of each row of ``decoded`` among the rows of ``truth`` (both [N, ...]).
+
+    Rows are centred on their set's mean and compared by cosine similarity; a
+    row scores the share of the other truth rows less similar to it than its
+    own (0.5 is chance, 1 perfect). nan for fewer than two rows. Label-free:
+    what a decoder is for, and the project's validation criterion
+    (:mod:`mindvis.train.selection`).
+    """
+    decoded = torch.as_tensor(decoded).flatten(1).double()
+    truth = torch.as_tensor(truth).flatten(1).double()
+    if len(truth) < 2:
+        return float("nan")
+    ours = F.normalize(decoded - decoded.mean(0), dim=1)
+    theirs = F.normalize(truth - truth.mean(0), dim=1)
+    similarity = ours @ theirs.T
+    own = similarity.diagonal()[:, None]
+    return float(((similarity < own).double().sum(1) / (len(truth) - 1)).mean())
+
+
+def _identification_error(y_true, y_pred):
+    return 1.0 - identification(y_pred, y_true)
+
+
+#: Validation errors a ridge's alpha can be chosen by (lower is better): scikit-learn scorer, description.
 RIDGE_ERRORS = {
     "mse": ("neg_mean_squared_error", "mean squared error"),
     "relative": (make_scorer(relative_squared_error, greater_is_better=False),
                  "relative squared error ||y - y_hat||^2 / ||y||^2, averaged over trials"),
+    # Squared error favours strong shrinkage: predictions near the training mean, between the images, from
+    # which a generator draws a generic image. Identification rewards predictions that tell the images apart.
+    "identification": (make_scorer(_identification_error, greater_is_better=False),
+                       "1 - two-way identification among the val trials' targets (centred cosine)"),
 }
 
 
@@ -51,21 +82,22 @@ def check_selection_data(n_train, n_val, what, key):
                            key="val", fix="keep whole training runs aside as the val split when preprocessing.")
 
 
-def select_on_validation(estimator, grid, scoring, train_x, train_y, val_x, val_y):
+def select_on_validation(estimator, grid, scoring, train_x, train_y, val_x, val_y, refit=True):
     """Fit ``estimator`` for every grid value on train, score on val, refit the best on train + val.
 
     Returns
     -------
     search : sklearn.model_selection.GridSearchCV
-        ``best_estimator_`` is refitted on train + val; ``cv_results_`` holds each value's val score.
+        ``best_estimator_`` is refitted on train + val (``refit`` False: not refitted); ``cv_results_`` holds each
+        value's val score (``mean_test_{name}`` for a dict of scorers).
     """
     split = PredefinedSplit(np.concatenate([np.full(len(train_x), -1), np.zeros(len(val_x), int)]))
-    search = GridSearchCV(estimator, grid, scoring=scoring, cv=split, refit=True, n_jobs=1)
+    search = GridSearchCV(estimator, grid, scoring=scoring, cv=split, refit=refit, n_jobs=1)
     search.fit(np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y]))
     return search
 
 
-def fit_ridge(train_x, train_y, val_x, val_y, alphas, error="mse", what="ridge", refit="train + val"):
+def fit_ridge(train_x, train_y, val_x, val_y, alphas, error="mse", what="ridge", refit="train + val", also=()):
     """Ridge regression ``x -> y``, ``alpha`` chosen by the validation ``error``, refitted on train + val.
 
     With ``refit="train"`` the chosen alpha is refitted on the training rows only: for a fit that
@@ -78,33 +110,39 @@ def fit_ridge(train_x, train_y, val_x, val_y, alphas, error="mse", what="ridge",
         fMRI; float64 input is fitted in float64.
     train_y, val_y : float [N, D]
     alphas : sequence of float
-    error : {'mse', 'relative'}
+    error : {'mse', 'relative', 'identification'}
         See :data:`RIDGE_ERRORS`.
     what : str
         Names the fit in errors and the log.
     refit : {'train + val', 'train'}
+    also : sequence of str
+        Further :data:`RIDGE_ERRORS` recorded per alpha (not chosen by).
 
     Returns
     -------
     model : sklearn.linear_model.Ridge
         ``coef_`` [D, V], ``intercept_`` [D].
     info : dict
-        ``alpha``, ``alphas``, ``val_error`` (per candidate, in the order given), ``selection``, ``refit``,
-        ``n_train``, ``n_val``.
+        ``alpha``, ``alphas``, ``val_error`` (per candidate, in the order given), ``val_errors`` (``error`` and
+        each of ``also``: per candidate), ``selection``, ``refit``, ``n_train``, ``n_val``.
     """
     check_selection_data(len(train_x), len(val_x), what, "alpha")
-    scoring, description = RIDGE_ERRORS[error]
-    alphas = [float(alpha) for alpha in alphas]
-    search = select_on_validation(Ridge(), {"alpha": alphas}, scoring, train_x, train_y, val_x, val_y)
-    val_error = (-search.cv_results_["mean_test_score"]).tolist()
     if refit not in ("train + val", "train"):
         raise ValueError(f"refit must be 'train + val' or 'train', got {refit!r}")
-    info = {"alpha": float(search.best_params_["alpha"]), "alphas": alphas, "val_error": val_error,
-            "selection": f"val split, {description}", "refit": refit, "n_train": len(train_x),
+    names = [error, *[name for name in also if name != error]]
+    alphas = [float(alpha) for alpha in alphas]
+    search = select_on_validation(Ridge(), {"alpha": alphas}, {name: RIDGE_ERRORS[name][0] for name in names},
+                                  train_x, train_y, val_x, val_y, refit=False)
+    val_errors = {name: (-search.cv_results_[f"mean_test_{name}"]).tolist() for name in names}
+    val_error = val_errors[error]
+    alpha = alphas[int(np.argmin(val_error))]
+    info = {"alpha": alpha, "alphas": alphas, "val_error": val_error, "val_errors": val_errors,
+            "selection": f"val split, {RIDGE_ERRORS[error][1]}", "refit": refit, "n_train": len(train_x),
             "n_val": len(val_x)}
-    model = search.best_estimator_
     if refit == "train":
-        model = Ridge(alpha=info["alpha"]).fit(train_x, train_y)
+        model = Ridge(alpha=alpha).fit(train_x, train_y)
+    else:
+        model = Ridge(alpha=alpha).fit(np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y]))
     log.info("%s: alpha %.3g chosen on %d val trials (val %s %.4g); refitted on %s", what, info["alpha"],
              len(val_x), error, min(val_error), refit)
     return model, info

@@ -66,16 +66,17 @@ def condition_targets(generator, images, labels, space="condition"):
 
 
 def fit_ridge_voxel_map(train_fmri, train_targets, val_fmri, val_targets, alphas, what="voxel path ridge",
-                        key="finetune.ridge_init"):
+                        key="finetune.ridge_init", criterion="identification"):
     """Ridge from fMRI to the base's conditions of the seen images, alpha chosen on the validation split.
 
     The one ridge of the project (:func:`mindvis.models.linear.fit_ridge`, in
     float64): ``train_targets`` holds each training trial's target condition
     (:func:`condition_targets`: the seen image's own embedding for an
     image-conditioned prior, label-free; its class's condition for a class
-    base); the alpha with the lowest relative squared error on the validation
-    trials (the alignment loss's measure) is refitted on the training trials
-    only, since the validation split goes on to select fine-tuning's checkpoint
+    base); the alpha best by ``criterion`` on the validation trials
+    (``finetune.ridge_select``: two-way identification among them, or the
+    relative squared error, the alignment loss's measure) is refitted on the
+    training trials only, since the validation split goes on to select fine-tuning's checkpoint
     (and the low-level strength) with this map inside. Without validation trials the median alpha is fitted on the
     training trials, with a warning.
 
@@ -84,7 +85,8 @@ def fit_ridge_voxel_map(train_fmri, train_targets, val_fmri, val_targets, alphas
     weight : float32 [T * D + P, V]
     bias : float32 [T * D + P]
     report : dict
-        ``alpha``, ``val_relative_error`` per alpha, ``n_train``, ``n_val``.
+        ``alpha``, ``criterion``, ``val_relative_error`` and ``val_identification`` per alpha, ``n_train``,
+        ``n_val``.
     """
     x_train, y_train = np.asarray(train_fmri, np.float64), np.asarray(train_targets, np.float64)
     x_val, y_val = np.asarray(val_fmri, np.float64), np.asarray(val_targets, np.float64)
@@ -93,14 +95,19 @@ def fit_ridge_voxel_map(train_fmri, train_targets, val_fmri, val_targets, alphas
                            fix="set finetune.ridge_init: false, or check the labels in responses.h5.")
     errors = {}
     if len(x_val):
-        model, info = fit_ridge(x_train, y_train, x_val, y_val, alphas, error="relative", what=what,
-                                refit="train")
-        alpha, errors = info["alpha"], dict(zip(info["alphas"], info["val_error"]))
+        error = {"identification": "identification", "relative_error": "relative"}[criterion]
+        model, info = fit_ridge(x_train, y_train, x_val, y_val, alphas, error=error, what=what, refit="train",
+                                also=("relative", "identification"))
+        alpha = info["alpha"]
+        errors = dict(zip(info["alphas"], info["val_errors"]["relative"]))
+        identified = {a: 1.0 - e for a, e in zip(info["alphas"], info["val_errors"]["identification"])}
     else:
         alpha = float(np.median(alphas))
         log.warning("no validation trials: the voxel path's ridge uses the median alpha %g", alpha)
         model = Ridge(alpha=alpha).fit(x_train, y_train)
-    report = {"alpha": alpha, "val_relative_error": errors, "n_train": int(len(x_train)), "n_val": int(len(x_val))}
+        identified = {}
+    report = {"alpha": alpha, "criterion": criterion, "val_relative_error": errors, "val_identification": identified,
+              "n_train": int(len(x_train)), "n_val": int(len(x_val))}
     return model.coef_.astype(np.float32), model.intercept_.astype(np.float32), report
 
 
@@ -128,7 +135,7 @@ def readout_features(model, fmri, batch_size=256):
     return torch.cat(rows).numpy() if rows else np.zeros((0, model.conditioner.readout.in_features))
 
 
-def fit_readout_start(model, train_fmri, train_targets, val_fmri, val_targets, alphas):
+def fit_readout_start(model, train_fmri, train_targets, val_fmri, val_targets, alphas, criterion="identification"):
     """Start a :class:`~mindvis.models.conditioning.ReadoutConditioner` at the ridge solution from the encoder's
     features to the targets (alpha of lowest relative squared error on the val trials, refitted on train only, as
     the val split then selects the checkpoint). Returns the report (``alpha``, ``val_relative_error`` per alpha, ...).
@@ -137,7 +144,7 @@ def fit_readout_start(model, train_fmri, train_targets, val_fmri, val_targets, a
     x_val = readout_features(model, val_fmri)
     weight, bias, report = fit_ridge_voxel_map(x_train, train_targets, x_val, val_targets, alphas,
                                                what="read-out start, ridge encoder features -> target",
-                                               key="finetune.ridge_init")
+                                               key="finetune.ridge_init", criterion=criterion)
     model.conditioner.set_readout(torch.from_numpy(weight), torch.from_numpy(bias))
     report["n_features"] = int(x_train.shape[1])
     return report
@@ -163,15 +170,17 @@ def start_mapper(model, generator, train_trials, val_trials, settings, space, en
                         "set without classes)", len(y_train))
         elif readout:
             ridge_report = fit_readout_start(model, train_trials.fmri.numpy()[train_known], y_train,
-                                             val_trials.fmri.numpy()[val_known], y_val, settings["ridge_alphas"])
+                                             val_trials.fmri.numpy()[val_known], y_val, settings["ridge_alphas"],
+                                             settings["ridge_select"])
             ridge_report["target"] = target[space]
             log.info("read-out starts from ridge of the %s encoder's features onto the base's %s (alpha %g chosen "
-                     "on val; val relative error %s)", encoder, target[space],
-                     ridge_report["alpha"], {a: round(e, 3) for a, e in ridge_report["val_relative_error"].items()})
+                     "on val by %s; val identification %s)", encoder, target[space], ridge_report["alpha"],
+                     settings["ridge_select"],
+                     {a: round(e, 3) for a, e in ridge_report["val_identification"].items()})
         else:
             weight, bias, ridge_report = fit_ridge_voxel_map(
                 train_trials.fmri.numpy()[train_known], y_train, val_trials.fmri.numpy()[val_known], y_val,
-                settings["ridge_alphas"])
+                settings["ridge_alphas"], criterion=settings["ridge_select"])
             ridge_report["target"] = target[space]
             model.conditioner.set_voxel_map(torch.from_numpy(weight), torch.from_numpy(bias))
             frozen = settings["ridge_lr_scale"] == 0
@@ -179,8 +188,8 @@ def start_mapper(model, generator, train_trials, val_trials, settings, space, en
                 model.conditioner.voxel_map.requires_grad_(False)
                 if model.conditioner.voxel_down is not None:
                     model.conditioner.voxel_down.requires_grad_(False)
-            log.info("voxel path starts from ridge onto the base's %s (alpha %g chosen on val; val relative error "
-                     "%s)%s", target[space], ridge_report["alpha"],
+            log.info("voxel path starts from ridge onto the base's %s (alpha %g chosen on val by %s; val relative "
+                     "error %s)%s", target[space], ridge_report["alpha"], settings["ridge_select"],
                      {a: round(e, 3) for a, e in ridge_report["val_relative_error"].items()},
                      "; kept fixed (finetune.ridge_lr_scale 0)" if frozen else "")
     return ridge_report

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from mindvis.data.images import images_to_tensor, tensor_to_images
 from mindvis.generate.decode import decode
 from mindvis.models.dcldm import LowLevelStart
-from mindvis.models.linear import fit_ridge
+from mindvis.models.linear import fit_ridge, identification
 from mindvis.train.diffusion import diffusion_target
 from mindvis.utils.io import derive_seed
 
@@ -51,24 +51,6 @@ def select_metric(settings, generator):
         log.warning("%s needs an image prior's encoder, and this base has none: selecting on val/loss", metric)
         metric = "val/loss"
     return metric
-
-
-def identification(decoded, truth):
-    """Mean two-way identification of each row of ``decoded`` among the rows of ``truth`` (both [N, ...]).
-
-    Rows are centred on their set's mean and compared by cosine similarity; a
-    row scores the share of the other truth rows less similar to it than its
-    own (0.5 is chance, 1 perfect). nan for fewer than two rows.
-    """
-    decoded = torch.as_tensor(decoded).flatten(1).double()
-    truth = torch.as_tensor(truth).flatten(1).double()
-    if len(truth) < 2:
-        return float("nan")
-    ours = F.normalize(decoded - decoded.mean(0), dim=1)
-    theirs = F.normalize(truth - truth.mean(0), dim=1)
-    similarity = ours @ theirs.T
-    own = similarity.diagonal()[:, None]
-    return float(((similarity < own).double().sum(1) / (len(truth) - 1)).mean())
 
 
 def _embed_samples(generator, images):
