@@ -102,7 +102,10 @@ def test_finetune_changes_trained_parameters_and_keeps_frozen_ones_bit_identical
     assert readout <= trained == trainable_parameter_names(initial, config["finetune"]["train"])
     stored = load_file(str(root / "dcldm" / "dcldm.safetensors"))
     assert trained <= set(stored) and not any(k.startswith("unet.") and k not in trained for k in stored)
-    assert not any("voxel" in k for k in stored)
+    assert not any("voxel_map" in k or "voxel_down" in k for k in stored)
+    # readout_inputs both (the default): the read-out's voxel standardisation is stored with it
+    assert {"conditioner.voxel_mean", "conditioner.voxel_scale"} <= set(stored)
+    assert meta["voxel_path_ridge"]["voxel_weight"] in (0.0, 1.0, 4.0, 16.0, 64.0)
     # The loaded decoder is a read-out decoder holding the stored tensors.
     assert isinstance(decoder.conditioner, ReadoutConditioner) and decoder.conditioner.voxel_map is None
     loaded = dict(decoder.named_parameters())
@@ -604,19 +607,22 @@ def test_generate_replaces_its_folder_as_a_unit_and_refuses_a_folder_of_other_fi
 # -- the read-out route and label-free model selection (issue 32) ----------------------------------------------
 
 def test_the_readout_starts_at_the_ridge_solution_of_the_encoder_features(workspace, finetuned):
-    """The 0-step decoder's condition is the ridge from the starting encoder's features: its relative error on the
-    val trials is the one the fit reports for the alpha it chose (the smallest), as dcldm.json records it."""
+    """The 0-step decoder's condition is the ridge from the starting encoder's features and the scaled voxels: its
+    val identification and relative error are those the fit reports for the alpha it chose (the best val
+    identification), as dcldm.json records them."""
     from mindvis.data.pairs import paired_trials
     from mindvis.data.responses import load_responses
     from mindvis.data.stimuli import load_stimulus_set
-    from mindvis.models.linear import relative_squared_error
+    from mindvis.models.linear import identification, relative_squared_error
     from mindvis.train.ridge_start import condition_targets
 
     root = workspace["root"]
     report = json.loads((root / "dcldm" / "dcldm.json").read_text())["voxel_path_ridge"]
     errors = {float(alpha): error for alpha, error in report["val_relative_error"].items()}
-    assert report["alpha"] == min(errors, key=errors.get) and report["target"] == "class condition"
-    assert report["n_features"] == 11 * 16 and report["n_train"] == 18 and report["n_val"] == 6
+    identified = {float(alpha): value for alpha, value in report["val_identification"].items()}
+    assert report["alpha"] == max(identified, key=identified.get) and report["target"] == "class condition"
+    assert report["criterion"] == "identification" and str(report["voxel_weight"]) in report["voxel_weight_scores"]
+    assert report["n_features"] == 11 * 16 + 37 and report["n_train"] == 18 and report["n_val"] == 6
     generator, start, _ = load_dcldm(root / "dcldm" / "start")
     assert isinstance(start.conditioner, ReadoutConditioner) and start.prior is None
     val = paired_trials(load_responses(root / "responses.h5", splits=("val",))["val"],
@@ -627,6 +633,7 @@ def test_the_readout_starts_at_the_ridge_solution_of_the_encoder_features(worksp
         condition = start.eval().condition(val.fmri)
     decoded = torch.cat([condition.context.flatten(1), condition.pooled], dim=1).double().numpy()
     assert relative_squared_error(targets, decoded) == pytest.approx(errors[report["alpha"]], rel=1e-4)
+    assert identification(decoded, targets) == pytest.approx(identified[report["alpha"]], abs=1e-9)
 
 
 def test_readout_conditioner_shapes_standardised_embedding_set_readout_and_round_trip(tmp_path):
@@ -700,7 +707,7 @@ def test_a_readout_embedding_decoder_conditions_through_the_frozen_prior():
     conditioner.set_readout(weight, bias)
     fmri = torch.randn(5, 37)
     with torch.no_grad():
-        features = conditioner.features(model.encoder.encode(fmri), model.token_mask(fmri))
+        features = conditioner.features(model.encoder.encode(fmri), model.token_mask(fmri), fmri=fmri)
         expected = torch.nn.functional.layer_norm((features @ weight.T + bias).reshape(5, 4, 3), (3,))
         embedding = model.embedding(fmri)
         condition = model.condition(fmri)

@@ -167,7 +167,10 @@ def edited_condition(decoder, fmri, edit, donor=None):
         other = encoder.encode(donor) if donor is not None else None
         group = torch.cat([torch.zeros(1, dtype=torch.bool, device=device), tokens_in_group])  # never the class token
         tokens = apply(tokens, other, group[None, :, None])
-        voxel_input = apply(fmri, donor, voxel_group[None, :]) if conditioner.voxel_map is not None else fmri
+        # A conditioner that also reads voxels (a voxel path, or a read-out of the voxels) gets the group's voxels
+        # edited as its tokens are.
+        reads_voxels = bool(getattr(conditioner.config, "n_voxels", 0))
+        voxel_input = apply(fmri, donor, voxel_group[None, :]) if reads_voxels else fmri
         output = conditioner(tokens, decoder.token_mask(fmri), fmri=voxel_input)
     if decoder.prior is not None:
         return decoder.prior.condition(output.context)

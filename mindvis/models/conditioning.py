@@ -252,40 +252,62 @@ class ReadoutConditioner(_NullMixin, ModelMixin, ConfigMixin):
         Dropout on the standardised features during training.
     embedding : bool
         Output an image prior's embedding (see :class:`FmriConditioner`).
+    n_voxels : int
+        Also read the voxels themselves (``finetune.readout_inputs: both``): the trial's fMRI, standardised by
+        the training trials' mean and a per-voxel scale (:meth:`set_voxel_scaling`: 1 / SD times the voxel
+        block's weight, chosen with the ridge start), appended to the token features. 0: tokens only.
 
     Attributes
     ----------
     voxel_map : None
-        No voxel path (kept so that code that asks finds none).
+        No separate voxel path (kept so that code that asks finds none): voxels enter the one read-out.
     """
 
     @register_to_config
     def __init__(self, input_tokens: int, input_dim: int, context_tokens: int, cross_attention_dim: int,
-                 pooled_dim: int, dropout: float = 0.0, embedding: bool = False):
+                 pooled_dim: int, dropout: float = 0.0, embedding: bool = False, n_voxels: int = 0):
         super().__init__()
         pooled_dim = 0 if embedding else pooled_dim
         self.norm = nn.LayerNorm(input_dim)
         self.feature_dropout = nn.Dropout(dropout)
-        self.readout = nn.Linear(input_tokens * input_dim, context_tokens * cross_attention_dim + pooled_dim)
-        nn.init.normal_(self.readout.weight, std=(input_tokens * input_dim) ** -0.5)
+        n_features = input_tokens * input_dim + n_voxels
+        self.readout = nn.Linear(n_features, context_tokens * cross_attention_dim + pooled_dim)
+        nn.init.normal_(self.readout.weight, std=n_features ** -0.5)
+        self.register_buffer("voxel_mean", torch.zeros(n_voxels))
+        self.register_buffer("voxel_scale", torch.ones(n_voxels))
         nn.init.zeros_(self.readout.bias)
         self.output_norm = nn.LayerNorm(cross_attention_dim, elementwise_affine=False) if embedding else None
         self.voxel_map = self.voxel_down = None
         self.null_context = nn.Parameter(torch.zeros(context_tokens, cross_attention_dim))
         self.null_pooled = nn.Parameter(torch.zeros(pooled_dim))
 
-    def features(self, tokens, token_mask=None):
-        """The read-out's input: ``[B, input_tokens * input_dim]``, each token standardised, padding zeroed."""
+    def features(self, tokens, token_mask=None, fmri=None):
+        """The read-out's input: ``[B, input_tokens * input_dim (+ n_voxels)]``, each token standardised, padding
+        zeroed, then the scaled voxels (``fmri`` [B, n_voxels], needed when ``n_voxels`` > 0)."""
         if tokens.shape[1] != self.config.input_tokens:
             raise ValueError(f"expected {self.config.input_tokens} encoder tokens, got {tokens.shape[1]}")
         hidden = self.norm(tokens)
         if token_mask is not None:
             hidden = hidden * token_mask[..., None].to(hidden.dtype)
-        return hidden.flatten(1)
+        hidden = hidden.flatten(1)
+        if not self.config.n_voxels:
+            return hidden
+        if fmri is None or fmri.shape[-1] != self.config.n_voxels:
+            raise ValueError(f"this read-out also reads {self.config.n_voxels} voxels: pass the trials' fMRI "
+                             f"(got {None if fmri is None else tuple(fmri.shape)})")
+        voxels = (fmri.to(hidden.dtype) - self.voxel_mean.to(hidden.dtype)) * self.voxel_scale.to(hidden.dtype)
+        return torch.cat([hidden, voxels], dim=1)
+
+    @torch.no_grad()
+    def set_voxel_scaling(self, mean, scale):
+        """Standardise the read-out's voxel inputs: ``(fmri - mean) * scale`` (each [n_voxels])."""
+        self.voxel_mean.copy_(torch.as_tensor(mean, dtype=self.voxel_mean.dtype))
+        self.voxel_scale.copy_(torch.as_tensor(scale, dtype=self.voxel_scale.dtype))
 
     def forward(self, tokens, token_mask=None, fmri=None):
-        """Encoder tokens ``[B, input_tokens, input_dim]`` -> :class:`Condition` (``fmri`` is unused)."""
-        direct = self.readout(self.feature_dropout(self.features(tokens, token_mask)))
+        """Encoder tokens ``[B, input_tokens, input_dim]`` (and ``fmri`` [B, n_voxels] when the read-out reads
+        voxels) -> :class:`Condition`."""
+        direct = self.readout(self.feature_dropout(self.features(tokens, token_mask, fmri)))
         n_context = self.config.context_tokens * self.config.cross_attention_dim
         context = direct[:, :n_context].reshape(len(direct), self.config.context_tokens, -1)
         if self.output_norm is not None:
@@ -303,7 +325,8 @@ class ReadoutConditioner(_NullMixin, ModelMixin, ConfigMixin):
         context token, normalised per context token (as :meth:`FmriConditioner.token_weights`)."""
         config = self.config
         n_context = config.context_tokens * config.cross_attention_dim
-        weight = self.readout.weight.detach()[:n_context].float().abs()
+        n_token_features = config.input_tokens * config.input_dim
+        weight = self.readout.weight.detach()[:n_context, :n_token_features].float().abs()
         weights = weight.reshape(config.context_tokens, config.cross_attention_dim, config.input_tokens,
                                  config.input_dim).sum(dim=(1, 3))
         return weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-12)

@@ -188,8 +188,8 @@ def build_decoder(config, generator, n_voxels, mbm_dir=None, baseline=False):
     if mapper == "mindvis":
         return DCLDM(encoder, mindvis_mapper(encoder, generator, settings, prior), generator.unet)
     if mapper == "readout":
-        return DCLDM(encoder, readout_mapper(encoder, generator, settings, prior, tokens, width), generator.unet,
-                     prior=prior)
+        return DCLDM(encoder, readout_mapper(encoder, generator, settings, prior, tokens, width, n_voxels),
+                     generator.unet, prior=prior)
     n_outputs = tokens * width + (0 if prior is not None else generator.pooled_dim)
     rank = voxel_path_rank(int(n_voxels), n_outputs, settings.get("voxel_path_max_params", 8_000_000),
                            settings.get("voxel_path_rank"))
@@ -207,10 +207,12 @@ def build_decoder(config, generator, n_voxels, mbm_dir=None, baseline=False):
     return DCLDM(encoder, conditioner, generator.unet, prior=prior)
 
 
-def readout_mapper(encoder, generator, settings, prior, tokens, width):
-    """The read-out route's mapper (``finetune.mapper: readout``): one linear map of every encoder token
-    (:class:`~mindvis.models.conditioning.ReadoutConditioner`), within ``finetune.voxel_path_max_params``."""
-    n_inputs = (1 + encoder.n_tokens) * encoder.config.embed_dim
+def readout_mapper(encoder, generator, settings, prior, tokens, width, n_voxels=0):
+    """The read-out route's mapper (``finetune.mapper: readout``): one linear map of every encoder token, and of
+    the voxels with ``finetune.readout_inputs: both`` (:class:`~mindvis.models.conditioning.ReadoutConditioner`),
+    within ``finetune.voxel_path_max_params``."""
+    n_voxels = int(n_voxels) if settings.get("readout_inputs", "tokens") == "both" else 0
+    n_inputs = (1 + encoder.n_tokens) * encoder.config.embed_dim + n_voxels
     n_outputs = tokens * width + (0 if prior is not None else generator.pooled_dim)
     if n_inputs * n_outputs > settings.get("voxel_path_max_params", 8_000_000):
         raise MindvisError(f"finetune.mapper 'readout' would map {n_inputs} encoder features onto {n_outputs} "
@@ -221,7 +223,7 @@ def readout_mapper(encoder, generator, settings, prior, tokens, width):
     conditioner = ReadoutConditioner(input_tokens=1 + encoder.n_tokens, input_dim=encoder.config.embed_dim,
                                      context_tokens=tokens, cross_attention_dim=width,
                                      pooled_dim=generator.pooled_dim, dropout=settings["mapper_dropout"],
-                                     embedding=prior is not None)
+                                     embedding=prior is not None, n_voxels=n_voxels)
     if generator.conditioner is not None:
         conditioner.init_null_from(generator.conditioner)
     elif generator.null_condition is not None and prior is None:

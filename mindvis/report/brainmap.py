@@ -131,11 +131,19 @@ def voxel_path_importance(model_dir):
     if not path.exists():
         return None
     with safe_open(str(path), framework="numpy") as handle:
-        if "conditioner.voxel_map.weight" not in handle.keys():
+        keys = set(handle.keys())
+        if "conditioner.voxel_map.weight" in keys:
+            weight = handle.get_tensor("conditioner.voxel_map.weight").astype(np.float64)
+            if "conditioner.voxel_down.weight" in keys:  # a rank-r path: its product is the voxel map
+                weight = weight @ handle.get_tensor("conditioner.voxel_down.weight").astype(np.float64)
+        elif {"conditioner.readout.weight", "conditioner.voxel_scale"} <= keys:
+            # A read-out of the voxels too: its voxel block, per unit of each voxel's own response
+            scale = handle.get_tensor("conditioner.voxel_scale").astype(np.float64)
+            if not len(scale) or not scale.any():
+                return None
+            weight = handle.get_tensor("conditioner.readout.weight")[:, -len(scale):].astype(np.float64) * scale
+        else:
             return None
-        weight = handle.get_tensor("conditioner.voxel_map.weight").astype(np.float64)
-        if "conditioner.voxel_down.weight" in handle.keys():  # a rank-r path: its product is the voxel map
-            weight = weight @ handle.get_tensor("conditioner.voxel_down.weight").astype(np.float64)
     norms = np.linalg.norm(weight, axis=0)
     return norms / max(norms.sum(), 1e-12)
 
@@ -189,6 +197,12 @@ def attribution_paths(model_dir, metrics=None):
     with safe_open(str(folder / MODEL_FILE), framework="numpy") as handle:
         has_voxel_path = "conditioner.voxel_map.weight" in handle.keys()
         voxel_norm = float(np.linalg.norm(handle.get_tensor("conditioner.voxel_map.weight"))) if has_voxel_path else 0.0
+        # A read-out that reads the voxels too (finetune.readout_inputs both, a voxel block weight above 0)
+        if not has_voxel_path and "conditioner.voxel_scale" in handle.keys():
+            scale = handle.get_tensor("conditioner.voxel_scale")
+            has_voxel_path = bool(len(scale)) and bool(np.any(scale))
+            voxel_norm = float(np.linalg.norm(handle.get_tensor("conditioner.readout.weight")[:, -len(scale):]
+                                              * scale)) if has_voxel_path else 0.0
 
     # The mapper from SC-MBM tokens: FmriConditioner's width and token maps, or the read-out of every token.
     encoder_trained = ({"conditioner.width_map.weight", "conditioner.token_map.weight"} <= trained

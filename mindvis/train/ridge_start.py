@@ -130,23 +130,60 @@ def readout_features(model, fmri, batch_size=256):
     rows = []
     for start in range(0, len(fmri), batch_size):
         batch = torch.as_tensor(fmri[start:start + batch_size]).to(device)
-        rows.append(model.conditioner.features(model.encoder.encode(batch), model.token_mask(batch)).double().cpu())
+        rows.append(model.conditioner.features(model.encoder.encode(batch), model.token_mask(batch),
+                                               fmri=batch).double().cpu())
     model.train(was_training)
     return torch.cat(rows).numpy() if rows else np.zeros((0, model.conditioner.readout.in_features))
 
 
+#: The voxel block's weights the read-out's ridge start chooses among (``finetune.readout_inputs: both``), beside
+#: the token features (each token standardised): 0 reads the tokens alone, the largest the voxels almost alone.
+VOXEL_BLOCK_WEIGHTS = (0.0, 1.0, 4.0, 16.0, 64.0)
+
+
 def fit_readout_start(model, train_fmri, train_targets, val_fmri, val_targets, alphas, criterion="identification"):
     """Start a :class:`~mindvis.models.conditioning.ReadoutConditioner` at the ridge solution from the encoder's
-    features to the targets (alpha of lowest relative squared error on the val trials, refitted on train only, as
-    the val split then selects the checkpoint). Returns the report (``alpha``, ``val_relative_error`` per alpha, ...).
+    features to the targets (alpha best by ``criterion`` on the val trials, refitted on train only, as the val
+    split then selects the checkpoint). Returns the report (``alpha``, ``val_identification`` per alpha, ...).
+
+    A read-out that also reads the voxels (``n_voxels`` > 0) standardises them by the training trials' mean and
+    SD, and weighs the voxel block against the token features by the weight of :data:`VOXEL_BLOCK_WEIGHTS` whose
+    best alpha is best on the val trials by the same criterion (``voxel_weight`` in the report): one penalty
+    then fits both blocks, and which input carries the condition is chosen on validation, without labels.
     """
-    x_train = readout_features(model, train_fmri)
-    x_val = readout_features(model, val_fmri)
-    weight, bias, report = fit_ridge_voxel_map(x_train, train_targets, x_val, val_targets, alphas,
-                                               what="read-out start, ridge encoder features -> target",
-                                               key="finetune.ridge_init", criterion=criterion)
-    model.conditioner.set_readout(torch.from_numpy(weight), torch.from_numpy(bias))
-    report["n_features"] = int(x_train.shape[1])
+    conditioner = model.conditioner
+    n_voxels = getattr(conditioner.config, "n_voxels", 0)
+    what = "read-out start, ridge encoder features -> target"
+    if n_voxels:
+        mean, sd = train_fmri.mean(axis=0), train_fmri.std(axis=0)
+        inverse_sd = np.where(sd > 0, 1.0 / np.where(sd > 0, sd, 1.0), 0.0)
+        conditioner.set_voxel_scaling(mean, np.ones_like(inverse_sd))
+        base_train, base_val = readout_features(model, train_fmri), readout_features(model, val_fmri)
+        fits = []
+        for weight in VOXEL_BLOCK_WEIGHTS:
+            x_train, x_val = base_train.copy(), base_val.copy()
+            x_train[:, -n_voxels:] *= inverse_sd * weight
+            x_val[:, -n_voxels:] *= inverse_sd * weight
+            fit = fit_ridge_voxel_map(x_train, train_targets, x_val, val_targets, alphas, what=what,
+                                      key="finetune.ridge_init", criterion=criterion)
+            chosen = fit[2]["alpha"]
+            score = (fit[2]["val_identification"][chosen] if criterion == "identification"
+                     else -fit[2]["val_relative_error"][chosen])
+            fits.append((score, weight, fit, x_train.shape[1]))
+            log.info("read-out start, voxel block weight %g: alpha %g, val %s %.4f", weight, chosen, criterion,
+                     abs(score))
+        score, voxel_weight, (weight, bias, report), n_features = max(fits, key=lambda entry: entry[0])
+        conditioner.set_voxel_scaling(mean, inverse_sd * voxel_weight)
+        report["voxel_weight"] = float(voxel_weight)
+        report["voxel_weight_scores"] = {str(entry[1]): float(abs(entry[0])) for entry in fits}
+    else:
+        x_train = readout_features(model, train_fmri)
+        x_val = readout_features(model, val_fmri)
+        weight, bias, report = fit_ridge_voxel_map(x_train, train_targets, x_val, val_targets, alphas, what=what,
+                                                   key="finetune.ridge_init", criterion=criterion)
+        n_features = x_train.shape[1]
+    conditioner.set_readout(torch.from_numpy(weight), torch.from_numpy(bias))
+    report["n_features"] = int(n_features)
     return report
 
 
