@@ -218,8 +218,8 @@ _FINETUNE_RUNS = {"dcldm": "SC-MBM pretrained", "dcldm-baseline": "no SC-MBM pre
 
 
 def cmd_report(args):
-    # The evaluate stage writes ridge/, ridge-pixels/ and base-ceiling/ samples beside metrics.json when those
-    # rows exist.
+    # The evaluate stage writes ridge/, ridge-pixels/, ridge-embedding/ and base-ceiling/ samples beside
+    # metrics.json when those rows exist.
     from mindvis.evaluate.run import IMAGE_ROWS
     from mindvis.generate.writing import SAMPLES_FILE
 

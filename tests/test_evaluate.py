@@ -22,22 +22,26 @@ IMAGE_BASE = {"conditioning": "image", "token_grid": 2, "token_dim": 4, "encoder
               "embedding_noise": 0.1}
 
 
-def _decoder_record(root, subject="sub-01"):
-    """What generate copies from a decoder into samples.h5: trained on ``root``'s stimuli and tiny prior."""
+def _decoder_record(root, subject="sub-01", prior=None):
+    """What generate copies from a decoder into samples.h5: trained on ``root``'s stimuli and tiny prior (or the
+    base folder ``prior``)."""
     from mindvis.models.dcldm import prior_record
     from mindvis.utils.io import sha256_file
 
     return {"model_dir": str(root / "dcldm"), "subject": subject,
             "inputs": {"stimuli": str(root / "stimuli.h5"), "stimuli_sha256": sha256_file(root / "stimuli.h5")},
-            "prior": prior_record(root / "ldm", root / "dcldm")}
+            "prior": prior_record(prior or root / "ldm", root / "dcldm")}
 
 
-def _write_samples(path, stimulus_set, samples, seeds, subject="sub-01"):
+def _write_samples(path, stimulus_set, samples, seeds, subject="sub-01", prior=None, embedding=None, root=None):
+    """A decoder's samples.h5 of the test stimuli (``embedding``: its decoded prior embeddings, as generate records
+    them; ``root``: where the stimuli and the decoder lie, by default beside ``path``)."""
     test = stimulus_set.splits["test"]
     write_samples_h5(path, samples=samples, true_images=test.images, stimulus_id=list(test.stimulus_id),
-                     label=test.label, seeds=seeds,
+                     label=test.label, seeds=seeds, embedding=embedding,
                      attrs={"subject": subject, "split": "test_avg", "n_samples": samples.shape[1],
-                            "class_names": stimulus_set.class_names, "decoder": _decoder_record(path.parent, subject)})
+                            "class_names": stimulus_set.class_names,
+                            "decoder": _decoder_record(root or path.parent, subject, prior)})
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +103,7 @@ def test_metrics_json_has_every_contract_key_and_rows_in_order(workspace):
     for row in written["rows"]:
         assert {"id", "label", "kind", "available", "metrics"} <= set(row)
         assert set(row["metrics"]) == set(METRICS)
-        if row["id"] == "embedding-prototype":  # the class-conditioned base has no image embedding
+        if row["id"] in ("embedding-prototype", "ridge-embedding"):  # the class-conditioned base has no embedding
             assert not row["available"] and "no image conditioner" in row["reason"]
             continue
         if row["id"] in ("dcldm-shared", "dcldm-fewshot"):  # no shared decoder in this config: said why
@@ -331,6 +335,8 @@ def test_unavailable_rows_say_why(workspace, tmp_path):
         assert all(value is None for value in rows[row_id]["metrics"].values())
         assert row_id not in metrics["per_stimulus"]
     assert rows["ridge"]["available"]  # the SD VAE's latent space (RGB) serves the ridge decoder too
+    assert not rows["ridge-embedding"]["available"] and "no image conditioner" in rows["ridge-embedding"]["reason"]
+    assert not (tmp_path / "evaluation" / "ridge-embedding").exists()
     assert not (tmp_path / "evaluation" / "base-ceiling").exists()
 
 
@@ -367,6 +373,115 @@ def test_base_ceiling_of_an_image_conditioned_prior_is_drawn_from_the_true_image
     expected = sample_like(load_generator(tmp_path / "prior", image_size=16), samples["true_images"],
                            samples["seeds"], config["generate"])
     np.testing.assert_array_equal(drawn["samples"], expected)
+
+
+# -- an image prior: retrieval in its embedding space, and the ridge sampled through it ------------------------
+
+@pytest.fixture(scope="module")
+def image_prior_run(workspace, tmp_path_factory):
+    """The workspace evaluated on a tiny image prior. The model's samples record decoded embeddings near the true
+    images' (prior embedding + noise); the ablation's are rolled one stimulus on; the start's samples.h5 is an old
+    one, without embeddings; the low-level start's decoder was fine-tuned on another prior (the class base)."""
+    from mindvis.data.images import images_to_tensor
+    from mindvis.models.ldm import load_generator, save_generator
+
+    root, config, stimuli, seeds = workspace["root"], workspace["config"], workspace["stimuli"], workspace["seeds"]
+    folder = tmp_path_factory.mktemp("image-prior")
+    save_generator(tiny_generator(**IMAGE_BASE), folder / "prior")
+    prior = load_generator(folder / "prior", image_size=16)
+    truth = prior.embed_all(images_to_tensor(stimuli.splits["test"].images, 16, 1)).numpy()
+    decoded = truth + 0.3 * np.random.default_rng(3).normal(size=truth.shape).astype(np.float32)
+    samples = read_samples_h5(root / "samples.h5")["samples"]
+    paths = {name: folder / f"samples-{name}.h5" for name in ("model", "baseline", "start", "lowlevel")}
+    for name, embedding, base in (("model", decoded, folder / "prior"),
+                                  ("baseline", np.roll(decoded, 1, axis=0), folder / "prior"),
+                                  ("start", None, folder / "prior"), ("lowlevel", decoded, root / "ldm")):
+        _write_samples(paths[name], stimuli, samples, seeds, prior=base, embedding=embedding, root=root)
+    config = {**config, "evaluate": {**config["evaluate"], "n_bootstrap": 20}}
+    metrics = evaluate_subject(config, "sub-01", root / "responses.h5", root / "stimuli.h5", paths["model"],
+                               folder / "prior", folder / "evaluation", classifier_dir=root / "classifier",
+                               baseline_samples=paths["baseline"], start_samples=paths["start"],
+                               lowlevel_samples=paths["lowlevel"], overrides=("prior",))
+    return {"folder": folder, "config": config, "metrics": metrics, "truth": truth, "decoded": decoded,
+            "prior": prior, "seeds": seeds}
+
+
+def test_retrieval_is_scored_where_the_samples_record_decoded_embeddings(image_prior_run):
+    from mindvis.evaluate.metrics import embedding_retrieval
+    from mindvis.evaluate.table import RETRIEVAL_METRICS
+
+    metrics, truth, decoded = image_prior_run["metrics"], image_prior_run["truth"], image_prior_run["decoded"]
+    rows = {row["id"]: row for row in metrics["rows"]}
+    brain, image = RETRIEVAL_METRICS
+    # The model's per-stimulus values are the metric's, against the prior's embeddings of the true images.
+    expected = embedding_retrieval(decoded, truth)
+    for metric, values in zip(RETRIEVAL_METRICS, expected):
+        np.testing.assert_allclose(metrics["per_stimulus"]["dcldm"][metric], values)
+        assert rows["dcldm"]["metrics"][metric]["value"] == pytest.approx(values.mean())
+    assert rows["dcldm"]["metrics"][brain]["value"] > 0.5  # near the truth: far above chance (1/9)
+    # Rolled by one stimulus: each trial retrieves its neighbour's image.
+    assert rows["dcldm-baseline"]["metrics"][brain]["value"] < 0.2
+    # An old samples.h5 (no embedding): its row is scored, its retrieval simply absent.
+    assert rows["dcldm-start"]["available"] and rows["dcldm-start"]["metrics"]["pixcorr"] is not None
+    assert all(rows["dcldm-start"]["metrics"][metric] is None for metric in RETRIEVAL_METRICS)
+    assert not set(RETRIEVAL_METRICS) & set(metrics["per_stimulus"]["dcldm-start"])
+    # Embeddings of another prior are not retrieved among this one's: withheld, with the reason.
+    for metric in RETRIEVAL_METRICS:
+        entry = rows["dcldm-lowlevel"]["metrics"][metric]
+        assert entry["value"] is None and "another prior" in entry["reason"]
+        assert rows["chance"]["metrics"][metric] == {"value": pytest.approx(1 / 9), "ci": pytest.approx([1 / 9] * 2)}
+        assert rows["base-ceiling"]["metrics"][metric] is None and rows["ridge"]["metrics"][metric] is None
+    # Per subset and in the paired comparisons like every per-stimulus metric.
+    assert metrics["subsets"]["seen"]["rows"]["dcldm"][brain] == rows["dcldm"]["metrics"][brain]
+    compared = {(c["a"], c["b"], c["metric"]) for c in metrics["comparisons"] if c["subset"] == "all"}
+    assert {("dcldm", "dcldm-baseline", brain), ("dcldm", "dcldm-baseline", image),
+            ("dcldm", "ridge-embedding", brain)} <= compared
+    assert not any(c["metric"] in RETRIEVAL_METRICS for c in metrics["comparisons"] if c["b"] == "dcldm-start")
+
+
+def test_ridge_embedding_row_samples_the_frozen_prior_from_its_predictions(image_prior_run):
+    from mindvis.generate.decode import sample_embeddings
+
+    metrics, folder = image_prior_run["metrics"], image_prior_run["folder"]
+    row = next(row for row in metrics["rows"] if row["id"] == "ridge-embedding")
+    assert row["available"], row.get("reason")
+    assert row["kind"] == "baseline" and row["n_samples"] == N_SAMPLES and "frozen prior" in row["label"]
+    assert row["fit"]["refit"] == "train + val" and "identification" in row["fit"]["selection"]
+    assert row["fit"]["alpha"] == row["fit"]["alphas"][int(np.argmin(row["fit"]["val_error"]))]
+    assert set(row["fit"]["val_errors"]) == {"identification", "mse"} and row["fit"]["embedding_dim"] == 4 * 4
+    # Its images are scored like every other row's, its predicted embeddings retrieved like a decoder's.
+    for metric in ("n_way_top1_mean", "two_way_id", "pixcorr", "ssim", "fid", "retrieval_brain_to_image_top1",
+                   "retrieval_image_to_brain_top1"):
+        assert row["metrics"][metric]["value"] is not None, metric
+    written = read_samples_h5(folder / "evaluation" / "ridge-embedding" / "samples.h5")
+    assert written["samples"].shape == (9, N_SAMPLES, 16, 16, 1) and written["embedding"].shape == (9, 4, 4)
+    np.testing.assert_array_equal(written["seeds"], image_prior_run["seeds"])  # the model's noise
+    assert (folder / "evaluation" / "ridge-embedding" / "grid.png").exists()
+    # The frozen prior, given the written embeddings, the model's seeds and the generate settings, draws them.
+    drawn = sample_embeddings(image_prior_run["prior"], written["embedding"], written["seeds"],
+                              image_prior_run["config"]["generate"])
+    np.testing.assert_array_equal(written["samples"], drawn)
+    assert written["attrs"]["steps"] == image_prior_run["config"]["generate"]["steps"]
+
+
+def test_ridge_embedding_never_chooses_or_fits_on_test_fmri(workspace, image_prior_run):
+    from mindvis.data.responses import load_responses
+    from mindvis.errors import MindvisError
+    from mindvis.evaluate.baselines import embedding_ridge
+
+    root, stimuli, alphas = workspace["root"], workspace["stimuli"], workspace["config"]["evaluate"]["ridge_alphas"]
+    data = load_responses(root / "responses.h5", splits=("train", "val", "test_avg"))
+    test = data["test_avg"].fmri
+    predicted, info = embedding_ridge(image_prior_run["prior"], data, stimuli, test, alphas)
+    shuffled = np.random.default_rng(1).permutation(test.ravel()).reshape(test.shape)
+    other, info_shuffled = embedding_ridge(image_prior_run["prior"], data, stimuli, shuffled, alphas)
+    assert info == info_shuffled and info["n_train"] + info["n_val"] == len(data["train"]) + len(data["val"])
+    assert predicted.shape == (9, 4, 4) and not np.array_equal(predicted, other)
+    # The stage's row is this fit: the same alpha and predictions as written.
+    written = read_samples_h5(image_prior_run["folder"] / "evaluation" / "ridge-embedding" / "samples.h5")
+    np.testing.assert_allclose(written["embedding"], predicted, rtol=1e-5, atol=1e-6)
+    with pytest.raises(MindvisError, match="no image conditioner"):
+        embedding_ridge(tiny_generator(n_classes=3, **CLASS_BASE), data, stimuli, test, alphas)
 
 
 def _ridge_data(rng, n_train=60, n_val=30, n_voxels=25, n_latent=6, noise=3.0):

@@ -126,6 +126,32 @@ def test_samples_h5_round_trip_and_grid(tmp_path):
     np.testing.assert_array_equal(grid[2:18, 2 + 20:18 + 20, 0], samples[0, 0, :, :, 0])
 
 
+def test_samples_h5_records_the_decoded_embedding_of_an_embedding_space_decoder(tmp_path):
+    from mindvis.generate.decode import decoded_embeddings
+    from mindvis.models.dcldm import build_decoder
+
+    torch.manual_seed(0)
+    prior = tiny_generator(conditioning="image", token_grid=2, token_dim=3, encoder_widths=[4, 8])
+    decoder = build_decoder(tiny_config(finetune={"mapper": "mindvis-ext"}), prior, 13, baseline=True).eval()
+    fmri = np.random.default_rng(0).normal(size=(3, 13)).astype(np.float32)
+    embedding = decoded_embeddings(decoder, fmri)
+    with torch.no_grad():
+        expected = decoder.embedding(torch.as_tensor(fmri)).numpy()
+    assert embedding.shape == (3, 4, 3) and embedding.dtype == np.float32
+    np.testing.assert_array_equal(embedding, expected)
+    # A decoder in the UNet's condition space has no prior embedding: nothing is recorded.
+    other = build_decoder(tiny_config(finetune={"mapper": "mindvis-ext", "condition_space": "condition"}), prior, 13,
+                          baseline=True)
+    assert decoded_embeddings(other, fmri) is None
+    images = np.zeros((3, 1, 16, 16, 1), np.uint8)
+    common = dict(samples=images, true_images=images[:, 0], stimulus_id=["a", "b", "c"], label=[0, 1, 2],
+                  seeds=np.zeros((3, 1)), attrs={})
+    write_samples_h5(tmp_path / "new.h5", embedding=embedding, **common)
+    write_samples_h5(tmp_path / "old.h5", **common)
+    np.testing.assert_array_equal(read_samples_h5(tmp_path / "new.h5")["embedding"], embedding)
+    assert "embedding" not in read_samples_h5(tmp_path / "old.h5")
+
+
 def test_domain_classifier_learns_the_stimulus_classes(tmp_path):
     from mindvis.models.classifiers.domain import load_classifier
     from mindvis.train.classifier import top1_accuracy, train_classifier

@@ -210,3 +210,45 @@ def test_bootstrap_ci_resamples_paired_rows_for_fid(rng):
     assert low == pytest.approx(1.0) and high == pytest.approx(1.0)  # paired rows: the shift survives resampling
     with pytest.raises(MindvisError, match="length"):
         metrics.bootstrap_ci(metrics.fid, (gen, true[:20]), n_boot=10)
+
+
+# -- retrieval in embedding space ------------------------------------------------------
+
+def test_embedding_retrieval_by_hand_differs_between_its_two_directions():
+    # Unit directions at 0, 90 and 45 degrees (the true images) and at 5.7, 84.3 and 16.7 degrees (the trials).
+    truth = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    decoded = np.array([[1.0, 0.1], [0.1, 1.0], [1.0, 0.3]])
+    brain_to_image, image_to_brain = metrics.embedding_retrieval(decoded, truth, centre=False)
+    # Trial 2 (16.7 degrees) lies nearer image 0 (0) than its own (45): brain -> image misses it; but among the
+    # trials, image 2's nearest is trial 2 (28.3 degrees away; trials 0 and 1 are 39.3 away).
+    np.testing.assert_array_equal(brain_to_image, [1, 1, 0])
+    np.testing.assert_array_equal(image_to_brain, [1, 1, 1])
+    # Both take any shape per row (flattened): [N, tokens, dim] as the prior's embeddings are.
+    again = metrics.embedding_retrieval(decoded[:, None, :], truth[:, None, :], centre=False)
+    np.testing.assert_array_equal(np.stack(again), np.stack([brain_to_image, image_to_brain]))
+
+
+def test_embedding_retrieval_centres_each_set_and_splits_ties(rng):
+    truth = rng.normal(size=(6, 2, 3))
+    decoded = truth + 2.0 * rng.normal(size=truth.shape)
+    brain_to_image, image_to_brain = metrics.embedding_retrieval(decoded, truth)
+    assert 0 < brain_to_image.sum() < 6 and 0 < image_to_brain.sum() < 6  # hits and misses both ways
+    # A double loop over centred, flattened rows.
+    flat_d = decoded.reshape(6, -1) - decoded.reshape(6, -1).mean(0)
+    flat_t = truth.reshape(6, -1) - truth.reshape(6, -1).mean(0)
+    cosine = np.array([[d @ t / np.linalg.norm(d) / np.linalg.norm(t) for t in flat_t] for d in flat_d])
+    np.testing.assert_array_equal(brain_to_image, [float(np.argmax(cosine[i]) == i) for i in range(6)])
+    np.testing.assert_array_equal(image_to_brain, [float(np.argmax(cosine[:, j]) == j) for j in range(6)])
+    # An offset and a scale common to the decoded set change nothing once centred.
+    shifted = metrics.embedding_retrieval(3 * decoded + 5.0, truth)
+    np.testing.assert_array_equal(np.stack(shifted), np.stack([brain_to_image, image_to_brain]))
+    # One embedding for every trial: every similarity ties, each stimulus scores 1/N both ways (chance).
+    constant = metrics.embedding_retrieval(np.ones_like(decoded), truth)
+    np.testing.assert_allclose(np.stack(constant), np.full((2, 6), 1 / 6))
+    # Two true images alike: trial 0 ties between them (1/2), and so does image 0 between its two trials.
+    pair = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    brain_to_image, image_to_brain = metrics.embedding_retrieval(pair, pair, centre=False)
+    np.testing.assert_allclose(brain_to_image, [0.5, 0.5, 1.0])
+    np.testing.assert_allclose(image_to_brain, [0.5, 0.5, 1.0])
+    with pytest.raises(MindvisError, match="retrieval needs"):
+        metrics.embedding_retrieval(decoded[:5], truth)

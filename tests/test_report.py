@@ -412,6 +412,51 @@ def test_report_without_attention_or_logs_says_what_is_missing(tmp_path, report_
     assert "attention" not in info["figures"] and (tmp_path / "bare/attention.png").exists()
 
 
+def test_report_and_summary_show_retrieval_and_the_ridge_embedding_row(tmp_path, rng):
+    from mindvis.evaluate.table import RETRIEVAL_METRICS
+
+    metrics = contract_metrics(rng)
+    ridge = next(row for row in metrics["rows"] if row["id"] == "ridge-pixels")
+    index = metrics["rows"].index(ridge) + 1
+    label = "Ridge fMRI -> prior embedding, frozen prior"
+    metrics["rows"].insert(index, {**ridge, "id": "ridge-embedding", "label": label,
+                                   "metrics": {**ridge["metrics"]}})
+    for row in metrics["rows"]:
+        for metric in RETRIEVAL_METRICS:
+            if row["id"] in ("dcldm", "ridge-embedding"):
+                row["metrics"][metric] = _entry(rng, metric)
+            elif row["id"] == "chance":
+                row["metrics"][metric] = {"value": 1 / 6, "ci": [1 / 6, 1 / 6]}
+    path = tmp_path / "sub-01" / "evaluation" / "metrics.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(metrics))
+    grid = tmp_path / "sub-01" / "evaluation" / "ridge-embedding" / "samples.h5"
+    grid.parent.mkdir()
+    _write_samples(grid, rng, attention=False)
+    html.build_report(path, tmp_path / "report.html", config={"experiment": "x", "generate": {"attention_stimuli": 2}},
+                      samples={"ridge-embedding": grid})
+    page = (tmp_path / "report.html").read_text()
+    for metric in RETRIEVAL_METRICS:
+        assert tables.METRIC_TITLES[metric].replace(">", "&gt;") in page
+    assert tables.METRIC_TITLES["retrieval_brain_to_image_top1"].startswith("retrieval brain -> image top-1")
+    rows = {row["id"]: row for row in tables.table_rows(metrics)}
+    cells = {cell["metric"]: cell for cell in rows["ridge-embedding"]["cells"]}
+    entry = next(row for row in metrics["rows"] if row["id"] == "ridge-embedding")["metrics"]
+    assert cells["retrieval_image_to_brain_top1"]["value"] == tables.format_value(
+        "retrieval_image_to_brain_top1", entry["retrieval_image_to_brain_top1"]["value"])
+    assert {cell["metric"]: cell for cell in rows["ridge"]["cells"]}["retrieval_brain_to_image_top1"]["value"] == "n/a"
+    assert label.replace(">", "&gt;") in page  # the table's row
+    assert html.GRID_TITLES["ridge-embedding"].replace(">", "&gt;") in page  # its images
+    # The summary: the row's key metric, and the model's retrieval where scored.
+    frame = summary.write_summary([path], tmp_path / "summary.csv", tmp_path / "summary.html")
+    assert frame.loc["sub-01", "ridge-embedding/n_way_top1_mean"] == pytest.approx(
+        entry["n_way_top1_mean"]["value"])
+    for metric in RETRIEVAL_METRICS:
+        assert f"dcldm/{metric}" in frame.columns
+    plain = summary.summary_table([contract_metrics(rng)])
+    assert not any("retrieval" in column for column in plain.columns)  # not scored: no column
+
+
 # -- in a real browser ---------------------------------------------------------------
 
 def check_report_in_browser(html_path, metrics):

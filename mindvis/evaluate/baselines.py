@@ -11,6 +11,16 @@
   a trial's fMRI straight to the pixels of the image it showed (at the
   generated size, in [-1, 1]), for images of side <= :data:`MAX_PIXEL_RIDGE_SIDE`:
   the linear decoder with no generator at all.
+* **Ridge fMRI -> prior embedding, sampled** (:func:`embedding_ridge`): the
+  field's simplest semantic decoder: the same ridge from a trial's fMRI to the
+  base prior's embedding of the image it showed (``image_conditioner.embed``,
+  flattened), its ``alpha`` chosen by two-way identification of the val
+  trials' embeddings (:func:`mindvis.models.linear.identification`: squared
+  error would choose the strongest shrinkage, predictions between the images
+  from which the prior draws a generic one), refitted on train + val; each
+  test prediction then conditions the frozen prior
+  (:func:`mindvis.generate.decode.sample_embeddings`), sampled like the model.
+  What the DC-LDM adds over a linear map into the same prior.
 * **Mean training image** (:func:`mean_training_image`): the mean of the
   images of the subject's training trials, a floor that any decoder of the
   average stimulus reaches (PixCorr and SSIM are far from 0 for it).
@@ -103,13 +113,16 @@ def ridge_images(generator, responses, stimulus_set, fmri, alphas, batch_size=64
     return decode_latents(generator, predicted, batch_size), info
 
 
-def _ridge_predict(responses, stimulus_set, fmri, alphas, image_size, image_channels, targets, what):
+def _ridge_predict(responses, stimulus_set, fmri, alphas, image_size, image_channels, targets, what, error="mse",
+                   also=()):
     """Pair the train and val trials with their images, fit ridge fMRI -> ``targets(images)`` (alpha on val
-    by mean squared error) and predict each row of ``fmri``: float [N, T] and the fit's info."""
+    by ``error``, :data:`mindvis.models.linear.RIDGE_ERRORS`) and predict each row of ``fmri``: float [N, T] and
+    the fit's info."""
     train = paired_trials(responses["train"], stimulus_set, image_size, image_channels)
     val = paired_trials(responses["val"], stimulus_set, image_size, image_channels)
     y_train, y_val = targets(train.images), targets(val.images)
-    model, info = fit_ridge(train.fmri.numpy(), y_train, val.fmri.numpy(), y_val, alphas, error="mse", what=what)
+    model, info = fit_ridge(train.fmri.numpy(), y_train, val.fmri.numpy(), y_val, alphas, error=error, what=what,
+                            also=also)
     predicted = model.predict(np.asarray(fmri, np.float32)) if len(fmri) else np.zeros((0, y_train.shape[1]))
     return predicted, info
 
@@ -189,6 +202,47 @@ def embedding_prototype_similarity(generator, responses, stimulus_set, fmri, alp
                                      "ridge fMRI -> prior embedding")
     info.update(embedding_dim=int(prototypes.shape[1]), prototype_images=counts.tolist())
     return _cosine(predicted, prototypes), info
+
+
+def embedding_ridge(generator, responses, stimulus_set, fmri, alphas, batch_size=256):
+    """Ridge fMRI -> prior embedding end to end: fit on train (alpha on val by two-way identification), refit
+    on train + val, predict each row of ``fmri``.
+
+    Parameters
+    ----------
+    generator : mindvis.models.ldm.Generator
+        With an ``image_conditioner`` (the base prior, frozen).
+    responses : mindvis.data.responses.Responses
+        With the ``train`` and ``val`` splits loaded.
+    stimulus_set : mindvis.data.stimuli.StimulusSet
+    fmri : float32 [N, V]
+        The rows to decode (the test fMRI); used for prediction only.
+    alphas : sequence of float
+
+    Returns
+    -------
+    embeddings : float32 [N, tokens, token_dim]
+        The predicted embedding of each row, in the prior's embedding space (its ``condition`` takes them).
+    info : dict
+        From :func:`mindvis.models.linear.fit_ridge` (val identification, and the squared error recorded beside
+        it per alpha), plus ``embedding_dim``.
+
+    Raises
+    ------
+    MindvisError
+        When the base has no image conditioner.
+    """
+    conditioner = generator.image_conditioner
+    if conditioner is None:
+        raise MindvisError("the base generator has no image conditioner (it is class- or text-conditioned): there is "
+                           "no prior image embedding to regress onto and sample from", key="ldm.base")
+    predicted, info = _ridge_predict(responses, stimulus_set, fmri, alphas, generator.image_size,
+                                     generator.image_channels,
+                                     lambda images: generator.embed_all(images, batch_size).flatten(1).cpu().numpy(),
+                                     "ridge fMRI -> prior embedding (identification)", error="identification",
+                                     also=("mse",))
+    info["embedding_dim"] = int(predicted.shape[1])
+    return predicted.astype(np.float32).reshape(len(predicted), *conditioner.embedding_shape), info
 
 
 def _cosine(first, second):

@@ -20,6 +20,10 @@ metric                    definition followed
                           2004) as ``skimage.metrics.structural_similarity``
 :func:`fid`               Heusel et al., NeurIPS 2017, Eq. 6 (Fréchet distance of
                           Gaussians fit to features), as pytorch-fid computes it
+:func:`embedding_retrieval`  MindEye (Scotti et al., NeurIPS 2023, Sec. 3.1 and
+                          Table 1 "Retrieval": image and brain top-1 by cosine
+                          similarity of embeddings), here among all N test
+                          stimuli and in the image prior's embedding space
 :func:`wilson_interval`   Wilson, JASA 1927 (score interval of a binomial
                           proportion), as ``statsmodels``' ``proportion_confint
                           (method="wilson")``
@@ -412,6 +416,79 @@ def ssim_mindvis(gen_images, true_images):
     score = np.array([[structural_similarity(pred, truth, data_range=255, channel_axis=-1) for truth in true]
                       for pred in gen])
     return _mindvis_pairwise(score)
+
+
+# -- retrieval in embedding space ------------------------------------------------
+
+def _unit_rows(values, centre):
+    """Rows flattened to float64 [N, D], centred on their mean (``centre``) and scaled to unit norm (a zero row
+    stays zero)."""
+    values = np.asarray(values, dtype=np.float64).reshape(len(values), -1)
+    if centre:
+        values = values - values.mean(axis=0, keepdims=True)
+    return values / np.maximum(np.linalg.norm(values, axis=1, keepdims=True), 1e-12)
+
+
+def _top1_split_ties(similarity, tolerance=1e-12):
+    """Per row of ``similarity`` [N, N]: 1 when its diagonal entry alone is the row's largest, 1/m when it ties
+    with m - 1 others for the largest (random tie-breaking, in expectation), else 0."""
+    best = similarity.max(axis=1, keepdims=True)
+    at_best = similarity >= best - tolerance
+    return np.diag(at_best) / at_best.sum(axis=1)
+
+
+def embedding_retrieval(decoded, truth, centre=True):
+    """Top-1 retrieval between decoded embeddings and the true images' embeddings, both ways, per stimulus.
+
+    Definition (MindEye, Scotti et al., NeurIPS 2023, Sec. 3.1 and Table 1,
+    "Retrieval"): with the cosine similarity of every decoded embedding
+    (trial i) with every true image's embedding (image j), **brain -> image**
+    (MindEye's "image retrieval") scores trial i 1 when its own image is the
+    most similar of all images; **image -> brain** ("brain retrieval") scores
+    image j 1 when its own trial is the most similar of all trials. Chance is
+    1/N. MindEye compares CLIP embeddings among 300 test samples drawn at
+    random; here all N test stimuli are the candidates (``test_avg``: one trial
+    per stimulus, row i of both arrays is stimulus i), and the embeddings are
+    the image prior's, flattened. A tie for the largest similarity counts 1/m
+    for the m tied (random tie-breaking, in expectation).
+
+    Centring: each set is centred on its own mean before the cosine (``centre``
+    True, the default), as :func:`mindvis.models.linear.identification`, the
+    project's validation criterion, does. MindEye needs no centring: its CLIP
+    embeddings are trained contrastively to spread apart. Here they are not:
+    every token of the prior's embedding is LayerNorm-standardised, so all
+    images share a large common component, and a regression decoder's output
+    shrinks towards the mean of its training targets. Uncentred, that shared
+    direction dominates the cosine: a decoded embedding near the mean becomes
+    the nearest trial of many images (a hub) and the ranking rewards closeness
+    to the average image, not to the stimulus's own. Centred, a decoder that
+    outputs one embedding for every trial scores chance exactly (all
+    similarities tie), and an offset or scale common to the decoded set
+    changes nothing. Centring reads only the two sets of candidates (no labels,
+    no pairs). ``centre=False`` gives MindEye's raw cosine.
+
+    Parameters
+    ----------
+    decoded : array [N, ...]
+        The decoded embedding of each test trial.
+    truth : array [N, ...]
+        The embedding of each trial's own image (row i pairs with row i); the same size per row.
+    centre : bool
+
+    Returns
+    -------
+    brain_to_image : array [N] float
+        Per trial (= stimulus): 1 if its own image is retrieved first (1/m in an m-way tie), else 0.
+    image_to_brain : array [N] float
+        Per image (= stimulus): 1 if its own trial is retrieved first, else 0.
+    """
+    decoded, truth = np.asarray(decoded), np.asarray(truth)
+    if (len(decoded) != len(truth) or len(decoded) < 2
+            or decoded.reshape(len(decoded), -1).shape[1] != truth.reshape(len(truth), -1).shape[1]):
+        raise MindvisError(f"retrieval needs two [N >= 2, ...] embedding arrays of one size per row, got "
+                           f"{decoded.shape} and {truth.shape}", key="embedding")
+    similarity = _unit_rows(decoded, centre) @ _unit_rows(truth, centre).T  # [i, j] = cos(decoded_i, truth_j)
+    return _top1_split_ties(similarity), _top1_split_ties(similarity.T)
 
 
 # -- FID --------------------------------------------------------------------------

@@ -3,10 +3,24 @@
 The rows and metrics are defined in :mod:`mindvis.evaluate.table`; this
 module reads the inputs, checks that the image classifier can ground the
 figures it scores (:mod:`mindvis.evaluate.classifier_check`), draws or fits
-the rows that need it (the floors, the ridges, the fMRI classifier, the
+the rows that need it (the floors, the ridges, the ridge into the prior's
+embedding sampled by the frozen prior, the fMRI classifier, the
 embedding-prototype and base-generator ceilings), scores the seen- and
 novel-category test stimuli apart, compares rows pairwise and writes the
 outputs.
+
+Retrieval in embedding space (MindEye's brain -> image and image -> brain
+top-1, :func:`mindvis.evaluate.metrics.embedding_retrieval`) is scored for
+every row with a decoded embedding of each test stimulus: the decoders whose
+``samples.h5`` records one (``embedding``, written by the generate stage for a
+decoder in the image prior's embedding space: ``dcldm`` and its start,
+low-level, shared, few-shot and no-pretraining rows) and ``ridge-embedding``,
+against the base prior's embeddings of the true test images. A ``samples.h5``
+without it (a decoder in the UNet's condition space, or a file written before
+it) leaves the two columns null for its row; a class- or text-conditioned base
+leaves them null everywhere; a decoder fine-tuned on another prior than the
+evaluation's (``--allow-other-prior``) has them withheld with the reason (its
+embeddings are of that prior). The chance row then gives 1/N.
 
 Outputs in ``out_dir`` (``results/{subject}/evaluation/``)
 --------------------------------------------------------
@@ -66,8 +80,10 @@ Outputs in ``out_dir`` (``results/{subject}/evaluation/``)
                            a - b over stimuli), "ci", "n_stimuli"}``, by a paired
                            bootstrap (the same resampled stimuli for both rows), for
                            (dcldm, dcldm-start), (dcldm, dcldm-baseline),
-                           (dcldm-lowlevel, dcldm) and (dcldm, ridge) where both rows
-                           are available, every per-stimulus metric (not FID)
+                           (dcldm-lowlevel, dcldm), (dcldm, ridge), (dcldm,
+                           ridge-embedding), (dcldm-shared, dcldm) and (dcldm-fewshot,
+                           dcldm) where both rows are available, every per-stimulus
+                           metric (not FID)
     ``inputs``             path -> sha256 of every input file (model folders: their
                            weights and configs)
     ``timings_s``,         seconds per row and for the whole stage
@@ -77,9 +93,12 @@ Outputs in ``out_dir`` (``results/{subject}/evaluation/``)
     =====================  ==========================================================
 
     Non-finite numbers are written as null (JSON has no NaN).
-``ridge/``, ``ridge-pixels/``, ``base-ceiling/``
-    ``samples.h5`` (:mod:`mindvis.generate.writing` layout; the ridges: k = 1
-    and seeds -1, as no noise is drawn) and ``grid.png``, when the row is available.
+``ridge/``, ``ridge-pixels/``, ``ridge-embedding/``, ``base-ceiling/``
+    ``samples.h5`` (:mod:`mindvis.generate.writing` layout; the two ridges
+    decoded without a sampler: k = 1 and seeds -1, as no noise is drawn;
+    ``ridge-embedding`` and ``base-ceiling``: the model's k and seeds, and
+    ``ridge-embedding`` its predicted embeddings as ``embedding``) and
+    ``grid.png``, when the row is available.
 
 The folder is the stage's own (:data:`OUTPUT_NAMES`; a folder holding other
 files is refused) and is replaced as one unit when everything is scored
@@ -95,21 +114,23 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from mindvis.config import shared_subjects
+from mindvis.data.images import images_to_tensor
 from mindvis.data.responses import check_stimuli_pair, load_responses
 from mindvis.data.stimuli import load_stimulus_set
 from mindvis.errors import MindvisError
-from mindvis.evaluate.baselines import (MAX_PIXEL_RIDGE_SIDE, base_ceiling_conditioning,
-                                        embedding_prototype_similarity, fmri_linear_probabilities,
-                                        mean_training_image, pixel_ridge_images, ridge_images)
+from mindvis.evaluate.baselines import (MAX_PIXEL_RIDGE_SIDE, base_ceiling_conditioning, embedding_prototype_similarity,
+                                        embedding_ridge, fmri_linear_probabilities, mean_training_image,
+                                        pixel_ridge_images, ridge_images)
 from mindvis.evaluate.classifier_check import CLASSIFIER_METRICS, check_classifier
-from mindvis.evaluate.table import (BASE_CEILING_LABELS, GROUND_TRUTH, MINDVIS_GROUND_TRUTH, SUBSETS, Table,
-                                    chance_metrics, class_scores, derangement, log_table, make_reference,
-                                    stimulus_categories)
-from mindvis.generate.decode import sample_classes, sample_like
+from mindvis.evaluate.table import (BASE_CEILING_LABELS, GROUND_TRUTH, MINDVIS_GROUND_TRUTH, RETRIEVAL_METRICS,
+                                    SUBSETS, Table, chance_metrics, class_scores, derangement, log_table,
+                                    make_reference, stimulus_categories)
+from mindvis.generate.decode import sample_classes, sample_embeddings, sample_like
 from mindvis.generate.writing import SAMPLES_FILE, read_samples_attrs, read_samples_h5, save_grid, write_samples_h5
 from mindvis.models.classifiers.load import load_image_classifier
 from mindvis.models.ldm import load_generator
@@ -120,7 +141,7 @@ from mindvis.utils.io import (atomic_folder, check_own_folder, derive_seed, sha2
 log = logging.getLogger(__name__)
 
 #: Folders (under out_dir) of the images the stage draws itself.
-IMAGE_ROWS = ("ridge", "ridge-pixels", "base-ceiling")
+IMAGE_ROWS = ("ridge", "ridge-pixels", "ridge-embedding", "base-ceiling")
 #: What evaluate writes in its folder (replaced as a unit, so nothing else may live there).
 OUTPUT_NAMES = ("metrics.json", *IMAGE_ROWS)
 #: The optional model rows from further samples.h5: row id -> (whether the config asks for them for a subject,
@@ -239,21 +260,32 @@ def _finite(obj):
     return obj
 
 
-def _write_image_row(out_dir, images, samples, subject, seeds, attrs):
+class _Drawn(NamedTuple):
+    """A row's images drawn or decoded here, written to its folder as ``samples.h5``."""
+
+    images: np.ndarray  # uint8 [N, k, H, W, C]
+    seeds: np.ndarray  # int64 [N, k] (-1: no noise drawn)
+    attrs: dict  # samples.h5 attributes
+    embedding: np.ndarray | None = None  # float32 [N, tokens, token_dim]: the row's decoded prior embeddings
+
+
+def _write_image_row(out_dir, drawn, samples, subject):
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_samples_h5(out_dir / SAMPLES_FILE, samples=images, true_images=samples["true_images"],
-                     stimulus_id=list(samples["stimulus_id"]), label=samples["label"], seeds=seeds,
+    write_samples_h5(out_dir / SAMPLES_FILE, samples=drawn.images, true_images=samples["true_images"],
+                     stimulus_id=list(samples["stimulus_id"]), label=samples["label"], seeds=drawn.seeds,
                      attrs={"subject": subject, "split": samples["attrs"].get("split", "test_avg"),
-                            "n_samples": int(images.shape[1]), "class_names": samples["attrs"].get("class_names", []),
-                            **attrs, "versions": software_versions()})
-    if len(images):
-        save_grid(out_dir / "grid.png", images, truth=samples["true_images"])
+                            "n_samples": int(drawn.images.shape[1]),
+                            "class_names": samples["attrs"].get("class_names", []), **drawn.attrs,
+                            "versions": software_versions()},
+                     embedding=drawn.embedding)
+    if len(drawn.images):
+        save_grid(out_dir / "grid.png", drawn.images, truth=samples["true_images"])
 
 
 def _write_outputs(out_dir, inputs, metrics):
     """The drawn rows' folders and ``metrics.json``, into ``out_dir``."""
-    for row_id, (images, seeds, attrs) in inputs.drawn.items():
-        _write_image_row(out_dir / row_id, images, inputs.samples, inputs.subject, seeds, attrs)
+    for row_id, drawn in inputs.drawn.items():
+        _write_image_row(out_dir / row_id, drawn, inputs.samples, inputs.subject)
     write_json_atomic(out_dir / "metrics.json", metrics)
 
 
@@ -272,15 +304,30 @@ class _Inputs:
     stimulus_set: object
     generator: object
     base: str
-    #: Row id -> (images, seeds, samples.h5 attributes) of the rows drawn here, written with metrics.json.
+    #: The samples.h5 files (as str) whose decoder was fine-tuned on another prior than ``base``.
+    other_prior: set = field(default_factory=set)
+    #: Row id -> :class:`_Drawn` of the rows drawn here, written with metrics.json.
     drawn: dict = field(default_factory=dict)
+
+
+def _add_decoder_row(table, classifier, inputs, row_id, samples, path):
+    """Score a decoder's ``samples.h5`` as row ``row_id``: its images, and the retrieval of its decoded
+    embeddings where it records them (withheld when its decoder was fine-tuned on another prior)."""
+    embeddings = samples.get("embedding")
+    other_prior = embeddings is not None and str(path) in inputs.other_prior
+    table.add_images(row_id, classifier, samples["samples"], embeddings=None if other_prior else embeddings,
+                     n_samples=int(samples["samples"].shape[1]), source=str(path))
+    if other_prior and table.reference.embeddings is not None:
+        table.withhold(row_id, RETRIEVAL_METRICS,
+                       "the decoder was fine-tuned on another prior than this evaluation's base "
+                       "(--allow-other-prior): its decoded embeddings are not in this prior's embedding space")
 
 
 def _samples_row(table, classifier, inputs, row_id, path, what):
     """Score another ``samples.h5`` of the model's stimuli as row ``row_id``."""
     other = _load_samples(path, what)
     _check_same_stimuli(inputs.samples, other, path)
-    table.add_images(row_id, classifier, other["samples"], n_samples=int(other["samples"].shape[1]), source=str(path))
+    _add_decoder_row(table, classifier, inputs, row_id, other, path)
 
 
 def _model_rows(table, classifier, inputs, samples_path, baseline_samples, extra_samples):
@@ -288,8 +335,7 @@ def _model_rows(table, classifier, inputs, samples_path, baseline_samples, extra
 
     ``extra_samples``: row id of :data:`EXTRA_MODEL_ROWS` -> ``samples.h5`` path or None.
     """
-    images = inputs.samples["samples"]
-    table.add_images("dcldm", classifier, images, n_samples=int(images.shape[1]), source=str(samples_path))
+    _add_decoder_row(table, classifier, inputs, "dcldm", inputs.samples, samples_path)
     for row_id, (wanted, key, flag, missing) in EXTRA_MODEL_ROWS.items():
         path = extra_samples.get(row_id)
         if path is not None:
@@ -362,8 +408,30 @@ def _add_ridge(table, classifier, inputs, row_id, images, info, attrs):
     table.add_images(row_id, classifier, images, n_samples=1, fit=info,
                      note=f"one image per stimulus (k = 1, so best-of-k = mean); predicted from the "
                           f"'{inputs.split_name}' fMRI")
-    inputs.drawn[row_id] = (images, np.full((len(images), 1), -1, np.int64),
-                            {**attrs, "fit": info, "config": inputs.config})
+    inputs.drawn[row_id] = _Drawn(images, np.full((len(images), 1), -1, np.int64),
+                                  {**attrs, "fit": info, "config": inputs.config})
+
+
+def _ridge_embedding_row(table, classifier, inputs):
+    """Ridge fMRI -> prior embedding, each prediction sampled by the frozen prior with the model's seeds and
+    sampler settings; scored like the model (retrieval too) and written to ``ridge-embedding/``."""
+    try:
+        embeddings, info = embedding_ridge(inputs.generator, inputs.responses, inputs.stimulus_set,
+                                           inputs.test_fmri, inputs.config["evaluate"]["ridge_alphas"])
+    except MindvisError as err:
+        table.unavailable("ridge-embedding", str(err))
+        return
+    settings = inputs.config["generate"]
+    seeds = inputs.samples["seeds"]
+    drawn = sample_embeddings(inputs.generator, embeddings, seeds, settings)
+    table.add_images("ridge-embedding", classifier, drawn, embeddings=embeddings, n_samples=int(drawn.shape[1]),
+                     fit=info,
+                     note=f"the ridge's predicted embedding of each '{inputs.split_name}' fMRI row conditions the "
+                          f"frozen prior; the model's per-sample seeds and the generate section's sampler settings")
+    inputs.drawn["ridge-embedding"] = _Drawn(drawn, seeds, {
+        "method": "ridge fMRI -> prior embedding, sampled by the frozen prior", "base": str(inputs.base),
+        "fit": info, "config": inputs.config,
+        **{key: settings[key] for key in ("sampler", "steps", "guidance_scale", "eta")}}, embeddings)
 
 
 def _fmri_linear_row(table, inputs, n_classes):
@@ -430,7 +498,7 @@ def _base_ceiling_row(table, classifier, inputs, n_classes):
     table.add_images("base-ceiling", classifier, drawn, label=label, conditioning=conditioning,
                      n_samples=int(drawn.shape[1]),
                      note="the model's per-sample seeds and the generate section's sampler settings")
-    inputs.drawn["base-ceiling"] = (drawn, seeds, {
+    inputs.drawn["base-ceiling"] = _Drawn(drawn, seeds, {
         "method": label, "conditioning": conditioning, "base": str(inputs.base), "config": inputs.config,
         **{key: settings[key] for key in ("sampler", "steps", "guidance_scale", "eta")}})
 
@@ -502,11 +570,15 @@ def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir
     if "stimuli" not in overrides:  # --allow-other-stimuli: the user means another stimulus file
         check_stimuli_pair(data, responses, stimuli)
     used = check_samples_decoder(model_samples, samples, subject, data, responses, stimuli, base, overrides)
+    # A decoder fine-tuned on another prior (allowed by the user) decodes embeddings of that prior.
+    other_prior = {str(samples)} if "prior" in used else set()
     # Every other decoder's samples scored beside the model's are held to the same inputs.
     for other in (baseline_samples, start_samples, lowlevel_samples, shared_samples, fewshot_samples):
         if other is not None and Path(other).is_file():
-            used = sorted(set(used) | set(check_samples_decoder({"attrs": read_samples_attrs(other)}, other, subject,
-                                                                 data, responses, stimuli, base, overrides)))
+            other_used = check_samples_decoder({"attrs": read_samples_attrs(other)}, other, subject, data, responses,
+                                               stimuli, base, overrides)
+            used = sorted(set(used) | set(other_used))
+            other_prior |= {str(other)} if "prior" in other_used else set()
     stimulus_set = load_stimulus_set(stimuli)
     class_names = list(stimulus_set.class_names)
     device = select_device(device)
@@ -529,8 +601,12 @@ def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir
     generator = load_generator(base, image_size=int(model_samples["samples"].shape[2])).to(device)
     generator.vae.eval()
     generator.unet.eval()
+    if generator.image_conditioner is not None:  # what decoded embeddings are retrieved among
+        reference.embeddings = generator.embed_all(images_to_tensor(
+            model_samples["true_images"], generator.image_size, generator.image_channels)).cpu().numpy()
     inputs = _Inputs(config=config, subject=subject, samples=model_samples, responses=data, split_name=split_name,
-                     test_fmri=test_rows.fmri, stimulus_set=stimulus_set, generator=generator, base=str(base))
+                     test_fmri=test_rows.fmri, stimulus_set=stimulus_set, generator=generator, base=str(base),
+                     other_prior=other_prior)
     timings = {}
     _timed(timings, "dcldm", _model_rows, table, classifier, inputs, samples, baseline_samples,
            {"dcldm-start": start_samples, "dcldm-lowlevel": lowlevel_samples, "dcldm-shared": shared_samples,
@@ -538,12 +614,14 @@ def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir
     _timed(timings, "floors", _floor_rows, table, classifier, inputs)
     _timed(timings, "ridge", _ridge_row, table, classifier, inputs)
     _timed(timings, "ridge-pixels", _pixel_ridge_row, table, classifier, inputs)
+    _timed(timings, "ridge-embedding", _ridge_embedding_row, table, classifier, inputs)
     _timed(timings, "fmri-linear", _fmri_linear_row, table, inputs, len(class_names))
     _timed(timings, "embedding-prototype", _embedding_prototype_row, table, inputs, len(class_names))
     _timed(timings, "base-ceiling", _base_ceiling_row, table, classifier, inputs, len(class_names))
     table.add_images("true-images", classifier, reference.images[:, None], n_samples=1,
                      note="the true images scored as if decoded: n-way top-1 is 1 by definition; label top-1 is "
                           "the classifier's accuracy")
+    table.add_retrieval_chance()
 
     rows = table.ordered()
     categories = stimulus_categories(reference.labels, np.concatenate([data["train"].label, data["val"].label]))

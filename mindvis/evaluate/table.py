@@ -5,7 +5,8 @@ Rows, always in this order (:data:`ROWS`):
 ========================  =====================================================
 id                        what it is
 ========================  =====================================================
-``chance``                exact chance levels (1/n, 1/C, 1/2; best-of-k by
+``chance``                exact chance levels (1/n, 1/C, 1/2, and 1/N for
+                          retrieval where a row has it; best-of-k by
                           simulation where the closed form does not hold); no
                           PixCorr or SSIM: they have no exact chance level
 ``shuffled-pairs``        floor: each DC-LDM sample scored against another
@@ -24,6 +25,9 @@ id                        what it is
 ``dcldm-baseline``        the model without SC-MBM pretraining
 ``ridge``                 ridge fMRI -> VAE latent, decoded by the VAE
 ``ridge-pixels``          ridge fMRI -> pixels (images of side <= 64 px)
+``ridge-embedding``       ridge fMRI -> the prior's image embedding (alpha by
+                          val identification), each prediction sampled by the
+                          frozen prior like the model (image priors only)
 ``fmri-linear``           a linear classifier on the test fMRI (label column only)
 ``embedding-prototype``   ridge fMRI -> the prior's image embedding, fitted on
                           seen-class trials, scored by the nearest class
@@ -49,7 +53,16 @@ Image rows are scored by the same image classifier with the same metrics
   PixCorr compares: independent of the classifier), ``pixcorr``, ``ssim`` (MindEye,
   Scotti et al., NeurIPS 2023, Sec. 3.1; Brain-Diffuser, Ozcelik & VanRullen,
   Sci. Rep. 2023, "Evaluation"), per sample and averaged over the k samples;
-  ``fid`` (Heusel et al., NeurIPS 2017) on classifier features of all samples.
+  ``fid`` (Heusel et al., NeurIPS 2017) on classifier features of all samples;
+* ``retrieval_brain_to_image_top1`` / ``retrieval_image_to_brain_top1``: top-1
+  retrieval in the image prior's embedding space, as MindEye reports it
+  (:func:`mindvis.evaluate.metrics.embedding_retrieval`): each trial's decoded
+  embedding against the prior's embeddings of all N test images, and each
+  image against all trials' decoded embeddings (chance 1/N). Only rows with a
+  decoded embedding have them (:meth:`Table.add_images` ``embeddings``: a
+  decoder whose ``samples.h5`` records one, the ``ridge-embedding`` row), and
+  only when the base is an image prior (:attr:`Reference.embeddings`); on a
+  subset, the figure stays retrieval among all N, averaged over the subset.
 
 A metric entry is ``{"value", "ci"}``, null where it does not apply, or
 ``{"value": null, "ci": null, "reason"}`` where it applies but is withheld:
@@ -79,8 +92,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from mindvis.evaluate.classifier_check import CLASSIFIER_METRICS
-from mindvis.evaluate.metrics import (best_of_k, bootstrap_ci, fid, n_way_top1, pixcorr, pixcorr_mindvis,
-                                      prepare_images, resolve_n_way, ssim, ssim_mindvis, two_way_identification)
+from mindvis.evaluate.metrics import (best_of_k, bootstrap_ci, embedding_retrieval, fid, n_way_top1, pixcorr,
+                                      pixcorr_mindvis, prepare_images, resolve_n_way, ssim, ssim_mindvis,
+                                      two_way_identification)
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +112,7 @@ ROWS = (
     ("dcldm-baseline", "DC-LDM without SC-MBM pretraining", "baseline"),
     ("ridge", "Ridge fMRI -> VAE latent", "baseline"),
     ("ridge-pixels", "Ridge fMRI -> pixels", "baseline"),
+    ("ridge-embedding", "Ridge fMRI -> prior embedding, frozen prior", "baseline"),
     ("fmri-linear", "Linear classifier on test fMRI", "ceiling"),
     ("embedding-prototype", "Ridge fMRI -> prior embedding, nearest class prototype", "ceiling"),
     ("base-ceiling", "Base generator given the truth", "ceiling"),
@@ -106,8 +121,10 @@ ROWS = (
 #: Labels of the base-ceiling row, by how the base generator is conditioned.
 BASE_CEILING_LABELS = {"image": "Prior given the true image's embedding",
                        "class": "Base generator given the true class"}
+#: Top-1 retrieval in the image prior's embedding space (brain -> image, image -> brain).
+RETRIEVAL_METRICS = ("retrieval_brain_to_image_top1", "retrieval_image_to_brain_top1")
 METRICS = ("n_way_top1_mean", "n_way_top1_best_of_k", "label_top1_mean", "two_way_id", "two_way_id_pixels",
-           "pixcorr", "ssim", "fid")
+           "pixcorr", "ssim", *RETRIEVAL_METRICS, "fid")
 #: The one ground truth of each column.
 GROUND_TRUTH = {
     "n_way_top1_mean": "the classifier's top-1 on the true image (MinD-Vis's protocol)",
@@ -118,6 +135,8 @@ GROUND_TRUTH = {
     "pixcorr": "the true image's pixels",
     "ssim": "the true image's pixels",
     "fid": "the true images' classifier features (as a set)",
+    "retrieval_brain_to_image_top1": "the prior's embedding of each trial's own image, among all test images",
+    "retrieval_image_to_brain_top1": "each image's own trial's decoded embedding, among all test trials",
 }
 #: MinD-Vis's own pixel metrics (evaluate.mindvis_metrics), only in the tables of configs that ask for them.
 MINDVIS_GROUND_TRUTH = {
@@ -130,15 +149,16 @@ NO_PIXEL_CHANCE = ("no exact chance level (it depends on the images); see the me
 #: Simulated stimuli of the best-of-k chance level where its closed form does not hold.
 CHANCE_DRAWS = 2000
 #: Per-stimulus metrics (FID is a set-level figure).
-STIMULUS_METRICS = METRICS[:-1]
+STIMULUS_METRICS = tuple(metric for metric in METRICS if metric != "fid")
 #: Why an FID interval may not contain the FID (stated beside it in metrics.json).
 FID_CI_NOTE = ("percentile bootstrap over stimuli, like every figure; a resampled set repeats stimuli, which "
                "biases FID upwards, so the interval can lie above the full-set value")
 #: The test-stimulus subsets scored apart (beside all stimuli).
 SUBSETS = ("seen", "novel")
 #: Paired comparisons (a, b) of metrics.json: the mean over stimuli of a - b, when both rows are available.
+#: (dcldm, ridge-embedding): what the DC-LDM adds over a ridge into the same frozen prior.
 COMPARISONS = (("dcldm", "dcldm-start"), ("dcldm", "dcldm-baseline"), ("dcldm-lowlevel", "dcldm"), ("dcldm", "ridge"),
-               ("dcldm-shared", "dcldm"), ("dcldm-fewshot", "dcldm"))
+               ("dcldm", "ridge-embedding"), ("dcldm-shared", "dcldm"), ("dcldm-fewshot", "dcldm"))
 #: Fewest stimuli a subset is scored on (a bootstrap of one stimulus has no spread).
 MIN_SUBSET_STIMULI = 2
 
@@ -168,6 +188,9 @@ class Reference:
     n_way, trials, seed, image_size : int
     mindvis_metrics : bool
         Also score MinD-Vis's own PixCorr and SSIM (``pixcorr_mindvis``, ``ssim_mindvis``).
+    embeddings : float [N, ...] or None
+        The image prior's embedding of each true image (``Generator.embed_all``), against which decoded
+        embeddings are retrieved; None when the base has no image conditioner (no retrieval is scored).
     """
 
     images: np.ndarray
@@ -180,6 +203,7 @@ class Reference:
     seed: int
     image_size: int
     mindvis_metrics: bool = False
+    embeddings: np.ndarray | None = None
 
     @property
     def labelled(self):
@@ -254,6 +278,28 @@ def score_images(classifier, images, reference):
             per_sample["ssim_mindvis"].append(ssim_mindvis(images[:, j], reference.images))
     values.update({key: np.stack(rows, axis=1).mean(axis=1) for key, rows in per_sample.items()})
     return values, features, predicted
+
+
+def retrieval_scores(embeddings, reference):
+    """Top-1 retrieval of decoded embeddings among the true images' prior embeddings, per stimulus.
+
+    Parameters
+    ----------
+    embeddings : float [N, ...]
+        Each stimulus's decoded embedding (row i: stimulus i's trial).
+    reference : Reference
+        With ``embeddings`` (else nothing is scored).
+
+    Returns
+    -------
+    dict of metric id -> float [N]
+        :data:`RETRIEVAL_METRICS` (:func:`mindvis.evaluate.metrics.embedding_retrieval`, centred), or {} when
+        the base has no image embedding.
+    """
+    if reference.embeddings is None:
+        return {}
+    brain_to_image, image_to_brain = embedding_retrieval(embeddings, reference.embeddings)
+    return dict(zip(RETRIEVAL_METRICS, (brain_to_image, image_to_brain)))
 
 
 def summarize(values, reference, n_boot, level, features=None):
@@ -447,15 +493,36 @@ class Table:
             self.per_class[row_id] = per_class_accuracy(predicted, labels, self.n_classes)
             self.confusion[row_id] = confusion_counts(predicted, labels, self.n_classes)
 
-    def add_images(self, row_id, classifier, images, pairs=True, set_level=True, **extra):
+    def add_images(self, row_id, classifier, images, pairs=True, set_level=True, embeddings=None, **extra):
         """Score generated images ``[N, k, H, W, C]``.
 
         ``pairs=False`` leaves out the per-class accuracies and confusion (rows whose images are not their
         stimulus's own decodings); ``set_level=False`` leaves out FID (rows whose set of images is another
-        row's).
+        row's). ``embeddings`` (float [N, ...]): the row's decoded prior embedding of each stimulus, scored by
+        :func:`retrieval_scores` beside the images (without it the retrieval columns do not apply).
         """
         values, features, predicted = score_images(classifier, images, self.reference)
+        if embeddings is not None:
+            values.update(retrieval_scores(embeddings, self.reference))
         self.add_scored(row_id, values, predicted if pairs else None, features if set_level else None, **extra)
+
+    def withhold(self, row_id, metrics, reason):
+        """Withhold ``metrics`` of an added row with ``reason`` (figures that apply but would mislead)."""
+        row = self.rows[row_id]
+        for metric in metrics:
+            row["metrics"][metric] = withheld(reason)
+            self.per_stimulus.get(row_id, {}).pop(metric, None)
+
+    def add_retrieval_chance(self):
+        """Give the chance row retrieval's exact chance level, 1/N, once some row has retrieval figures."""
+        if "chance" not in self.rows or not any(metric in values for values in self.per_stimulus.values()
+                                                for metric in RETRIEVAL_METRICS):
+            return
+        level = 1.0 / len(self.reference.labels)
+        row = self.rows["chance"]
+        row["metrics"].update({metric: {"value": level, "ci": [level, level]} for metric in RETRIEVAL_METRICS})
+        addition = "retrieval top-1 is 1/N among the N test stimuli"
+        row["note"] = f"{row['note']}; {addition}" if row.get("note") else addition
 
     def add_exact(self, row_id, metrics, uses_classifier=CLASSIFIER_METRICS, **extra):
         """A row of exact (not resampled) figures, such as chance; ``uses_classifier`` as in :meth:`add_scored`."""
@@ -598,7 +665,8 @@ def log_table(rows, n_way, n_samples):
     """Log the table compactly: one line per row, value [CI] per metric."""
     short = {"n_way_top1_mean": f"{n_way}-way", "n_way_top1_best_of_k": f"best{n_samples}",
              "label_top1_mean": "label", "two_way_id": "2-way", "two_way_id_pixels": "2-way px",
-             "pixcorr": "PixCorr", "ssim": "SSIM", "fid": "FID"}
+             "pixcorr": "PixCorr", "ssim": "SSIM", "retrieval_brain_to_image_top1": "brain->image",
+             "retrieval_image_to_brain_top1": "image->brain", "fid": "FID"}
     lines = [f"{'row':<16}" + "".join(f"{name:>20}" for name in short.values())]
     for row in rows:
         cells = []

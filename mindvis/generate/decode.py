@@ -2,9 +2,10 @@
 
 :func:`decode` draws what a DC-LDM decodes from fMRI; fine-tuning validation,
 the ``generate`` stage and the reports all call it. :func:`sample_classes`
-draws a class-conditioned base's images of given classes, and
-:func:`sample_like` an image-conditioned prior's images given each image's
-own embedding (the reconstruction ceiling). All go through
+draws a class-conditioned base's images of given classes,
+:func:`sample_embeddings` an image-conditioned prior's images given any
+embeddings (a ridge's predictions, say), and :func:`sample_like` given each
+image's own embedding (the reconstruction ceiling). All go through
 :func:`sample_conditions`, so every image of the project comes from one loop
 with one seeding rule: sample ``j`` of row ``i`` starts from the noise of
 ``seeds[i, j]`` alone, whatever else shares its batch.
@@ -112,6 +113,28 @@ def decode(decoder, generator, fmri, seeds, settings, batch_size=None, num_steps
 
 
 @torch.no_grad()
+def decoded_embeddings(decoder, fmri):
+    """The prior embedding a decoder decodes from each fMRI row, or None where it has none.
+
+    Parameters
+    ----------
+    decoder : mindvis.models.dcldm.DCLDM
+    fmri : float32 [N, V]
+
+    Returns
+    -------
+    numpy.ndarray or None
+        float32 [N, tokens, token_dim] (:meth:`mindvis.models.dcldm.DCLDM.embedding`) when the decoder's
+        condition lives in the image prior's embedding space, else None (its output is the UNet condition
+        itself, e.g. MinD-Vis's own mapper).
+    """
+    if getattr(decoder, "prior", None) is None:
+        return None
+    device = next(decoder.parameters()).device
+    return decoder.embedding(torch.as_tensor(fmri, dtype=torch.float32, device=device)).float().cpu().numpy()
+
+
+@torch.no_grad()
 def sample_classes(generator, labels, seeds, settings, batch_size=None):
     """``k`` images per label from a base generator's class conditioner (-1: the null condition).
 
@@ -152,10 +175,34 @@ def sample_like(generator, images, seeds, settings, batch_size=None):
     """
     from mindvis.data.images import images_to_tensor
 
+    embeddings = generator.embed_all(images_to_tensor(images, generator.image_size, generator.image_channels))
+    return sample_embeddings(generator, embeddings, seeds, settings, batch_size)
+
+
+@torch.no_grad()
+def sample_embeddings(generator, embeddings, seeds, settings, batch_size=None):
+    """``k`` images per embedding from an image-conditioned prior (its frozen ``condition`` of each row).
+
+    Parameters
+    ----------
+    generator : mindvis.models.ldm.Generator
+        With an ``image_conditioner``.
+    embeddings : float [N, tokens, token_dim]
+        Array or tensor, in the prior's embedding space (``image_conditioner.embedding_shape``).
+    seeds : int [N, k]
+    settings, batch_size
+        As in :func:`sample_conditions`.
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8 [N, k, H, W, C].
+    """
     conditioner = generator.image_conditioner
-    condition = conditioner.condition(
-        generator.embed_all(images_to_tensor(images, generator.image_size, generator.image_channels)))
-    return sample_conditions(generator, condition, conditioner.null, seeds, settings, batch_size)
+    parameter = next(conditioner.parameters())
+    embeddings = torch.as_tensor(embeddings).to(parameter.device, parameter.dtype)
+    return sample_conditions(generator, conditioner.condition(embeddings), conditioner.null, seeds, settings,
+                             batch_size)
 
 
 def diagnostic_settings(settings):

@@ -10,8 +10,10 @@ start from the same noise.
 
 Outputs in ``out_dir`` (``results/{subject}/samples/``): ``png/{stimulus}_{j}.png``,
 ``grid.png`` (each true image beside its samples), ``samples.h5``
-(:mod:`mindvis.generate.writing`) and ``summary.json`` (the classifier's top-1
-when a classifier is given, timings, settings).
+(:mod:`mindvis.generate.writing`; with each stimulus's decoded prior embedding,
+``embedding``, where the decoder's condition lives in the image prior's
+embedding space: the evaluate stage's retrieval reads it) and ``summary.json``
+(the classifier's top-1 when a classifier is given, timings, settings).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 
 from mindvis.data.responses import check_stimuli_pair, load_responses
 from mindvis.data.stimuli import load_stimulus_set
-from mindvis.generate.decode import capture_attention, decode, diagnostic_settings
+from mindvis.generate.decode import capture_attention, decode, decoded_embeddings, diagnostic_settings
 from mindvis.generate.writing import SAMPLES_FILE, save_grid, save_png, write_samples_h5
 from mindvis.models.classifiers.domain import load_classifier
 from mindvis.errors import MindvisError
@@ -115,6 +117,7 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
     samples = decode(decoder, generator, split.fmri, seeds, settings, batch_size=batch_size, lowlevel=start)
     synchronize(device)
     sampling_s = time.perf_counter() - tick
+    embedding = decoded_embeddings(decoder, split.fmri)
     log.info("%s: %d images in %.1f s on %s (%s autocast): %.2f images/s", subject, samples.shape[0] * samples.shape[1],
              sampling_s, device_name(device), precision, samples.shape[0] * samples.shape[1] / max(sampling_s, 1e-9))
 
@@ -155,18 +158,18 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
 
     summary.update({"wall_time_s": round(time.perf_counter() - started, 2), "config": config,
                     "versions": software_versions()})
+    attrs = {"subject": subject, "model_dir": str(model_dir), "n_samples": int(settings["n_samples"]),
+             "split": settings["split"], "class_names": list(stimulus_set.class_names),
+             "patch_size": int(decoder.encoder.config.patch_size), "n_voxels": int(split.fmri.shape[1]),
+             "lowlevel_strength": -1.0 if start is None else float(start.strength),
+             "overrides": sorted(used), "decoder": decoder_binding(meta, model_dir),
+             **{k: settings[k] for k in ("sampler", "steps", "guidance_scale", "eta")},
+             "config": config, "versions": software_versions()}
     # The folder is replaced as one unit: a full disk or a kill leaves the previous run's folder whole, never
     # this run's images beside the previous run's samples.h5.
     with atomic_folder(out_dir) as staging:
-        _write_outputs(staging, stimulus_ids, samples, true_images, labels, seeds, predicted, attention, summary,
-                       attrs={"subject": subject, "model_dir": str(model_dir), "n_samples": int(settings["n_samples"]),
-                              "split": settings["split"], "class_names": list(stimulus_set.class_names),
-                              "patch_size": int(decoder.encoder.config.patch_size),
-                              "n_voxels": int(split.fmri.shape[1]),
-                              "lowlevel_strength": -1.0 if start is None else float(start.strength),
-                              "overrides": sorted(used), "decoder": decoder_binding(meta, model_dir),
-                              **{k: settings[k] for k in ("sampler", "steps", "guidance_scale", "eta")},
-                              "config": config, "versions": software_versions()})
+        _write_outputs(staging, stimulus_ids, samples, true_images, labels, seeds, predicted, attention, embedding,
+                       summary, attrs)
     return summary
 
 
@@ -174,7 +177,8 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
 OUTPUT_NAMES = ("png", "grid.png", SAMPLES_FILE, "summary.json")
 
 
-def _write_outputs(out_dir, stimulus_ids, samples, true_images, labels, seeds, predicted, attention, summary, attrs):
+def _write_outputs(out_dir, stimulus_ids, samples, true_images, labels, seeds, predicted, attention, embedding,
+                   summary, attrs):
     """The PNGs, grid, ``samples.h5`` and ``summary.json`` of one run, into ``out_dir``."""
     # test_avg has one row per stimulus; per-trial splits repeat ids, so their file names carry the row too.
     unique = len(set(stimulus_ids)) == len(stimulus_ids)
@@ -186,5 +190,6 @@ def _write_outputs(out_dir, stimulus_ids, samples, true_images, labels, seeds, p
         save_grid(out_dir / "grid.png", samples, truth=true_images)
     attrs.update({k: summary[k] for k in ("classifier_top1_mean", "classifier_top1_best_of_k") if k in summary})
     write_samples_h5(out_dir / SAMPLES_FILE, samples=samples, true_images=true_images, stimulus_id=stimulus_ids,
-                     label=labels, seeds=seeds, attrs=attrs, predicted_label=predicted, attention=attention)
+                     label=labels, seeds=seeds, attrs=attrs, predicted_label=predicted, attention=attention,
+                     embedding=embedding)
     write_json_atomic(out_dir / "summary.json", summary)

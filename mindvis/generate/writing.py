@@ -11,6 +11,13 @@ item                       dtype / shape                meaning
 ``label``                  int64 [N]                    true class of each stimulus
 ``seeds``                  int64 [N, k]                 the seed of each sample's noise
 ``predicted_label``        int64 [N, k]                 domain classifier's top-1 (when given one)
+``embedding``              float32 [N, ...]             each row's decoded image-prior embedding (the
+                                                        decoder's output, ``DCLDM.embedding``, where its
+                                                        condition lives in the prior's embedding space;
+                                                        evaluate's ``ridge-embedding`` row: the ridge's
+                                                        prediction); absent otherwise and in files
+                                                        written before it (evaluate then scores no
+                                                        retrieval for the row)
 ``attention/maps``         float16 [S, A, h, w, T]      cross-attention maps over the S denoising steps
                                                         for A stimuli (sample 0), averaged over heads
                                                         and layers, at latent resolution, T tokens
@@ -97,11 +104,13 @@ def save_grid(path, rows, truth=None):
 
 
 def write_samples_h5(path, *, samples, true_images, stimulus_id, label, seeds, attrs, predicted_label=None,
-                     attention=None):
+                     attention=None, embedding=None):
     """Write ``samples.h5`` atomically (layout in the module docstring).
 
     Parameters
     ----------
+    embedding : array [N, ...], optional
+        Each row's decoded image-prior embedding (stored float32).
     attention : dict, optional
         ``maps`` float [S, A, h, w, T], ``stimulus_id`` [A], ``timesteps`` [S], ``token_weights`` [T, 1 + L].
     attrs : dict
@@ -117,6 +126,8 @@ def write_samples_h5(path, *, samples, true_images, stimulus_id, label, seeds, a
             handle.create_dataset("seeds", data=np.asarray(seeds, np.int64))
             if predicted_label is not None:
                 handle.create_dataset("predicted_label", data=np.asarray(predicted_label, np.int64))
+            if embedding is not None:
+                handle.create_dataset("embedding", data=np.asarray(embedding, np.float32))
             if attention is not None:
                 group = handle.create_group("attention")
                 group.create_dataset("maps", data=np.asarray(attention["maps"], np.float16), compression="gzip")
@@ -132,7 +143,7 @@ def read_samples_h5(path):
     """Read ``samples.h5`` into a dict of arrays (``attention`` a nested dict) plus ``attrs``."""
     out = {}
     with h5py.File(Path(path), "r") as handle:
-        for key in ("samples", "true_images", "label", "seeds", "predicted_label"):
+        for key in ("samples", "true_images", "label", "seeds", "predicted_label", "embedding"):
             if key in handle:
                 out[key] = handle[key][()]
         out["stimulus_id"] = handle["stimulus_id"].asstr()[()]

@@ -66,6 +66,7 @@ GRID_TITLES = {
     "dcldm-baseline": "DC-LDM without SC-MBM pretraining",
     "ridge": "Ridge fMRI -> VAE latent (baseline)",
     "ridge-pixels": "Ridge fMRI -> pixels (baseline)",
+    "ridge-embedding": "Ridge fMRI -> prior embedding, frozen prior (baseline)",
     "base-ceiling": "Base generator given the truth (ceiling)",
 }
 
@@ -411,7 +412,8 @@ def build_report(metrics_path, out_path, *, config, samples=None, responses=None
         The resolved experiment config (its name goes in the header; ``evaluate.attention_stimuli``
         caps the stimuli of the attention figure).
     samples : dict of str -> path, optional
-        ``samples.h5`` per row id (``dcldm``, ``dcldm-baseline``, ``ridge``, ``ridge-pixels``, ``base-ceiling``);
+        ``samples.h5`` per row id (``dcldm``, ``dcldm-baseline``, ``ridge``, ``ridge-pixels``, ``ridge-embedding``,
+        ``base-ceiling``, ...);
         missing files are skipped; ``dcldm``'s attention maps feed the attention figure and brain map.
     responses : path, optional
         The subject's ``responses.h5`` (voxel grid of the brain map).

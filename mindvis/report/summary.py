@@ -2,7 +2,9 @@
 
 One row per subject and a ``mean`` row (the mean over subjects of each
 column). Columns: for the model (``dcldm``) n-way top-1 as the mean over the k
-samples and as best-of-k, 2-way identification, PixCorr, SSIM and FID; for
+samples and as best-of-k, 2-way identification, PixCorr, SSIM and FID (and,
+where some subject has them, MinD-Vis's own PixCorr and SSIM and the
+retrieval top-1 in the prior's embedding space: :data:`SCORED_METRICS`); for
 every floor, baseline and ceiling of ``metrics.json`` its key metric, n-way
 top-1 (mean of k), or, where a row has none, its top-1 against the labels,
 else its PixCorr. The same columns follow for the seen- and novel-category
@@ -38,6 +40,9 @@ MODEL_METRICS = ("n_way_top1_mean", "n_way_top1_best_of_k", "two_way_id", "two_w
                  "fid")
 # MinD-Vis's own pixel metrics (evaluate.mindvis_metrics), shown for the model where scored.
 MINDVIS_METRICS = ("pixcorr_mindvis", "ssim_mindvis")
+#: The model's metrics shown only where some subject has them: MinD-Vis's own pixel metrics, and retrieval in the
+#: image prior's embedding space (a decoder that records its decoded embedding, an image prior).
+SCORED_METRICS = MINDVIS_METRICS + ("retrieval_brain_to_image_top1", "retrieval_image_to_brain_top1")
 # A baseline's or ceiling's key metric: the first of these it has.
 KEY_METRICS = ("n_way_top1_mean", "label_top1_mean", "pixcorr")
 # Where each subject's metrics.json lies relative to summary.csv (results/summary.csv).
@@ -102,9 +107,9 @@ def summary_table(metrics_list):
         raise MindvisError("no metrics.json given", key="metrics", fix="run the evaluate stage first.")
     reference = metrics_list[0]
     labels = {row["id"]: row["label"] for row in reference["rows"]}
-    scored = {metric for metrics in metrics_list for metric in MINDVIS_METRICS
+    scored = {metric for metrics in metrics_list for metric in SCORED_METRICS
               if tables.metric_value(metrics, MODEL_ROW, metric) is not None}
-    picked = [(MODEL_ROW, metric) for metric in MODEL_METRICS + tuple(m for m in MINDVIS_METRICS if m in scored)]
+    picked = [(MODEL_ROW, metric) for metric in MODEL_METRICS + tuple(m for m in SCORED_METRICS if m in scored)]
     picked += [(row["id"], _key_metric(reference, row["id"])) for row in reference["rows"] if row["id"] != MODEL_ROW]
     has_subsets = any(metrics.get("subsets") for metrics in metrics_list)
     columns, titles = [], {}

@@ -45,6 +45,8 @@ METRIC_COLUMNS = (
     ("ssim", "SSIM (true pixels)", True),
     ("pixcorr_mindvis", "MinD-Vis's pair-wise PCC (true pixels)", True),
     ("ssim_mindvis", "MinD-Vis's pair-wise SSIM (true pixels)", True),
+    ("retrieval_brain_to_image_top1", "retrieval brain -> image top-1 (prior embedding of the true images)", True),
+    ("retrieval_image_to_brain_top1", "retrieval image -> brain top-1 (prior embedding of the true images)", True),
     ("fid", "FID (classifier features)", False),
 )
 #: How a figure withheld with a reason is shown.

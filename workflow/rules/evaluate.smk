@@ -3,7 +3,8 @@
 
 rule evaluate:
     """One subject's metrics with CIs (all, seen- and novel-category stimuli): chance, DC-LDM (at its start, from
-    the ridge latent, without pretraining), ridge, fMRI classifier, ceilings, and paired comparisons."""
+    the ridge latent, without pretraining), ridges (into the prior's embedding: sampled), fMRI classifier,
+    ceilings, retrieval in the prior's embedding space, and paired comparisons."""
     input:
         samples="results/{subject}/samples/samples.h5",
         baseline=baseline_samples_input,
@@ -16,7 +17,8 @@ rule evaluate:
         base=ldm_base_input,
         classifier=classifier_input,
     output:
-        # Also written: ridge/, ridge-pixels/ and base-ceiling/ (samples.h5 + grid.png) when those rows are available.
+        # Also written: ridge/, ridge-pixels/, ridge-embedding/ and base-ceiling/ (samples.h5 + grid.png) when those
+        # rows are available.
         metrics="results/{subject}/evaluation/metrics.json",
     conda:
         "../envs/mindvis.yaml"

@@ -1,7 +1,7 @@
 # Reports: one self-contained report.html per subject, and the summary table over subjects.
 # Figures are also registered with report() so that `snakemake --report report.zip` collects them.
-# The report also shows the ridge/, ridge-pixels/ and base-ceiling/ samples that evaluate writes beside metrics.json,
-# and the fine-tuning curves in each decoder's train/metrics.jsonl.
+# The report also shows the ridge/, ridge-pixels/, ridge-embedding/ and base-ceiling/ samples that evaluate writes
+# beside metrics.json, and the fine-tuning curves in each decoder's train/metrics.jsonl.
 
 
 rule report:
