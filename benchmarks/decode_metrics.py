@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 COLUMNS = ("n_way_top1_mean", "n_way_top1_best_of_k", "label_top1_mean", "two_way_id", "two_way_id_pixels", "pixcorr",
-           "ssim", "fid")
+           "ssim", "retrieval_brain_to_image_top1", "retrieval_image_to_brain_top1", "fid")
 #: Result parts of metrics.json (the rest records paths, timings and versions).
 RESULT_KEYS = ("rows", "per_stimulus", "per_class", "confusion", "subsets", "comparisons")
 #: The subsets of every table: all test stimuli, seen categories, novel categories.
