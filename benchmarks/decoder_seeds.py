@@ -7,27 +7,31 @@ the subjects' responses, the workflow's subject-adapted SC-MBM encoders and
 the evaluate stage's per-stimulus baselines)::
 
     python benchmarks/decoder_seeds.py [--results results] [--config configs/default.yaml]
-        [--subjects sub-01 ...] [--seeds 0 1 2] [--fractions 1.0] [--arms pretrained baseline ridge]
+        [--subjects sub-01 ...] [--seeds 0 1 2] [--fractions 1.0] [--arms pretrained baseline ridge tokens]
         [--n-samples 2] [--epochs N] [--work-dir results/decoder-seeds] [--out benchmarks/results/decoder_seeds]
         [--threads 1] [--aggregate]
 
 Arms (each fine-tuned with the resolved config, ``finetune.training_seed`` = the seed)
 ----------------------------------------------------------------------------------
 ``pretrained``
-    The default decoder: the subject's SC-MBM encoder (the workflow's, ``dcldm.json`` ``inputs.mbm``) read
-    out by the ridge-started linear map, all trained (``finetune.mapper: readout``).
+    The default decoder: the subject's SC-MBM encoder (the workflow's, ``dcldm.json`` ``inputs.mbm``) and the
+    voxels read out by the ridge-started linear map, all trained (``finetune.mapper: readout``,
+    ``readout_inputs: both``).
 ``baseline``
     The same from a randomly initialised encoder (MinD-Vis's no-pretraining ablation).
 ``ridge``
     No encoder: a ridge map from the voxels to the prior's embedding, fixed, with the same UNet training
     (``mapper: mindvis-ext``, ``ridge_lr_scale: 0``, ``train: [attn2, norms]``).
+``tokens``
+    The default with MinD-Vis's input: the read-out of the SC-MBM tokens alone (``readout_inputs: tokens``),
+    so that ``pretrained - tokens`` measures what reading the voxels beside them adds.
 
 Below 100 % of the training trials (``--fractions``, the learning curve) the epochs, the warm-up and the
 evaluation interval are scaled by 1 / fraction, so that every share gets the optimiser steps and validation
 points of the full-data run.
 
 Each arm's decoder at its start (0 steps; ``generate.start_row``) is decoded and scored too
-(``pretrained-start``, ``baseline-start``, ``ridge-start``: the last is the ridge embedding in the frozen
+(``pretrained-start``, ``baseline-start``, ``tokens-start``, ``ridge-start``: the last is the ridge embedding in the frozen
 prior), and the evaluate stage's ``ridge`` row (ridge fMRI -> VAE latent, no seed) is read from
 ``results/{subject}/evaluation/metrics.json``. Decoding is of ``test_avg`` with ``--n-samples`` samples per
 stimulus, scored by the evaluate stage's own functions (n-way top-1, the mean over samples).
@@ -70,7 +74,7 @@ from mindvis.utils.io import set_threads, software_versions, write_json_atomic  
 
 log = logging.getLogger("decoder_seeds")
 
-ARMS = ("pretrained", "baseline", "ridge")
+ARMS = ("pretrained", "baseline", "ridge", "tokens")
 DEFAULT_OUT = "benchmarks/results/decoder_seeds"
 METRIC = "n_way_top1_mean"
 #: The paired comparisons of the tables: (a, b, what it measures).
@@ -81,6 +85,8 @@ COMPARISONS = (
     ("pretrained", "ridge", "what the encoder adds (against the ridge map into the same trained prior)"),
     ("baseline", "baseline-start", "what fine-tuning adds from a random encoder"),
     ("ridge", "ridge-start", "what the UNet's fine-tuning adds to a fixed ridge map"),
+    ("pretrained", "tokens", "what reading the voxels adds (against the read-out of the SC-MBM tokens alone)"),
+    ("tokens", "tokens-start", "what fine-tuning adds to the read-out of the tokens alone"),
 )
 
 
@@ -99,6 +105,8 @@ def arm_config(config, arm, seed, fraction, n_samples, epochs=None):
                         eval_every=max(1, int(round(settings["eval_every"] * scale))))
     if arm == "ridge":
         settings.update(mapper="mindvis-ext", voxel_path=True, ridge_lr_scale=0.0, train=["attn2", "norms"])
+    if arm == "tokens":  # MinD-Vis's input: the read-out of the SC-MBM tokens, no voxels beside them
+        settings.update(readout_inputs="tokens")
     config["generate"].update(start_row=True, lowlevel=False, attention_stimuli=0, n_samples=int(n_samples))
     return validate(config, path=f"<decoder_seeds config: {arm}, seed {seed}, train_fraction {fraction}>")
 
@@ -276,7 +284,8 @@ def _fmt(summary, signed=False):
 ROW_NAMES = {"pretrained": "DC-LDM, SC-MBM pretrained (the default)", "pretrained-start": "  its start (0 steps)",
              "baseline": "DC-LDM, random encoder (no SC-MBM)", "baseline-start": "  its start (0 steps)",
              "ridge": "ridge voxels -> embedding (fixed), UNet fine-tuned", "ridge-start": "  ridge embedding, frozen prior",
-             "workflow-ridge": "ridge fMRI -> VAE latent (baseline, no seed)"}
+             "workflow-ridge": "ridge fMRI -> VAE latent (baseline, no seed)",
+             "tokens": "DC-LDM, read-out of the SC-MBM tokens alone (MinD-Vis's input)", "tokens-start": "  its start (0 steps)"}
 
 
 def markdown(report):
