@@ -460,29 +460,34 @@ def _subset(entry, matrix, subset):
     return matrix[:, index], [np.flatnonzero(labels == label) for label in np.unique(labels)]
 
 
+def rows_and_differences(table, results, subjects, arms, n_boot, matrix, metrics=METRICS, reference=REFERENCE):
+    """Each arm's row and its paired difference against ``reference``, over ``subjects``, into ``table['rows']`` and
+    ``table['differences']`` ([metric][subset][arm]); ``matrix(entry, arm, metric)`` gives [seeds, stimuli]."""
+    for metric in metrics:
+        for subset in SUBSETS:
+            for arm in arms:
+                got = [_subset(results[s], matrix(results[s], arm, metric), subset) for s in subjects]
+                if all(g[0].shape[1] for g in got):
+                    table["rows"].setdefault(metric, {}).setdefault(subset, {})[arm] = summarise(
+                        [g[0] for g in got], [g[1] for g in got], n_boot, 0)
+                if reference not in arms or arm == reference:
+                    continue
+                # The reference is one deterministic row: each seed of the arm pairs with it, stimulus by stimulus.
+                got = [_subset(results[s], matrix(results[s], arm, metric) - matrix(results[s], reference, metric),
+                               subset) for s in subjects]
+                if all(g[0].shape[1] for g in got):
+                    summary = summarise([g[0] for g in got], [g[1] for g in got], n_boot, 1)
+                    summary.update(above_zero=summary["ci"][0] > 0, below_zero=summary["ci"][1] < 0)
+                    table["differences"].setdefault(metric, {}).setdefault(subset, {})[arm] = summary
+
+
 def aggregate(results, arms, n_boot):
     """Rows and paired differences against :data:`REFERENCE`, per subject and over subjects, and val scores."""
     tables = {}
     for scope in [*results, "mean"]:
         subjects = list(results) if scope == "mean" else [scope]
         table = tables.setdefault(scope, {"rows": {}, "differences": {}, "val": {}})
-        for metric in METRICS:
-            for subset in SUBSETS:
-                for arm in arms:
-                    got = [_subset(results[s], _matrix(results[s], arm, metric), subset) for s in subjects]
-                    if all(g[0].shape[1] for g in got):
-                        table["rows"].setdefault(metric, {}).setdefault(subset, {})[arm] = summarise(
-                            [g[0] for g in got], [g[1] for g in got], n_boot, 0)
-                    if REFERENCE not in arms or arm == REFERENCE:
-                        continue
-                    # The reference is one deterministic row: each seed of the arm pairs with it, stimulus by stimulus.
-                    got = [_subset(results[s], _matrix(results[s], arm, metric) - _matrix(results[s], REFERENCE,
-                                                                                           metric), subset)
-                           for s in subjects]
-                    if all(g[0].shape[1] for g in got):
-                        summary = summarise([g[0] for g in got], [g[1] for g in got], n_boot, 1)
-                        summary.update(above_zero=summary["ci"][0] > 0, below_zero=summary["ci"][1] < 0)
-                        table["differences"].setdefault(metric, {}).setdefault(subset, {})[arm] = summary
+        rows_and_differences(table, results, subjects, arms, n_boot, _matrix)
         for arm in arms:
             per_subject = [np.mean([r["val_identification"] for r in results[s]["arms"][arm]["records"]])
                            for s in subjects]

@@ -85,6 +85,7 @@ from brain_embedding import (
     RIDGE_ALPHAS,
     _fmt,
     _subset,
+    rows_and_differences,
     standardiser,
     test_metrics,
     train_ridge,
@@ -507,21 +508,7 @@ def aggregate(results, arms, n_boot):
     for scope in [*results, "mean"]:
         subjects = list(results) if scope == "mean" else [scope]
         table = tables.setdefault(scope, {"rows": {}, "differences": {}, "val": {}})
-        for metric in METRICS:
-            for subset in SUBSETS:
-                for arm in arms:
-                    got = [_subset(results[s], _row(results[s], arm, metric), subset) for s in subjects]
-                    if all(g[0].shape[1] for g in got):
-                        table["rows"].setdefault(metric, {}).setdefault(subset, {})[arm] = summarise(
-                            [g[0] for g in got], [g[1] for g in got], n_boot, 0)
-                    if REFERENCE not in arms or arm == REFERENCE:
-                        continue
-                    got = [_subset(results[s], _row(results[s], arm, metric) - _row(results[s], REFERENCE, metric),
-                                   subset) for s in subjects]
-                    if all(g[0].shape[1] for g in got):
-                        summary = summarise([g[0] for g in got], [g[1] for g in got], n_boot, 1)
-                        summary.update(above_zero=summary["ci"][0] > 0, below_zero=summary["ci"][1] < 0)
-                        table["differences"].setdefault(metric, {}).setdefault(subset, {})[arm] = summary
+        rows_and_differences(table, results, subjects, arms, n_boot, _row, METRICS, REFERENCE)
         for arm in arms:
             table["val"][arm] = float(np.mean([results[s]["arms"][arm]["record"]["val_identification"]
                                                for s in subjects]))
