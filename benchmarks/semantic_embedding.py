@@ -57,7 +57,7 @@ Intervals: :func:`decoder_seeds.summarise` (percentile bootstrap over the test s
 mean over subjects resamples each subject). Paired differences against ``prior`` are per stimulus.
 
 Outputs: ``{out}.json`` (per-stimulus values, every selection record, the encoder's training history, timings,
-machine) and ``{out}.md``. With ``--work-dir`` the trained encoder is kept there (``simclr.pt``) and reused by a
+machine) and ``{out}.md``. With ``--work-dir`` the trained encoder is kept there (``simclr.safetensors``) and reused by a
 rerun with the same settings, seed and corpus.
 """
 
@@ -76,6 +76,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -327,20 +329,24 @@ def encoder_for(corpus, corpus_path, settings, seed, work_dir=None):
     # Through JSON, as stored (tuples become lists), so that a stored key compares equal.
     key = json.loads(json.dumps({"settings": asdict(settings), "seed": seed, "corpus": file_digest(corpus_path),
                                  "n_images": len(corpus)}))
-    checkpoint = Path(work_dir) / "simclr.pt" if work_dir else None
+    # safetensors, its key and history in the metadata: no pickle is loaded (tests/test_safe_loading.py).
+    checkpoint = Path(work_dir) / "simclr.safetensors" if work_dir else None
     if checkpoint is not None and checkpoint.exists():
-        stored = torch.load(checkpoint, weights_only=False)
-        if stored["key"] == key:
+        with safe_open(str(checkpoint), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if json.loads(metadata.get("key", "null")) == key:
+            history = json.loads(metadata["history"])
             model = ConvEncoder(settings.widths, settings.projection_dim)
-            model.load_state_dict(stored["state_dict"])
+            model.load_state_dict(load_file(str(checkpoint)))
             print(f"simclr: reusing {checkpoint}", flush=True)
-            return model.eval(), stored["history"], sum(epoch["seconds"] for epoch in stored["history"]), True
+            return model.eval(), history, sum(epoch["seconds"] for epoch in history), True
     tick = time.perf_counter()
     model, history = train_simclr(corpus, settings, seed)
     seconds = time.perf_counter() - tick
     if checkpoint is not None:
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"key": key, "state_dict": model.state_dict(), "history": history}, checkpoint)
+        save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, str(checkpoint),
+                  metadata={"key": json.dumps(key), "history": json.dumps(history)})
     return model, history, seconds, False
 
 
