@@ -99,8 +99,8 @@ sc-mbm: sc-mbm-corpus
 	$(BIN)/mindvis bundle --config $(SCMBM_CONFIG) --kind sc-mbm --source $(SCMBM_DIR)/mbm --command "make sc-mbm" \
 		--command "mindvis pretrain-mbm --config $(SCMBM_CONFIG) --rest <rest files> --out-dir $(SCMBM_DIR)/mbm"
 
-# Debian's full Fashion-MNIST (30 MB, Expat): the stimuli of the README's figures and the corpus of
-# `make prior`; without it the committed subset (mindvis/data/assets/fashion-mnist/) is used.
+# Debian's full Fashion-MNIST (30 MB, Expat): the corpus of `make prior` (configs/prior-fashion-mnist.yaml names
+# it). The default reads the committed subset (mindvis/data/assets/fashion-mnist/) whether or not it is installed.
 fashion-mnist:
 	test -d /usr/share/datasets/fashion-mnist || { $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq dataset-fashion-mnist; }

@@ -8,7 +8,7 @@ import pytest
 
 from mindvis.config import validate
 from mindvis.data.stimuli import (
-    BUNDLED_FASHION_MNIST, build_stimulus_set, fit_image, load_stimulus_set, read_idx,
+    BUNDLED, BUNDLED_FASHION_MNIST, build_stimulus_set, fashion_mnist_dir, fit_image, load_stimulus_set, read_idx,
 )
 from mindvis.errors import MindvisError
 
@@ -80,10 +80,31 @@ def test_lookup_returns_images_in_order(stimulus_file):
         stim.lookup(["test-9999"])
 
 
-def test_bundled_subset_is_used_when_debian_files_missing(tmp_path):
-    config = _config(tmp_path, fashion_mnist_dir=str(tmp_path / "absent"))
+def test_default_reads_the_committed_subset_whether_or_not_debian_is_installed(tmp_path):
+    # The schema's default names the committed subset: the same stimuli on every machine (issue 36).
+    config = _config(tmp_path)
+    assert config["stimuli"]["fashion_mnist_dir"] == BUNDLED
+    assert fashion_mnist_dir(BUNDLED) == BUNDLED_FASHION_MNIST
     build_stimulus_set(config, tmp_path / "s.h5")
-    assert str(BUNDLED_FASHION_MNIST) in load_stimulus_set(tmp_path / "s.h5").attrs["source"]
+    assert load_stimulus_set(tmp_path / "s.h5").attrs["source"] == f"fashion_mnist:{BUNDLED_FASHION_MNIST}"
+
+
+def test_an_incomplete_folder_is_a_clear_error_not_the_subset(tmp_path):
+    folder = tmp_path / "fashion"
+    folder.mkdir()
+    (folder / "train-images-idx3-ubyte.gz").write_bytes((BUNDLED_FASHION_MNIST / "train-images-idx3-ubyte.gz")
+                                                         .read_bytes())
+    with pytest.raises(MindvisError, match="train-labels-idx1-ubyte.gz is missing") as err:
+        build_stimulus_set(_config(tmp_path, fashion_mnist_dir=str(folder)), tmp_path / "s.h5")
+    message = str(err.value)
+    assert "stimuli.fashion_mnist_dir" in message and "dataset-fashion-mnist" in message and BUNDLED in message
+    assert not (tmp_path / "s.h5").exists()
+
+
+def test_an_explicit_folder_is_read(tmp_path):
+    config = _config(tmp_path, fashion_mnist_dir=str(BUNDLED_FASHION_MNIST))
+    build_stimulus_set(config, tmp_path / "s.h5")
+    assert load_stimulus_set(tmp_path / "s.h5").attrs["source"] == f"fashion_mnist:{BUNDLED_FASHION_MNIST}"
 
 
 def test_truncated_idx_file_is_a_clear_error(tmp_path):

@@ -64,8 +64,12 @@ FASHION_MNIST_ATTRIBUTION = (
     "Fashion-MNIST by Han Xiao, Kashif Rasul and Roland Vollgraf, Zalando Research "
     "(arXiv:1708.07747), https://github.com/zalandoresearch/fashion-mnist"
 )
-#: The subset committed with mindvis, used when Debian's dataset-fashion-mnist is missing.
+#: The subset committed with mindvis: what ``stimuli.fashion_mnist_dir: bundled`` (the default) reads.
 BUNDLED_FASHION_MNIST = Path(__file__).with_name("assets") / "fashion-mnist"
+#: The value of ``stimuli.fashion_mnist_dir`` that names :data:`BUNDLED_FASHION_MNIST`.
+BUNDLED = "bundled"
+#: Where Debian's ``dataset-fashion-mnist`` installs the full set (``make prior`` reads it).
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 @dataclass
@@ -144,18 +148,38 @@ def read_idx(path):
     return data.reshape(shape)
 
 
-def fashion_mnist_dir(config_dir):
-    """The Fashion-MNIST folder to read: the configured one if complete, else the bundled subset."""
-    config_dir = Path(config_dir)
+def fashion_mnist_dir(value):
+    """The Fashion-MNIST folder that ``stimuli.fashion_mnist_dir`` names.
+
+    Parameters
+    ----------
+    value : str or Path
+        :data:`BUNDLED` (the schema's default): the subset committed with mindvis
+        (:data:`BUNDLED_FASHION_MNIST`), whether or not Debian's ``dataset-fashion-mnist`` is installed, so the
+        default's stimuli are the same on every machine. Any other value is a folder that must hold all four
+        IDX files (``/usr/share/datasets/fashion-mnist`` for Debian's full set, as ``make prior`` reads).
+
+    Raises
+    ------
+    MindvisError
+        Naming the first missing file, the key and the fix; a folder is never silently swapped for another.
+    """
+    bundled = str(value) == BUNDLED
+    folder = BUNDLED_FASHION_MNIST if bundled else Path(value)
     needed = [name for pair in FASHION_MNIST_FILES.values() for name in pair]
-    if all((config_dir / name).exists() for name in needed):
-        return config_dir
-    if all((BUNDLED_FASHION_MNIST / name).exists() for name in needed):
-        return BUNDLED_FASHION_MNIST
-    raise MindvisError("Fashion-MNIST files not found here nor in the bundled subset", path=config_dir,
-                       key="stimuli.fashion_mnist_dir",
-                       fix="apt-get install dataset-fashion-mnist, or set stimuli.fashion_mnist_dir to a folder "
-                           f"with {', '.join(needed)}.")
+    missing = [name for name in needed if not (folder / name).is_file()]
+    if not missing:
+        return folder
+    if bundled:
+        raise MindvisError(f"the committed Fashion-MNIST subset lacks {missing[0]} (a broken install?)",
+                           path=folder / missing[0], key="stimuli.fashion_mnist_dir",
+                           fix="reinstall mindvis, or set stimuli.fashion_mnist_dir to a folder with "
+                               f"{', '.join(needed)}.")
+    raise MindvisError(f"{missing[0]} is missing ({len(missing)} of the {len(needed)} Fashion-MNIST files are)",
+                       path=folder / missing[0], key="stimuli.fashion_mnist_dir",
+                       fix=f"install Debian's dataset-fashion-mnist (make fashion-mnist) for {DEBIAN_FASHION_MNIST}, "
+                           f"point the key at a folder with {', '.join(needed)}, or set it to '{BUNDLED}' for the "
+                           "committed subset.")
 
 
 def load_fashion_mnist(folder):
@@ -260,7 +284,8 @@ def build_stimulus_set(config, out_path):
     remaining = np.setdiff1d(np.arange(len(train_labels)), train_rows)
     if section["n_pool"] > len(remaining):
         raise MindvisError(f"n_pool is {section['n_pool']} but only {len(remaining)} further images exist in {folder}",
-                           key="stimuli.n_pool", fix="lower stimuli.n_pool or install dataset-fashion-mnist.")
+                           key="stimuli.n_pool", fix=f"lower stimuli.n_pool, or set stimuli.fashion_mnist_dir to the full set "
+                                                    f"({DEBIAN_FASHION_MNIST}, Debian's dataset-fashion-mnist).")
     pool_rows = np.sort(rng.choice(remaining, section["n_pool"], replace=False))
 
     def make(images, labels, rows, prefix):
