@@ -193,7 +193,8 @@ def cmd_import_finetuned(args):
 def cmd_generate(args):
     _call("mindvis.generate.run:generate_subject", _config(args), subject=args.subject, model_dir=args.model_dir,
           responses=args.responses, stimuli=args.stimuli, out_dir=args.out_dir, classifier_dir=args.classifier,
-          lowlevel=args.lowlevel, device=args.device, base=args.base, overrides=_overrides(args))
+          lowlevel=args.lowlevel, device=args.device, base=args.base, overrides=_overrides(args),
+          same_as=args.same_as)
 
 
 def cmd_edit(args):
@@ -257,7 +258,10 @@ def cmd_summary(args):
     else:
         frame = summary.read_summary(args.csv)
     print(f"mindvis: summary of '{config['experiment']}' ({args.csv})")
-    print(summary.summary_text(frame, frame.attrs.get("notes", ()), frame.attrs.get("comparisons", ())))
+    if args.full:
+        print(summary.summary_text(frame, frame.attrs.get("notes", ()), frame.attrs.get("comparisons", ())))
+    else:
+        print(summary.headline_text(frame, frame.attrs.get("rows", ()), frame.attrs.get("warnings", ()), args.csv))
 
 
 def cmd_evaluate(args):
@@ -453,6 +457,9 @@ def build_parser():
     sub.add_argument("--classifier", default=None, help="domain classifier folder, to score the samples")
     sub.add_argument("--lowlevel", action="store_true",
                      help="start sampling from the decoder's low-level start (img2img; lowlevel.json in --model-dir)")
+    sub.add_argument("--same-as", nargs="*", default=[],
+                     help="samples.h5 of other decoders of this subject: one drawn with the same weights and sampling "
+                          "is copied instead of drawn again (recorded as same_decoder_as)")
     sub.add_argument("--device", default="auto", help=DEVICE_HELP)
     _override_arguments(sub)
 
@@ -507,6 +514,9 @@ def build_parser():
     sub.add_argument("--metrics", nargs="*", default=[], help="every subject's metrics.json (omit: print --csv)")
     sub.add_argument("--csv", required=True, help="summary.csv to write, or to print when no --metrics")
     sub.add_argument("--html", default=None, help="summary.html to write")
+    sub.add_argument("--full", action="store_true",
+                     help="print every table (each subject, every metric) and the paired comparisons, not the "
+                          "headline")
 
     sub = add("evaluate", cmd_evaluate, "score a subject's decoded images beside the baselines and ceilings")
     sub.add_argument("--subject", required=True)

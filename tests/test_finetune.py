@@ -182,6 +182,39 @@ def test_generate_writes_seeded_samples_attention_and_scores(workspace, finetune
         assert json.loads(handle.attrs["config"])["generate"]["steps"] == 3
 
 
+def test_a_decoder_with_the_weights_of_one_already_drawn_reuses_its_images(workspace, finetuned, tmp_path):
+    import shutil
+
+    from mindvis.generate.run import generate_subject
+    from mindvis.generate.writing import read_samples_h5
+
+    root, config = workspace["root"], workspace["config"]
+    inputs = (root / "responses.h5", root / "stimuli.h5")
+    generate_subject(config, "sub-01", root / "dcldm", *inputs, tmp_path / "drawn")
+    drawn = tmp_path / "drawn" / "samples.h5"
+    # Another folder with the same weights (only the files' metadata may differ): copied, not drawn.
+    shutil.copytree(root / "dcldm", tmp_path / "copy")
+    copied = generate_subject(config, "sub-01", tmp_path / "copy", *inputs, tmp_path / "copied", same_as=[drawn])
+    assert copied["same_decoder_as"] == str(drawn) and copied["sampling_s"] == 0.0
+    fresh = generate_subject(config, "sub-01", tmp_path / "copy", *inputs, tmp_path / "fresh")
+    assert fresh["same_decoder_as"] is None and fresh["sampling_key"] == copied["sampling_key"]
+    first, second, third = (read_samples_h5(tmp_path / name / "samples.h5") for name in ("drawn", "copied", "fresh"))
+    for key in ("samples", "seeds", "predicted_label", "embedding"):
+        assert (key in first) == (key in second) == (key in third)
+        if key not in first:
+            continue
+        np.testing.assert_array_equal(second[key], third[key])
+        np.testing.assert_array_equal(second[key], first[key])
+    np.testing.assert_array_equal(second["attention"]["maps"], third["attention"]["maps"])
+    assert second["attrs"]["same_decoder_as"] == str(drawn) and third["attrs"]["same_decoder_as"] == ""
+    # The start (other weights after fine-tuning) and other sampling settings are drawn anew.
+    start = generate_subject(config, "sub-01", root / "dcldm" / "start", *inputs, tmp_path / "start", same_as=[drawn])
+    assert start["same_decoder_as"] is None and start["sampling_key"] != copied["sampling_key"]
+    steps = {**config, "generate": {**config["generate"], "steps": config["generate"]["steps"] + 1}}
+    other = generate_subject(steps, "sub-01", tmp_path / "copy", *inputs, tmp_path / "steps", same_as=[drawn])
+    assert other["same_decoder_as"] is None
+
+
 def test_alignment_loss_is_relative_and_ignores_unknown_classes():
     from mindvis.models.conditioning import Condition
     from mindvis.train.losses import alignment_loss

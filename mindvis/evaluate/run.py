@@ -315,8 +315,13 @@ def _add_decoder_row(table, classifier, inputs, row_id, samples, path):
     embeddings where it records them (withheld when its decoder was fine-tuned on another prior)."""
     embeddings = samples.get("embedding")
     other_prior = embeddings is not None and str(path) in inputs.other_prior
+    same = samples["attrs"].get("same_decoder_as") or None
+    # generate --same-as: a decoder with the weights of another (validation kept the start) is drawn once.
+    note = (f"the same decoder as the one that drew {same} (identical weights and sampling): its images were "
+            f"copied, not drawn again, so this row's figures equal that row's" if same else None)
     table.add_images(row_id, classifier, samples["samples"], embeddings=None if other_prior else embeddings,
-                     n_samples=int(samples["samples"].shape[1]), source=str(path))
+                     n_samples=int(samples["samples"].shape[1]), source=str(path),
+                     **({"note": note, "same_decoder_as": str(same)} if same else {}))
     if other_prior and table.reference.embeddings is not None:
         table.withhold(row_id, RETRIEVAL_METRICS,
                        "the decoder was fine-tuned on another prior than this evaluation's base "

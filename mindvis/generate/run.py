@@ -18,6 +18,8 @@ embedding space: the evaluate stage's retrieval reads it) and ``summary.json``
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -27,13 +29,15 @@ import numpy as np
 from mindvis.data.responses import check_stimuli_pair, load_responses
 from mindvis.data.stimuli import load_stimulus_set
 from mindvis.generate.decode import capture_attention, decode, decoded_embeddings, diagnostic_settings
-from mindvis.generate.writing import SAMPLES_FILE, save_grid, save_png, write_samples_h5
+from mindvis.generate.writing import (SAMPLES_FILE, read_samples_attrs, read_samples_h5, save_grid, save_png,
+                                     write_samples_h5)
 from mindvis.models.classifiers.domain import load_classifier
 from mindvis.errors import MindvisError
-from mindvis.models.dcldm import (LOWLEVEL_FILE, check_decoder_inputs, check_decoder_responses, decoder_binding,
-                                  load_dcldm, load_lowlevel)
+from mindvis.models.dcldm import (LOWLEVEL_FILE, LOWLEVEL_META, check_decoder_inputs, check_decoder_responses,
+                                  decoder_binding, load_dcldm, load_lowlevel)
 from mindvis.utils.device import device_name, resolve_precision, select_device, synchronize
-from mindvis.utils.io import atomic_folder, check_own_folder, derive_seed, software_versions, write_json_atomic
+from mindvis.utils.io import (atomic_folder, check_own_folder, derive_seed, sha256_file, software_versions,
+                              tensor_digest, write_json_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +49,7 @@ def sample_seeds(seed, subject, stimulus_ids, n_samples):
 
 
 def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, classifier_dir=None, base=None,
-                     batch_size=None, lowlevel=False, device="auto", overrides=()):
+                     batch_size=None, lowlevel=False, device="auto", overrides=(), same_as=()):
     """Decode the subject's test fMRI and write PNGs, a grid, ``samples.h5`` and ``summary.json``.
 
     Parameters
@@ -75,6 +79,12 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
         Inputs other than the decoder's own that the user means (``subject``, ``stimuli``, ``prior``:
         :data:`mindvis.models.dcldm.OVERRIDE_FLAGS`); without them a mismatch is an error. Those used are
         recorded in ``summary.json`` and ``samples.h5`` (``overrides``).
+    same_as : sequence of path
+        ``samples.h5`` files of other decoders of this subject. Where one was drawn with the same
+        :func:`sampling_key` (the same weights, low-level start, fMRI, seeds and ``generate`` settings), its
+        images, embeddings and attention maps are this decoder's too: they are copied, not drawn again, and
+        ``same_decoder_as`` in ``summary.json`` and ``samples.h5`` names that file. A fine-tuned decoder whose
+        validation kept its start is its start.
 
     Returns
     -------
@@ -110,16 +120,26 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
     true_images, labels = stimulus_set.lookup(stimulus_ids) if stimulus_ids else (
         np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int64))
     seeds = sample_seeds(config["seed"], subject, stimulus_ids, settings["n_samples"])
-    log.info("%s: %d stimuli x %d samples, %s %d steps, guidance %.2f%s", subject, len(stimulus_ids),
-             settings["n_samples"], settings["sampler"], settings["steps"], settings["guidance_scale"],
-             "" if start is None else f", from the low-level start at strength {start.strength:.2f}")
-    tick = time.perf_counter()
-    samples = decode(decoder, generator, split.fmri, seeds, settings, batch_size=batch_size, lowlevel=start)
-    synchronize(device)
-    sampling_s = time.perf_counter() - tick
-    embedding = decoded_embeddings(decoder, split.fmri)
-    log.info("%s: %d images in %.1f s on %s (%s autocast): %.2f images/s", subject, samples.shape[0] * samples.shape[1],
-             sampling_s, device_name(device), precision, samples.shape[0] * samples.shape[1] / max(sampling_s, 1e-9))
+    key = sampling_key(decoder, generator, model_dir if lowlevel else None, split.fmri, seeds, settings)
+    reused = _same_drawing(same_as, key)
+    if reused is not None:
+        # The same function of the same inputs: its images, not new ones.
+        drawn = read_samples_h5(reused)
+        samples, embedding, sampling_s = drawn["samples"], drawn.get("embedding"), 0.0
+        log.info("%s: the decoder in %s has the weights and sampling of the one that drew %s: its %d images are "
+                 "reused, not drawn again", subject, model_dir, reused, samples.shape[0] * samples.shape[1])
+    else:
+        log.info("%s: %d stimuli x %d samples, %s %d steps, guidance %.2f%s", subject, len(stimulus_ids),
+                 settings["n_samples"], settings["sampler"], settings["steps"], settings["guidance_scale"],
+                 "" if start is None else f", from the low-level start at strength {start.strength:.2f}")
+        tick = time.perf_counter()
+        samples = decode(decoder, generator, split.fmri, seeds, settings, batch_size=batch_size, lowlevel=start)
+        synchronize(device)
+        sampling_s = time.perf_counter() - tick
+        embedding = decoded_embeddings(decoder, split.fmri)
+        log.info("%s: %d images in %.1f s on %s (%s autocast): %.2f images/s", subject,
+                 samples.shape[0] * samples.shape[1], sampling_s, device_name(device), precision,
+                 samples.shape[0] * samples.shape[1] / max(sampling_s, 1e-9))
 
     summary = {"stage": "generate", "subject": subject, "model_dir": str(model_dir), "baseline": meta.get("baseline"),
                "lowlevel_strength": None if start is None else start.strength,
@@ -130,7 +150,8 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
                "device": device_name(device), "mixed_precision": precision,
                "batch_size": int(batch_size or settings["batch_size"]),
                "responses": str(responses), "responses_fitted_on": fitted_on, "stimuli": str(stimuli),
-               "prior": meta["prior_used"]["path"], "overrides": sorted(used)}
+               "prior": meta["prior_used"]["path"], "overrides": sorted(used), "sampling_key": key,
+               "same_decoder_as": None if reused is None else str(reused)}
     predicted = None
     if classifier_dir is not None and len(stimulus_ids):
         classifier = load_classifier(classifier_dir).to(device)
@@ -146,7 +167,9 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
 
     attention = None
     n_attention = min(int(settings["attention_stimuli"]), len(stimulus_ids))
-    if n_attention:
+    if reused is not None:
+        attention = drawn.get("attention")
+    elif n_attention:
         # One stimulus per class first, so the maps cover different objects.
         _, first_of_class = np.unique(labels, return_index=True)
         order = list(first_of_class) + [i for i in range(len(labels)) if i not in set(first_of_class)]
@@ -164,6 +187,7 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
              "lowlevel_strength": -1.0 if start is None else float(start.strength),
              "overrides": sorted(used), "decoder": decoder_binding(meta, model_dir),
              **{k: settings[k] for k in ("sampler", "steps", "guidance_scale", "eta")},
+             "sampling_key": key, "same_decoder_as": "" if reused is None else str(reused),
              "config": config, "versions": software_versions()}
     # The folder is replaced as one unit: a full disk or a kill leaves the previous run's folder whole, never
     # this run's images beside the previous run's samples.h5.
@@ -171,6 +195,32 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
         _write_outputs(staging, stimulus_ids, samples, true_images, labels, seeds, predicted, attention, embedding,
                        summary, attrs)
     return summary
+
+
+def sampling_key(decoder, generator, lowlevel_dir, fmri, seeds, settings):
+    """SHA-256 of everything a decoder's images depend on: the decoder's and the generator's weights, the
+    low-level start's files (``lowlevel_dir``; None without one), the fMRI, the seeds and the ``generate``
+    settings other than the batch size (which changes no image beyond float rounding)."""
+    digest = hashlib.sha256()
+    digest.update(tensor_digest(decoder.state_dict()).encode())
+    for module in (generator.vae, generator.unet, generator.image_conditioner, generator.class_conditioner):
+        digest.update(b"-" if module is None else tensor_digest(module.state_dict()).encode())
+    if lowlevel_dir is not None:
+        for name in (LOWLEVEL_FILE, LOWLEVEL_META):
+            digest.update(sha256_file(Path(lowlevel_dir) / name).encode())
+    digest.update(np.ascontiguousarray(fmri, np.float32).tobytes())
+    digest.update(np.ascontiguousarray(seeds, np.int64).tobytes())
+    digest.update(json.dumps({k: v for k, v in settings.items() if k != "batch_size"}, sort_keys=True,
+                             default=str).encode())
+    return digest.hexdigest()
+
+
+def _same_drawing(candidates, key):
+    """The first of ``candidates`` (``samples.h5`` paths) drawn with sampling key ``key``, or None."""
+    for path in candidates or ():
+        if Path(path).is_file() and read_samples_attrs(path).get("sampling_key") == key:
+            return Path(path)
+    return None
 
 
 #: What generate writes in its folder (replaced as a unit, so nothing else may live there).

@@ -431,6 +431,23 @@ def sha256_file(path, chunk_size=1 << 20):
     return digest.hexdigest()
 
 
+def tensor_digest(tensors):
+    """SHA-256 hex digest of named tensors (a ``state_dict``): names, dtypes, shapes and bytes, in name order.
+
+    Two decoders with the same digest compute the same function, whatever their files' metadata say (a
+    fine-tuned decoder whose validation kept its start differs from the start's file only in its metadata).
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        # The bytes through a uint8 view: NumPy has no bfloat16.
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def file_digests(folder, names):
     """``{name: SHA-256}`` of the files ``names`` (relative to ``folder``) that exist."""
     folder = Path(folder)

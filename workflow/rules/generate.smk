@@ -68,11 +68,13 @@ rule edit:
 
 
 use rule generate as generate_baseline with:
+    # Copies the DC-LDM's images instead where the two decoders are the same weights (--same-as).
     input:
         model="results/{subject}/dcldm-baseline/dcldm.json",
         responses="results/{subject}/responses.h5",
         stimuli=subject_stimuli,
         classifier=classifier_input,
+        same_as="results/{subject}/samples/samples.h5",
     output:
         samples="results/{subject}/samples-baseline/samples.h5",
         grid="results/{subject}/samples-baseline/grid.png",
@@ -81,6 +83,13 @@ use rule generate as generate_baseline with:
         "logs/generate/{subject}-baseline.log",
     benchmark:
         "logs/benchmarks/generate/{subject}-baseline.tsv",
+    params:
+        config=RESOLVED_CONFIG,
+        classifier=classifier_flag,
+        model_dir=input_dir("model"),
+        out_dir=output_dir,
+        digest=config_digest("generate"),
+        extra=lambda wildcards, input: f"--same-as {input.same_as}",
     priority: 15
 
 
@@ -90,7 +99,14 @@ def start_model_dir(wildcards, input):
 
 
 use rule generate as generate_start with:
-    # The decoder at 0 fine-tuning steps (generate.start_row): what fine-tuning adds is measured against it.
+    # The decoder at 0 fine-tuning steps (generate.start_row): what fine-tuning adds is measured against it. When
+    # validation kept the start, the fine-tuned decoder's images are copied (--same-as), not drawn again.
+    input:
+        model="results/{subject}/dcldm/dcldm.json",
+        responses="results/{subject}/responses.h5",
+        stimuli=subject_stimuli,
+        classifier=classifier_input,
+        same_as="results/{subject}/samples/samples.h5",
     output:
         samples="results/{subject}/samples-start/samples.h5",
         grid="results/{subject}/samples-start/grid.png",
@@ -101,7 +117,7 @@ use rule generate as generate_start with:
         model_dir=start_model_dir,
         out_dir=output_dir,
         digest=config_digest("generate"),
-        extra="",
+        extra=lambda wildcards, input: f"--same-as {input.same_as}",
     log:
         "logs/generate/{subject}-start.log",
     benchmark:
