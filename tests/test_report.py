@@ -599,6 +599,45 @@ def test_summary_shows_every_subset_and_the_comparisons(tmp_path, rng):
     assert page.count("<table data-subset=") == 3 and 'id="comparisons"' in page and "above-zero" in page
 
 
+def test_the_terminal_headline_is_short_and_says_where_the_rest_is(tmp_path, rng, capsys):
+    from mindvis import cli
+
+    paths = []
+    for subject in ("sub-01", "sub-02", "sub-03"):
+        path = tmp_path / subject / "evaluation" / "metrics.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(with_subsets(contract_metrics(rng, subject=subject), rng, n_seen=4, n_novel=2)))
+        paths.append(path)
+    frame = summary.write_summary(paths, tmp_path / "summary.csv", tmp_path / "summary.html")
+    config = tmp_path / "config.yaml"
+    config.write_text("experiment: fixture\n")
+    cli.main(["summary", "--config", str(config), "--csv", str(tmp_path / "summary.csv")])
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    assert len(lines) <= 40
+    # One line per available row: decoders first, then baselines, floors and ceilings, each named by its kind.
+    kinds = [line.split()[0] for line in lines if line.startswith("  ") and line.split()[0] in
+             summary.KIND_TITLES.values()]
+    assert kinds == ["decoder"] + ["baseline"] * 3 + ["floor"] * 3 + ["ceiling"] * 2
+    dcldm = next(line for line in lines if summary.SHORT_LABELS["dcldm"] in line)
+    for subset in ("all", "seen", "novel"):  # the mean over subjects, then the lowest and highest subject
+        column = summary.column_name(subset, "dcldm", "n_way_top1_mean")
+        values = frame.loc[["sub-01", "sub-02", "sub-03"], column]
+        assert (f"{tables.format_value('n_way_top1_mean', frame.loc['mean', column])} "
+                f"({tables.format_value('n_way_top1_mean', values.min())}-"
+                f"{tables.format_value('n_way_top1_mean', values.max())})") in dcldm
+    assert "all (6)" in text and "seen (4)" in text and "novel (2)" in text
+    # The row no subject has is left out of the table, with its reason.
+    assert "prior given the true image" not in text.split("Left out")[0]
+    assert "no image- or class-conditioned base generator" in text.split("Left out")[1]
+    for place in ("summary.html", "summary.csv", "<subject>/report.html", "mindvis summary --full"):
+        assert place in text.split("The rest:")[1]
+    assert "Paired comparisons" not in text
+    cli.main(["summary", "--config", str(config), "--csv", str(tmp_path / "summary.csv"), "--full"])
+    full = capsys.readouterr().out
+    assert "Paired comparisons" in full and len(full.splitlines()) > len(lines)
+
+
 def _fewshot_inputs(tmp_path, rng):
     """metrics.json with a dcldm-fewshot row, the few-shot dcldm.json, and a benchmark JSON for the subject."""
     metrics = with_subsets(contract_metrics(rng), rng)

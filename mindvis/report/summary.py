@@ -20,6 +20,11 @@ row, an omitted subset, or a figure withheld, such as every figure of a
 classifier that cannot ground them), then each subject's paired comparisons
 of the key metrics (:data:`COMPARISON_METRICS`: a - b with its interval, and
 whether the interval lies above 0).
+
+The terminal gets :func:`headline_text` (``mindvis summary``, the end of ``make decode``): one table of each
+row's key metric for all / seen / novel test stimuli, the mean over subjects with the lowest and highest
+subject, decoders first, then their baselines, floors and ceilings, in about 30 lines, and where the rest is;
+``mindvis summary --full`` prints :func:`summary_text`, every column and comparison.
 """
 
 from __future__ import annotations
@@ -202,6 +207,137 @@ def summary_notes(metrics_list, frame):
     return lines
 
 
+#: What the headline (:func:`headline_text`) calls each row; the report and summary.html keep the full labels.
+SHORT_LABELS = {
+    "chance": "chance (guessing)", "shuffled-pairs": "shuffled pairs", "mean-train-image": "mean training image",
+    "dcldm": "DC-LDM (the decoder)", "dcldm-start": "DC-LDM before fine-tuning",
+    "dcldm-lowlevel": "DC-LDM, low-level start", "dcldm-shared": "DC-LDM shared by subjects",
+    "dcldm-fewshot": "DC-LDM few-shot (new subject)", "dcldm-baseline": "DC-LDM without SC-MBM",
+    "ridge": "ridge fMRI -> VAE latent", "ridge-pixels": "ridge fMRI -> pixels",
+    "ridge-embedding": "ridge fMRI -> prior embedding", "fmri-linear": "linear classifier on fMRI",
+    "embedding-prototype": "fMRI -> nearest class prototype", "base-ceiling": "prior given the true image",
+    "true-images": "classifier on the true images",
+}
+#: The headline's order of row kinds: each decoder beside its baselines, floors and ceilings.
+HEADLINE_KINDS = ("model", "baseline", "floor", "ceiling")
+#: What the headline calls each kind.
+KIND_TITLES = {"model": "decoder", "baseline": "baseline", "floor": "floor", "ceiling": "ceiling"}
+#: What the headline calls each key metric (:data:`KEY_METRICS`).
+KEY_METRIC_TITLES = {"n_way_top1_mean": "n-way", "label_top1_mean": "label top-1", "pixcorr": "PixCorr"}
+
+
+def summary_rows(metrics_list):
+    """Each row of the evaluation, with its kind and, when no subject has it, why (for :func:`headline_text`).
+
+    Returns
+    -------
+    list of dict
+        ``id``, ``kind`` (floor / model / baseline / ceiling), ``label`` and ``left_out`` (the first subject's
+        reason when the row is unavailable for every subject, else None), in the order of ``metrics.json``.
+    """
+    out = []
+    for row in (metrics_list[0]["rows"] if metrics_list else []):
+        found = [tables.row_by_id(metrics, row["id"]) for metrics in metrics_list]
+        available = [entry for entry in found if entry is not None and entry.get("available")]
+        reason = None if available else (row.get("reason") or "not available")
+        out.append({"id": row["id"], "kind": row.get("kind", "baseline"), "label": row["label"], "left_out": reason})
+    return out
+
+
+def summary_warnings(metrics_list):
+    """What the run warns about, once per distinct warning (subjects named): the image classifier's check.
+
+    Returns
+    -------
+    list of str
+    """
+    found = {}
+    for metrics in metrics_list:
+        classifier = metrics.get("classifier") or {}
+        if classifier.get("usable") is False and classifier.get("reason"):
+            found.setdefault(f"{classifier['reason']} (every n-way, 2-way and FID figure withheld)", []).append(
+                metrics["subject"])
+    return [f"{', '.join(subjects)}: {warning}" for warning, subjects in found.items()]
+
+
+def _headline_cell(frame, subset, row_id, metric, subjects):
+    """``mean (lowest-highest)`` over subjects of one column; ``n/a`` where the column is missing or empty."""
+    column = column_name(subset, row_id, metric)
+    if column not in frame.columns or np.isnan(frame.loc["mean", column]):
+        return "n/a"
+    mean = tables.format_value(metric, frame.loc["mean", column])
+    if len(subjects) < 2:
+        return mean
+    values = frame.loc[subjects, column]
+    return f"{mean} ({tables.format_value(metric, values.min())}-{tables.format_value(metric, values.max())})"
+
+
+def headline_text(frame, rows, warnings=(), csv_path="results/summary.csv"):
+    """The headline for the terminal: one table, about 30 lines, and where the rest is.
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame
+        :func:`summary_table` (or :func:`read_summary`).
+    rows : list of dict
+        :func:`summary_rows`: rows unavailable for every subject are left out, one line naming them and why.
+    warnings : sequence of str
+        :func:`summary_warnings`, printed above the table.
+    csv_path : path
+        The summary CSV, to say where summary.html and the per-subject reports lie.
+
+    Returns
+    -------
+    str
+        Each row's key metric (n-way top-1, mean of the k samples; else its top-1 against the labels; else
+        PixCorr) on all / seen / novel test stimuli: the mean over subjects, and the lowest and highest subject.
+    """
+    csv_path = Path(csv_path)
+    subjects = [subject for subject in frame.index if subject != "mean"]
+    subsets = [subset for subset in SUBSETS if column_name(subset, None, N_STIMULI) in frame.columns]
+    keys = {}
+    for column in _numeric_columns(frame):
+        subset, row_id, metric = parse_column(column)
+        if subset == "all" and row_id is not None and row_id not in keys and (
+                metric in KEY_METRICS if row_id != MODEL_ROW else metric == KEY_METRICS[0]):
+            keys[row_id] = metric
+    ordered = sorted((row for row in rows if row["id"] in keys and not row["left_out"]),
+                     key=lambda row: HEADLINE_KINDS.index(row["kind"]) if row["kind"] in HEADLINE_KINDS else 9)
+    spread = ", and (lowest-highest subject)" if len(subjects) > 1 else ""
+    lines = [f"Each row's key metric, mean over {len(subjects)} subject{'s' if len(subjects) != 1 else ''}{spread}:",
+             "n-way top-1 (mean of k samples); label top-1 or PixCorr where a row has no n-way figure."]
+    if _classifier_line(frame):
+        lines.append(_classifier_line(frame))
+    lines.extend(f"WARNING: {warning}" for warning in warnings)
+    header = ["", "row", "metric"] + [f"{subset} ({_format_cell(N_STIMULI, frame.loc['mean', column_name(subset, None, N_STIMULI)])})"
+                                      for subset in subsets]
+    body = [[KIND_TITLES.get(row["kind"], row["kind"]), SHORT_LABELS.get(row["id"], row["id"]),
+             KEY_METRIC_TITLES.get(keys[row["id"]], keys[row["id"]])]
+            + [_headline_cell(frame, subset, row["id"], keys[row["id"]], subjects) for subset in subsets]
+            for row in ordered]
+    widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
+    for line in [header] + body:
+        cells = [line[i].ljust(widths[i]) if i < 3 else line[i].rjust(widths[i]) for i in range(len(line))]
+        lines.append("  " + "  ".join(cells).rstrip())
+    left_out = [row for row in rows if row["left_out"]]
+    if left_out:
+        lines.append("Left out, as no subject has them:")
+        lines.extend(f"  {SHORT_LABELS.get(row['id'], row['id'])}: {row['left_out']}" for row in left_out)
+    empty = sum(1 for row in ordered for subset in subsets
+                if _headline_cell(frame, subset, row["id"], keys[row["id"]], subjects) == "n/a")
+    html_path, reports = csv_path.with_suffix(".html"), f"{csv_path.parent}/<subject>/report.html"
+    where = [(str(html_path), "every metric of each subject, why cells are empty, the paired comparisons"),
+             (str(csv_path), "every number, unrounded"),
+             (reports, "each subject's decoded images, every row with its interval"),
+             ("mindvis summary --full", "every table and comparison, printed here")]
+    if empty:
+        lines.append(f"{empty} cell{'s' if empty != 1 else ''} n/a: why, per subject, in {html_path}.")
+    lines.append("The rest:")
+    width = max(len(place) for place, _ in where)
+    lines.extend(f"  {place.ljust(width)}  {what}" for place, what in where)
+    return "\n".join(lines)
+
+
 def summary_comparisons(metrics_list):
     """Each subject's paired comparisons of :data:`COMPARISON_METRICS`, formatted.
 
@@ -336,6 +472,8 @@ def write_summary(metrics_paths, csv_path, html_path, title="mindvis summary"):
     frame = summary_table(metrics_list)
     frame.attrs["notes"] = summary_notes(metrics_list, frame)
     frame.attrs["comparisons"] = summary_comparisons(metrics_list)
+    frame.attrs["rows"] = summary_rows(metrics_list)
+    frame.attrs["warnings"] = summary_warnings(metrics_list)
     with atomic_path(csv_path) as tmp:
         frame.to_csv(tmp, float_format="%.6g")
     with atomic_path(html_path) as tmp:
@@ -373,4 +511,20 @@ def read_summary(csv_path):
     metrics_list = [tables.load_metrics(path) for path in existing]
     frame.attrs["notes"] = summary_notes(metrics_list, frame) if existing else []
     frame.attrs["comparisons"] = summary_comparisons(metrics_list)
+    frame.attrs["rows"] = summary_rows(metrics_list) if existing else _rows_from_columns(frame)
+    frame.attrs["warnings"] = summary_warnings(metrics_list)
     return frame
+
+
+def _rows_from_columns(frame):
+    """:func:`summary_rows` from the CSV alone (no metrics.json beside it): kinds from the evaluation's rows."""
+    from mindvis.evaluate.table import ROWS
+
+    kinds = {row_id: (label, kind) for row_id, label, kind in ROWS}
+    seen = []
+    for column in _numeric_columns(frame):
+        row_id = parse_column(column)[1]
+        if row_id is not None and row_id not in seen:
+            seen.append(row_id)
+    return [{"id": row_id, "kind": kinds.get(row_id, (row_id, "baseline"))[1],
+             "label": kinds.get(row_id, (row_id,))[0], "left_out": None} for row_id in seen]
