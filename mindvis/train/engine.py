@@ -261,6 +261,10 @@ def lr_factor(step, warmup_steps, total_steps, min_ratio=0.0, schedule="cosine")
     Linear warmup from ``1 / warmup_steps`` to 1 over ``warmup_steps`` steps,
     then half a cosine down to ``min_ratio`` at ``total_steps`` (``schedule``
     'cosine'), or 1 to the end ('constant').
+
+    Kept by hand rather than diffusers' ``get_scheduler``: its cosine has no floor (MAE's and SC-MBM's
+    ``min_lr``), and its warm-up starts at 0, so the first step of every run (and of every resumed
+    short fine-tuning) would not move the weights; changing it would change every trained decoder.
     """
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
