@@ -259,7 +259,8 @@ def cmd_summary(args):
         frame = summary.read_summary(args.csv)
     print(f"mindvis: summary of '{config['experiment']}' ({args.csv})")
     if args.full:
-        print(summary.summary_text(frame, frame.attrs.get("notes", ()), frame.attrs.get("comparisons", ())))
+        print(summary.summary_text(frame, frame.attrs.get("notes", ()), frame.attrs.get("comparisons", ()),
+                                   frame.attrs.get("warnings", ())))
     else:
         print(summary.headline_text(frame, frame.attrs.get("rows", ()), frame.attrs.get("warnings", ()), args.csv))
 

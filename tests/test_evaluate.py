@@ -767,3 +767,71 @@ def test_best_of_k_chance_is_simulated_where_the_closed_form_fails():
     assert entry["value"] == pytest.approx(expected, abs=0.02) and entry["value"] != pytest.approx(1 - 0.5 ** k)
     assert entry["ci"][0] < entry["value"] < entry["ci"][1] and "simulated" in note
     assert simulated["pixcorr"]["value"] is None and simulated["label_top1_mean"] is None
+
+
+# -- the prior's domain (issue 36) -------------------------------------------------------------------------------
+
+def _pixcorr_rows(ceiling, ceiling_ci, floor):
+    return [{"id": "mean-train-image", "available": True, "metrics": {"pixcorr": {"value": floor, "ci": None}}},
+            {"id": "base-ceiling", "available": True, "metrics": {"pixcorr": {"value": ceiling, "ci": ceiling_ci}}}]
+
+
+def test_check_prior_needs_the_ceilings_lower_bound_above_the_mean_image_floor():
+    from mindvis.evaluate.prior_check import check_prior
+
+    assert check_prior(_pixcorr_rows(0.9, [0.85, 0.95], 0.4)).usable is True
+    bad = check_prior(_pixcorr_rows(0.45, [0.38, 0.52], 0.4))  # above the floor, but not clearly
+    assert bad.usable is False and "ldm.corpus" in bad.reason and "make prior" in bad.reason
+    assert bad.record["floor_value"] == 0.4 and bad.record["ceiling_ci"] == [0.38, 0.52]
+    unavailable = [{"id": "mean-train-image", "available": True, "metrics": {"pixcorr": {"value": 0.4, "ci": None}}},
+                   {"id": "base-ceiling", "available": False, "reason": "an SD folder"}]
+    unchecked = check_prior(unavailable)
+    assert unchecked.usable is None and unchecked.reason is None and "base-ceiling" in unchecked.record["not_checked"]
+
+
+@pytest.mark.parametrize("prior", ["other-domain", "own-domain"])
+def test_a_prior_that_cannot_draw_the_stimuli_is_warned_about_everywhere(workspace, tmp_path, monkeypatch, caplog,
+                                                                         prior):
+    """A tiny image prior that has learnt no image of this domain (random weights: it draws noise whatever the
+    true image's embedding) against the same prior redrawing what it is given (sample_like returning the true
+    images: a prior of the stimuli's own domain at its best). Only the first warns: in the log, metrics.json, the
+    report, the summary page and the terminal's headline."""
+    import logging
+
+    from mindvis.evaluate import run
+    from mindvis.models.ldm import save_generator
+    from mindvis.report import html as report_html
+    from mindvis.report import summary
+
+    root, config = workspace["root"], workspace["config"]
+    save_generator(tiny_generator(**IMAGE_BASE), tmp_path / "prior")
+    if prior == "own-domain":
+        monkeypatch.setattr(run, "sample_like", lambda generator, images, seeds, settings: np.repeat(
+            np.asarray(images)[:, None], seeds.shape[1], axis=1))
+    out = tmp_path / "sub-01" / "evaluation"
+    with caplog.at_level(logging.WARNING, logger="mindvis.evaluate"):
+        metrics = evaluate_subject({**config, "evaluate": {**config["evaluate"], "n_bootstrap": 20}}, "sub-01",
+                                   root / "responses.h5", root / "stimuli.h5", root / "samples.h5",
+                                   tmp_path / "prior", out, classifier_dir=root / "classifier", overrides=("prior",))
+    warned = [record.message for record in caplog.records
+              if record.levelno == logging.WARNING and "prior cannot draw" in record.message]
+    written = json.loads((out / "metrics.json").read_text())["prior"]
+    report_html.build_report(out / "metrics.json", tmp_path / "report.html",
+                             config={"experiment": "x", "generate": {"attention_stimuli": 2}})
+    page = (tmp_path / "report.html").read_text()
+    frame = summary.write_summary([out / "metrics.json"], tmp_path / "summary.csv", tmp_path / "summary.html")
+    headline = summary.headline_text(frame, frame.attrs["rows"], frame.attrs["warnings"], tmp_path / "summary.csv")
+    summary_page = (tmp_path / "summary.html").read_text()
+    check = written["check"]
+    if prior == "other-domain":
+        assert written["usable"] is False and metrics["prior"]["reason"] == written["reason"]
+        assert check["ceiling_ci"][0] <= check["floor_value"]
+        assert warned and "ldm.corpus" in warned[0] and "make prior" in warned[0]
+        assert 'id="prior-warning"' in page and "make prior" in page
+        assert 'id="warnings"' in summary_page and "make prior" in summary_page
+        assert "WARNING: sub-01: the prior cannot draw these images" in headline and "ldm.corpus" in headline
+    else:
+        assert written["usable"] is True and written["reason"] is None
+        assert check["ceiling_ci"][0] > check["floor_value"] and check["ceiling_value"] == pytest.approx(1.0)
+        assert not warned and 'id="prior-warning"' not in page and 'id="warnings"' not in summary_page
+        assert "WARNING" not in headline

@@ -45,6 +45,10 @@ Outputs in ``out_dir`` (``results/{subject}/evaluation/``)
                            :mod:`mindvis.evaluate.classifier_check`) and ``check``
                            (what was checked: ``n_val``, the Wilson lower bound, the
                            bound required, the classes predicted on the true images)
+    ``prior``              whether the prior, given the true images' embeddings, draws
+                           them above the mean-image floor
+                           (:mod:`mindvis.evaluate.prior_check`): ``usable`` (null:
+                           not checked), ``reason`` (with the fix) and ``check``
     ``ground_truth``       metric id -> the one ground truth of that column
     ``class_names``        the data set's classes (index = label)
     ``rows``               :data:`ROWS` in order: ``id``, ``label``, ``kind``
@@ -127,6 +131,7 @@ from mindvis.evaluate.baselines import (MAX_PIXEL_RIDGE_SIDE, base_ceiling_condi
                                         embedding_ridge, fmri_linear_probabilities, mean_training_image,
                                         pixel_ridge_images, ridge_images)
 from mindvis.evaluate.classifier_check import CLASSIFIER_METRICS, check_classifier
+from mindvis.evaluate.prior_check import check_prior
 from mindvis.evaluate.table import (BASE_CEILING_LABELS, GROUND_TRUTH, MINDVIS_GROUND_TRUTH, RETRIEVAL_METRICS,
                                     SUBSETS, Table, chance_metrics, class_scores, derangement, log_table,
                                     make_reference, stimulus_categories)
@@ -629,6 +634,7 @@ def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir
     table.add_retrieval_chance()
 
     rows = table.ordered()
+    prior_check = check_prior(rows)
     categories = stimulus_categories(reference.labels, np.concatenate([data["train"].label, data["val"].label]))
     subsets = table.subsets(categories)
     comparisons = table.comparisons(categories)
@@ -644,6 +650,7 @@ def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir
                        "held_out_accuracy": _held_out_accuracy(classifier),
                        "test_label_accuracy": test_label_accuracy, "usable": check.usable,
                        "reason": check.reason, "check": check.record},
+        "prior": {"usable": prior_check.usable, "reason": prior_check.reason, "check": prior_check.record},
         "ground_truth": {**GROUND_TRUTH, **(MINDVIS_GROUND_TRUTH if reference.mindvis_metrics else {})},
         "class_names": class_names, "rows": rows, "per_class": table.per_class,
         "confusion": table.confusion,

@@ -245,7 +245,8 @@ def summary_rows(metrics_list):
 
 
 def summary_warnings(metrics_list):
-    """What the run warns about, once per distinct warning (subjects named): the image classifier's check.
+    """What the run warns about, once per distinct warning (subjects named): the image classifier's check
+    (:mod:`mindvis.evaluate.classifier_check`) and the prior's (:mod:`mindvis.evaluate.prior_check`).
 
     Returns
     -------
@@ -257,6 +258,9 @@ def summary_warnings(metrics_list):
         if classifier.get("usable") is False and classifier.get("reason"):
             found.setdefault(f"{classifier['reason']} (every n-way, 2-way and FID figure withheld)", []).append(
                 metrics["subject"])
+        prior = metrics.get("prior") or {}
+        if prior.get("usable") is False and prior.get("reason"):
+            found.setdefault(prior["reason"], []).append(metrics["subject"])
     return [f"{', '.join(subjects)}: {warning}" for warning, subjects in found.items()]
 
 
@@ -375,9 +379,10 @@ def _subset_columns(frame):
     return {subset: groups[subset] for subset in SUBSETS if subset in groups}
 
 
-def summary_html(frame, title, notes=(), comparisons=()):
+def summary_html(frame, title, notes=(), comparisons=(), warnings=()):
     """A self-contained HTML page of the summary tables (inline CSS, no script): one per subset of
-    :func:`summary_table`; ``notes``: :func:`summary_notes`; ``comparisons``: :func:`summary_comparisons`."""
+    :func:`summary_table`; ``notes``: :func:`summary_notes`; ``comparisons``: :func:`summary_comparisons`;
+    ``warnings``: :func:`summary_warnings`, above the tables."""
     versions = software_versions()
     written = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     formatted = _formatted(frame)
@@ -402,6 +407,7 @@ th, td {{ border: 1px solid #ddd; padding: 0.3em 0.55em; text-align: right; }}
 th {{ background: #f3f3f3; max-width: 11em; }} td.label {{ text-align: left; }}
 tr.mean td {{ font-weight: 600; border-top: 2px solid #888; }}
 tr.above-zero td {{ font-weight: 600; background: #eefbea; }}
+.warning {{ background: #fff4e5; border-left: 4px solid #d97706; padding: 0.5em 0.8em 0.5em 2em; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
 <p>One row per subject and the mean over subjects, for all test stimuli and again for the seen categories (among
@@ -410,7 +416,7 @@ DC-LDM columns: the model; the others: each baseline's and ceiling's key metric 
 lower is better (not per subset: it compares whole sets). Per-subject reports with confidence
 intervals: <code>results/&lt;subject&gt;/report.html</code>. <span id="classifier">{html.escape(_classifier_line(frame), quote=False)}</span> Written {html.escape(written)} by mindvis
 {html.escape(versions.get("mindvis", "?"))} (torch {html.escape(versions.get("torch", "?"))}).</p>
-{chr(10).join(sections)}
+{_warnings_html(warnings)}{chr(10).join(sections)}
 {_notes_html(notes)}{_comparisons_html(comparisons)}</body></html>
 """
 
@@ -430,6 +436,13 @@ def _comparisons_html(comparisons):
             + "".join(rows) + "</tbody></table>")
 
 
+def _warnings_html(warnings):
+    if not warnings:
+        return ""
+    items = "".join(f"<li>{html.escape(warning)}</li>" for warning in warnings)
+    return f'<ul id="warnings" class="warning">{items}</ul>\n'
+
+
 def _notes_html(notes):
     if not notes:
         return ""
@@ -438,10 +451,10 @@ def _notes_html(notes):
 
 
 
-def summary_text(frame, notes=(), comparisons=()):
+def summary_text(frame, notes=(), comparisons=(), warnings=()):
     """The tables as plain text for the terminal, one per subset: one line per ``row/metric``, one column per
     subject and the mean; then why cells are empty (``notes``: :func:`summary_notes`) and the paired comparisons
-    (``comparisons``: :func:`summary_comparisons`)."""
+    (``comparisons``: :func:`summary_comparisons`); ``warnings`` (:func:`summary_warnings`) above the tables."""
     formatted = _formatted(frame)
     blocks = []
     for subset, columns in _subset_columns(frame).items():
@@ -450,6 +463,8 @@ def summary_text(frame, notes=(), comparisons=()):
         table.index.name = "row/metric"
         blocks.append(f"{tables.SUBSET_TITLES[subset]}:\n{table.to_string()}")
     text = "\n\n".join(blocks)
+    if warnings:
+        text = "\n".join(f"WARNING: {warning}" for warning in warnings) + f"\n\n{text}"
     if _classifier_line(frame):
         text = f"{_classifier_line(frame)}\n\n{text}"
     if notes:
@@ -477,8 +492,8 @@ def write_summary(metrics_paths, csv_path, html_path, title="mindvis summary"):
     with atomic_path(csv_path) as tmp:
         frame.to_csv(tmp, float_format="%.6g")
     with atomic_path(html_path) as tmp:
-        Path(tmp).write_text(summary_html(frame, title, frame.attrs["notes"], frame.attrs["comparisons"]),
-                             encoding="utf-8")
+        Path(tmp).write_text(summary_html(frame, title, frame.attrs["notes"], frame.attrs["comparisons"],
+                                          frame.attrs["warnings"]), encoding="utf-8")
     return frame
 
 
