@@ -243,7 +243,7 @@ def test_novel_categories_are_scored_apart_with_the_embedding_prototype_ceiling(
             row for row in metrics["rows"] if row["id"] == "chance")["metrics"]["n_way_top1_mean"]
     row = next(row for row in metrics["rows"] if row["id"] == "embedding-prototype")
     assert row["available"], row.get("reason")
-    assert row["kind"] == "ceiling" and "nearest class prototype" in row["note"]
+    assert row["kind"] == "baseline" and "nearest class prototype" in row["note"]
     assert row["fit"]["refit"] == "train + val" and row["fit"]["embedding_dim"] == 4 * 4
     assert len(row["fit"]["prototype_images"]) == 3 and min(row["fit"]["prototype_images"]) >= 1
     assert set(key for key, entry in row["metrics"].items() if entry is not None) == {"label_top1_mean"}

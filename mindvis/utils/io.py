@@ -573,7 +573,7 @@ def seed_everything(seed):
     return np.random.default_rng(seed)
 
 
-#: Environment variable: ``1`` makes GPU runs bit-repeatable at some speed (README, "Repeatability").
+#: Environment variable: ``1`` makes GPU runs bit-repeatable at some speed (docs/clusters.md, "Faults, bad input and repeatability").
 DETERMINISTIC_ENV = "MINDVIS_DETERMINISTIC"
 
 
