@@ -61,7 +61,7 @@ def select_device(preference="auto"):
     if not available:
         raise MindvisError(f"device '{preference}' is not available (torch {torch.__version__}, "
                            f"CUDA build: {torch.version.cuda or 'no'})", key="--device",
-                           fix="use --device auto or cpu, or install a CUDA build of torch (README, "Two commands").")
+                           fix="use --device auto or cpu, or install a CUDA build of torch (README, 'Two commands').")
     return torch.device(preference)
 
 
