@@ -1,5 +1,6 @@
 """Per-subject HTML reports, the summary table, the brain map, and the report in a real headless browser."""
 
+import base64
 import io
 import json
 import re
@@ -393,13 +394,45 @@ def test_report_is_self_contained_and_complete(built_report):
     assert "Attention-based map left out: the samples name no fine-tuned decoder folder" in page
     for row in built_report["metrics"]["rows"]:
         assert row["label"].replace(">", "&gt;").replace("'", "&#39;") in page
-    assert "unavailable: no image- or class-conditioned base generator" in page
+    # The pictures and the headline come first, then the full tables; an unavailable row is left out of every
+    # table and named once, with why (issue 36).
+    order = [page.index(f'<section id="{name}">') for name in ("images", "headline", "metrics", "comparisons")]
+    assert order == sorted(order)
+    left_out = page.split('id="left-out"')[1].split("</p>")[0]
+    assert 'data-row="base-ceiling"' in left_out and "no image- or class-conditioned base generator" in left_out
+    assert "unavailable:" not in page and 'data-row="base-ceiling"' not in page.split('id="left-out"')[0]
+    assert 'data-row="base-ceiling"' not in page.split('<section id="metrics">')[1].split("</section>")[0]
+    headline = page.split('id="headline-table"')[1].split("</table>")[0]
+    kinds = re.findall(r'<tr class="kind-(\w+)" data-row', headline)
+    assert kinds == sorted(kinds, key=tables.HEADLINE_KINDS.index) and kinds[0] == "model"
+    dcldm = next(row for row in built_report["metrics"]["rows"] if row["id"] == "dcldm")["metrics"]
+    assert tables.format_ci("n_way_top1_mean", dcldm["n_way_top1_mean"]["ci"]) in headline
+    assert "top-1 vs. data label" in headline  # the fMRI probe's key metric
     assert "n-way top-1 vs. classifier on true image" in page and "top-1 vs. data label" in page
     assert "<details>" in page and "sub-01" in page and 'id="classifier-warning"' not in page
     # The chance row has no PixCorr: a dash and a note pointing to the floors, never "0.000".
     assert f"{tables.WITHHELD}: {PIXEL_FLOORS}" in page
     for filename in html.FIGURE_FILES.values():
         assert (built_report["figures_dir"] / filename).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_opens_with_a_preview_of_the_first_stimuli_and_draws_every_one_below(tmp_path, report_inputs,
+                                                                                     monkeypatch):
+    monkeypatch.setattr(html, "PREVIEW_STIMULI", 4)  # the fixture has 6 test stimuli
+    out = tmp_path / "preview.html"
+    html.build_report(report_inputs["metrics_path"], out, config={"experiment": "x", "generate": {
+        "attention_stimuli": 2}}, samples=report_inputs["samples"])
+    page = out.read_text()
+    order = [page.index(f'<section id="{name}">') for name in ("images", "headline", "metrics", "all-images")]
+    assert order == sorted(order)
+    top = page.split('<section id="images">')[1].split("</section>")[0]
+    below = page.split('<section id="all-images">')[1].split("</section>")[0]
+    assert top.count("data-preview=") == below.count("data-grid=") == 2 and "The first\n    4 of 6" in top
+    heights = {Image.open(io.BytesIO(base64.b64decode(uri))).size[1]
+               for uri in re.findall(r'src="data:image/png;base64,([^"]*)"', top)}
+    full = {Image.open(io.BytesIO(base64.b64decode(uri))).size[1]
+            for uri in re.findall(r'src="data:image/png;base64,([^"]*)"', below)}
+    assert max(heights) < min(full)  # 4 rows of images above, 6 below
 
 
 def test_report_without_attention_or_logs_says_what_is_missing(tmp_path, report_inputs, rng):
@@ -482,8 +515,9 @@ def check_report_in_browser(html_path, metrics):
                 "#metrics-table td[data-metric]",
                 "cells => cells.map(c => [c.dataset.row, c.dataset.metric, c.querySelector('.value').textContent,"
                 " (c.querySelector('.ci') || {textContent: ''}).textContent])")
-            reasons = page.eval_on_selector_all("#metrics-table tr.unavailable",
+            reasons = page.eval_on_selector_all("#left-out .left-out",
                                                 "rows => rows.map(r => [r.dataset.row, r.textContent])")
+            in_table = page.eval_on_selector_all("#metrics-table tr[data-row]", "rows => rows.map(r => r.dataset.row)")
         finally:
             browser.close()
     assert not errors, errors
@@ -491,9 +525,11 @@ def check_report_in_browser(html_path, metrics):
     shown = {(row, metric): (value, ci) for row, metric, value, ci in cells}
     checked = 0
     for row in metrics["rows"]:
-        if not row["available"]:
+        if not row["available"]:  # left out of the table, named with its reason in one line
             assert any(row_id == row["id"] and row.get("reason", "") in text for row_id, text in reasons)
+            assert row["id"] not in in_table
             continue
+        assert row["id"] in in_table
         for metric, entry in (row.get("metrics") or {}).items():
             if (row["id"], metric) not in shown:
                 assert all((r.get("metrics") or {}).get(metric) is None for r in metrics["rows"] if r["available"])

@@ -2,15 +2,21 @@
 
 One self-contained file a scientist can open and send: PNG figures are
 embedded as base64 ``data:`` URIs, the CSS is inline, there is no script and
-no external URL. Sections: header (subject, date, config name); the metrics
-table of ``metrics.json`` with confidence intervals, floors, baselines and
-ceilings marked, each column's ground truth in its header, n, k and chance
-stated, unavailable rows and withheld figures with their reason (a degenerate
-image classifier withholds every figure it computes), shown for all test
-stimuli and again for the seen- and novel-category stimuli (n of each stated,
-or why a subset is omitted), then the paired comparisons (a - b with its
-interval, marked where the interval lies above 0); image grids (model,
-ablation, ridge baselines, the base generator's ceiling); per-class accuracy
+no external URL. Sections: header (subject, date, config name) and the
+warnings (a classifier that cannot ground its figures, a prior of another
+domain); the image grids (model, ablation, ridge baselines, the base
+generator's ceiling: their first :data:`PREVIEW_STIMULI` stimuli where there
+are more, every stimulus further down); the headline (each available row's key metric with its
+interval, for all test stimuli and the seen and novel categories: decoders,
+then baselines, floors and ceilings); the metrics tables of ``metrics.json``
+with confidence intervals, floors, baselines and ceilings marked, each
+column's ground truth in its header, n, k and chance stated, withheld figures
+with their reason (a degenerate image classifier withholds every figure it
+computes), shown for all test stimuli and again for the seen- and
+novel-category stimuli (n of each stated, or why a subset is omitted), the
+rows that are not available left out and named in one line with why; then the
+paired comparisons (a - b with its interval, marked where the interval lies
+above 0); per-class accuracy
 and the confusion matrix; SC-MBM and fine-tuning curves; for a few-shot new subject, its learning curve
 (adapted vs from scratch) and the other subjects' scores before and after; the brain-token edits (a voxel
 group's tokens from another stimulus) with their in-silico check; cross-attention maps
@@ -56,6 +62,9 @@ FIGURE_FILES = {"grid": "grid.png", "per_class": "per_class.png", "confusion": "
                 "curves": "curves.png", "attention": "attention.png", "brain": "brain_map.png",
                 "brain_voxel": "brain_map_voxel_path.png", "fewshot": "fewshot_curve.png",
                 "edits": "brain_edits.png"}
+#: Stimuli in the preview grids that open the report (the test stimuli interleave their classes, so the first
+#: ones show every class of a 10-class set); every stimulus is drawn further down.
+PREVIEW_STIMULI = 10
 # Which samples.h5 grids the report shows, in order, with their titles.
 GRID_TITLES = {
     "dcldm": "DC-LDM (SC-MBM pretrained)",
@@ -111,13 +120,19 @@ def _load_samples(path):
                            fix="rerun the stage that wrote it (generate or evaluate).") from error
 
 
-def grid_figures(samples_paths):
+def grid_figures(samples_paths, first=None):
     """Grids of true images beside their samples, for each ``samples.h5`` that exists.
+
+    Parameters
+    ----------
+    samples_paths : dict of str -> path
+    first : int, optional
+        Draw only the first ``first`` stimuli (the report's preview); all by default.
 
     Returns
     -------
     list of dict
-        ``id``, ``title``, ``png`` (bytes), ``n_stimuli``, ``n_samples``.
+        ``id``, ``title``, ``png`` (bytes), ``n_stimuli`` (drawn), ``n_samples``, ``n_total`` (stimuli in the file).
     """
     grids = []
     for row_id, path in samples_paths.items():
@@ -127,9 +142,11 @@ def grid_figures(samples_paths):
         title = GRID_TITLES.get(row_id, row_id)
         if row_id == "base-ceiling" and data["attrs"].get("method"):
             title = f"{data['attrs']['method']} (ceiling)"  # what the base was given: the image or the class
+        shown = slice(None, first)
         grids.append({"id": row_id, "title": title,
-                      "png": figures.image_grid_png(data["samples"], data["true_images"]),
-                      "n_stimuli": int(data["samples"].shape[0]), "n_samples": int(data["samples"].shape[1])})
+                      "png": figures.image_grid_png(data["samples"][shown], data["true_images"][shown]),
+                      "n_stimuli": int(data["samples"][shown].shape[0]), "n_samples": int(data["samples"].shape[1]),
+                      "n_total": int(data["samples"].shape[0])})
     return grids
 
 
@@ -207,7 +224,9 @@ def metrics_tables(metrics):
         name = subset["name"]
         out.append({**subset, "table_id": "metrics-table" if name == "all" else f"metrics-table-{name}",
                     "columns": tables.metric_columns(metrics, name),
-                    "rows": tables.table_rows(metrics, name) if subset["available"] else []})
+                    # Unavailable rows are left out of the tables; the report names them once, with why.
+                    "rows": [row for row in tables.table_rows(metrics, name) if row["available"]]
+                    if subset["available"] else []})
     return out
 
 
@@ -479,9 +498,13 @@ def build_report(metrics_path, out_path, *, config, samples=None, responses=None
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "metrics": metrics,
         "tables": metrics_tables(metrics),
+        "headline": tables.headline_rows(metrics),
+        "left_out": tables.left_out_rows(metrics),
         "comparisons": tables.comparison_rows(metrics),
         "fmt": tables.format_value,
         "grids": [{**grid, "uri": data_uri(grid["png"])} for grid in grids],
+        "previews": [{**grid, "uri": data_uri(grid["png"])} for grid in grid_figures(samples, first=PREVIEW_STIMULI)
+                     if grid["n_total"] > PREVIEW_STIMULI],
         "figures": {name: data_uri(png) for name, png in drawn.items()},
         "attention_stimuli": attention.get("attention_stimuli", []),
         "brain_paths": attention.get("brain_paths") or {

@@ -49,7 +49,7 @@ MINDVIS_METRICS = ("pixcorr_mindvis", "ssim_mindvis")
 #: image prior's embedding space (a decoder that records its decoded embedding, an image prior).
 SCORED_METRICS = MINDVIS_METRICS + ("retrieval_brain_to_image_top1", "retrieval_image_to_brain_top1")
 # A baseline's or ceiling's key metric: the first of these it has.
-KEY_METRICS = ("n_way_top1_mean", "label_top1_mean", "pixcorr")
+KEY_METRICS = tables.KEY_METRICS
 # Where each subject's metrics.json lies relative to summary.csv (results/summary.csv).
 METRICS_BESIDE_SUMMARY = "{subject}/evaluation/metrics.json"
 #: The subsets of the table, in order (``all``: the columns without a prefix).

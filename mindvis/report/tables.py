@@ -22,7 +22,9 @@ seen / novel / null), ``subsets`` (``seen`` / ``novel`` -> ``n_stimuli``,
 
 Every table is shown for all test stimuli and for the seen- and
 novel-category subsets (:func:`subsets`, ``subset=`` of :func:`table_rows`);
-the paired comparisons by :func:`comparison_rows`. A ``metrics.json`` from
+the paired comparisons by :func:`comparison_rows`; the report's headline (each
+row's key metric, :func:`headline_rows`) and the rows its tables leave out
+(:func:`left_out_rows`). A ``metrics.json`` from
 before the subsets existed shows the ``all`` table only.
 """
 
@@ -190,6 +192,55 @@ def table_rows(metrics, subset="all"):
         out.append({"id": row["id"], "label": row["label"], "kind": row["kind"], "available": row["available"],
                     "reason": row.get("reason", ""), "cells": cells})
     return out
+
+
+#: A row's key metric: the first of these it has (n-way top-1 as MinD-Vis reports it; else its top-1 against the
+#: data set's labels, as the fMRI probes; else PixCorr).
+KEY_METRICS = ("n_way_top1_mean", "label_top1_mean", "pixcorr")
+#: The order of row kinds in the headline: each decoder beside its baselines, floors and ceilings.
+HEADLINE_KINDS = ("model", "baseline", "floor", "ceiling")
+
+
+def key_metric(metrics, row_id):
+    """The first of :data:`KEY_METRICS` that row ``row_id`` has a value (or a withheld figure) for."""
+    row = row_by_id(metrics, row_id)
+    entries = (row or {}).get("metrics") or {}
+    return next((metric for metric in KEY_METRICS if entries.get(metric) is not None), KEY_METRICS[0])
+
+
+def headline_rows(metrics):
+    """The report's headline: each available row's key metric for all test stimuli and each recorded subset.
+
+    Returns
+    -------
+    list of dict
+        ``id``, ``label``, ``kind``, ``metric``, ``title`` and ``cells``: one ``{"subset", "value", "ci"}`` of
+        formatted strings per available subset of :func:`subsets` (:data:`WITHHELD` for a withheld figure);
+        decoders first, then baselines, floors and ceilings (:data:`HEADLINE_KINDS`), each in table order.
+    """
+    shown = [subset["name"] for subset in subsets(metrics) if subset["available"]]
+    rows = [row for row in metrics["rows"] if row["available"]]
+    rows.sort(key=lambda row: HEADLINE_KINDS.index(row["kind"]) if row["kind"] in HEADLINE_KINDS else
+              len(HEADLINE_KINDS))
+    out = []
+    for row in rows:
+        metric = key_metric(metrics, row["id"])
+        cells = []
+        for subset in shown:
+            entry = row_metrics(metrics, row, subset).get(metric)
+            withheld = entry is not None and entry.get("value") is None and entry.get("reason")
+            cells.append({"subset": subset, "value": WITHHELD if withheld else format_value(metric, entry and
+                                                                                          entry.get("value")),
+                          "ci": "" if withheld else format_ci(metric, entry and entry.get("ci"))})
+        out.append({"id": row["id"], "label": row["label"], "kind": row["kind"], "metric": metric,
+                    "title": METRIC_TITLES[metric], "cells": cells})
+    return out
+
+
+def left_out_rows(metrics):
+    """The rows the report's tables leave out: those not available, with why (``id``, ``label``, ``reason``)."""
+    return [{"id": row["id"], "label": row["label"], "reason": row.get("reason") or "no reason given"}
+            for row in metrics["rows"] if not row["available"]]
 
 
 def row_by_id(metrics, row_id):
