@@ -669,6 +669,13 @@ def test_the_terminal_headline_is_short_and_says_where_the_rest_is(tmp_path, rng
     for place in ("summary.html", "summary.csv", "<subject>/report.html", "mindvis summary --full"):
         assert place in text.split("The rest:")[1]
     assert "Paired comparisons" not in text
+    # From the CSV alone (no metrics.json beside it): the same table, the empty row left out all the same.
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "alone" / "summary.csv").write_bytes((tmp_path / "summary.csv").read_bytes())
+    back = summary.read_summary(tmp_path / "alone" / "summary.csv")
+    alone = summary.headline_text(back, back.attrs["rows"], back.attrs["warnings"], tmp_path / "alone" / "summary.csv")
+    assert [line for line in alone.splitlines() if summary.SHORT_LABELS["dcldm"] in line] == [dcldm]
+    assert "prior given the true image" in alone.split("Left out")[1]
     cli.main(["summary", "--config", str(config), "--csv", str(tmp_path / "summary.csv"), "--full"])
     full = capsys.readouterr().out
     assert "Paired comparisons" in full and len(full.splitlines()) > len(lines)

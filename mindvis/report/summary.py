@@ -536,10 +536,12 @@ def _rows_from_columns(frame):
     from mindvis.evaluate.table import ROWS
 
     kinds = {row_id: (label, kind) for row_id, label, kind in ROWS}
-    seen = []
+    columns = {}
     for column in _numeric_columns(frame):
         row_id = parse_column(column)[1]
-        if row_id is not None and row_id not in seen:
-            seen.append(row_id)
+        if row_id is not None:
+            columns.setdefault(row_id, []).append(column)
+    empty = "no subject has a figure (no metrics.json beside the CSV to say why)"
     return [{"id": row_id, "kind": kinds.get(row_id, (row_id, "baseline"))[1],
-             "label": kinds.get(row_id, (row_id,))[0], "left_out": None} for row_id in seen]
+             "label": kinds.get(row_id, (row_id,))[0],
+             "left_out": empty if frame[names].isna().all().all() else None} for row_id, names in columns.items()]
