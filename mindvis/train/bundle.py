@@ -18,7 +18,7 @@ import logging
 import subprocess
 from pathlib import Path
 
-from mindvis.data.stimuli import FASHION_MNIST_FILES
+from mindvis.data.stimuli import FASHION_MNIST_FILES, fashion_mnist_dir
 from mindvis.errors import MindvisError
 from mindvis.models.bundled import BUNDLED_CLASSIFIER, BUNDLED_MBM, BUNDLED_PRIOR, write_bundle
 from mindvis.utils.io import sha256_file, software_versions
@@ -42,7 +42,7 @@ def git_state(folder="."):
 
 def corpus_record(config, stimuli):
     """Where the training images came from: the Fashion-MNIST files' SHA-256 (training file; test file held out)."""
-    folder = Path(config["stimuli"]["fashion_mnist_dir"])
+    folder = fashion_mnist_dir(config["stimuli"]["fashion_mnist_dir"])  # "bundled": the committed subset
     record = {"stimuli_file": str(stimuli), "fashion_mnist_dir": str(folder), "files": {}}
     for names in FASHION_MNIST_FILES.values():
         for name in names:
