@@ -283,6 +283,28 @@ def test_ridge_voxel_map_picks_alpha_on_val_and_refits_on_train_only():
     np.testing.assert_allclose(bias, refit.intercept_, rtol=1e-4, atol=1e-5)
 
 
+def test_the_block_ridge_path_is_scikit_learns_ridge_for_every_weight_and_alpha():
+    from sklearn.linear_model import Ridge
+
+    from mindvis.models.linear import BlockRidgePath
+
+    rng = np.random.default_rng(0)
+    # More features than rows (the dual form scikit-learn also takes) and fewer, with offsets to centre away.
+    for n_a, n_b in ((30, 70), (4, 6)):
+        a, b = rng.normal(size=(60, n_a)) + 3, rng.normal(size=(60, n_b)) - 1
+        y = a[:, :3] @ rng.normal(size=(3, 5)) + b[:, :2] @ rng.normal(size=(2, 5)) + 2
+        path = BlockRidgePath(a[:40], b[:40], y[:40], a[40:], b[40:])
+        for weight in (0.0, 1.0, 16.0):
+            for alpha in (0.1, 10.0, 1e4):
+                x = np.concatenate([a, weight * b], axis=1)
+                reference = Ridge(alpha=alpha).fit(x[:40], y[:40])
+                coef, intercept = path.solution(weight, alpha)
+                np.testing.assert_allclose(coef, reference.coef_, rtol=1e-7, atol=1e-9)
+                np.testing.assert_allclose(intercept, reference.intercept_, rtol=1e-7, atol=1e-9)
+                np.testing.assert_allclose(path.val_predictions(weight, alpha), reference.predict(x[40:]),
+                                           rtol=1e-7, atol=1e-9)
+
+
 def test_a_frozen_encoder_is_stored_with_the_decoder(workspace):
     """Parts left out of finetune.train are still the decoder's: the loader must get the pretrained encoder back."""
     root, config = workspace["root"], workspace["config"]

@@ -148,6 +148,61 @@ def fit_ridge(train_x, train_y, val_x, val_y, alphas, error="mse", what="ridge",
     return model, info
 
 
+class BlockRidgePath:
+    """Ridge with an intercept from two weighted feature blocks, ``[A, w B] -> Y``, for many ``w`` and alphas.
+
+    The same estimator as scikit-learn's ``Ridge(alpha)`` on ``[A, w B]`` (centred features and targets, the
+    intercept unpenalised), solved in its dual form: the centred Gram matrix is ``A A' + w^2 B B'``, so the two
+    blocks' Gram matrices are computed once, and one eigendecomposition per weight gives the solution for
+    every alpha (the validation predictions by matrix products, no refit). Equal to fitting ``Ridge`` once
+    per (weight, alpha) up to float64 rounding (tested), at a fraction of the cost.
+
+    Parameters
+    ----------
+    train_a, train_b : float [N, Fa], [N, Fb]
+        The two blocks of the training rows.
+    train_y : float [N, D]
+    val_a, val_b : float [M, Fa], [M, Fb], optional
+        The validation rows, whose predictions :meth:`val_predictions` returns.
+    """
+
+    def __init__(self, train_a, train_b, train_y, val_a=None, val_b=None):
+        train_a, train_b = np.asarray(train_a, np.float64), np.asarray(train_b, np.float64)
+        train_y = np.asarray(train_y, np.float64)
+        self.mean_a, self.mean_b, self.mean_y = train_a.mean(0), train_b.mean(0), train_y.mean(0)
+        self.a, self.b = train_a - self.mean_a, train_b - self.mean_b
+        self.y = train_y - self.mean_y
+        self.gram_a, self.gram_b = self.a @ self.a.T, self.b @ self.b.T
+        if val_a is not None:
+            va = np.asarray(val_a, np.float64) - self.mean_a
+            vb = np.asarray(val_b, np.float64) - self.mean_b
+            self.cross_a, self.cross_b = va @ self.a.T, vb @ self.b.T
+        self._eigen = {}
+
+    def _decomposed(self, weight):
+        if weight not in self._eigen:
+            values, vectors = np.linalg.eigh(self.gram_a + weight ** 2 * self.gram_b)
+            self._eigen = {weight: (np.clip(values, 0.0, None), vectors, vectors.T @ self.y)}
+        return self._eigen[weight]
+
+    def dual(self, weight, alpha):
+        """The dual coefficients ``(K + alpha I)^-1 Y`` [N, D] of block weight ``weight``."""
+        values, vectors, projected = self._decomposed(weight)
+        return vectors @ (projected / (values + alpha)[:, None])
+
+    def val_predictions(self, weight, alpha):
+        """Predictions for the validation rows [M, D]."""
+        return (self.cross_a + weight ** 2 * self.cross_b) @ self.dual(weight, alpha) + self.mean_y
+
+    def solution(self, weight, alpha):
+        """``coef`` [D, Fa + Fb] (on ``[A, w B]``, as ``Ridge.coef_``) and ``intercept`` [D]."""
+        dual = self.dual(weight, alpha)
+        coef = np.concatenate([self.a.T @ dual, weight * (self.b.T @ dual)]).T
+        intercept = self.mean_y - coef[:, :len(self.mean_a)] @ self.mean_a - coef[:, len(self.mean_a):] @ (
+            weight * self.mean_b)
+        return coef, intercept
+
+
 def fit_fmri_classifier(train_fmri, train_labels, val_fmri, val_labels, Cs, seed=0):
     """Multinomial logistic regression on standardised fMRI, ``C`` chosen by validation log-loss.
 

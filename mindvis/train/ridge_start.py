@@ -20,7 +20,7 @@ import torch
 from sklearn.linear_model import Ridge
 
 from mindvis.errors import MindvisError
-from mindvis.models.linear import fit_ridge
+from mindvis.models.linear import BlockRidgePath, fit_ridge, identification, relative_squared_error
 
 log = logging.getLogger(__name__)
 
@@ -159,23 +159,35 @@ def fit_readout_start(model, train_fmri, train_targets, val_fmri, val_targets, a
         inverse_sd = np.where(sd > 0, 1.0 / np.where(sd > 0, sd, 1.0), 0.0)
         conditioner.set_voxel_scaling(mean, np.ones_like(inverse_sd))
         base_train, base_val = readout_features(model, train_fmri), readout_features(model, val_fmri)
+        if len(base_val) == 0:
+            raise MindvisError("the read-out's voxel block weight is chosen on validation trials, and there are "
+                               "none", key="finetune.val_fraction", fix="set finetune.val_fraction above 0, or "
+                               "finetune.readout_inputs: tokens.")
+        # One ridge over [tokens, weight x standardised voxels] per weight, all solved from one pair of Gram
+        # matrices (models.linear.BlockRidgePath: scikit-learn's Ridge, fitted once per weight and alpha, is the
+        # same estimator at many times the cost).
+        path = BlockRidgePath(base_train[:, :-n_voxels], base_train[:, -n_voxels:] * inverse_sd, train_targets,
+                              base_val[:, :-n_voxels], base_val[:, -n_voxels:] * inverse_sd)
+        alphas = [float(alpha) for alpha in alphas]
         fits = []
         for weight in VOXEL_BLOCK_WEIGHTS:
-            x_train, x_val = base_train.copy(), base_val.copy()
-            x_train[:, -n_voxels:] *= inverse_sd * weight
-            x_val[:, -n_voxels:] *= inverse_sd * weight
-            fit = fit_ridge_voxel_map(x_train, train_targets, x_val, val_targets, alphas, what=what,
-                                      key="finetune.ridge_init", criterion=criterion)
-            chosen = fit[2]["alpha"]
-            score = (fit[2]["val_identification"][chosen] if criterion == "identification"
-                     else -fit[2]["val_relative_error"][chosen])
-            fits.append((score, weight, fit, x_train.shape[1]))
+            predictions = [path.val_predictions(weight, alpha) for alpha in alphas]
+            identified = {alpha: identification(pred, val_targets) for alpha, pred in zip(alphas, predictions)}
+            errors = {alpha: relative_squared_error(val_targets, pred) for alpha, pred in zip(alphas, predictions)}
+            by = identified if criterion == "identification" else {a: -e for a, e in errors.items()}
+            chosen = alphas[int(np.argmax([by[alpha] for alpha in alphas]))]  # the first of ties, as fit_ridge
+            fits.append((by[chosen], weight, chosen, identified, errors))
             log.info("read-out start, voxel block weight %g: alpha %g, val %s %.4f", weight, chosen, criterion,
-                     abs(score))
-        score, voxel_weight, (weight, bias, report), n_features = max(fits, key=lambda entry: entry[0])
+                     abs(by[chosen]))
+        _, voxel_weight, alpha, identified, errors = max(fits, key=lambda entry: entry[0])
+        coef, intercept = path.solution(voxel_weight, alpha)  # refitted on train only: val then selects
+        weight, bias = coef.astype(np.float32), intercept.astype(np.float32)
         conditioner.set_voxel_scaling(mean, inverse_sd * voxel_weight)
-        report["voxel_weight"] = float(voxel_weight)
-        report["voxel_weight_scores"] = {str(entry[1]): float(abs(entry[0])) for entry in fits}
+        n_features = base_train.shape[1]
+        report = {"alpha": alpha, "criterion": criterion, "val_relative_error": errors,
+                  "val_identification": identified, "n_train": int(len(base_train)), "n_val": int(len(base_val)),
+                  "voxel_weight": float(voxel_weight),
+                  "voxel_weight_scores": {str(entry[1]): float(abs(entry[0])) for entry in fits}}
     else:
         x_train = readout_features(model, train_fmri)
         x_val = readout_features(model, val_fmri)
