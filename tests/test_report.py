@@ -186,6 +186,27 @@ def built_report(tmp_path_factory):
     return {**inputs, "html_path": out, "info": info, "figures_dir": folder / "figures"}
 
 
+def test_a_row_drawn_by_the_same_decoder_as_another_is_named_once_with_its_twin(tmp_path):
+    inputs = make_report_inputs(tmp_path, np.random.default_rng(1))
+    metrics = json.loads(inputs["metrics_path"].read_text())
+    rows = {row["id"]: row for row in metrics["rows"]}
+    rows["dcldm"]["source"] = "results/sub-01/samples/samples.h5"
+    rows["dcldm-baseline"].update(source="results/sub-01/samples-baseline/samples.h5",
+                                  same_decoder_as="/runs/a/results/sub-01/samples/samples.h5")
+    assert tables.same_decoder_rows(metrics) == [{"id": "dcldm-baseline", "label": rows["dcldm-baseline"]["label"],
+                                                  "same_as": rows["dcldm"]["label"]}]
+    inputs["metrics_path"].write_text(json.dumps(metrics))
+    html.build_report(inputs["metrics_path"], tmp_path / "report.html",
+                      config={"experiment": "fixture", "generate": {"attention_stimuli": 2}},
+                      samples=inputs["samples"], figures_dir=tmp_path / "figures")
+    page = (tmp_path / "report.html").read_text()
+    line = page.split('class="missing same-decoder" data-row="dcldm-baseline">')[1].split("</p>")[0]
+    assert "is the same decoder as DC-LDM (SC-MBM pretrained)" in line
+    # Without the record there is no such line.
+    del rows["dcldm-baseline"]["same_decoder_as"]
+    assert tables.same_decoder_rows(metrics) == []
+
+
 # -- the brain map's voxel importance -------------------------------------------
 
 def test_voxel_importance_matches_a_brute_force_sum(rng):

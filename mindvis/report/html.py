@@ -500,6 +500,7 @@ def build_report(metrics_path, out_path, *, config, samples=None, responses=None
         "tables": metrics_tables(metrics),
         "headline": tables.headline_rows(metrics),
         "left_out": tables.left_out_rows(metrics),
+        "same_decoder": tables.same_decoder_rows(metrics),
         "comparisons": tables.comparison_rows(metrics),
         "fmt": tables.format_value,
         "grids": [{**grid, "uri": data_uri(grid["png"])} for grid in grids],

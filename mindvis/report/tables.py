@@ -243,6 +243,23 @@ def left_out_rows(metrics):
             for row in metrics["rows"] if not row["available"]]
 
 
+def same_decoder_rows(metrics):
+    """The rows whose decoder has another row's weights (``generate --same-as``: its images were copied, not
+    drawn again), with the row they equal (``id``, ``label``, ``same_as``: that row's label)."""
+    def place(path):  # the folder and file name: generate and evaluate may name it from other directories
+        return Path(path).parts[-2:]
+
+    out = []
+    for row in metrics["rows"]:
+        same = row.get("same_decoder_as")
+        if same and row["available"]:
+            # same_decoder_as names the samples.h5 the images came from: the row that scored that file.
+            twin = next((other for other in metrics["rows"] if other is not row and other.get("source")
+                         and place(other["source"]) == place(same)), None)
+            out.append({"id": row["id"], "label": row["label"], "same_as": twin["label"] if twin else same})
+    return out
+
+
 def row_by_id(metrics, row_id):
     """The row called ``row_id``, or None."""
     return next((row for row in metrics["rows"] if row["id"] == row_id), None)
