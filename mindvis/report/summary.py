@@ -222,6 +222,10 @@ SHORT_LABELS = {
 HEADLINE_KINDS = ("model", "baseline", "floor", "ceiling")
 #: What the headline calls each kind.
 KIND_TITLES = {"model": "decoder", "baseline": "baseline", "floor": "floor", "ceiling": "ceiling"}
+#: Rows whose headline figure is not the first of :data:`KEY_METRICS` they have: the true images' n-way top-1
+#: is 1 by definition (they are their own ground truth), so their line shows the classifier's label top-1, and
+#: no line where the summary has no such column.
+ROW_KEY_METRICS = {"true-images": "label_top1_mean"}
 #: What the headline calls each key metric (:data:`KEY_METRICS`).
 KEY_METRIC_TITLES = {"n_way_top1_mean": "n-way", "label_top1_mean": "label top-1", "pixcorr": "PixCorr"}
 
@@ -303,7 +307,8 @@ def headline_text(frame, rows, warnings=(), csv_path="results/summary.csv"):
     for column in _numeric_columns(frame):
         subset, row_id, metric = parse_column(column)
         if subset == "all" and row_id is not None and row_id not in keys and (
-                metric in KEY_METRICS if row_id != MODEL_ROW else metric == KEY_METRICS[0]):
+                metric == ROW_KEY_METRICS[row_id] if row_id in ROW_KEY_METRICS
+                else metric in KEY_METRICS if row_id != MODEL_ROW else metric == KEY_METRICS[0]):
             keys[row_id] = metric
     ordered = sorted((row for row in rows if row["id"] in keys and not row["left_out"]),
                      key=lambda row: HEADLINE_KINDS.index(row["kind"]) if row["kind"] in HEADLINE_KINDS else 9)
