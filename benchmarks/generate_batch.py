@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -29,6 +30,17 @@ from mindvis.generate.decode import decode
 from mindvis.generate.run import sample_seeds
 from mindvis.models.dcldm import load_dcldm
 from mindvis.utils.io import software_versions
+
+
+def cpu_name():
+    """The CPU's model name (Linux), else the platform's machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def measure(results, subject, batch_sizes, repeats):
@@ -69,7 +81,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     by_batch, info = measure(args.results, args.subject, args.batch_sizes, args.repeats)
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s)"
+    machine = f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s)"
     record = {"command": "python benchmarks/generate_batch.py " + " ".join(argv or __import__("sys").argv[1:]),
               "machine": machine, "versions": software_versions(), "subject": args.subject,
               "minutes": round((time.perf_counter() - started) / 60, 1), **info,
