@@ -26,18 +26,32 @@ SLURM_CLUSTER = ROOT / "workflow/profiles/slurm-ci/local-slurm.sh"
 SLURM_PROFILE = ROOT / "workflow/profiles/slurm-ci"
 
 
-def _decode(workdir, slurm=False):
-    """`snakemake decode` on the test config in workdir: locally on 2 cores, or through the SLURM executor."""
+def _start_decode(workdir, slurm=False):
+    """Start `snakemake decode` on the test config in workdir: locally on 2 cores, or through the SLURM executor.
+    Its output goes to workdir/snakemake.log; :func:`_finish_decode` waits for it."""
     where = ["--workflow-profile", str(SLURM_PROFILE)] if slurm else ["--cores", "2"]
     command = [sys.executable, "-m", "snakemake", "decode", "--snakefile", str(ROOT / "Snakefile"),
                "--directory", str(workdir), "--configfile", str(ROOT / "configs/test.yaml"), *where]
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = open(workdir / "snakemake.log", "w")
     # SIGTERM does not stop a hung SLURM run: timeout -k kills it.
-    result = subprocess.run(["timeout", "-k", "10", "1200", *command], capture_output=True, text=True)
-    (workdir / "snakemake.log").write_text(result.stdout + result.stderr)
-    if result.returncode != 0:
+    return subprocess.Popen(["timeout", "-k", "10", "1200", *command], stdout=log, stderr=subprocess.STDOUT,
+                            text=True), log
+
+
+def _finish_decode(workdir, started):
+    job, log = started
+    returncode = job.wait()
+    log.close()
+    if returncode != 0:
         logs = "\n".join(f"--- {log}\n{log.read_text()[-3000:]}" for log in sorted(workdir.glob("logs/**/*.log")))
-        pytest.fail(f"snakemake failed:\n{result.stderr[-6000:]}\n{logs}")
+        pytest.fail(f"snakemake failed:\n{(workdir / 'snakemake.log').read_text()[-6000:]}\n{logs}")
     return workdir
+
+
+def _decode(workdir, slurm=False):
+    """`snakemake decode` on the test config in workdir (:func:`_start_decode`), waited for."""
+    return _finish_decode(workdir, _start_decode(workdir, slurm))
 
 
 def slurm_missing():
@@ -70,18 +84,46 @@ def slurm_cluster():
         subprocess.run([str(SLURM_CLUSTER), "stop"], capture_output=True)
 
 
-@pytest.fixture(scope="module")
-def second_run(tmp_path_factory, request):
-    """A second fresh run of the test config: through SLURM where it can run (the SLURM test), else locally."""
+#: The second run, when finished_run started it beside itself: (workdir, where, started job).
+_SECOND = {}
+
+
+def _start_second_run(tmp_path_factory, request):
+    """Start the second fresh run of the test config: through SLURM where it can run (the SLURM test), else
+    locally. Returns (workdir, where, started job)."""
     workdir = tmp_path_factory.mktemp("again")
     if slurm_missing() is None:
         print(request.getfixturevalue("slurm_cluster"))
-        return _decode(workdir, slurm=True), "slurm"
-    return _decode(workdir), "local"
+        return workdir, "slurm", _start_decode(workdir, slurm=True)
+    return workdir, "local", _start_decode(workdir)
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
+def second_run(tmp_path_factory, request):
+    """A second fresh run of the test config (:func:`_start_second_run`), started beside the first where this
+    session also runs that one (its SLURM jobs mostly wait on the scheduler's polls)."""
+    workdir, where, started = _SECOND.pop("run", None) or _start_second_run(tmp_path_factory, request)
+    return _finish_decode(workdir, started), where
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, request):
+    if any("second_run" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        _SECOND["run"] = _start_second_run(tmp_path_factory, request)
+
+        def stop_unused():  # a second run no test waited for (the session stopped early) is not left running
+            leftover = _SECOND.pop("run", None)
+            if leftover is not None:
+                job, log = leftover[2]
+                job.terminate()  # timeout passes SIGTERM on to snakemake
+                try:
+                    job.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    job.kill()
+                    job.wait()
+                log.close()
+
+        request.addfinalizer(stop_unused)
     return _decode(tmp_path_factory.mktemp("workflow"))
 
 
