@@ -619,8 +619,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    set_threads(args.threads)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)  # BLAS and the torch already imported
     logging.basicConfig(level=logging.WARNING)
     started = time.perf_counter()
     settings = MLPSettings(epochs=args.epochs, patience=args.patience)

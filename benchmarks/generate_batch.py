@@ -29,7 +29,7 @@ from mindvis.data.responses import load_responses
 from mindvis.generate.decode import decode
 from mindvis.generate.run import sample_seeds
 from mindvis.models.dcldm import load_dcldm
-from mindvis.utils.io import software_versions
+from mindvis.utils.io import set_threads, software_versions
 
 
 def cpu_name():
@@ -78,7 +78,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a make decode job has 1)")
     parser.add_argument("--out", type=Path, required=True, help="output stem (writes .json and .md)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)  # BLAS and torch, as a make decode job
     started = time.perf_counter()
     by_batch, info = measure(args.results, args.subject, args.batch_sizes, args.repeats)
     machine = f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s)"

@@ -80,6 +80,25 @@ def workspace(tmp_path_factory):
     return {"root": root, "config": config, "stimuli": stimuli, "metrics": metrics, "seeds": seeds}
 
 
+def test_a_row_copied_from_another_decoders_drawing_is_named_after_that_row(workspace, tmp_path):
+    import shutil
+
+    import h5py
+
+    root, config = workspace["root"], workspace["config"]
+    # generate --same-as records the samples.h5 it copied, as the workflow named it (here by another spelling).
+    shutil.copy(root / "samples.h5", tmp_path / "samples-start.h5")
+    with h5py.File(tmp_path / "samples-start.h5", "a") as handle:
+        handle.attrs["same_decoder_as"] = str(root / "." / "samples.h5")
+    metrics = evaluate_subject(config, "sub-01", root / "responses.h5", root / "stimuli.h5", root / "samples.h5",
+                               root / "ldm", tmp_path / "evaluation", classifier_dir=root / "classifier",
+                               start_samples=tmp_path / "samples-start.h5")
+    rows = {row["id"]: row for row in metrics["rows"]}
+    assert rows["dcldm-start"]["same_decoder_as"] == "dcldm" and "same decoder as dcldm" in rows["dcldm-start"]["note"]
+    assert rows["dcldm-start"]["metrics"]["n_way_top1_mean"] == rows["dcldm"]["metrics"]["n_way_top1_mean"]
+    assert "same_decoder_as" not in rows["dcldm"]
+
+
 def _strict_json(path):
     def reject(name):
         raise ValueError(f"{name} in JSON")

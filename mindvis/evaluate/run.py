@@ -313,6 +313,8 @@ class _Inputs:
     other_prior: set = field(default_factory=set)
     #: Row id -> :class:`_Drawn` of the rows drawn here, written with metrics.json.
     drawn: dict = field(default_factory=dict)
+    #: Resolved samples.h5 path -> the decoder row scoring it (to name the row a copied drawing came from).
+    row_of_path: dict = field(default_factory=dict)
 
 
 def _add_decoder_row(table, classifier, inputs, row_id, samples, path):
@@ -321,12 +323,14 @@ def _add_decoder_row(table, classifier, inputs, row_id, samples, path):
     embeddings = samples.get("embedding")
     other_prior = embeddings is not None and str(path) in inputs.other_prior
     same = samples["attrs"].get("same_decoder_as") or None
-    # generate --same-as: a decoder with the weights of another (validation kept the start) is drawn once.
-    note = (f"the same decoder as the one that drew {same} (identical weights and sampling): its images were "
-            f"copied, not drawn again, so this row's figures equal that row's" if same else None)
+    extra = {}
+    if same:  # generate --same-as: a decoder with the weights of another (validation kept the start) is drawn once
+        twin = inputs.row_of_path.get(str(Path(same).resolve()), str(same))
+        extra = {"same_decoder_as": twin,
+                 "note": f"the same decoder as {twin} (identical weights and sampling): its images were copied, "
+                         f"not drawn again, so this row's figures equal that row's"}
     table.add_images(row_id, classifier, samples["samples"], embeddings=None if other_prior else embeddings,
-                     n_samples=int(samples["samples"].shape[1]), source=str(path),
-                     **({"note": note, "same_decoder_as": str(same)} if same else {}))
+                     n_samples=int(samples["samples"].shape[1]), source=str(path), **extra)
     if other_prior and table.reference.embeddings is not None:
         table.withhold(row_id, RETRIEVAL_METRICS,
                        "the decoder was fine-tuned on another prior than this evaluation's base "
@@ -345,6 +349,8 @@ def _model_rows(table, classifier, inputs, samples_path, baseline_samples, extra
 
     ``extra_samples``: row id of :data:`EXTRA_MODEL_ROWS` -> ``samples.h5`` path or None.
     """
+    given = {"dcldm": samples_path, "dcldm-baseline": baseline_samples, **extra_samples}
+    inputs.row_of_path = {str(Path(path).resolve()): row_id for row_id, path in given.items() if path is not None}
     _add_decoder_row(table, classifier, inputs, "dcldm", inputs.samples, samples_path)
     for row_id, (wanted, key, flag, missing) in EXTRA_MODEL_ROWS.items():
         path = extra_samples.get(row_id)

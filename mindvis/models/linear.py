@@ -177,13 +177,13 @@ class BlockRidgePath:
             va = np.asarray(val_a, np.float64) - self.mean_a
             vb = np.asarray(val_b, np.float64) - self.mean_b
             self.cross_a, self.cross_b = va @ self.a.T, vb @ self.b.T
-        self._eigen = {}
+        self._last = None  # (weight, its decomposition): callers go weight by weight
 
     def _decomposed(self, weight):
-        if weight not in self._eigen:
+        if self._last is None or self._last[0] != weight:
             values, vectors = np.linalg.eigh(self.gram_a + weight ** 2 * self.gram_b)
-            self._eigen = {weight: (np.clip(values, 0.0, None), vectors, vectors.T @ self.y)}
-        return self._eigen[weight]
+            self._last = (weight, (np.clip(values, 0.0, None), vectors, vectors.T @ self.y))
+        return self._last[1]
 
     def dual(self, weight, alpha):
         """The dual coefficients ``(K + alpha I)^-1 Y`` [N, D] of block weight ``weight``."""

@@ -245,17 +245,12 @@ def left_out_rows(metrics):
 
 def same_decoder_rows(metrics):
     """The rows whose decoder has another row's weights (``generate --same-as``: its images were copied, not
-    drawn again), with the row they equal (``id``, ``label``, ``same_as``: that row's label)."""
-    def place(path):  # the folder and file name: generate and evaluate may name it from other directories
-        return Path(path).parts[-2:]
-
+    drawn again): ``id``, ``label`` and ``same_as`` (the twin row's label, as evaluate named it)."""
     out = []
     for row in metrics["rows"]:
         same = row.get("same_decoder_as")
         if same and row["available"]:
-            # same_decoder_as names the samples.h5 the images came from: the row that scored that file.
-            twin = next((other for other in metrics["rows"] if other is not row and other.get("source")
-                         and place(other["source"]) == place(same)), None)
+            twin = row_by_id(metrics, same)
             out.append({"id": row["id"], "label": row["label"], "same_as": twin["label"] if twin else same})
     return out
 

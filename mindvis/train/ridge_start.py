@@ -160,9 +160,10 @@ def fit_readout_start(model, train_fmri, train_targets, val_fmri, val_targets, a
         conditioner.set_voxel_scaling(mean, np.ones_like(inverse_sd))
         base_train, base_val = readout_features(model, train_fmri), readout_features(model, val_fmri)
         if len(base_val) == 0:
-            raise MindvisError("the read-out's voxel block weight is chosen on validation trials, and there are "
-                               "none", key="finetune.val_fraction", fix="set finetune.val_fraction above 0, or "
-                               "finetune.readout_inputs: tokens.")
+            raise MindvisError("the read-out's voxel block weight is chosen on validation trials, and the "
+                               "responses have none", key="preprocess.val_fraction",
+                               fix="preprocess with validation runs (preprocess.val_fraction), or set "
+                                   "finetune.readout_inputs: tokens.")
         # One ridge over [tokens, weight x standardised voxels] per weight, all solved from one pair of Gram
         # matrices (models.linear.BlockRidgePath: scikit-learn's Ridge, fitted once per weight and alpha, is the
         # same estimator at many times the cost).
