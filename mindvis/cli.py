@@ -194,7 +194,7 @@ def cmd_generate(args):
     _call("mindvis.generate.run:generate_subject", _config(args), subject=args.subject, model_dir=args.model_dir,
           responses=args.responses, stimuli=args.stimuli, out_dir=args.out_dir, classifier_dir=args.classifier,
           lowlevel=args.lowlevel, device=args.device, base=args.base, overrides=_overrides(args),
-          same_as=args.same_as)
+          same_as=args.same_as, embedding_prior=args.embedding_prior)
 
 
 def cmd_edit(args):
@@ -228,6 +228,8 @@ def cmd_report(args):
     samples = {"dcldm": args.samples, **{"dcldm-baseline": path for path in args.baseline_samples},
                **{"dcldm-start": path for path in args.start_samples},
                **{"dcldm-lowlevel": path for path in args.lowlevel_samples},
+               **{"dcldm-prior": path for path in args.prior_samples},
+               **{"dcldm-prior-lowlevel": path for path in args.prior_lowlevel_samples},
                **{"dcldm-shared": path for path in args.shared_samples},
                **{"dcldm-fewshot": path for path in args.fewshot_samples}}
     samples.update({row: evaluation / row / SAMPLES_FILE for row in IMAGE_ROWS})
@@ -270,6 +272,7 @@ def cmd_evaluate(args):
           stimuli=args.stimuli, samples=args.samples, base=args.base, out_dir=args.out_dir,
           baseline_samples=args.baseline_samples, classifier_dir=args.classifier,
           start_samples=args.start_samples, lowlevel_samples=args.lowlevel_samples,
+          prior_samples=args.prior_samples, prior_lowlevel_samples=args.prior_lowlevel_samples,
           shared_samples=args.shared_samples, fewshot_samples=args.fewshot_samples, device=args.device,
           overrides=_overrides(args))
 
@@ -458,6 +461,9 @@ def build_parser():
     sub.add_argument("--classifier", default=None, help="domain classifier folder, to score the samples")
     sub.add_argument("--lowlevel", action="store_true",
                      help="start sampling from the decoder's low-level start (img2img; lowlevel.json in --model-dir)")
+    sub.add_argument("--embedding-prior", action="store_true",
+                     help="move each decoded embedding onto the decoder's bank of real image embeddings first "
+                          "(embedding_prior.json in --model-dir)")
     sub.add_argument("--same-as", nargs="*", default=[],
                      help="samples.h5 of other decoders of this subject: one drawn with the same weights and sampling "
                           "is copied instead of drawn again (recorded as same_decoder_as)")
@@ -497,6 +503,10 @@ def build_parser():
                      help="samples.h5 of the decoder at its start (0 fine-tuning steps), if any")
     sub.add_argument("--lowlevel-samples", nargs="*", default=[],
                      help="samples.h5 of the decoder from its low-level start (img2img), if any")
+    sub.add_argument("--prior-samples", nargs="*", default=[],
+                     help="samples.h5 of the decoder through its prior in embedding space, if any")
+    sub.add_argument("--prior-lowlevel-samples", nargs="*", default=[],
+                     help="samples.h5 of the decoder through its embedding prior, from its low-level start, if any")
     sub.add_argument("--shared-samples", nargs="*", default=[],
                      help="samples.h5 of the decoder shared by several subjects, if any")
     sub.add_argument("--fewshot-samples", nargs="*", default=[],
@@ -529,6 +539,11 @@ def build_parser():
                      help="samples.h5 of the DC-LDM at its start, 0 fine-tuning steps (row dcldm-start)")
     sub.add_argument("--lowlevel-samples", default=None,
                      help="samples.h5 of the DC-LDM started from the ridge latent, img2img (row dcldm-lowlevel)")
+    sub.add_argument("--prior-samples", default=None,
+                     help="samples.h5 of the DC-LDM through its prior in embedding space (row dcldm-prior)")
+    sub.add_argument("--prior-lowlevel-samples", default=None,
+                     help="samples.h5 of the DC-LDM through its embedding prior from the low-level start "
+                          "(row dcldm-prior-lowlevel)")
     sub.add_argument("--shared-samples", default=None,
                      help="samples.h5 of the decoder shared by several subjects (row dcldm-shared)")
     sub.add_argument("--fewshot-samples", default=None,

@@ -218,6 +218,18 @@ def shared_subjects(config):
     return [s for s in subjects(config) if s != settings.get("new_subject") and s not in released]
 
 
+def embedding_prior_wanted(config):
+    """Whether the decoders get a prior in embedding space (``finetune.embedding_prior``) and its rows are drawn:
+    with an image prior mindvis built (``ldm.base`` bundled, or embedded with ``ldm.conditioning: image``), or any
+    base whose corpus the config names (``finetune.embedding_prior_corpus``); never for a prior folder of unknown
+    corpus (Stable Diffusion) or a class-conditioned base."""
+    settings, ldm = config["finetune"], config["ldm"]
+    base = str(ldm["base"])
+    image_prior = base == "bundled" or (base == "embedded" and ldm.get("conditioning", "image") == "image")
+    return bool(settings.get("embedding_prior")) and (
+        image_prior or settings.get("embedding_prior_corpus", "auto") != "auto")
+
+
 def rest_subjects(config):
     """The simulated resting-state subjects used only for SC-MBM pretraining (none for real data)."""
     if config["data"]["source"] != "simulated":

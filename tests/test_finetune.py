@@ -929,12 +929,12 @@ def test_fine_tuning_and_its_selection_read_no_label_and_no_classifier(workspace
     assert untimed == [{k: v for k, v in line.items() if k not in ("time_s", "samples_per_s")}
                        for line in history["scrambled"]]
     recorded = [json.loads((tmp_path / name / "dcldm.json").read_text()) for name in runs]
-    for key in ("best", "select_metric", "voxel_path_ridge", "lowlevel"):
+    for key in ("best", "select_metric", "voxel_path_ridge", "lowlevel", "embedding_prior"):
         assert recorded[0][key] == recorded[1][key], key
     # The decoder kept (maybe the start), the start, the low-level start, and what training made (last checkpoint).
     last = max((tmp_path / "labels" / "train" / "checkpoints").glob("step-*")).relative_to(tmp_path / "labels")
     for file_name in ("dcldm.safetensors", "start/dcldm.safetensors", "lowlevel.safetensors",
-                      last / "model.safetensors"):
+                      "embedding_prior.safetensors", last / "model.safetensors"):
         tensors = [load_file(str(tmp_path / name / file_name)) for name in runs]
         assert tensors[0].keys() == tensors[1].keys()
         for key, value in tensors[0].items():
@@ -1022,3 +1022,48 @@ def test_ridge_start_alpha_is_chosen_by_its_criterion_and_both_are_recorded(crit
     expected = Ridge(alpha=report["alpha"]).fit(x_train, y_train)
     np.testing.assert_allclose(coef, expected.coef_, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(bias, expected.intercept_, rtol=1e-4, atol=1e-5)
+
+
+def test_the_embedding_prior_is_chosen_on_val_without_the_stimuli_and_drawn_as_its_own_row(workspace, image_prior,
+                                                                                          tmp_path):
+    """Fine-tuning on an image prior gives the decoder a prior in embedding space: its bank is the prior's corpus
+    (the stimulus file's pool and training images) without any val or test stimulus, every candidate setting
+    is scored on val, and generate --embedding-prior draws through it (another sampling key, the settings
+    recorded); a decoder without one is refused with the key that makes one."""
+    from mindvis.data.images import images_to_tensor
+    from mindvis.data.stimuli import load_stimulus_set
+    from mindvis.generate.run import generate_subject
+    from mindvis.generate.writing import read_samples_h5
+    from mindvis.models.embedding_prior import load_embedding_prior
+    from mindvis.train.embedding_prior import candidate_settings
+
+    root, config = workspace["root"], image_prior["config"]
+    meta = finetune(config, "sub-01", root / "responses.h5", root / "stimuli.h5", image_prior["base"],
+                    tmp_path / "dcldm", mbm_dir=root / "mbm")
+    record = meta["embedding_prior"]
+    stimuli = load_stimulus_set(root / "stimuli.h5")
+    assert record["bank"]["n_images"] == len(stimuli["pool"]) + len(stimuli["train"])
+    assert record["bank"]["n_exact_stimuli_dropped"] >= 1  # the val trials' images are training images
+    settings = [(s["k"], s["temperature"], s["weight"]) for s in record["val_scores"]]
+    assert settings == candidate_settings(config["finetune"]) and set(record["without"]) == {
+        "val_cosine", "val_identification"}
+    best = max(record["val_scores"], key=lambda s: s["val_cosine"])
+    assert (record["k"], record["weight"]) == (best["k"], best["weight"])
+    prior = load_embedding_prior(tmp_path / "dcldm")
+    test_embeddings = load_generator(image_prior["base"]).embed_all(
+        images_to_tensor(stimuli["test"].images, 16, 1)).flatten(1)
+    distance = torch.cdist(test_embeddings.float(), prior.bank.flatten(1).float())
+    assert distance.min() > 1e-4  # no test image is in the bank
+    inputs = (root / "responses.h5", root / "stimuli.h5")
+    plain = generate_subject(config, "sub-01", tmp_path / "dcldm", *inputs, tmp_path / "plain")
+    drawn = generate_subject(config, "sub-01", tmp_path / "dcldm", *inputs, tmp_path / "prior", embedding_prior=True,
+                             same_as=[tmp_path / "plain" / "samples.h5"])
+    assert drawn["same_decoder_as"] is None and drawn["sampling_key"] != plain["sampling_key"]
+    assert drawn["embedding_prior"] == prior.settings() and plain["embedding_prior"] is None
+    samples = read_samples_h5(tmp_path / "prior" / "samples.h5")
+    assert samples["samples"].shape == read_samples_h5(tmp_path / "plain" / "samples.h5")["samples"].shape
+    assert "attention" not in samples or samples["attention"] is None
+    with pytest.raises(MindvisError) as info:
+        generate_subject(config, "sub-01", tmp_path / "dcldm" / "start", *inputs, tmp_path / "none",
+                         embedding_prior=True)
+    assert info.value.key == "finetune.embedding_prior"

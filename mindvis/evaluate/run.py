@@ -85,7 +85,9 @@ Outputs in ``out_dir`` (``results/{subject}/evaluation/``)
                            bootstrap (the same resampled stimuli for both rows), for
                            (dcldm, dcldm-start), (dcldm, dcldm-baseline),
                            (dcldm-lowlevel, dcldm), (dcldm, ridge), (dcldm,
-                           ridge-embedding), (dcldm-shared, dcldm) and (dcldm-fewshot,
+                           ridge-embedding), (dcldm-prior, dcldm), (dcldm-prior-lowlevel,
+                           dcldm-prior), (dcldm-prior-lowlevel, ridge), (dcldm-shared,
+                           dcldm) and (dcldm-fewshot,
                            dcldm) where both rows are available, every per-stimulus
                            metric (not FID)
     ``inputs``             path -> sha256 of every input file (model folders: their
@@ -122,7 +124,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from mindvis.config import shared_subjects
+from mindvis.config import embedding_prior_wanted, shared_subjects
 from mindvis.data.images import images_to_tensor
 from mindvis.data.responses import check_stimuli_pair, load_responses
 from mindvis.data.stimuli import load_stimulus_set
@@ -157,6 +159,12 @@ EXTRA_MODEL_ROWS = {
     "dcldm-lowlevel": (lambda config, subject: config["generate"].get("lowlevel", False), "generate.lowlevel",
                        "--lowlevel-samples",
                        "the DC-LDM was not sampled from the ridge latent (img2img low-level start)"),
+    "dcldm-prior": (lambda config, subject: embedding_prior_wanted(config), "finetune.embedding_prior",
+                    "--prior-samples", "the DC-LDM was not given a prior in embedding space"),
+    "dcldm-prior-lowlevel": (lambda config, subject: embedding_prior_wanted(config)
+                             and config["generate"].get("lowlevel", False),
+                             "finetune.embedding_prior and generate.lowlevel", "--prior-lowlevel-samples",
+                             "the DC-LDM was not sampled through its embedding prior from the low-level start"),
     "dcldm-shared": (lambda config, subject: subject in shared_subjects(config), "finetune.shared",
                      "--shared-samples", "this subject is not in a decoder shared by several subjects"),
     "dcldm-fewshot": (lambda config, subject: config["finetune"].get("new_subject") == subject,
@@ -529,7 +537,8 @@ def _timed(timings, name, func, *args):
 
 def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir, baseline_samples=None,
                      classifier_dir=None, start_samples=None, lowlevel_samples=None, shared_samples=None,
-                     fewshot_samples=None, device="auto", overrides=()):
+                     fewshot_samples=None, device="auto", overrides=(), prior_samples=None,
+                     prior_lowlevel_samples=None):
     """Score a subject's decoded images beside every baseline and ceiling; write ``metrics.json``.
 
     Parameters
@@ -556,6 +565,9 @@ def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir
         ``samples.h5`` of the DC-LDM at its start (0 fine-tuning steps): row ``dcldm-start``.
     lowlevel_samples : path, optional
         ``samples.h5`` of the DC-LDM sampled from the ridge latent (img2img): row ``dcldm-lowlevel``.
+    prior_samples, prior_lowlevel_samples : path, optional
+        ``samples.h5`` of the DC-LDM through its prior in embedding space, from noise and from the low-level
+        start: rows ``dcldm-prior`` and ``dcldm-prior-lowlevel``.
     shared_samples : path, optional
         ``samples.h5`` of the decoder shared by several subjects (finetune_shared): row ``dcldm-shared``.
     fewshot_samples : path, optional
@@ -589,7 +601,8 @@ def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir
     # A decoder fine-tuned on another prior (allowed by the user) decodes embeddings of that prior.
     other_prior = {str(samples)} if "prior" in used else set()
     # Every other decoder's samples scored beside the model's are held to the same inputs.
-    for other in (baseline_samples, start_samples, lowlevel_samples, shared_samples, fewshot_samples):
+    for other in (baseline_samples, start_samples, lowlevel_samples, prior_samples, prior_lowlevel_samples,
+                  shared_samples, fewshot_samples):
         if other is not None and Path(other).is_file():
             other_used = check_samples_decoder({"attrs": read_samples_attrs(other)}, other, subject, data, responses,
                                                stimuli, base, overrides)
@@ -625,7 +638,8 @@ def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir
                      other_prior=other_prior)
     timings = {}
     _timed(timings, "dcldm", _model_rows, table, classifier, inputs, samples, baseline_samples,
-           {"dcldm-start": start_samples, "dcldm-lowlevel": lowlevel_samples, "dcldm-shared": shared_samples,
+           {"dcldm-start": start_samples, "dcldm-lowlevel": lowlevel_samples, "dcldm-prior": prior_samples,
+            "dcldm-prior-lowlevel": prior_lowlevel_samples, "dcldm-shared": shared_samples,
             "dcldm-fewshot": fewshot_samples})
     _timed(timings, "floors", _floor_rows, table, classifier, inputs)
     _timed(timings, "ridge", _ridge_row, table, classifier, inputs)
@@ -665,7 +679,7 @@ def evaluate_subject(config, subject, responses, stimuli, samples, base, out_dir
         "stimulus_ids": [str(s) for s in model_samples["stimulus_id"]], "labels": reference.labels.tolist(),
         "category": categories, "subsets": subsets, "comparisons": comparisons,
         "inputs": input_hashes([responses, stimuli, samples, baseline_samples, start_samples, lowlevel_samples,
-                                shared_samples, fewshot_samples],
+                                prior_samples, prior_lowlevel_samples, shared_samples, fewshot_samples],
                                [base, classifier_dir]),
         "overrides": used,
         "timings_s": timings,

@@ -18,6 +18,9 @@ id                        what it is
                           its samples are given
 ``dcldm-lowlevel``        the model started from the ridge latent (img2img),
                           when its samples are given
+``dcldm-prior``           the model through its prior in embedding space (its
+                          decoded embedding moved onto real images' embeddings)
+``dcldm-prior-lowlevel``  the same, from the low-level start (img2img)
 ``dcldm-shared``          one decoder shared by the subjects (finetune.shared)
 ``dcldm-fewshot``         the shared decoder adapted to this new subject
                           (finetune.new_subject); its ``dcldm`` row is then
@@ -106,6 +109,8 @@ ROWS = (
     ("dcldm", "DC-LDM (SC-MBM pretrained)", "model"),
     ("dcldm-start", "DC-LDM at its start (0 fine-tuning steps)", "model"),
     ("dcldm-lowlevel", "DC-LDM, low-level start (img2img from the ridge latent)", "model"),
+    ("dcldm-prior", "DC-LDM + embedding prior (projected onto real images' embeddings)", "model"),
+    ("dcldm-prior-lowlevel", "DC-LDM + embedding prior, low-level start (img2img from the ridge latent)", "model"),
     ("dcldm-shared", "DC-LDM shared by the subjects (one decoder, a linear adapter each)", "model"),
     ("dcldm-fewshot", "DC-LDM shared, adapted to this new subject from finetune.train_fraction of its trials",
      "model"),
@@ -159,7 +164,8 @@ SUBSETS = ("seen", "novel")
 #: Paired comparisons (a, b) of metrics.json: the mean over stimuli of a - b, when both rows are available.
 #: (dcldm, ridge-embedding): what the DC-LDM adds over a ridge into the same frozen prior.
 COMPARISONS = (("dcldm", "dcldm-start"), ("dcldm", "dcldm-baseline"), ("dcldm-lowlevel", "dcldm"), ("dcldm", "ridge"),
-               ("dcldm", "ridge-embedding"), ("dcldm-shared", "dcldm"), ("dcldm-fewshot", "dcldm"))
+               ("dcldm", "ridge-embedding"), ("dcldm-prior", "dcldm"), ("dcldm-prior-lowlevel", "dcldm-prior"),
+               ("dcldm-prior-lowlevel", "ridge"), ("dcldm-shared", "dcldm"), ("dcldm-fewshot", "dcldm"))
 #: Fewest stimuli a subset is scored on (a bootstrap of one stimulus has no spread).
 MIN_SUBSET_STIMULI = 2
 

@@ -82,7 +82,8 @@ def sample_conditions(generator, condition, null_condition, seeds, settings, bat
 
 
 @torch.no_grad()
-def decode(decoder, generator, fmri, seeds, settings, batch_size=None, num_steps=None, lowlevel=None):
+def decode(decoder, generator, fmri, seeds, settings, batch_size=None, num_steps=None, lowlevel=None,
+           embedding_prior=None):
     """Decode ``k`` images per fMRI row.
 
     Parameters
@@ -96,6 +97,8 @@ def decode(decoder, generator, fmri, seeds, settings, batch_size=None, num_steps
         As in :func:`sample_conditions`.
     lowlevel : mindvis.models.dcldm.LowLevelStart, optional
         Start from its linear prediction of each row's VAE latent, noised to its strength (img2img).
+    embedding_prior : mindvis.models.embedding_prior.EmbeddingPrior, optional
+        Move each decoded embedding onto the bank of real image embeddings before the prior conditions on it.
 
     Returns
     -------
@@ -104,7 +107,8 @@ def decode(decoder, generator, fmri, seeds, settings, batch_size=None, num_steps
     """
     device = next(decoder.parameters()).device
     fmri = torch.as_tensor(fmri, dtype=torch.float32, device=device)
-    condition = decoder.condition(fmri)
+    condition = decoder.condition(fmri) if embedding_prior is None else \
+        decoder.prior.condition(embedding_prior(decoder.embedding(fmri)))
     init, strength = None, 1.0
     if lowlevel is not None:
         init, strength = lowlevel.latents(fmri, generator.latent_shape(len(fmri))), lowlevel.strength
@@ -113,13 +117,15 @@ def decode(decoder, generator, fmri, seeds, settings, batch_size=None, num_steps
 
 
 @torch.no_grad()
-def decoded_embeddings(decoder, fmri):
+def decoded_embeddings(decoder, fmri, embedding_prior=None):
     """The prior embedding a decoder decodes from each fMRI row, or None where it has none.
 
     Parameters
     ----------
     decoder : mindvis.models.dcldm.DCLDM
     fmri : float32 [N, V]
+    embedding_prior : mindvis.models.embedding_prior.EmbeddingPrior, optional
+        Applied to the decoded embeddings (what the prior then conditions on).
 
     Returns
     -------
@@ -131,7 +137,10 @@ def decoded_embeddings(decoder, fmri):
     if getattr(decoder, "prior", None) is None:
         return None
     device = next(decoder.parameters()).device
-    return decoder.embedding(torch.as_tensor(fmri, dtype=torch.float32, device=device)).float().cpu().numpy()
+    embedding = decoder.embedding(torch.as_tensor(fmri, dtype=torch.float32, device=device))
+    if embedding_prior is not None:
+        embedding = embedding_prior(embedding)
+    return embedding.float().cpu().numpy()
 
 
 @torch.no_grad()

@@ -35,6 +35,7 @@ from mindvis.models.classifiers.domain import load_classifier
 from mindvis.errors import MindvisError
 from mindvis.models.dcldm import (LOWLEVEL_FILE, LOWLEVEL_META, check_decoder_inputs, check_decoder_responses,
                                   decoder_binding, load_dcldm, load_lowlevel)
+from mindvis.models.embedding_prior import EMBEDDING_PRIOR_FILE, EMBEDDING_PRIOR_META, load_embedding_prior
 from mindvis.utils.device import device_name, resolve_precision, select_device, synchronize
 from mindvis.utils.io import (atomic_folder, check_own_folder, derive_seed, sha256_file, software_versions,
                               tensor_digest, write_json_atomic)
@@ -49,7 +50,7 @@ def sample_seeds(seed, subject, stimulus_ids, n_samples):
 
 
 def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, classifier_dir=None, base=None,
-                     batch_size=None, lowlevel=False, device="auto", overrides=(), same_as=()):
+                     batch_size=None, lowlevel=False, device="auto", overrides=(), same_as=(), embedding_prior=False):
     """Decode the subject's test fMRI and write PNGs, a grid, ``samples.h5`` and ``summary.json``.
 
     Parameters
@@ -72,6 +73,10 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
     lowlevel : bool
         Start from the decoder's low-level start (img2img from its ridge-predicted VAE latent, at the
         strength chosen on the val split; ``lowlevel.json`` in ``model_dir``).
+    embedding_prior : bool
+        Move each decoded embedding onto the decoder's bank of real image embeddings first (its prior in
+        embedding space, settings chosen on the val split; ``embedding_prior.json`` in ``model_dir``). The
+        attention maps, which show the decoder's own condition, are then left out.
     device : str
         Where the models run (:func:`mindvis.utils.device.select_device`; ``auto``: the GPU Accelerate
         picks, else the CPU), under ``generate.mixed_precision`` autocast.
@@ -107,6 +112,14 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
             raise MindvisError("this decoder has no low-level start", path=Path(model_dir) / LOWLEVEL_FILE,
                                key="generate.lowlevel",
                                fix="rerun finetune with generate.lowlevel: true, or decode without --lowlevel.")
+    projection = None
+    if embedding_prior:
+        projection = load_embedding_prior(model_dir)
+        if projection is None:
+            raise MindvisError("this decoder has no prior in embedding space", path=Path(model_dir) / EMBEDDING_PRIOR_FILE,
+                               key="finetune.embedding_prior",
+                               fix="rerun finetune with finetune.embedding_prior: true, or decode without "
+                                   "--embedding-prior.")
     data = load_responses(responses, splits=(settings["split"],))
     fitted_on = check_decoder_responses(meta, data, responses, model_dir)
     if "stimuli" not in overrides:  # --allow-other-stimuli: the user means another stimulus file
@@ -120,7 +133,8 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
     true_images, labels = stimulus_set.lookup(stimulus_ids) if stimulus_ids else (
         np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int64))
     seeds = sample_seeds(config["seed"], subject, stimulus_ids, settings["n_samples"])
-    key = sampling_key(decoder, generator, model_dir if lowlevel else None, split.fmri, seeds, settings)
+    key = sampling_key(decoder, generator, model_dir if lowlevel else None, split.fmri, seeds, settings,
+                       prior_dir=model_dir if embedding_prior else None)
     reused = _same_drawing(same_as, key)
     if reused is not None:
         # The same function of the same inputs: its images, not new ones.
@@ -129,20 +143,23 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
         log.info("%s: the decoder in %s has the weights and sampling of the one that drew %s: its %d images are "
                  "reused, not drawn again", subject, model_dir, reused, samples.shape[0] * samples.shape[1])
     else:
-        log.info("%s: %d stimuli x %d samples, %s %d steps, guidance %.2f%s", subject, len(stimulus_ids),
+        log.info("%s: %d stimuli x %d samples, %s %d steps, guidance %.2f%s%s", subject, len(stimulus_ids),
                  settings["n_samples"], settings["sampler"], settings["steps"], settings["guidance_scale"],
-                 "" if start is None else f", from the low-level start at strength {start.strength:.2f}")
+                 "" if start is None else f", from the low-level start at strength {start.strength:.2f}",
+                 "" if projection is None else f", through the embedding prior ({projection.settings()})")
         tick = time.perf_counter()
-        samples = decode(decoder, generator, split.fmri, seeds, settings, batch_size=batch_size, lowlevel=start)
+        samples = decode(decoder, generator, split.fmri, seeds, settings, batch_size=batch_size, lowlevel=start,
+                         embedding_prior=projection)
         synchronize(device)
         sampling_s = time.perf_counter() - tick
-        embedding = decoded_embeddings(decoder, split.fmri)
+        embedding = decoded_embeddings(decoder, split.fmri, embedding_prior=projection)
         log.info("%s: %d images in %.1f s on %s (%s autocast): %.2f images/s", subject,
                  samples.shape[0] * samples.shape[1], sampling_s, device_name(device), precision,
                  samples.shape[0] * samples.shape[1] / max(sampling_s, 1e-9))
 
     summary = {"stage": "generate", "subject": subject, "model_dir": str(model_dir), "baseline": meta.get("baseline"),
                "lowlevel_strength": None if start is None else start.strength,
+               "embedding_prior": None if projection is None else projection.settings(),
                "n_stimuli": len(stimulus_ids), "n_samples": int(settings["n_samples"]), "split": settings["split"],
                **{k: settings[k] for k in ("sampler", "steps", "guidance_scale", "eta")},
                "sampling_s": round(sampling_s, 2),
@@ -166,7 +183,7 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
                  summary["chance"])
 
     attention = None
-    n_attention = min(int(settings["attention_stimuli"]), len(stimulus_ids))
+    n_attention = 0 if projection is not None else min(int(settings["attention_stimuli"]), len(stimulus_ids))
     if reused is not None:
         attention = drawn.get("attention")
     elif n_attention:
@@ -185,6 +202,7 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
              "split": settings["split"], "class_names": list(stimulus_set.class_names),
              "patch_size": int(decoder.encoder.config.patch_size), "n_voxels": int(split.fmri.shape[1]),
              "lowlevel_strength": -1.0 if start is None else float(start.strength),
+             "embedding_prior": "" if projection is None else json.dumps(projection.settings(), sort_keys=True),
              "overrides": sorted(used), "decoder": decoder_binding(meta, model_dir),
              **{k: settings[k] for k in ("sampler", "steps", "guidance_scale", "eta")},
              "sampling_key": key, "same_decoder_as": "" if reused is None else str(reused),
@@ -197,10 +215,11 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
     return summary
 
 
-def sampling_key(decoder, generator, lowlevel_dir, fmri, seeds, settings):
+def sampling_key(decoder, generator, lowlevel_dir, fmri, seeds, settings, prior_dir=None):
     """SHA-256 of everything a decoder's images depend on: the decoder's and the generator's weights, the
-    low-level start's files (``lowlevel_dir``; None without one), the fMRI, the seeds and the ``generate``
-    settings other than the batch size (which changes no image beyond float rounding)."""
+    low-level start's files (``lowlevel_dir``; None without one), the embedding prior's files (``prior_dir``;
+    None without one), the fMRI, the seeds and the ``generate`` settings other than the batch size (which
+    changes no image beyond float rounding)."""
     digest = hashlib.sha256()
     digest.update(tensor_digest(decoder.state_dict()).encode())
     for module in (generator.vae, generator.unet, generator.image_conditioner, generator.class_conditioner):
@@ -208,6 +227,10 @@ def sampling_key(decoder, generator, lowlevel_dir, fmri, seeds, settings):
     if lowlevel_dir is not None:
         for name in (LOWLEVEL_FILE, LOWLEVEL_META):
             digest.update(sha256_file(Path(lowlevel_dir) / name).encode())
+    if prior_dir is not None:
+        digest.update(b"embedding-prior")
+        for name in (EMBEDDING_PRIOR_FILE, EMBEDDING_PRIOR_META):
+            digest.update(sha256_file(Path(prior_dir) / name).encode())
     digest.update(np.ascontiguousarray(fmri, np.float32).tobytes())
     digest.update(np.ascontiguousarray(seeds, np.int64).tobytes())
     digest.update(json.dumps({k: v for k, v in settings.items() if k != "batch_size"}, sort_keys=True,

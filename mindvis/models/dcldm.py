@@ -29,6 +29,10 @@ A decoder folder (``results/{subject}/dcldm/``)
     The low-level start (:class:`LowLevelStart`): a linear map fMRI -> the
     VAE latent of the image seen and the img2img strength chosen on the
     validation split.
+``embedding_prior.safetensors``, ``embedding_prior.json`` (optional)
+    The prior in embedding space (:mod:`mindvis.models.embedding_prior`): a
+    bank of real image embeddings and the projection's settings chosen on the
+    validation split.
 ``start/`` (optional)
     The same decoder at its start, before any fine-tuning step (a decoder
     folder of its own), so that what fine-tuning adds can be measured.
@@ -49,6 +53,7 @@ from mindvis.data.voxel_space import same_space, space_spec
 from mindvis.errors import MindvisError
 from mindvis.models.bundled import ASSETS
 from mindvis.models.conditioning import FmriConditioner, MindVisConditioner, ReadoutConditioner
+from mindvis.models.embedding_prior import EMBEDDING_PRIOR_FILE, EMBEDDING_PRIOR_META
 from mindvis.models.ldm import load_generator
 from mindvis.models.mbm import MBMAutoencoder, load_pretrained_mbm, mbm_from_config
 from mindvis.models.weights import save_weights
@@ -62,7 +67,8 @@ START_DIR = "start"
 #: The files ``dcldm.json`` records the SHA-256 of (``sha256``), checked by :func:`load_dcldm`.
 #: The mapper classes a decoder folder's ``conditioner/config.json`` may name.
 CONDITIONERS = {kind.__name__: kind for kind in (FmriConditioner, MindVisConditioner, ReadoutConditioner)}
-DIGESTED_FILES = (MODEL_FILE, "encoder/config.json", "conditioner/config.json", LOWLEVEL_FILE, LOWLEVEL_META)
+DIGESTED_FILES = (MODEL_FILE, "encoder/config.json", "conditioner/config.json", LOWLEVEL_FILE, LOWLEVEL_META,
+                  EMBEDDING_PRIOR_FILE, EMBEDDING_PRIOR_META)
 
 log = logging.getLogger(__name__)
 

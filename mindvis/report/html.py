@@ -70,6 +70,8 @@ GRID_TITLES = {
     "dcldm": "DC-LDM (SC-MBM pretrained)",
     "dcldm-start": "DC-LDM at its start (0 fine-tuning steps)",
     "dcldm-lowlevel": "DC-LDM, low-level start (img2img from the ridge latent)",
+    "dcldm-prior": "DC-LDM + embedding prior",
+    "dcldm-prior-lowlevel": "DC-LDM + embedding prior, low-level start",
     "dcldm-shared": "DC-LDM shared by the subjects",
     "dcldm-fewshot": "DC-LDM shared, adapted to this new subject (few-shot)",
     "dcldm-baseline": "DC-LDM without SC-MBM pretraining",

@@ -211,7 +211,8 @@ def summary_notes(metrics_list, frame):
 SHORT_LABELS = {
     "chance": "chance (guessing)", "shuffled-pairs": "shuffled pairs", "mean-train-image": "mean training image",
     "dcldm": "DC-LDM (the decoder)", "dcldm-start": "DC-LDM before fine-tuning",
-    "dcldm-lowlevel": "DC-LDM, low-level start", "dcldm-shared": "DC-LDM shared by subjects",
+    "dcldm-lowlevel": "DC-LDM, low-level start", "dcldm-prior": "DC-LDM + embedding prior",
+    "dcldm-prior-lowlevel": "DC-LDM + embedding prior, low-level", "dcldm-shared": "DC-LDM shared by subjects",
     "dcldm-fewshot": "DC-LDM few-shot (new subject)", "dcldm-baseline": "DC-LDM without SC-MBM",
     "ridge": "ridge fMRI -> VAE latent", "ridge-pixels": "ridge fMRI -> pixels",
     "ridge-embedding": "ridge fMRI -> prior embedding", "fmri-linear": "linear classifier on fMRI",

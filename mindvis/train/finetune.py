@@ -52,13 +52,16 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler
 
+from mindvis.config import embedding_prior_wanted
 from mindvis.data.pairs import paired_trials, training_share
 from mindvis.data.responses import check_stimuli_pair, load_responses
 from mindvis.data.stimuli import load_stimulus_set
 from mindvis.errors import MindvisError
 from mindvis.models.dcldm import START_DIR, build_decoder, responses_record, save_dcldm, save_lowlevel
+from mindvis.models.embedding_prior import save_embedding_prior
 from mindvis.models.ldm import load_generator
 from mindvis.models.mindvis_release import import_mindvis_finetuned
+from mindvis.train.embedding_prior import fit_embedding_prior
 from mindvis.train.engine import Trainer, TrainConfig, checkpoint_minutes
 from mindvis.train.losses import make_loss_fn
 from mindvis.train.ridge_start import start_mapper, voxel_path_record
@@ -281,6 +284,17 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, b
     if generate_settings.get("lowlevel", False) and len(val_trials) and not baseline:
         generator.vae.eval()
         lowlevel = fit_lowlevel_start(model, generator, train_trials, val_trials, settings, generate_settings, seed)
+    embedding_prior, no_prior = None, "finetune.embedding_prior is off"
+    if embedding_prior_wanted(config) and not baseline:
+        if not len(val_trials):
+            raise MindvisError("the embedding prior's settings are chosen on the val split, and it is empty",
+                               path=responses, key="finetune.embedding_prior",
+                               fix="set preprocess.val_fraction above 0, or finetune.embedding_prior: false.")
+        embedding_prior, no_prior = fit_embedding_prior(model, generator, val_trials, stimulus_set, config, seed)
+        if embedding_prior is None:
+            raise MindvisError(f"no embedding prior: {no_prior}", path=base, key="finetune.embedding_prior",
+                               fix="set finetune.embedding_prior: false for this base, or name the image prior's "
+                                   "corpus in finetune.embedding_prior_corpus.")
     meta = {
         "stage": "finetune", "subject": subject, "baseline": bool(baseline), "base": str(base),
         "image_size": generator.image_size, "n_voxels": int(data.n_voxels), "trained_groups": list(settings["train"]),
@@ -289,6 +303,8 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, b
         "voxel_path_ridge": ridge_report, "condition_space": space,
         "voxel_path": voxel_path_record(model.conditioner),
         "lowlevel": None if lowlevel is None else {"strength": lowlevel.strength, **lowlevel.info},
+        "embedding_prior": (None if embedding_prior is None else
+                            {**embedding_prior.settings(), **embedding_prior.info}),
         "step": result["step"], "epochs": result["epochs_done"],
         "training": {"peak_lr": result["peak_lr"], "effective_batch": result["effective_batch"],
                      "mixed_precision": result["mixed_precision"], "device": str(trainer.device),
@@ -301,6 +317,8 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, b
     if trainer.accelerator.is_main_process:
         if lowlevel is not None:
             save_lowlevel(out_dir, lowlevel)
+        if embedding_prior is not None:
+            save_embedding_prior(out_dir, embedding_prior)
         save_dcldm(model, out_dir, meta, metadata={"subject": subject})
         log.info("wrote %s (best %s)", out_dir, result["best"])
     return meta

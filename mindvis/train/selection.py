@@ -53,7 +53,7 @@ def select_metric(settings, generator):
     return metric
 
 
-def _embed_samples(generator, images):
+def embed_samples(generator, images):
     """The prior's embedding of sampled uint8 images ``[N, H, W, C]``."""
     return generator.embed_all(images_to_tensor(images, generator.image_size, generator.image_channels))
 
@@ -111,7 +111,7 @@ def make_eval_fn(generator, scheduler, val_trials, settings, generate_settings, 
         if metric == "val/identification":
             images = decode(model, generator, val_trials.fmri[:n_quick], seeds, quick, batch_size=n_quick,
                             num_steps=settings["val_sample_steps"])[:, 0]
-            metrics["val/identification"] = identification(_embed_samples(generator, images), truth)
+            metrics["val/identification"] = identification(embed_samples(generator, images), truth)
         return metrics
 
     return eval_fn
@@ -166,7 +166,7 @@ def fit_lowlevel_start(model, generator, train_trials, val_trials, settings, gen
                         num_steps=settings["val_sample_steps"], lowlevel=start)[:, 0]
         score = {"strength": strength, "val_pixcorr": _pixcorr(images, truth)}
         if embedded is not None:
-            score["val_identification"] = identification(_embed_samples(generator, images), embedded)
+            score["val_identification"] = identification(embed_samples(generator, images), embedded)
         scores.append(score)
     full = next(score for score in scores if score["strength"] == 1.0)
     tolerance = float(settings["lowlevel_tolerance"])

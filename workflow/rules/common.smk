@@ -27,7 +27,7 @@ if (9, 10) <= tuple(int(part) for part in _SNAKEMAKE_VERSION.split(".")[:2]) < (
           "(snakemake/snakemake#3913), which slows every job down; install 9.17 or later "
           "(`pip install -e .` does).", file=sys.stderr)
 
-from mindvis.config import dump_config, rest_subjects, subjects, validate as validate_config
+from mindvis.config import dump_config, embedding_prior_wanted, rest_subjects, subjects, validate as validate_config
 from mindvis.errors import MindvisError
 
 _CONFIG_SOURCES = ", ".join(str(path) for path in workflow.configfiles) or "<--config>"
@@ -230,6 +230,8 @@ LDM_COMPVIS = str(config["ldm"]["base"]).endswith((".ckpt", ".pth"))
 LDM_BASE = ("results/pretrain/ldm" if LDM_EMBEDDED
             else "results/pretrain/ldm-compvis" if LDM_COMPVIS
             else str(resolve_bundled(config["ldm"]["base"], BUNDLED_PRIOR, "ldm.base")))
+# The decoders' prior in embedding space (finetune.embedding_prior), drawn as rows dcldm-prior(-lowlevel).
+EMBEDDING_PRIOR = embedding_prior_wanted(config)
 # Fine-tuned decoders per subject: with SC-MBM pretraining, and the no-pretraining ablation if asked.
 DCLDM_VARIANTS = {"dcldm": "samples"}
 if config["finetune"]["baseline"]:
@@ -365,6 +367,25 @@ def lowlevel_samples_input(wildcards):
 def lowlevel_samples_flag(wildcards, input):
     """Params function: --lowlevel-samples <file> when the low-level start's samples are an input, else nothing."""
     return f"--lowlevel-samples {input.lowlevel}" if input.get("lowlevel") else ""
+
+
+def prior_samples_input(wildcards):
+    """Input function: the DC-LDM's samples through its prior in embedding space when finetune.embedding_prior
+    applies (mindvis.config.embedding_prior_wanted), else nothing."""
+    return f"results/{wildcards.subject}/samples-prior/samples.h5" if EMBEDDING_PRIOR else []
+
+
+def prior_lowlevel_samples_input(wildcards):
+    """Input function: the same from the low-level start when generate.lowlevel too, else nothing."""
+    wanted = EMBEDDING_PRIOR and config["generate"].get("lowlevel", False)
+    return f"results/{wildcards.subject}/samples-prior-lowlevel/samples.h5" if wanted else []
+
+
+def prior_samples_flag(wildcards, input):
+    """Params function: --prior-samples / --prior-lowlevel-samples <file> for the embedding prior's rows given."""
+    flags = [f"--prior-samples {input.prior}" if input.get("prior") else "",
+             f"--prior-lowlevel-samples {input.prior_lowlevel}" if input.get("prior_lowlevel") else ""]
+    return " ".join(flag for flag in flags if flag)
 
 
 # One decoder shared by several subjects (finetune.shared) and the few-shot new subject (finetune.new_subject):

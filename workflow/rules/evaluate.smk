@@ -10,6 +10,8 @@ rule evaluate:
         baseline=baseline_samples_input,
         start=start_samples_input,
         lowlevel=lowlevel_samples_input,
+        prior=prior_samples_input,
+        prior_lowlevel=prior_lowlevel_samples_input,
         shared=shared_samples_input,
         fewshot=fewshot_samples_input,
         responses="results/{subject}/responses.h5",
@@ -27,6 +29,7 @@ rule evaluate:
         baseline=baseline_samples_flag,
         start=start_samples_flag,
         lowlevel=lowlevel_samples_flag,
+        prior=prior_samples_flag,
         shared=shared_samples_flag,
         base=ldm_base_dir,
         classifier=classifier_flag,
@@ -42,5 +45,5 @@ rule evaluate:
     shell:
         "mindvis evaluate --config {params.config} --subject {wildcards.subject} --responses {input.responses}"
         " --stimuli {input.stimuli} --samples {input.samples} {params.baseline} {params.start}"
-        " {params.lowlevel} {params.shared} --base {params.base}"
+        " {params.lowlevel} {params.prior} {params.shared} --base {params.base}"
         " {params.classifier} --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"

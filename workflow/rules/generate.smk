@@ -145,6 +145,47 @@ use rule generate as generate_lowlevel with:
     priority: 25
 
 
+use rule generate as generate_prior with:
+    # The same decoder through its prior in embedding space (finetune.embedding_prior): each decoded embedding
+    # moved onto the bank of real image embeddings before the prior draws it.
+    output:
+        samples="results/{subject}/samples-prior/samples.h5",
+        grid="results/{subject}/samples-prior/grid.png",
+        summary="results/{subject}/samples-prior/summary.json",
+    log:
+        "logs/generate/{subject}-prior.log",
+    benchmark:
+        "logs/benchmarks/generate/{subject}-prior.tsv",
+    params:
+        config=RESOLVED_CONFIG,
+        classifier=classifier_flag,
+        model_dir=input_dir("model"),
+        out_dir=output_dir,
+        digest=config_digest("generate"),
+        extra="--embedding-prior",
+    priority: 25
+
+
+use rule generate as generate_prior_lowlevel with:
+    # Through the embedding prior and from the low-level start: MindEye2's semantic + low-level route in one row.
+    output:
+        samples="results/{subject}/samples-prior-lowlevel/samples.h5",
+        grid="results/{subject}/samples-prior-lowlevel/grid.png",
+        summary="results/{subject}/samples-prior-lowlevel/summary.json",
+    log:
+        "logs/generate/{subject}-prior-lowlevel.log",
+    benchmark:
+        "logs/benchmarks/generate/{subject}-prior-lowlevel.tsv",
+    params:
+        config=RESOLVED_CONFIG,
+        classifier=classifier_flag,
+        model_dir=input_dir("model"),
+        out_dir=output_dir,
+        digest=config_digest("generate"),
+        extra="--embedding-prior --lowlevel",
+    priority: 25
+
+
 use rule generate as generate_shared with:
     # The decoder shared by several subjects, through this subject's adapter (finetune.shared).
     input:

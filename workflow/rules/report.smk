@@ -12,6 +12,8 @@ rule report:
         baseline=baseline_samples_input,
         start=start_samples_input,
         lowlevel=lowlevel_samples_input,
+        prior=prior_samples_input,
+        prior_lowlevel=prior_lowlevel_samples_input,
         shared=shared_samples_input,
         fewshot=fewshot_samples_input,
         responses="results/{subject}/responses.h5",
@@ -58,7 +60,8 @@ rule report:
     shell:
         "mindvis report --config {params.config} --metrics {input.metrics} --out {output.html}"
         " --samples {input.samples} --baseline-samples {input.baseline} --start-samples {input.start}"
-        " --lowlevel-samples {input.lowlevel} --shared-samples {input.shared} --fewshot-samples {input.fewshot}"
+        " --lowlevel-samples {input.lowlevel} --prior-samples {input.prior}"
+        " --prior-lowlevel-samples {input.prior_lowlevel} --shared-samples {input.shared} --fewshot-samples {input.fewshot}"
         " --responses {input.responses} {params.mbm_curve} --finetune-models {input.models} {input.shared_models}"
         " --figures-dir {params.figures} {params.edits}"
         " --threads {threads} > {log} 2>&1"
