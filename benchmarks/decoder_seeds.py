@@ -35,6 +35,9 @@ Each arm's decoder at its start (0 steps; ``generate.start_row``) is decoded and
 prior), and the evaluate stage's ``ridge`` row (ridge fMRI -> VAE latent, no seed) is read from
 ``results/{subject}/evaluation/metrics.json``. Decoding is of ``test_avg`` with ``--n-samples`` samples per
 stimulus, scored by the evaluate stage's own functions (n-way top-1, the mean over samples).
+Where fine-tuning gave the decoder a prior in embedding space (``finetune.embedding_prior``: the ``pretrained`` and
+``tokens`` arms on an image prior), the decoder is also decoded through it (``pretrained-prior``, ...), so that
+``pretrained-prior - pretrained`` measures what the embedding prior adds, paired by seed and stimulus.
 
 Intervals
 ---------
@@ -87,6 +90,9 @@ COMPARISONS = (
     ("ridge", "ridge-start", "what the UNet's fine-tuning adds to a fixed ridge map"),
     ("pretrained", "tokens", "what reading the voxels adds (against the read-out of the SC-MBM tokens alone)"),
     ("tokens", "tokens-start", "what fine-tuning adds to the read-out of the tokens alone"),
+    ("pretrained-prior", "pretrained", "what the prior in embedding space adds to the default decoder"),
+    ("pretrained-prior", "workflow-ridge", "the default decoder through its embedding prior against ridge -> VAE "
+                                           "latent"),
 )
 
 
@@ -112,7 +118,8 @@ def arm_config(config, arm, seed, fraction, n_samples, epochs=None):
 
 
 def run_one(config, subject, inputs, arm, run_dir, classifier, categories, label):
-    """Fine-tune one arm, decode the decoder and its start, score both; returns the run record."""
+    """Fine-tune one arm, decode the decoder, its start and (where fine-tuning gave it one) the decoder through its
+    prior in embedding space; score each; returns the run record."""
     from mindvis.generate.run import generate_subject
     from mindvis.generate.writing import SAMPLES_FILE, read_samples_h5
     from mindvis.train.finetune import finetune
@@ -126,10 +133,13 @@ def run_one(config, subject, inputs, arm, run_dir, classifier, categories, label
                         mbm_dir=None if arm == "baseline" else inputs["mbm"], baseline=arm == "baseline")
         finetune_s = time.perf_counter() - tick
         scores = {}
-        for name, folder in ((arm, model_dir), (f"{arm}-start", model_dir / "start")):
-            out = run_dir / ("samples" if folder == model_dir else "samples-start")
+        drawings = [(arm, model_dir, "samples", False), (f"{arm}-start", model_dir / "start", "samples-start", False)]
+        if meta.get("embedding_prior"):
+            drawings.append((f"{arm}-prior", model_dir, "samples-prior", True))
+        for name, folder, out_name, through_prior in drawings:
+            out = run_dir / out_name
             generate_subject(config, subject, folder, inputs["responses"], inputs["stimuli"], out,
-                             classifier_dir=classifier_dir, base=inputs["base"])
+                             classifier_dir=classifier_dir, base=inputs["base"], embedding_prior=through_prior)
             scores[name] = score_samples(read_samples_h5(out / SAMPLES_FILE), classifier, config, subject, categories)
     history = [json.loads(line) for line in (model_dir / "train" / "metrics.jsonl").read_text().splitlines()
                if line.strip()]
@@ -138,6 +148,8 @@ def run_one(config, subject, inputs, arm, run_dir, classifier, categories, label
             "selected_start": meta["best"] is not None and int(meta["best"]["step"]) == 0,
             "n_train": meta["n_train"], "n_val": meta["n_val"], "epochs": meta["epochs"],
             "ridge_start": meta.get("voxel_path_ridge"),
+            "embedding_prior": None if not meta.get("embedding_prior") else {
+                key: meta["embedding_prior"][key] for key in ("k", "temperature", "weight", "without", "val_scores")},
             "val_history": [{key: value for key, value in line.items() if key.startswith(("val/", "epoch", "step"))}
                             for line in history if any(key.startswith("val/") for key in line)],
             "finetune_s": round(finetune_s, 1), "total_s": round(time.perf_counter() - tick, 1),
@@ -234,7 +246,7 @@ def _subset(entry, matrix, subset):
 
 def aggregate(results, fractions, arms, n_boot):
     """Rows (every arm and start, the workflow's ridge) and paired comparisons, per subject and over subjects."""
-    names = [name for arm in arms for name in (arm, f"{arm}-start")] + ["workflow-ridge"]
+    names = [name for arm in arms for name in (arm, f"{arm}-start", f"{arm}-prior")] + ["workflow-ridge"]
     tables = {}
     for fraction in fractions:
         key = f"{fraction:g}"
@@ -282,6 +294,7 @@ def _fmt(summary, signed=False):
 
 
 ROW_NAMES = {"pretrained": "DC-LDM, SC-MBM pretrained (the default)", "pretrained-start": "  its start (0 steps)",
+             "pretrained-prior": "  through its prior in embedding space",
              "baseline": "DC-LDM, random encoder (no SC-MBM)", "baseline-start": "  its start (0 steps)",
              "ridge": "ridge voxels -> embedding (fixed), UNet fine-tuned", "ridge-start": "  ridge embedding, frozen prior",
              "workflow-ridge": "ridge fMRI -> VAE latent (baseline, no seed)",
