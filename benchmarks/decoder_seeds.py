@@ -309,7 +309,7 @@ def markdown(report):
              f"{meta['machine'].get('torch_threads')} torch thread per process); torch {meta['versions'].get('torch')}; "
              f"{len(runs)} runs, {sum(r['total_s'] for r in runs) / 60:.0f} min in all (each run one process at one thread; "
              f"fine-tuning {np.mean([r['finetune_s'] for r in runs]):.0f} s per run on average, then decoding the "
-             "decoder and its start); inputs: the `make decode` results folder named in the command.",
+             "decoder, its start and, where fine-tuning gave it one, the decoder through its embedding prior); inputs: the `make decode` results folder named in the command.",
              f"n-way top-1 (n = {meta['n_way']}, mean over {meta['n_samples']} samples per stimulus; chance "
              f"{1 / meta['n_way']:.2f}) on test_avg; seeds {meta['seeds']}; intervals: 95 % percentile bootstrap "
              "over seeds and test stimuli resampled by class (the mean over subjects resamples each subject)."

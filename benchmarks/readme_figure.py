@@ -11,11 +11,14 @@ file; layout in ``mindvis/generate/``):
 
 It draws one column per class, the class's first test stimulus by ``stimulus_id``, up to ``--n-stimuli``
 columns: the true image on top, the first decoded sample below, the class name as the title (``*`` marks a
-novel class). Nothing is random, so the same run gives the same PNG.
+novel class). ``--also FOLDER=LABEL`` adds a row of another decoder's first samples of the same stimuli
+(``RESULTS/SUBJECT/FOLDER/samples.h5``, e.g. ``samples-prior``, the DC-LDM through its embedding prior).
+Nothing is random, so the same run gives the same PNG.
 
 Usage::
 
-    python benchmarks/readme_figure.py --results results --out docs/images/decoded.png
+    python benchmarks/readme_figure.py --results results --out docs/images/decoded.png \
+        [--also "samples-prior=+ embedding prior"]
 """
 
 from __future__ import annotations
@@ -91,14 +94,16 @@ def read_samples(path):
         }
 
 
-def draw(data, indices, out, subject, dpi=100):
-    """Write the two-row grid (true images over first decoded samples) to ``out`` as PNG."""
+def draw(data, indices, out, subject, dpi=100, also=()):
+    """Write the grid (true images over the first decoded samples, then one row per ``also`` entry, a
+    ``(label, samples [N, k, H, W, C])`` pair of the same stimuli) to ``out`` as PNG."""
     columns = len(indices)
-    figure, axes = plt.subplots(2, columns, figsize=(1.1 * columns, 2.6), squeeze=False)
+    rows = [("true", data["true_images"][:, None]), ("decoded", data["samples"]), *also]
+    figure, axes = plt.subplots(len(rows), columns, figsize=(1.1 * columns, 0.5 + 1.05 * len(rows)), squeeze=False)
     for column, index in enumerate(indices):
         cls = int(data["label"][index])
         name = data["class_names"][cls] + (" *" if cls in data["novel_classes"] else "")
-        for row, image in enumerate((data["true_images"][index], data["samples"][index, 0])):
+        for row, image in enumerate(images[index, 0] for _, images in rows):
             image = to_uint8(image)
             axis = axes[row, column]
             if image.shape[-1] == 1:
@@ -108,9 +113,9 @@ def draw(data, indices, out, subject, dpi=100):
             axis.set_xticks([])
             axis.set_yticks([])
         axes[0, column].set_title(name, fontsize=7)
-    axes[0, 0].set_ylabel("true", fontsize=8)
-    axes[1, 0].set_ylabel("decoded", fontsize=8)
-    figure.suptitle(f"{subject}: test images (top) and the first decoded sample (bottom); * novel class",
+    for row, (label, _) in enumerate(rows):
+        axes[row, 0].set_ylabel(label, fontsize=8)
+    figure.suptitle(f"{subject}: test images (top) and the first decoded sample of each decoder; * novel class",
                     fontsize=8)
     figure.tight_layout(rect=(0, 0, 1, 0.93))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -125,13 +130,22 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
     parser.add_argument("--subject", default="sub-01")
     parser.add_argument("--n-stimuli", type=int, default=10, help="columns, one class each (default 10)")
+    parser.add_argument("--also", action="append", default=[], metavar="FOLDER=LABEL",
+                        help="another samples folder of the subject drawn as a row, with its label")
     args = parser.parse_args(argv)
     path = args.results / args.subject / "samples" / "samples.h5"
     if not path.is_file():
         sys.exit(f"readme_figure: {path}: not found; give --results the results/ folder of a finished run")
     data = read_samples(path)
     indices = pick_stimuli(data["label"], data["stimulus_id"], args.n_stimuli)
-    draw(data, indices, args.out, args.subject)
+    also = []
+    for entry in args.also:
+        folder, _, label = entry.partition("=")
+        other = read_samples(args.results / args.subject / folder / "samples.h5")
+        if other["stimulus_id"] != data["stimulus_id"]:
+            sys.exit(f"readme_figure: {folder}/samples.h5 holds other stimuli than samples/samples.h5")
+        also.append((label or folder, other["samples"]))
+    draw(data, indices, args.out, args.subject, also=also)
     print(f"wrote {args.out} ({args.out.stat().st_size:,} bytes; {args.subject}, stimuli "
           f"{', '.join(data['stimulus_id'][index] for index in indices)})")
 

@@ -43,3 +43,15 @@ def test_the_figure_is_deterministic(tmp_path):
     readme_figure.main(["--results", str(tmp_path / "results"), "--out", str(second)])
     assert first.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert first.read_bytes() == second.read_bytes()
+
+
+def test_another_decoders_row_is_drawn_under_the_first(tmp_path):
+    results = tmp_path / "results"
+    write_samples(results / "sub-01" / "samples" / "samples.h5", np.random.default_rng(0))
+    write_samples(results / "sub-01" / "samples-prior" / "samples.h5", np.random.default_rng(1))
+    two, three = tmp_path / "two.png", tmp_path / "three.png"
+    readme_figure.main(["--results", str(results), "--out", str(two)])
+    readme_figure.main(["--results", str(results), "--out", str(three), "--also", "samples-prior=+ prior"])
+    from PIL import Image
+
+    assert Image.open(three).size[1] > Image.open(two).size[1]
