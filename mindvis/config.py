@@ -220,12 +220,17 @@ def shared_subjects(config):
 
 def embedding_prior_wanted(config):
     """Whether the decoders get a prior in embedding space (``finetune.embedding_prior``) and its rows are drawn:
-    with an image prior mindvis built (``ldm.base`` bundled, or embedded with ``ldm.conditioning: image``), or any
-    base whose corpus the config names (``finetune.embedding_prior_corpus``); never for a prior folder of unknown
-    corpus (Stable Diffusion) or a class-conditioned base."""
+    with an image prior mindvis built whose corpus holds images apart from the stimuli (``ldm.base`` bundled, or
+    embedded with ``ldm.conditioning: image`` on ``ldm.corpus`` or on a simulated stimulus file's pool), or any base
+    whose corpus the config names (``finetune.embedding_prior_corpus``). Never for a prior folder of unknown corpus
+    (Stable Diffusion), a class-conditioned base, or a prior trained on a real data set's stimulus images alone
+    (``ldm.corpus: stimuli``): its validation stimuli repeat the training images, so once they are kept out, its
+    bank could be empty."""
     settings, ldm = config["finetune"], config["ldm"]
     base = str(ldm["base"])
-    image_prior = base == "bundled" or (base == "embedded" and ldm.get("conditioning", "image") == "image")
+    own_corpus = ldm.get("corpus", "stimuli") != "stimuli" or config["data"]["source"] == "simulated"
+    image_prior = base == "bundled" or (base == "embedded" and ldm.get("conditioning", "image") == "image"
+                                        and own_corpus)
     return bool(settings.get("embedding_prior")) and (
         image_prior or settings.get("embedding_prior_corpus", "auto") != "auto")
 

@@ -105,7 +105,8 @@ def test_the_bank_is_the_priors_own_corpus_or_what_the_config_names(tmp_path):
 
 @pytest.mark.parametrize("ldm, finetune, wanted", [
     ({"base": "bundled"}, {}, True),                                  # the shipped image prior
-    ({"base": "embedded"}, {}, True),
+    ({"base": "embedded"}, {}, True),                                 # trained on the simulated pool and training
+    ({"base": "embedded", "corpus": "/data/lab/images"}, {}, True),
     ({"base": "embedded", "conditioning": "class"}, {}, False),       # no embedding space
     ({"base": "/data/stable-diffusion-v1-5"}, {}, False),             # a corpus mindvis cannot know
     ({"base": "/data/prior"}, {"embedding_prior_corpus": "/data/corpus.npz"}, True),
@@ -114,3 +115,12 @@ def test_the_bank_is_the_priors_own_corpus_or_what_the_config_names(tmp_path):
 def test_which_configs_draw_the_embedding_prior_rows(ldm, finetune, wanted):
     config = validate({"experiment": "x", "ldm": ldm, "finetune": finetune})
     assert embedding_prior_wanted(config) is wanted
+
+
+def test_a_prior_trained_on_a_real_data_sets_stimuli_alone_gets_no_embedding_prior():
+    """NSD, GOD, BOLD5000: the validation trials repeat the training images, so the bank of such a prior (its
+    training images without the validation stimuli) may be empty; the rows are left out unless a corpus is named."""
+    nsd = validate({"experiment": "x", "data": {"source": "nsd"}, "ldm": {"base": "embedded"}})
+    assert not embedding_prior_wanted(nsd)
+    nsd["finetune"]["embedding_prior_corpus"] = "/data/coco/images"
+    assert embedding_prior_wanted(nsd)

@@ -116,8 +116,8 @@ def generate_subject(config, subject, model_dir, responses, stimuli, out_dir, cl
     if embedding_prior:
         projection = load_embedding_prior(model_dir)
         if projection is None:
-            raise MindvisError("this decoder has no prior in embedding space", path=Path(model_dir) / EMBEDDING_PRIOR_FILE,
-                               key="finetune.embedding_prior",
+            raise MindvisError("this decoder has no prior in embedding space",
+                               path=Path(model_dir) / EMBEDDING_PRIOR_FILE, key="finetune.embedding_prior",
                                fix="rerun finetune with finetune.embedding_prior: true, or decode without "
                                    "--embedding-prior.")
     data = load_responses(responses, splits=(settings["split"],))

@@ -70,7 +70,8 @@ class EmbeddingPrior:
 
     def __post_init__(self):
         if self.bank.ndim != 3 or not len(self.bank):
-            raise ValueError(f"the bank must be a non-empty [N, tokens, token_dim] tensor, got {tuple(self.bank.shape)}")
+            raise ValueError("the bank must be a non-empty [N, tokens, token_dim] tensor, "
+                             f"got {tuple(self.bank.shape)}")
         if self.k < 1 or self.temperature <= 0 or not 0 < self.weight <= 1:
             raise ValueError(f"need k >= 1, temperature > 0 and 0 < weight <= 1 (got k={self.k}, "
                              f"temperature={self.temperature}, weight={self.weight})")
