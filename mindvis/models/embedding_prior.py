@@ -14,7 +14,7 @@ encoder), as retrieval-augmented decoders do:
     output     = each token of (1 - weight) * decoded + weight * projected standardised, as the prior's are
 
 ``k``, ``temperature`` and ``weight`` are chosen on the validation split
-without labels (:func:`mindvis.train.selection.fit_embedding_prior`).
+without labels (:func:`mindvis.train.embedding_prior.fit_embedding_prior`).
 
 A decoder folder holds it as ``embedding_prior.safetensors`` (``bank`` float32
 [N, tokens, token_dim]) and ``embedding_prior.json`` (``k``, ``temperature``,
@@ -37,11 +37,14 @@ EMBEDDING_PRIOR_FILE = "embedding_prior.safetensors"
 EMBEDDING_PRIOR_META = "embedding_prior.json"
 
 
-def standardise_tokens(embedding, eps=1e-5):
+def standardise_tokens(embedding):
     """Each token ``[..., token_dim]`` to zero mean and unit variance: the prior's own LayerNorm without weights."""
-    mean = embedding.mean(-1, keepdim=True)
-    var = embedding.var(-1, keepdim=True, unbiased=False)
-    return (embedding - mean) / torch.sqrt(var + eps)
+    return torch.nn.functional.layer_norm(embedding, embedding.shape[-1:])
+
+
+def centred_unit(embeddings, centre):
+    """Embeddings ``[N, tokens, token_dim]`` flattened, less ``centre`` [tokens * token_dim], to unit length."""
+    return torch.nn.functional.normalize(embeddings.flatten(1).float() - centre.to(embeddings.device), dim=1)
 
 
 @dataclass
@@ -75,14 +78,12 @@ class EmbeddingPrior:
         if self.k < 1 or self.temperature <= 0 or not 0 < self.weight <= 1:
             raise ValueError(f"need k >= 1, temperature > 0 and 0 < weight <= 1 (got k={self.k}, "
                              f"temperature={self.temperature}, weight={self.weight})")
-        flat = self.bank.flatten(1).float()
-        self._centre = flat.mean(0)
-        self._unit = torch.nn.functional.normalize(flat - self._centre, dim=1)
+        self.centre = self.bank.flatten(1).float().mean(0)
+        self._unit = centred_unit(self.bank, self.centre)
 
     def neighbours(self, embedding):
         """Indices ``[B, k]`` of each row's nearest bank embeddings and their cosine similarities ``[B, k]``."""
-        query = torch.nn.functional.normalize(embedding.flatten(1).float() - self._centre.to(embedding.device), dim=1)
-        similarity = query @ self._unit.to(embedding.device).T
+        similarity = centred_unit(embedding, self.centre) @ self._unit.to(embedding.device).T
         values, index = similarity.topk(min(self.k, len(self.bank)), dim=1)
         return index, values
 

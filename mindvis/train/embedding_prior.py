@@ -39,12 +39,12 @@ import numpy as np
 import torch
 
 from mindvis.data.image_corpus import load_image_corpus
-from mindvis.data.images import images_to_tensor, tensor_to_images
+from mindvis.data.images import tensor_to_images
 from mindvis.data.stimuli import BUNDLED_FASHION_MNIST
 from mindvis.errors import MindvisError
-from mindvis.generate.decode import sample_conditions
+from mindvis.generate.decode import decode
 from mindvis.models.bundled import BUNDLED
-from mindvis.models.embedding_prior import EmbeddingPrior
+from mindvis.models.embedding_prior import EmbeddingPrior, centred_unit
 from mindvis.models.linear import identification
 from mindvis.train.selection import embed_samples, n_sampled, sample_seeds
 
@@ -89,11 +89,7 @@ def _digests(images):
     return [hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest() for image in images]
 
 
-def _unit_centred(embeddings, centre):
-    return torch.nn.functional.normalize(embeddings.flatten(1).float() - centre, dim=1)
-
-
-def drop_stimuli(generator, bank_images, stimulus_images, threshold, batch_size=512):
+def drop_stimuli(generator, bank_images, stimulus_images, threshold):
     """The bank without the stimuli (module docstring, 2): ``(bank embeddings [M, tokens, dim], record)``."""
     stimulus_digests = set(_digests(stimulus_images))
     exact = np.array([digest in stimulus_digests for digest in _digests(bank_images)], dtype=bool)
@@ -102,10 +98,10 @@ def drop_stimuli(generator, bank_images, stimulus_images, threshold, batch_size=
         raise MindvisError("every image of the embedding prior's bank is a stimulus", key=KEY,
                            fix="set finetune.embedding_prior_corpus to a corpus that is not the stimulus set, "
                                "or finetune.embedding_prior: false.")
-    embeddings = generator.embed_all(images_to_model(generator, kept), batch_size=batch_size).float().cpu()
-    stimuli = generator.embed_all(images_to_model(generator, stimulus_images), batch_size=batch_size).float().cpu()
+    embeddings = embed_samples(generator, kept).float().cpu()
+    stimuli = embed_samples(generator, stimulus_images).float().cpu()
     centre = embeddings.flatten(1).mean(0)
-    unit, stimulus_unit = _unit_centred(embeddings, centre), _unit_centred(stimuli, centre)
+    unit, stimulus_unit = centred_unit(embeddings, centre), centred_unit(stimuli, centre)
     nearest = torch.cat([(chunk @ stimulus_unit.T).max(dim=1).values for chunk in unit.split(4096)])
     near = (nearest >= threshold).numpy()
     record = {"n_exact_stimuli_dropped": int(exact.sum()), "n_near_duplicates_dropped": int(near.sum()),
@@ -115,11 +111,6 @@ def drop_stimuli(generator, bank_images, stimulus_images, threshold, batch_size=
         raise MindvisError("every image of the embedding prior's bank is a near-duplicate of a stimulus", key=KEY,
                            fix="raise finetune.embedding_prior_duplicate_cosine or use another corpus.")
     return embeddings[torch.as_tensor(~near)], record
-
-
-def images_to_model(generator, images):
-    """uint8 images ``[N, H, W, C]`` -> the prior's input tensor."""
-    return images_to_tensor(images, generator.image_size, generator.image_channels)
 
 
 def candidate_settings(settings):
@@ -134,10 +125,11 @@ def candidate_settings(settings):
     return out
 
 
-@torch.no_grad()
-def _val_scores(model, generator, embedding, truth, seeds, quick, num_steps):
-    images = sample_conditions(generator, generator.image_conditioner.condition(embedding), model.null, seeds, quick,
-                               batch_size=len(embedding), num_steps=num_steps)[:, 0]
+def _val_scores(model, generator, fmri, prior, truth, seeds, quick, num_steps):
+    """Mean cosine and identification of one quick sample per val trial, drawn as generate draws (``prior``:
+    through it, or None), against the seen images' embeddings ``truth``."""
+    images = decode(model, generator, fmri, seeds, quick, batch_size=len(fmri), num_steps=num_steps,
+                    embedding_prior=prior)[:, 0]
     drawn = embed_samples(generator, images).flatten(1).float()
     target = truth.flatten(1).float()
     cosine = torch.nn.functional.cosine_similarity(drawn, target, dim=1).mean().item()
@@ -162,22 +154,19 @@ def fit_embedding_prior(model, generator, val_trials, stimulus_set, config, seed
         images, source = images[rows], {**source, "n_drawn": int(cap)}
     n_quick = n_sampled(settings, val_trials)
     val_images = tensor_to_images(val_trials.images)
-    stimulus_images = np.concatenate([val_images] + [stimulus_set.splits[name].images for name in ("test",)
-                                                      if name in stimulus_set.splits])
+    test = stimulus_set.splits.get("test")
+    stimulus_images = val_images if test is None else np.concatenate([val_images, test.images])
     bank, guard = drop_stimuli(generator, images, stimulus_images, settings["embedding_prior_duplicate_cosine"])
-    device = next(model.parameters()).device
-    fmri = val_trials.fmri[:n_quick].to(device)
-    decoded = model.embedding(fmri).float()
+    fmri = val_trials.fmri[:n_quick]
     truth = generator.embed_all(val_trials.images[:n_quick]).float()
     seeds = sample_seeds(seed, "embedding-prior-sample", n_quick)
     quick = {**generate_settings, "sampler": "ddim"}
     steps = settings["val_sample_steps"]
-    without = _val_scores(model, generator, decoded, truth, seeds, quick, steps)
+    without = _val_scores(model, generator, fmri, None, truth, seeds, quick, steps)
     scores = []
     for k, temperature, weight in candidate_settings(settings):
         prior = EmbeddingPrior(bank, k, temperature, weight)
-        scores.append({**prior.settings(), **_val_scores(model, generator, prior(decoded), truth, seeds, quick,
-                                                         steps)})
+        scores.append({**prior.settings(), **_val_scores(model, generator, fmri, prior, truth, seeds, quick, steps)})
     chosen = max(scores, key=lambda score: (score["val_cosine"], -score["k"]))
     info = {"bank": {**source, **guard}, "val_scores": scores, "without": without, "n_val_sampled": int(n_quick),
             "selection": "highest mean cosine similarity on the val trials between the prior's embedding of a quick "

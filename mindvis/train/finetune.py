@@ -284,7 +284,7 @@ def finetune(config, subject, responses, stimuli, base, out_dir, mbm_dir=None, b
     if generate_settings.get("lowlevel", False) and len(val_trials) and not baseline:
         generator.vae.eval()
         lowlevel = fit_lowlevel_start(model, generator, train_trials, val_trials, settings, generate_settings, seed)
-    embedding_prior, no_prior = None, "finetune.embedding_prior is off"
+    embedding_prior = None
     if embedding_prior_wanted(config) and not baseline:
         if not len(val_trials):
             raise MindvisError("the embedding prior's settings are chosen on the val split, and it is empty",
